@@ -1,0 +1,382 @@
+//! Configuration: built-in defaults, then an optional TOML file, then `RPW_SECTION__KEY`
+//! environment variables (`RPW_HTTP__ADDR=127.0.0.1:9000` sets `http.addr`).
+//!
+//! Secrets are wrapped in [`Secret`], whose `Debug` never shows the value, so printing the
+//! settings (which `serve` does at start) cannot leak them.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("\"\"")
+        } else {
+            f.write_str("\"***\"")
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Settings {
+    pub http: HttpSettings,
+    pub redis: RedisSettings,
+    pub mysql: MysqlSettings,
+    pub auth: AuthSettings,
+    pub keys: KeySettings,
+    pub issue: IssueSettings,
+    pub settle: SettleSettings,
+    pub wallet: WalletSettings,
+    pub cron: CronSettings,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct HttpSettings {
+    pub addr: SocketAddr,
+    pub body_limit_bytes: usize,
+    pub request_timeout_ms: u64,
+    pub shutdown_timeout_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct RedisSettings {
+    pub url: Secret,
+    /// Every key the service writes starts with this, so several deployments (or tests)
+    /// can share one Redis without seeing each other.
+    pub key_prefix: String,
+    /// P: a user's keys live in partition `user_id mod P`.
+    pub partitions: u32,
+    /// Multiplexed connections to spread load over.
+    pub connections: usize,
+    pub command_timeout_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct MysqlSettings {
+    pub url: Secret,
+    /// Further databases the ledger is sharded over by user id (`user_id mod n`, the
+    /// first shard being `url`). Empty: one database holds everything.
+    pub shard_urls: Vec<Secret>,
+    pub max_connections: u32,
+    pub acquire_timeout_ms: u64,
+    pub migrate_on_start: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct AuthSettings {
+    pub admin_key: Secret,
+    /// `name:key` pairs.
+    pub caller_keys: Vec<Secret>,
+    pub jwt_secret: Secret,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct KeySettings {
+    pub dir: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct IssueSettings {
+    /// N: each activity's budget is split over this many Redis keys.
+    pub sub_stocks: u32,
+    pub batch_max: usize,
+    /// How long a sub-stock seen empty is skipped before it is tried again.
+    pub exhausted_recheck_ms: u64,
+    pub cache_refresh_ms: u64,
+    pub stats_flush_ms: u64,
+    /// Awards per second admitted per caller on one instance; 0 means no limit.
+    pub caller_per_s: u32,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct SettleSettings {
+    /// Whether `serve` runs the accounting worker too.
+    pub enabled: bool,
+    /// Tokens booked per second by one instance; 0 means unbounded.
+    pub max_tps: u32,
+    pub batch_size: usize,
+    /// Worker tasks per instance; partitions are dealt out among them.
+    pub concurrency: usize,
+    pub idle_sleep_ms: u64,
+    /// Entries idle this long in another consumer's pending list are taken over.
+    pub claim_idle_ms: u64,
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct WalletSettings {
+    pub sync_max: usize,
+    pub flows_max_limit: u32,
+    /// Settled tokens older than this are trimmed from Redis; the ledger keeps them.
+    pub settled_retention_secs: u64,
+    pub jwt_leeway_secs: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct CronSettings {
+    /// Six-field cron expressions (seconds first). An empty string disables the job.
+    pub settle: String,
+    pub reconcile_hourly: String,
+    pub reconcile_live: String,
+    pub housekeeping: String,
+    pub lock_ttl_ms: u64,
+    pub housekeeping_batch: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration key `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+const DEFAULTS: &str = r#"
+[http]
+addr = "127.0.0.1:8080"
+body_limit_bytes = 2097152
+request_timeout_ms = 10000
+shutdown_timeout_ms = 10000
+
+[redis]
+url = "redis://127.0.0.1:6379"
+key_prefix = "rpw"
+partitions = 16
+connections = 4
+command_timeout_ms = 3000
+
+[mysql]
+url = "mysql://rpw:rpw@127.0.0.1:3306/rpw"
+shard_urls = []
+max_connections = 32
+acquire_timeout_ms = 3000
+migrate_on_start = true
+
+[auth]
+admin_key = ""
+caller_keys = []
+jwt_secret = ""
+
+[keys]
+dir = "keys"
+
+[issue]
+sub_stocks = 16
+batch_max = 1000
+exhausted_recheck_ms = 2000
+cache_refresh_ms = 1000
+stats_flush_ms = 1000
+caller_per_s = 0
+
+[settle]
+enabled = true
+max_tps = 2000
+batch_size = 200
+concurrency = 4
+idle_sleep_ms = 50
+claim_idle_ms = 30000
+retry_base_ms = 100
+retry_max_ms = 5000
+
+[wallet]
+sync_max = 1000
+flows_max_limit = 100
+settled_retention_secs = 604800
+jwt_leeway_secs = 0
+
+[cron]
+settle = "*/10 * * * * *"
+reconcile_hourly = "0 5 * * * *"
+reconcile_live = "30 * * * * *"
+housekeeping = "0 */10 * * * *"
+lock_ttl_ms = 60000
+housekeeping_batch = 1000
+"#;
+
+impl Settings {
+    /// Loads defaults, then `file` (when given; it must exist), then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with(file, std::env::vars())
+    }
+
+    /// As [`Settings::load`], with the environment given explicitly (tests use this).
+    pub fn load_with(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let env: std::collections::HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("RPW_") && k.contains("__"))
+            .collect();
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        let settings: Settings = builder
+            .add_source(
+                config::Environment::with_prefix("RPW")
+                    .prefix_separator("_")
+                    .separator("__")
+                    .list_separator(",")
+                    .with_list_parse_key("auth.caller_keys")
+                    .with_list_parse_key("mysql.shard_urls")
+                    .try_parsing(true)
+                    .source(Some(env)),
+            )
+            .build()?
+            .try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                key,
+                reason: reason.into(),
+            }
+        }
+        if self.redis.partitions == 0 || self.redis.partitions > 4096 {
+            return Err(invalid("redis.partitions", "must be 1..=4096"));
+        }
+        if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(['{', '}', ' ']) {
+            return Err(invalid(
+                "redis.key_prefix",
+                "must be non-empty, without braces or spaces",
+            ));
+        }
+        if self.redis.connections == 0 || self.redis.connections > 64 {
+            return Err(invalid("redis.connections", "must be 1..=64"));
+        }
+        if self.issue.sub_stocks == 0 || self.issue.sub_stocks > 1024 {
+            return Err(invalid("issue.sub_stocks", "must be 1..=1024"));
+        }
+        if self.issue.batch_max == 0 || self.issue.batch_max > 10_000 {
+            return Err(invalid("issue.batch_max", "must be 1..=10000"));
+        }
+        if self.settle.batch_size == 0 || self.settle.batch_size > 5_000 {
+            return Err(invalid("settle.batch_size", "must be 1..=5000"));
+        }
+        if self.settle.concurrency == 0 || self.settle.concurrency > 256 {
+            return Err(invalid("settle.concurrency", "must be 1..=256"));
+        }
+        if self.settle.retry_base_ms == 0 || self.settle.retry_max_ms < self.settle.retry_base_ms {
+            return Err(invalid(
+                "settle.retry_max_ms",
+                "must be at least settle.retry_base_ms, which must be positive",
+            ));
+        }
+        if self.wallet.sync_max == 0 || self.wallet.sync_max > 10_000 {
+            return Err(invalid("wallet.sync_max", "must be 1..=10000"));
+        }
+        if self.wallet.flows_max_limit == 0 {
+            return Err(invalid("wallet.flows_max_limit", "must be positive"));
+        }
+        if self.http.body_limit_bytes < 1024 {
+            return Err(invalid("http.body_limit_bytes", "must be at least 1024"));
+        }
+        if self.mysql.max_connections == 0 {
+            return Err(invalid("mysql.max_connections", "must be positive"));
+        }
+        for key in &self.auth.caller_keys {
+            match key.expose().split_once(':') {
+                Some((name, k)) if !name.is_empty() && k.len() >= 8 => {}
+                _ => {
+                    return Err(invalid(
+                        "auth.caller_keys",
+                        "each entry must be name:key with a key of at least 8 characters",
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The caller keys as (name, key) pairs; validated at load.
+    pub fn caller_keys(&self) -> Vec<(String, Secret)> {
+        self.auth
+            .caller_keys
+            .iter()
+            .filter_map(|entry| {
+                let (name, key) = entry.expose().split_once(':')?;
+                Some((name.to_string(), Secret::new(key)))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn environment_overrides_defaults() {
+        let s = Settings::load_with(
+            None,
+            env(&[
+                ("RPW_HTTP__ADDR", "127.0.0.1:9999"),
+                ("RPW_SETTLE__MAX_TPS", "250"),
+                ("RPW_AUTH__CALLER_KEYS", "rain:secret-key-1,cards:secret-key-2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.http.addr.port(), 9999);
+        assert_eq!(s.settle.max_tps, 250);
+        let callers = s.caller_keys();
+        assert_eq!(callers.len(), 2);
+        assert_eq!(callers[1].0, "cards");
+        assert_eq!(callers[1].1.expose(), "secret-key-2");
+    }
+
+    #[test]
+    fn a_bad_value_names_its_key() {
+        let err = Settings::load_with(None, env(&[("RPW_SETTLE__MAX_TPS", "fast")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("settle.max_tps"), "{err}");
+        let err = Settings::load_with(None, env(&[("RPW_REDIS__PARTITIONS", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("redis.partitions"), "{err}");
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let s = Settings::load_with(
+            None,
+            env(&[
+                ("RPW_AUTH__ADMIN_KEY", "very-secret-admin"),
+                ("RPW_AUTH__JWT_SECRET", "very-secret-jwt"),
+                ("RPW_MYSQL__URL", "mysql://u:very-secret-pw@127.0.0.1/db"),
+            ]),
+        )
+        .unwrap();
+        let printed = format!("{s:?}");
+        assert!(!printed.contains("very-secret"), "{printed}");
+    }
+}

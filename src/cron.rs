@@ -1,0 +1,220 @@
+//! Scheduled jobs (tokio-cron-scheduler), each run by one instance per tick.
+//!
+//! | job | default schedule | work |
+//! |---|---|---|
+//! | `settle` | every 10 s | reclaim stuck stream entries, book stragglers in every partition; drain ended activities and mark them drained |
+//! | `reconcile_hourly` | minute 5 of every hour | reconcile the previous hour (h+1) |
+//! | `reconcile_live` | every minute | reconcile the current hour |
+//! | `housekeeping` | every 10 min | trim settled tokens older than the retention from Redis |
+//!
+//! A job takes a Redis lock (SET NX PX with an owner token, released only by its owner)
+//! and records the tick it ran for, so with several instances each tick runs once.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use tokio_cron_scheduler::{Job, JobScheduler};
+
+use crate::settle::worker::{Outcome, Worker, WorkerOptions};
+use crate::startup::App;
+use crate::store::{hour_of, now_ms};
+
+const RELEASE: &str = r"
+-- KEYS[1]: the lock; ARGV[1]: the owner token. Deletes the lock only if still ours.
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0";
+
+/// Runs `job` for `tick` (unix seconds) unless another instance holds the job's lock or
+/// already ran this tick. Returns whether it ran.
+pub async fn run_guarded<F, Fut>(app: &App, job: &str, tick: i64, work: F) -> anyhow::Result<bool>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let lock = app.redis.lock_key(job);
+    let done = format!("{lock}:done");
+    let owner = format!("{}-{}", app.instance_id, rand::random::<u64>());
+    let mut conn = app.redis.conn();
+    let acquired: Option<String> = redis::cmd("SET")
+        .arg(&lock)
+        .arg(&owner)
+        .arg("NX")
+        .arg("PX")
+        .arg(app.settings.cron.lock_ttl_ms)
+        .query_async(&mut conn)
+        .await?;
+    if acquired.is_none() {
+        return Ok(false);
+    }
+    let last: Option<i64> = conn.get(&done).await?;
+    let ran = if last.is_some_and(|l| l >= tick) {
+        false
+    } else {
+        let result = work().await;
+        let _: () = conn.set_ex(&done, tick, 86_400).await?;
+        if let Err(err) = result {
+            tracing::error!(job, error = format!("{err:#}"), "cron job failed");
+        }
+        true
+    };
+    let _: i64 = redis::Script::new(RELEASE).key(&lock).arg(&owner).invoke_async(&mut conn).await?;
+    Ok(ran)
+}
+
+/// Books whatever is left in every partition, reclaiming entries of dead consumers.
+/// Bounded: at most `max_batches` batches per partition. Returns tokens newly booked.
+pub async fn settle_all(app: &Arc<App>, max_batches: usize) -> anyhow::Result<usize> {
+    let settings = &app.settings.settle;
+    let mut worker = Worker::new(
+        app.clone(),
+        WorkerOptions {
+            consumer: format!("{}-sweep", app.instance_id),
+            batch_size: settings.batch_size,
+            claim_idle: Duration::from_millis(settings.claim_idle_ms),
+            stop_after_commit: false,
+        },
+        None,
+    );
+    let mut booked = 0;
+    for p in 0..app.redis.partitions() {
+        for _ in 0..max_batches {
+            match worker.try_execute_batch(p).await? {
+                Outcome::Booked { newly_booked, .. } => booked += newly_booked,
+                _ => break,
+            }
+        }
+    }
+    Ok(booked)
+}
+
+/// After an activity's end: once every issued token is booked, records it as drained.
+pub async fn mark_drained(app: &App) -> anyhow::Result<Vec<String>> {
+    let mut drained = Vec::new();
+    let now = chrono::Utc::now();
+    for cached in app.activities.all() {
+        let a = &cached.activity;
+        if a.ends_at > now {
+            continue;
+        }
+        let issued = crate::reconcile::issued_totals(&app.redis, &a.id).await?;
+        let booked = crate::reconcile::booked_totals(&app.db, &a.id, None).await?;
+        if issued == booked {
+            let changed = sqlx::query("UPDATE activities SET drained_at = CURRENT_TIMESTAMP(3) WHERE id = ? AND drained_at IS NULL")
+                .bind(&a.id)
+                .execute(app.db.main())
+                .await?
+                .rows_affected();
+            if changed > 0 {
+                tracing::info!(activity = a.id, tokens = booked.count, cents = booked.cents, "activity drained");
+                drained.push(a.id.clone());
+            }
+        }
+    }
+    Ok(drained)
+}
+
+/// Trims settled tokens older than the retention from Redis; the ledger keeps them and
+/// the views read them from there. Returns how many were trimmed.
+pub async fn housekeeping(app: &App) -> anyhow::Result<usize> {
+    let cutoff = now_ms() - (app.settings.wallet.settled_retention_secs as i64) * 1000;
+    let batch = app.settings.cron.housekeeping_batch;
+    let mut trimmed = 0;
+    let mut conn = app.redis.conn();
+    for p in 0..app.redis.partitions() {
+        let index = app.redis.settled_index_key(p);
+        loop {
+            let members: Vec<String> = conn.zrangebyscore_limit(&index, "-inf", cutoff, 0, batch as isize).await?;
+            if members.is_empty() {
+                break;
+            }
+            let mut pipe = redis::pipe();
+            for m in &members {
+                let Some((user, otn)) = m.split_once('|') else { continue };
+                let Ok(user) = user.parse::<i64>().map_err(|_| ()).and_then(|u| crate::domain::UserId::parse(u).map_err(|_| ())) else {
+                    continue;
+                };
+                pipe.hdel(app.redis.tokens_key(user), otn).ignore();
+                pipe.hdel(app.redis.status_key(user), otn).ignore();
+            }
+            pipe.zrem(&index, &members).ignore();
+            pipe.query_async::<()>(&mut conn).await?;
+            trimmed += members.len();
+            if members.len() < batch {
+                break;
+            }
+        }
+    }
+    Ok(trimmed)
+}
+
+fn tick_now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// Registers every job with a non-empty schedule and starts the scheduler.
+pub async fn start(app: Arc<App>) -> anyhow::Result<JobScheduler> {
+    let scheduler = JobScheduler::new().await?;
+    let cron = app.settings.cron.clone();
+    let jobs: [(&'static str, String); 4] = [
+        ("settle", cron.settle),
+        ("reconcile_hourly", cron.reconcile_hourly),
+        ("reconcile_live", cron.reconcile_live),
+        ("housekeeping", cron.housekeeping),
+    ];
+    for (name, schedule) in jobs {
+        if schedule.trim().is_empty() {
+            tracing::info!(job = name, "cron job disabled (empty schedule)");
+            continue;
+        }
+        let app = app.clone();
+        let job = Job::new_async(schedule.as_str(), move |_id, _lock| {
+            let app = app.clone();
+            Box::pin(async move {
+                let tick = tick_now();
+                let result = run_guarded(&app, name, tick, || run_job(app.clone(), name)).await;
+                if let Err(err) = result {
+                    tracing::warn!(job = name, error = format!("{err:#}"), "cron job could not take its lock");
+                }
+            })
+        })
+        .map_err(|e| anyhow::anyhow!("cron.{name}: bad schedule `{schedule}`: {e}"))?;
+        scheduler.add(job).await?;
+    }
+    scheduler.start().await?;
+    Ok(scheduler)
+}
+
+async fn run_job(app: Arc<App>, name: &str) -> anyhow::Result<()> {
+    match name {
+        "settle" => {
+            let booked = settle_all(&app, 1_000).await?;
+            let drained = mark_drained(&app).await?;
+            tracing::info!(job = name, booked, drained = drained.len(), "batch settlement done");
+        }
+        "reconcile_hourly" => {
+            let hour = hour_of(now_ms() - 3_600_000);
+            let reports = crate::reconcile::reconcile_hour(&app, &hour, "hourly").await.map_err(api)?;
+            tracing::info!(job = name, hour, reports = reports.len(), "reconciliation done");
+        }
+        "reconcile_live" => {
+            let hour = hour_of(now_ms());
+            let reports = crate::reconcile::reconcile_hour(&app, &hour, "live").await.map_err(api)?;
+            tracing::info!(job = name, hour, reports = reports.len(), "reconciliation done");
+        }
+        "housekeeping" => {
+            let trimmed = housekeeping(&app).await?;
+            tracing::info!(job = name, trimmed, "housekeeping done");
+        }
+        other => anyhow::bail!("unknown job {other}"),
+    }
+    Ok(())
+}
+
+fn api(err: crate::error::ApiError) -> anyhow::Error {
+    match err {
+        crate::error::ApiError::Internal(e) => e,
+        other => anyhow::anyhow!("{}: {}", other.code(), other.public_message()),
+    }
+}

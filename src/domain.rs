@@ -1,0 +1,246 @@
+//! Domain types that can only hold valid values. Requests are parsed into these at the
+//! edge; the code inside trusts them.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::pb;
+
+/// Why a value was refused; the message is safe to show to the caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+fn invalid(msg: impl Into<String>) -> Invalid {
+    Invalid(msg.into())
+}
+
+/// An amount of money in cents. Never a float.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Cents(pub i64);
+
+impl Cents {
+    /// A strictly positive amount, as awards, budgets and withdrawals must be.
+    pub fn positive(value: i64, field: &str) -> Result<Self, Invalid> {
+        if value > 0 {
+            Ok(Self(value))
+        } else {
+            Err(invalid(format!("{field} must be a positive number of cents")))
+        }
+    }
+}
+
+impl fmt::Display for Cents {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// One person across all client apps (the write-up's "actID").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct UserId(i64);
+
+impl UserId {
+    pub fn parse(value: i64) -> Result<Self, Invalid> {
+        if value > 0 {
+            Ok(Self(value))
+        } else {
+            Err(invalid("user_id must be a positive integer"))
+        }
+    }
+    pub fn get(self) -> i64 {
+        self.0
+    }
+    /// The Redis partition this user's keys live in.
+    pub fn partition(self, partitions: u32) -> u32 {
+        (self.0 % i64::from(partitions)) as u32
+    }
+}
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+fn parse_slug(value: &str, what: &str) -> Result<(), Invalid> {
+    let ok = (1..=32).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!("{what} must be 1-32 characters of [a-z0-9-]")))
+    }
+}
+
+macro_rules! slug_type {
+    ($(#[$doc:meta])* $name:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+        #[serde(transparent)]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn parse(value: &str) -> Result<Self, Invalid> {
+                parse_slug(value, $what)?;
+                Ok(Self(value.to_string()))
+            }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+slug_type!(
+    /// An activity id: 1-32 of `[a-z0-9-]`.
+    ActivityId,
+    "activity id"
+);
+slug_type!(
+    /// A scene id: 1-32 of `[a-z0-9-]`.
+    SceneId,
+    "scene id"
+);
+slug_type!(
+    /// The kind of award (`cash`, `card`, ...): 1-32 of `[a-z0-9-]`, so that the
+    /// underscore-separated out_trade_no stays unambiguous.
+    AwardType,
+    "award_type"
+);
+
+/// Data of different stages never mixes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    Test,
+    Gray,
+    Live,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Test => "test",
+            Stage::Gray => "gray",
+            Stage::Live => "live",
+        }
+    }
+    pub fn to_pb(self) -> pb::Stage {
+        match self {
+            Stage::Test => pb::Stage::Test,
+            Stage::Gray => pb::Stage::Gray,
+            Stage::Live => pb::Stage::Live,
+        }
+    }
+    pub fn from_pb(value: i32) -> Option<Self> {
+        match pb::Stage::try_from(value).ok()? {
+            pb::Stage::Test => Some(Stage::Test),
+            pb::Stage::Gray => Some(Stage::Gray),
+            pb::Stage::Live => Some(Stage::Live),
+            pb::Stage::Unspecified => None,
+        }
+    }
+}
+
+impl FromStr for Stage {
+    type Err = Invalid;
+    fn from_str(s: &str) -> Result<Self, Invalid> {
+        match s {
+            "test" => Ok(Stage::Test),
+            "gray" => Ok(Stage::Gray),
+            "live" => Ok(Stage::Live),
+            _ => Err(invalid("stage must be test, gray or live")),
+        }
+    }
+}
+
+/// The award's idempotency key: `{user_id}_{scene_id}_{rain_id}_{award_type}_{stage}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct OutTradeNo(String);
+
+impl OutTradeNo {
+    pub fn compose(
+        user: UserId,
+        scene: &SceneId,
+        rain_id: i64,
+        award_type: &AwardType,
+        stage: Stage,
+    ) -> Self {
+        Self(format!(
+            "{}_{}_{}_{}_{}",
+            user,
+            scene,
+            rain_id,
+            award_type,
+            stage.as_str()
+        ))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for OutTradeNo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A rain id is the wave number inside a scene; zero is allowed, negatives are not.
+pub fn parse_rain_id(value: i64) -> Result<i64, Invalid> {
+    if value >= 0 {
+        Ok(value)
+    } else {
+        Err(invalid("rain_id must not be negative"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slugs_refuse_what_would_break_keys() {
+        assert!(ActivityId::parse("cny2027").is_ok());
+        assert!(ActivityId::parse("").is_err());
+        assert!(ActivityId::parse("Upper").is_err());
+        assert!(ActivityId::parse("a_b").is_err());
+        assert!(ActivityId::parse("a{b}").is_err());
+        assert!(ActivityId::parse(&"a".repeat(33)).is_err());
+        assert!(SceneId::parse("rain-1").is_ok());
+    }
+
+    #[test]
+    fn out_trade_no_has_the_documented_shape() {
+        let otn = OutTradeNo::compose(
+            UserId::parse(42).unwrap(),
+            &SceneId::parse("rain").unwrap(),
+            7,
+            &AwardType::parse("cash").unwrap(),
+            Stage::Live,
+        );
+        assert_eq!(otn.as_str(), "42_rain_7_cash_live");
+    }
+
+    #[test]
+    fn money_and_users_are_positive() {
+        assert!(Cents::positive(0, "amount_cents").is_err());
+        assert!(Cents::positive(-5, "amount_cents").is_err());
+        assert!(UserId::parse(0).is_err());
+        assert_eq!(UserId::parse(42).unwrap().partition(16), 10);
+    }
+}

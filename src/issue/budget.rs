@@ -1,0 +1,320 @@
+//! An activity's budget, split into N sub-stocks in Redis keys that hash to different
+//! cluster slots, so a burst on one activity spreads over N keys instead of one hot key.
+//!
+//! MySQL holds the total budget. Sub-stock `i` is funded to its share of that total
+//! (`total / N`, the remainder spread over the first sub-stocks); funding is idempotent,
+//! so it can be repeated after a crash or by every instance. Money taken from a
+//! sub-stock is `funded - avail`.
+//!
+//! Invariant: the sum of every sub-stock's `avail` never exceeds the funded total and no
+//! `avail` is ever negative (take.lua takes only what is there).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rand::seq::SliceRandom;
+use redis::Script;
+
+use crate::store::{evalsha, Redis};
+
+pub struct Budget {
+    sub_stocks: u32,
+    recheck: Duration,
+    take: Script,
+    fund: Script,
+    /// Sub-stocks this instance saw empty, skipped until the instant stored here.
+    exhausted: Mutex<HashMap<(String, u32), Instant>>,
+}
+
+/// What a take got, per sub-stock, so it can be given back exactly.
+#[derive(Debug, Default, Clone)]
+pub struct Taken {
+    pub parts: Vec<(u32, i64)>,
+}
+
+impl Taken {
+    pub fn total(&self) -> i64 {
+        self.parts.iter().map(|(_, c)| c).sum()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BudgetFigures {
+    pub funded_cents: i64,
+    pub remaining_cents: i64,
+    pub taken_cents: i64,
+    pub min_sub_stock_cents: i64,
+}
+
+impl Budget {
+    pub fn new(sub_stocks: u32, recheck: Duration) -> Self {
+        Self {
+            sub_stocks,
+            recheck,
+            take: Script::new(include_str!("take.lua")),
+            fund: Script::new(include_str!("fund.lua")),
+            exhausted: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn scripts(&self) -> [&Script; 2] {
+        [&self.take, &self.fund]
+    }
+
+    /// Sub-stock `i`'s share of `total`.
+    pub fn share(&self, total: i64, i: u32) -> i64 {
+        let n = i64::from(self.sub_stocks);
+        total / n + i64::from(i64::from(i) < total % n)
+    }
+
+    /// Funds every sub-stock up to its share of `total` (idempotent).
+    pub async fn fund(&self, redis: &Redis, activity: &str, total: i64) -> redis::RedisResult<i64> {
+        let mut pipe = redis::pipe();
+        for i in 0..self.sub_stocks {
+            let key = redis.sub_stock_key(activity, i);
+            let mut cmd = evalsha(&self.fund, &[&key]);
+            cmd.arg(self.share(total, i));
+            pipe.add_command(cmd);
+        }
+        let added: Vec<i64> = self.run(redis, &pipe).await?;
+        let added: i64 = added.iter().sum();
+        if added > 0 {
+            self.forget_exhausted(activity);
+        }
+        Ok(added)
+    }
+
+    /// Gives money back into the sub-stocks, spread evenly: a leak repair.
+    pub async fn give_back_spread(&self, redis: &Redis, activity: &str, cents: i64) -> redis::RedisResult<()> {
+        if cents <= 0 {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for i in 0..self.sub_stocks {
+            let share = self.share(cents, i);
+            if share > 0 {
+                pipe.cmd("HINCRBY")
+                    .arg(redis.sub_stock_key(activity, i))
+                    .arg("avail")
+                    .arg(share)
+                    .ignore();
+            }
+        }
+        let mut conn = redis.conn();
+        pipe.query_async::<()>(&mut conn).await?;
+        self.forget_exhausted(activity);
+        Ok(())
+    }
+
+    async fn run<T: redis::FromRedisValue>(&self, redis: &Redis, pipe: &redis::Pipeline) -> redis::RedisResult<T> {
+        let mut conn = redis.conn();
+        match pipe.query_async(&mut conn).await {
+            Err(err) if crate::store::is_noscript(&err) => {
+                crate::store::load_scripts(&mut conn, &self.scripts()).await?;
+                pipe.query_async(&mut conn).await
+            }
+            other => other,
+        }
+    }
+
+    pub fn forget_exhausted(&self, activity: &str) {
+        self.exhausted
+            .lock()
+            .expect("exhausted map poisoned")
+            .retain(|(a, _), _| a != activity);
+    }
+
+    fn candidates(&self, activity: &str) -> Vec<u32> {
+        let now = Instant::now();
+        let mut map = self.exhausted.lock().expect("exhausted map poisoned");
+        let mut order: Vec<u32> = (0..self.sub_stocks)
+            .filter(|i| match map.get(&(activity.to_string(), *i)) {
+                Some(until) if *until > now => false,
+                Some(_) => {
+                    map.remove(&(activity.to_string(), *i));
+                    true
+                }
+                None => true,
+            })
+            .collect();
+        drop(map);
+        order.shuffle(&mut rand::rng());
+        order
+    }
+
+    fn mark_exhausted(&self, activity: &str, i: u32) {
+        self.exhausted
+            .lock()
+            .expect("exhausted map poisoned")
+            .insert((activity.to_string(), i), Instant::now() + self.recheck);
+    }
+
+    /// A random sub-stock not recently seen empty, for the first try of an award.
+    pub fn pick(&self, activity: &str) -> Option<u32> {
+        self.candidates(activity).first().copied()
+    }
+
+    /// One take per award in a single pipelined round trip, each on the sub-stock given
+    /// (`picks`: award index, sub-stock). Returns the awards fully covered; the others
+    /// go through [`Budget::take`].
+    pub async fn take_pipelined<'a>(
+        &self,
+        redis: &Redis,
+        picks: &[(usize, u32)],
+        award: impl Fn(usize) -> (&'a String, i64),
+    ) -> redis::RedisResult<Vec<(usize, Taken)>> {
+        if picks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for &(k, i) in picks {
+            let (activity, amount) = award(k);
+            let key = redis.sub_stock_key(activity, i);
+            let mut cmd = evalsha(&self.take, &[&key]);
+            cmd.arg(amount).arg("all");
+            pipe.add_command(cmd);
+        }
+        let mut conn = redis.conn();
+        let rows: Vec<(i64, i64)> = match pipe.query_async(&mut conn).await {
+            Err(err) if crate::store::is_noscript(&err) => {
+                // EVALSHA failed before running anything: load and let the caller
+                // take one by one.
+                crate::store::load_scripts(&mut conn, &self.scripts()).await?;
+                return Ok(Vec::new());
+            }
+            other => other?,
+        };
+        let mut covered = Vec::with_capacity(rows.len());
+        for (&(k, i), (taken, avail)) in picks.iter().zip(rows) {
+            let (activity, amount) = award(k);
+            if avail == 0 {
+                self.mark_exhausted(activity, i);
+            }
+            if taken == amount {
+                covered.push((k, Taken { parts: vec![(i, taken)] }));
+            }
+        }
+        Ok(covered)
+    }
+
+    /// Takes `amount` from the activity's budget, or nothing.
+    ///
+    /// Sub-stocks are visited in a random order, skipping those recently seen empty. When
+    /// no single sub-stock covers the amount but together they might (the last cents are
+    /// spread thin), a second pass takes what each has; if even that falls short, every
+    /// partial take is given back and the result is `None`.
+    pub async fn take(&self, redis: &Redis, activity: &str, amount: i64) -> redis::RedisResult<Option<Taken>> {
+        debug_assert!(amount > 0);
+        let mut conn = redis.conn();
+        let order = self.candidates(activity);
+        let mut seen_some = Vec::new();
+        for &i in &order {
+            let key = redis.sub_stock_key(activity, i);
+            let (taken, avail): (i64, i64) = self.take_one(&mut conn, &key, amount, "all").await?;
+            if taken == amount {
+                if avail == 0 {
+                    self.mark_exhausted(activity, i);
+                }
+                return Ok(Some(Taken { parts: vec![(i, taken)] }));
+            }
+            if avail == 0 {
+                self.mark_exhausted(activity, i);
+            } else {
+                seen_some.push(i);
+            }
+        }
+        if seen_some.is_empty() {
+            return Ok(None);
+        }
+        // Second pass: gather the award from several thin sub-stocks.
+        let mut got = Taken::default();
+        let mut need = amount;
+        for &i in &seen_some {
+            let key = redis.sub_stock_key(activity, i);
+            let (taken, avail): (i64, i64) = self.take_one(&mut conn, &key, need, "upto").await?;
+            if avail == 0 {
+                self.mark_exhausted(activity, i);
+            }
+            if taken > 0 {
+                got.parts.push((i, taken));
+                need -= taken;
+            }
+            if need == 0 {
+                return Ok(Some(got));
+            }
+        }
+        self.give_back(redis, activity, &got).await?;
+        Ok(None)
+    }
+
+    async fn take_one(
+        &self,
+        conn: &mut redis::aio::ConnectionManager,
+        key: &str,
+        amount: i64,
+        mode: &str,
+    ) -> redis::RedisResult<(i64, i64)> {
+        self.take.key(key).arg(amount).arg(mode).invoke_async(conn).await
+    }
+
+    /// Returns exactly what `taken` took.
+    pub async fn give_back(&self, redis: &Redis, activity: &str, taken: &Taken) -> redis::RedisResult<()> {
+        if taken.parts.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (i, cents) in &taken.parts {
+            pipe.cmd("HINCRBY")
+                .arg(redis.sub_stock_key(activity, *i))
+                .arg("avail")
+                .arg(*cents)
+                .ignore();
+        }
+        let mut conn = redis.conn();
+        pipe.query_async::<()>(&mut conn).await?;
+        self.forget_exhausted(activity);
+        Ok(())
+    }
+
+    pub async fn figures(&self, redis: &Redis, activity: &str) -> redis::RedisResult<BudgetFigures> {
+        let mut pipe = redis::pipe();
+        for i in 0..self.sub_stocks {
+            pipe.cmd("HMGET")
+                .arg(redis.sub_stock_key(activity, i))
+                .arg("avail")
+                .arg("funded");
+        }
+        let mut conn = redis.conn();
+        let rows: Vec<(Option<i64>, Option<i64>)> = pipe.query_async(&mut conn).await?;
+        let mut figures = BudgetFigures {
+            min_sub_stock_cents: i64::MAX,
+            ..Default::default()
+        };
+        for (avail, funded) in rows {
+            let (avail, funded) = (avail.unwrap_or(0), funded.unwrap_or(0));
+            figures.remaining_cents += avail;
+            figures.funded_cents += funded;
+            figures.taken_cents += funded - avail;
+            figures.min_sub_stock_cents = figures.min_sub_stock_cents.min(avail);
+        }
+        Ok(figures)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_add_up_to_the_total_and_never_shrink() {
+        let budget = Budget::new(16, Duration::from_secs(1));
+        for total in [1_i64, 15, 16, 17, 137, 1_000_003] {
+            let sum: i64 = (0..16).map(|i| budget.share(total, i)).sum();
+            assert_eq!(sum, total);
+            for i in 0..16 {
+                assert!(budget.share(total + 1, i) >= budget.share(total, i));
+            }
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! `POST /v1/awards`, `POST /v1/awards:batch` and `GET /v1/activities/{id}/stats`.
+
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use super::{AwardRequest, Issued};
+use crate::error::{ApiError, ApiResult};
+use crate::http::{decode_body, reply, Caller, Format, Wire};
+use crate::pb;
+use crate::startup::AppState;
+use crate::token;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/awards", post(award))
+        .route("/v1/awards:batch", post(award_batch))
+        .route("/v1/activities/{id}/stats", get(stats))
+}
+
+#[derive(Debug, Serialize)]
+pub struct AwardBody {
+    pub out_trade_no: String,
+    pub token: String,
+    pub status: &'static str,
+    pub replayed: bool,
+}
+
+impl From<&Issued> for AwardBody {
+    fn from(i: &Issued) -> Self {
+        Self {
+            out_trade_no: i.out_trade_no.clone(),
+            token: token::to_base64(&i.token),
+            status: "pending",
+            replayed: i.replayed,
+        }
+    }
+}
+
+fn award_pb(i: &Issued) -> pb::AwardResponse {
+    pb::AwardResponse {
+        out_trade_no: i.out_trade_no.clone(),
+        token: i.token.clone(),
+        status: "pending".into(),
+        replayed: i.replayed,
+    }
+}
+
+struct SingleReply(Issued);
+
+impl Serialize for SingleReply {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        AwardBody::from(&self.0).serialize(s)
+    }
+}
+
+impl Wire for SingleReply {
+    type Pb = pb::AwardResponse;
+    fn to_pb(&self) -> pb::AwardResponse {
+        award_pb(&self.0)
+    }
+}
+
+async fn award(State(app): State<AppState>, Caller(caller): Caller, headers: HeaderMap, body: Bytes) -> ApiResult<Response> {
+    let started = Instant::now();
+    let request: AwardRequest = decode_body::<AwardRequest, pb::AwardRequest>(&headers, &body)?;
+    let result = app
+        .issuer
+        .issue(&app, &caller, vec![request])
+        .await
+        .pop()
+        .unwrap_or_else(|| Err(ApiError::Internal(anyhow::anyhow!("no result for the award"))));
+    crate::metrics::award_latency(started.elapsed().as_secs_f64(), "single");
+    let issued = result?;
+    let status = if issued.replayed { StatusCode::OK } else { StatusCode::CREATED };
+    Ok(reply(Format::of_response(&headers), status, &SingleReply(issued)))
+}
+
+#[derive(Debug, Deserialize)]
+struct BatchRequest {
+    awards: Vec<AwardRequest>,
+}
+
+impl From<pb::AwardBatchRequest> for BatchRequest {
+    fn from(r: pb::AwardBatchRequest) -> Self {
+        Self {
+            awards: r.awards.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum BatchItem {
+    Ok(AwardBody),
+    Err { error: ErrorItem },
+}
+
+#[derive(Serialize)]
+struct ErrorItem {
+    code: &'static str,
+    message: String,
+}
+
+struct BatchReply(Vec<Result<Issued, ApiError>>);
+
+impl Serialize for BatchReply {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Body {
+            results: Vec<BatchItem>,
+        }
+        Body {
+            results: self
+                .0
+                .iter()
+                .map(|r| match r {
+                    Ok(i) => BatchItem::Ok(AwardBody::from(i)),
+                    Err(e) => BatchItem::Err {
+                        error: ErrorItem {
+                            code: e.code(),
+                            message: e.public_message(),
+                        },
+                    },
+                })
+                .collect(),
+        }
+        .serialize(s)
+    }
+}
+
+impl Wire for BatchReply {
+    type Pb = pb::AwardBatchResponse;
+    fn to_pb(&self) -> pb::AwardBatchResponse {
+        pb::AwardBatchResponse {
+            results: self
+                .0
+                .iter()
+                .map(|r| pb::AwardResult {
+                    result: Some(match r {
+                        Ok(i) => pb::award_result::Result::Ok(award_pb(i)),
+                        Err(e) => pb::award_result::Result::Error(pb::ErrorBody {
+                            code: e.code().to_string(),
+                            message: e.public_message(),
+                        }),
+                    }),
+                })
+                .collect(),
+        }
+    }
+}
+
+async fn award_batch(
+    State(app): State<AppState>,
+    Caller(caller): Caller,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let started = Instant::now();
+    let request: BatchRequest = decode_body::<BatchRequest, pb::AwardBatchRequest>(&headers, &body)?;
+    let max = app.settings.issue.batch_max;
+    if request.awards.is_empty() || request.awards.len() > max {
+        return Err(ApiError::InvalidRequest(format!(
+            "a batch holds 1 to {max} awards, this one {}",
+            request.awards.len()
+        )));
+    }
+    let results = app.issuer.issue(&app, &caller, request.awards).await;
+    for r in &results {
+        r.as_ref().err().map(ApiError::log);
+    }
+    crate::metrics::award_latency(started.elapsed().as_secs_f64(), "batch");
+    Ok(reply(Format::of_response(&headers), StatusCode::OK, &BatchReply(results)))
+}
+
+#[derive(Serialize)]
+struct StatsBody {
+    activity_id: String,
+    issued_cents: i64,
+    issued_count: i64,
+}
+
+async fn stats(State(app): State<AppState>, Path(id): Path<String>) -> Response {
+    if app.activities.get(&id).is_none() {
+        return ApiError::NotFound(format!("no activity `{id}`")).into_response();
+    }
+    let (count, cents) = app.stats.totals(&id);
+    Json(StatsBody {
+        activity_id: id,
+        issued_cents: cents,
+        issued_count: count,
+    })
+    .into_response()
+}

@@ -1,0 +1,195 @@
+//! The `redpacket-wallet` command line: parses arguments and calls into the library.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use redpacket_wallet::config::Settings;
+use redpacket_wallet::domain::UserId;
+use redpacket_wallet::http::auth::AuthKeys;
+use redpacket_wallet::startup::{shutdown_signal, App, RunOptions, Running};
+use redpacket_wallet::store::Db;
+use redpacket_wallet::{cron, keys, reconcile};
+
+#[derive(Parser)]
+#[command(name = "redpacket-wallet", version, about = "Red-packet token wallet service")]
+struct Cli {
+    /// A TOML configuration file; `RPW_SECTION__KEY` environment variables override it.
+    #[arg(long, global = true, env = "RPW_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serves the HTTP API, with the accounting worker and the cron jobs.
+    Serve {
+        /// Do not run the accounting worker in this process.
+        #[arg(long)]
+        no_worker: bool,
+        /// Do not run the cron jobs in this process.
+        #[arg(long)]
+        no_cron: bool,
+        /// Do not apply migrations at start, whatever `mysql.migrate_on_start` says.
+        #[arg(long)]
+        no_migrate: bool,
+    },
+    /// Runs only the accounting worker.
+    Worker,
+    /// Applies the embedded migrations.
+    Migrate,
+    /// Manages the Ed25519 signing keys in `keys.dir`.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
+    /// Prints a user JWT signed with the configured secret, for trying the API by hand.
+    DevJwt {
+        user_id: i64,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
+    /// Books every pending token now (what the batch-settlement job does).
+    Settle {
+        #[arg(long)]
+        all: bool,
+    },
+    /// Reconciles one activity for one hour (default: the current hour).
+    Reconcile {
+        #[arg(long)]
+        activity: String,
+        /// The hour as YYYYMMDDHH (UTC).
+        #[arg(long)]
+        hour: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysAction {
+    /// Creates a new key; it becomes the active signer.
+    Generate,
+    /// Lists every key with its state.
+    List,
+    /// Retires a key: tokens it signed no longer verify.
+    Retire { key_id: String },
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("RPW_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    init_tracing();
+    let cli = Cli::parse();
+    let settings = Settings::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Serve {
+            no_worker,
+            no_cron,
+            no_migrate,
+        } => {
+            tracing::info!(settings = ?settings, "starting");
+            let migrate = settings.mysql.migrate_on_start && !no_migrate;
+            let app = App::build(settings, migrate).await?;
+            let running = Running::start(
+                app,
+                RunOptions {
+                    http: true,
+                    worker: !no_worker,
+                    cron: !no_cron,
+                },
+            )
+            .await?;
+            tracing::info!(url = running.url(), "serving");
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            running.stop().await;
+        }
+        Command::Worker => {
+            let app = App::build(settings, false).await?;
+            let running = Running::start(
+                app,
+                RunOptions {
+                    http: false,
+                    worker: true,
+                    cron: false,
+                },
+            )
+            .await?;
+            tracing::info!("worker running");
+            shutdown_signal().await;
+            running.stop().await;
+        }
+        Command::Migrate => {
+            Db::connect_lazy(&settings.mysql)?.migrate().await?;
+            println!("migrations applied");
+        }
+        Command::Keys { action } => match action {
+            KeysAction::Generate => {
+                let id = keys::generate(&settings.keys.dir)?;
+                println!("{id}");
+            }
+            KeysAction::List => {
+                let ring = keys::KeyRing::load(&settings.keys.dir, &[])?;
+                for key in ring.all() {
+                    let state = if key.retired {
+                        "retired"
+                    } else if key.active {
+                        "active"
+                    } else {
+                        "verifies"
+                    };
+                    println!("{}\t{}\t{}", key.key_id, key.alg, state);
+                }
+            }
+            KeysAction::Retire { key_id } => {
+                keys::retire(&settings.keys.dir, &key_id)?;
+                let db = Db::connect_lazy(&settings.mysql)?;
+                let updated = sqlx::query("UPDATE signing_keys SET retired_at = COALESCE(retired_at, CURRENT_TIMESTAMP(3)) WHERE key_id = ?")
+                    .bind(&key_id)
+                    .execute(db.main())
+                    .await;
+                if let Err(err) = updated {
+                    eprintln!("retired in {}; mysql not updated ({err}); instances learn it at their next start", settings.keys.dir.display());
+                }
+                println!("retired {key_id}");
+            }
+        },
+        Command::DevJwt { user_id, ttl } => {
+            let user = UserId::parse(user_id).map_err(|e| anyhow::anyhow!(e.0))?;
+            let auth = AuthKeys::new(&settings.auth, Vec::new(), 0);
+            println!("{}", auth.issue_user_jwt(user, ttl)?);
+        }
+        Command::Settle { all } => {
+            anyhow::ensure!(all, "say --all: the sweep books every partition");
+            let app = App::build(settings, false).await?;
+            let booked = cron::settle_all(&app, usize::MAX).await?;
+            let drained = cron::mark_drained(&app).await?;
+            println!("booked {booked} tokens; drained activities: {drained:?}");
+        }
+        Command::Reconcile { activity, hour } => {
+            let app: Arc<App> = App::build(settings, false).await?;
+            let hour = hour.unwrap_or_else(|| redpacket_wallet::store::hour_of(redpacket_wallet::store::now_ms()));
+            let report = reconcile::reconcile(&app, &activity, &hour, "manual")
+                .await
+                .map_err(|e| anyhow::anyhow!("{}: {}", e.code(), e))
+                .context("reconciling")?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            if !report.ok {
+                std::process::exit(3);
+            }
+        }
+    }
+    Ok(())
+}

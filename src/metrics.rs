@@ -1,0 +1,69 @@
+//! Prometheus metrics. One recorder per process (tests start several apps in one
+//! process, so it is installed once and shared). Names carry their unit last.
+
+use std::sync::OnceLock;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+const LATENCY_BUCKETS_SECONDS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS_SECONDS)
+                .expect("static bucket list is not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (an embedding program's); then
+            // this handle renders an empty page rather than failing start-up.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+pub fn award_outcome(outcome: &'static str) {
+    counter!("rpw_awards_total", "outcome" => outcome).increment(1);
+}
+
+pub fn award_latency(seconds: f64, endpoint: &'static str) {
+    histogram!("rpw_award_request_duration_seconds", "endpoint" => endpoint).record(seconds);
+}
+
+pub fn backlog(partition: u32, entries: u64) {
+    gauge!("rpw_settle_backlog_entries", "partition" => partition.to_string()).set(entries as f64);
+}
+
+pub fn booked(tokens: u64) {
+    counter!("rpw_booked_tokens_total").increment(tokens);
+}
+
+pub fn booking_batch_latency(seconds: f64) {
+    histogram!("rpw_booking_batch_duration_seconds").record(seconds);
+}
+
+pub fn withdraw_latency(seconds: f64) {
+    histogram!("rpw_withdraw_duration_seconds").record(seconds);
+}
+
+pub fn view_latency(seconds: f64, view: &'static str) {
+    histogram!("rpw_view_duration_seconds", "view" => view).record(seconds);
+}
+
+pub fn reconciliation_mismatch(activity: &str) {
+    counter!("rpw_reconciliation_mismatches_total", "activity" => activity.to_string()).increment(1);
+}
+
+pub fn dependency_error(dependency: &'static str) {
+    counter!("rpw_dependency_errors_total", "dependency" => dependency).increment(1);
+}
+
+pub fn rate_limited(kind: &'static str) {
+    counter!("rpw_rate_limited_total", "limit" => kind).increment(1);
+}

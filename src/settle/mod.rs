@@ -1,0 +1,266 @@
+//! Booking: writing tokens into the MySQL ledger and crediting accounts.
+//!
+//! [`book_in_tx`] is the one booking routine; the worker, forced settlement before a
+//! withdrawal, the cron sweep and the synchronous baseline of the benchmark all call it.
+//!
+//! Invariant (no double credit): a token's amount enters a balance only together with
+//! the insert of its ledger row, and `ledger_entries.out_trade_no` is unique. Account
+//! rows are locked first (in user id order, so two bookers cannot deadlock on them),
+//! which serialises bookers of the same user; the unique key backs that up.
+
+pub mod worker;
+
+use std::collections::{BTreeMap, HashSet};
+
+use redis::Script;
+use sqlx::{MySql, QueryBuilder, Row, Transaction};
+
+use crate::domain::UserId;
+use crate::store::{evalsha, hour_of, now_ms, Redis, SETTLE_GROUP};
+
+/// One award to book.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AwardEntry {
+    pub user: UserId,
+    pub out_trade_no: String,
+    pub amount_cents: i64,
+    pub activity_id: String,
+    pub scene_id: String,
+    /// The token's issue time; the ledger orders flows by it.
+    pub at_ms: i64,
+    /// The settlement stream entry this came from, if any.
+    pub stream_id: Option<String>,
+}
+
+/// An account row as locked and updated inside a booking transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Account {
+    pub user_id: i64,
+    pub balance_cents: i64,
+    pub total_income_cents: i64,
+    pub withdrawn_cents: i64,
+    pub version: i64,
+}
+
+#[derive(Debug, Default)]
+pub struct Booked {
+    /// Entries whose ledger row this transaction inserted (indices into the input).
+    pub newly_booked: Vec<usize>,
+    /// The accounts touched, as they will be after commit.
+    pub accounts: Vec<Account>,
+}
+
+impl Booked {
+    pub fn credited_cents(&self, entries: &[AwardEntry]) -> i64 {
+        self.newly_booked.iter().map(|&i| entries[i].amount_cents).sum()
+    }
+}
+
+/// Creates (if needed) and locks the account rows of `users`, in user id order.
+pub async fn lock_accounts(
+    tx: &mut Transaction<'_, MySql>,
+    users: &[i64],
+) -> Result<BTreeMap<i64, Account>, sqlx::Error> {
+    let mut accounts = BTreeMap::new();
+    if users.is_empty() {
+        return Ok(accounts);
+    }
+    let mut insert = QueryBuilder::<MySql>::new("INSERT IGNORE INTO accounts (user_id) ");
+    insert.push_values(users, |mut b, u| {
+        b.push_bind(*u);
+    });
+    insert.build().execute(&mut **tx).await?;
+    let mut select = QueryBuilder::<MySql>::new(
+        "SELECT user_id, balance_cents, total_income_cents, withdrawn_cents, version FROM accounts WHERE user_id IN (",
+    );
+    let mut list = select.separated(", ");
+    for u in users {
+        list.push_bind(*u);
+    }
+    select.push(") ORDER BY user_id FOR UPDATE");
+    for row in select.build().fetch_all(&mut **tx).await? {
+        let account = Account {
+            user_id: row.try_get(0)?,
+            balance_cents: row.try_get(1)?,
+            total_income_cents: row.try_get(2)?,
+            withdrawn_cents: row.try_get(3)?,
+            version: row.try_get(4)?,
+        };
+        accounts.insert(account.user_id, account);
+    }
+    Ok(accounts)
+}
+
+/// Which of `out_trade_nos` the ledger already holds.
+pub async fn already_booked<'e, E>(executor: E, out_trade_nos: &[&str]) -> Result<HashSet<String>, sqlx::Error>
+where
+    E: sqlx::Executor<'e, Database = MySql>,
+{
+    if out_trade_nos.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let mut q = QueryBuilder::<MySql>::new("SELECT out_trade_no FROM ledger_entries WHERE out_trade_no IN (");
+    let mut list = q.separated(", ");
+    for otn in out_trade_nos {
+        list.push_bind(*otn);
+    }
+    q.push(")");
+    let rows = q.build().fetch_all(executor).await?;
+    rows.iter().map(|r| r.try_get::<String, _>(0)).collect()
+}
+
+/// Books `entries` inside `tx`: inserts the ledger rows the ledger does not hold yet and
+/// credits each account by exactly what was inserted for it.
+pub async fn book_in_tx(tx: &mut Transaction<'_, MySql>, entries: &[AwardEntry]) -> Result<Booked, sqlx::Error> {
+    if entries.is_empty() {
+        return Ok(Booked::default());
+    }
+    let mut users: Vec<i64> = entries.iter().map(|e| e.user.get()).collect();
+    users.sort_unstable();
+    users.dedup();
+    let mut accounts = lock_accounts(tx, &users).await?;
+
+    let otns: Vec<&str> = entries.iter().map(|e| e.out_trade_no.as_str()).collect();
+    let mut known = already_booked(&mut **tx, &otns).await?;
+    let mut newly_booked = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        // `insert` also drops a second copy of one token inside the same batch.
+        if known.insert(e.out_trade_no.clone()) {
+            newly_booked.push(i);
+        }
+    }
+    if !newly_booked.is_empty() {
+        let mut insert = QueryBuilder::<MySql>::new(
+            "INSERT INTO ledger_entries (user_id, out_trade_no, kind, amount_cents, activity_id, scene_id, at_ms) ",
+        );
+        insert.push_values(newly_booked.iter().map(|&i| &entries[i]), |mut b, e| {
+            b.push_bind(e.user.get())
+                .push_bind(&e.out_trade_no)
+                .push_bind("award")
+                .push_bind(e.amount_cents)
+                .push_bind(&e.activity_id)
+                .push_bind(&e.scene_id)
+                .push_bind(e.at_ms);
+        });
+        insert.build().execute(&mut **tx).await?;
+
+        let mut credit: BTreeMap<i64, i64> = BTreeMap::new();
+        for &i in &newly_booked {
+            debug_assert!(entries[i].amount_cents > 0, "awards are positive");
+            *credit.entry(entries[i].user.get()).or_default() += entries[i].amount_cents;
+        }
+        let mut update = QueryBuilder::<MySql>::new("INSERT INTO accounts (user_id, balance_cents, total_income_cents) ");
+        update.push_values(&credit, |mut b, (user, cents)| {
+            b.push_bind(*user).push_bind(*cents).push_bind(*cents);
+        });
+        update.push(
+            " ON DUPLICATE KEY UPDATE balance_cents = balance_cents + VALUES(balance_cents), \
+             total_income_cents = total_income_cents + VALUES(total_income_cents), version = version + 1",
+        );
+        update.build().execute(&mut **tx).await?;
+        for (user, cents) in credit {
+            if let Some(a) = accounts.get_mut(&user) {
+                a.balance_cents += cents;
+                a.total_income_cents += cents;
+                a.version += 1;
+            }
+        }
+    }
+    Ok(Booked {
+        newly_booked,
+        accounts: accounts.into_values().collect(),
+    })
+}
+
+/// Books `entries` in one transaction per MySQL shard.
+pub async fn book(db: &crate::store::Db, entries: &[AwardEntry]) -> Result<Booked, sqlx::Error> {
+    let mut by_shard: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (i, e) in entries.iter().enumerate() {
+        by_shard.entry(db.shard_index(e.user)).or_default().push(i);
+    }
+    let mut all = Booked::default();
+    for (shard, indices) in by_shard {
+        let part: Vec<AwardEntry> = indices.iter().map(|&i| entries[i].clone()).collect();
+        let mut tx = db.shard(shard).begin().await?;
+        let booked = book_in_tx(&mut tx, &part).await?;
+        tx.commit().await?;
+        all.newly_booked.extend(booked.newly_booked.iter().map(|&k| indices[k]));
+        all.accounts.extend(booked.accounts);
+    }
+    Ok(all)
+}
+
+/// After a commit: marks the tokens settled in Redis, acknowledges and deletes their
+/// stream entries, and stores the account snapshots, one script call per partition.
+pub struct Marker {
+    script: Script,
+}
+
+impl Default for Marker {
+    fn default() -> Self {
+        Self {
+            script: Script::new(include_str!("mark.lua")),
+        }
+    }
+}
+
+impl Marker {
+    pub fn script(&self) -> &Script {
+        &self.script
+    }
+
+    pub async fn mark(&self, redis: &Redis, entries: &[AwardEntry], accounts: &[Account]) -> redis::RedisResult<u64> {
+        let mut by_partition: BTreeMap<u32, (Vec<&AwardEntry>, Vec<&Account>)> = BTreeMap::new();
+        for e in entries {
+            by_partition.entry(redis.partition_of(e.user)).or_default().0.push(e);
+        }
+        for a in accounts {
+            if let Ok(user) = UserId::parse(a.user_id) {
+                by_partition.entry(redis.partition_of(user)).or_default().1.push(a);
+            }
+        }
+        let now = now_ms();
+        let mut pipe = redis::pipe();
+        for (p, (es, accs)) in &by_partition {
+            let mut keys: Vec<String> = vec![redis.settled_index_key(*p), redis.stream_key(*p)];
+            let mut args: Vec<String> = vec![
+                now.to_string(),
+                SETTLE_GROUP.to_string(),
+                es.len().to_string(),
+                accs.len().to_string(),
+            ];
+            for e in es {
+                keys.push(redis.status_key(e.user));
+                keys.push(redis.counters_key(*p, &e.activity_id));
+                args.push(e.out_trade_no.clone());
+                args.push(hour_of(e.at_ms));
+                args.push(e.amount_cents.to_string());
+                args.push(e.user.to_string());
+                args.push(e.stream_id.clone().unwrap_or_default());
+            }
+            for a in accs {
+                keys.push(redis.snapshot_key(UserId::parse(a.user_id).expect("filtered above")));
+                args.push(a.version.to_string());
+                args.push(a.balance_cents.to_string());
+                args.push(a.total_income_cents.to_string());
+                args.push(a.withdrawn_cents.to_string());
+            }
+            let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+            let mut cmd = evalsha(&self.script, &key_refs);
+            cmd.arg(&args);
+            pipe.add_command(cmd);
+        }
+        if by_partition.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = redis.conn();
+        let changed: Vec<u64> = match pipe.query_async(&mut conn).await {
+            Err(err) if crate::store::is_noscript(&err) => {
+                crate::store::load_scripts(&mut conn, &[&self.script]).await?;
+                pipe.query_async(&mut conn).await?
+            }
+            other => other?,
+        };
+        Ok(changed.iter().sum())
+    }
+}

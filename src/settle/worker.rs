@@ -1,0 +1,258 @@
+//! The accounting worker: drains the partition streams into the ledger at a bounded rate.
+//!
+//! Each instance runs `settle.concurrency` tasks; partitions are dealt out among them,
+//! and several instances share the partitions through the Redis consumer group. A
+//! batch is: read entries → wait for rate-limit permits → book (one transaction per
+//! shard) → mark settled, XACK and XDEL (one script per partition). Nothing is
+//! acknowledged before its commit; a crash in between leaves the entries pending, to
+//! be read again and booked as no-ops (the ledger's unique key).
+
+use std::collections::{HashMap, HashSet};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply};
+use redis::AsyncCommands;
+use tokio::sync::watch;
+
+use super::AwardEntry;
+use crate::domain::UserId;
+use crate::startup::App;
+use crate::store::{ensure_group, SETTLE_GROUP};
+
+/// What one call of [`Worker::try_execute_batch`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing to book in this partition.
+    Empty,
+    /// Booking is paused by the `booking_paused` switch.
+    Paused,
+    Booked { entries: usize, newly_booked: usize },
+    /// Test hook: stopped right after the commit, before marking and acknowledging.
+    StoppedAfterCommit { entries: usize },
+}
+
+#[derive(Clone)]
+pub struct WorkerOptions {
+    /// Consumer name in the group; unique per task.
+    pub consumer: String,
+    pub batch_size: usize,
+    pub claim_idle: Duration,
+    /// For tests of crash recovery: return right after the MySQL commit.
+    pub stop_after_commit: bool,
+}
+
+pub struct Worker {
+    app: Arc<App>,
+    options: WorkerOptions,
+    limiter: Option<Arc<DefaultDirectRateLimiter>>,
+    /// Partitions where this consumer may hold read-but-unbooked entries (after an
+    /// error); they are re-read from the consumer's own pending list first.
+    own_pending: HashSet<u32>,
+    last_claim: HashMap<u32, Instant>,
+}
+
+/// A token bucket of `max_tps` permits per second shared by an instance's tasks;
+/// `None` when unbounded.
+pub fn rate_limiter(max_tps: u32, batch_size: usize) -> Option<Arc<DefaultDirectRateLimiter>> {
+    let rate = NonZeroU32::new(max_tps)?;
+    // The burst is one batch (or one second, if smaller), so the measured rate follows
+    // the configured one within a batch.
+    let burst = NonZeroU32::new((batch_size as u32).min(max_tps).max(1)).expect("positive");
+    Some(Arc::new(RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))))
+}
+
+impl Worker {
+    pub fn new(app: Arc<App>, options: WorkerOptions, limiter: Option<Arc<DefaultDirectRateLimiter>>) -> Self {
+        Self {
+            app,
+            options,
+            limiter,
+            own_pending: HashSet::new(),
+            last_claim: HashMap::new(),
+        }
+    }
+
+    fn read_count(&self) -> usize {
+        match &self.limiter {
+            // Never ask the bucket for more than it can ever hold.
+            Some(_) if self.app.settings.settle.max_tps > 0 => {
+                self.options.batch_size.min(self.app.settings.settle.max_tps as usize)
+            }
+            _ => self.options.batch_size,
+        }
+    }
+
+    async fn read(&mut self, partition: u32) -> anyhow::Result<Vec<StreamId>> {
+        let redis = &self.app.redis;
+        let stream = redis.stream_key(partition);
+        let mut conn = redis.conn();
+        let count = self.read_count();
+        let due_claim = self
+            .last_claim
+            .get(&partition)
+            .is_none_or(|t| t.elapsed() >= self.options.claim_idle / 2);
+        if due_claim {
+            self.last_claim.insert(partition, Instant::now());
+            let reply: redis::RedisResult<StreamAutoClaimReply> = conn
+                .xautoclaim_options(
+                    &stream,
+                    SETTLE_GROUP,
+                    &self.options.consumer,
+                    self.options.claim_idle.as_millis() as u64,
+                    "0-0",
+                    StreamAutoClaimOptions::default().count(count),
+                )
+                .await;
+            match reply {
+                Ok(reply) if !reply.claimed.is_empty() => return Ok(reply.claimed),
+                Ok(_) => {}
+                Err(err) if err.code() == Some("NOGROUP") => {
+                    ensure_group(&mut conn, &stream).await?;
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+        let start = if self.own_pending.contains(&partition) { "0" } else { ">" };
+        let options = StreamReadOptions::default()
+            .group(SETTLE_GROUP, &self.options.consumer)
+            .count(count);
+        let reply: redis::RedisResult<StreamReadReply> = conn.xread_options(&[&stream], &[start], &options).await;
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(err) if err.code() == Some("NOGROUP") => {
+                ensure_group(&mut conn, &stream).await?;
+                return Ok(Vec::new());
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let ids: Vec<StreamId> = reply.keys.into_iter().flat_map(|k| k.ids).collect();
+        if start == "0" && ids.is_empty() {
+            self.own_pending.remove(&partition);
+        }
+        Ok(ids)
+    }
+
+    /// Reads, books and acknowledges one batch of `partition`.
+    pub async fn try_execute_batch(&mut self, partition: u32) -> anyhow::Result<Outcome> {
+        if self.app.switches.booking_paused() {
+            return Ok(Outcome::Paused);
+        }
+        let ids = self.read(partition).await?;
+        if ids.is_empty() {
+            return Ok(Outcome::Empty);
+        }
+        let mut entries = Vec::with_capacity(ids.len());
+        let mut malformed = Vec::new();
+        for id in &ids {
+            match parse_entry(id) {
+                Some(e) => entries.push(e),
+                None => malformed.push(id.id.clone()),
+            }
+        }
+        if !malformed.is_empty() {
+            // Only store.lua and sync write these streams; an unreadable entry cannot
+            // be booked by anyone, so it is logged loudly and acknowledged.
+            tracing::error!(partition, entries = ?malformed, "malformed settlement entries acknowledged without booking");
+            let mut conn = self.app.redis.conn();
+            let stream = self.app.redis.stream_key(partition);
+            let _: () = conn.xack(&stream, SETTLE_GROUP, &malformed).await?;
+        }
+        if let (Some(limiter), Some(n)) = (&self.limiter, NonZeroU32::new(entries.len() as u32)) {
+            limiter.until_n_ready(n).await.map_err(|e| anyhow::anyhow!("rate limiter: {e}"))?;
+        }
+        self.own_pending.insert(partition);
+        let started = Instant::now();
+        let booked = super::book(&self.app.db, &entries).await?;
+        crate::metrics::booking_batch_latency(started.elapsed().as_secs_f64());
+        crate::metrics::booked(booked.newly_booked.len() as u64);
+        if self.options.stop_after_commit {
+            return Ok(Outcome::StoppedAfterCommit { entries: entries.len() });
+        }
+        self.app.marker.mark(&self.app.redis, &entries, &booked.accounts).await?;
+        Ok(Outcome::Booked {
+            entries: entries.len(),
+            newly_booked: booked.newly_booked.len(),
+        })
+    }
+
+    /// Works `partitions` until `shutdown` flips: errors are retried with capped
+    /// exponential backoff; an idle round sleeps `settle.idle_sleep_ms`.
+    pub async fn run(mut self, partitions: Vec<u32>, mut shutdown: watch::Receiver<bool>) {
+        let settings = self.app.settings.settle.clone();
+        let mut backoff = Duration::from_millis(settings.retry_base_ms);
+        let max_backoff = Duration::from_millis(settings.retry_max_ms);
+        let idle = Duration::from_millis(settings.idle_sleep_ms);
+        while !*shutdown.borrow() {
+            let mut busy = false;
+            let mut failed = false;
+            for &p in &partitions {
+                if *shutdown.borrow() {
+                    break;
+                }
+                match self.try_execute_batch(p).await {
+                    Ok(Outcome::Booked { .. }) | Ok(Outcome::StoppedAfterCommit { .. }) => busy = true,
+                    Ok(Outcome::Empty) | Ok(Outcome::Paused) => {}
+                    Err(err) => {
+                        failed = true;
+                        tracing::warn!(partition = p, error = format!("{err:#}"), retry_in_ms = backoff.as_millis() as u64, "booking batch failed");
+                        break;
+                    }
+                }
+            }
+            let pause = if failed {
+                let pause = backoff;
+                backoff = (backoff * 2).min(max_backoff);
+                pause
+            } else {
+                backoff = Duration::from_millis(settings.retry_base_ms);
+                if busy {
+                    continue;
+                }
+                idle
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+}
+
+fn parse_entry(id: &StreamId) -> Option<AwardEntry> {
+    let user: i64 = id.get("u")?;
+    Some(AwardEntry {
+        user: UserId::parse(user).ok()?,
+        out_trade_no: id.get("o")?,
+        amount_cents: id.get::<i64>("a").filter(|a| *a > 0)?,
+        activity_id: id.get("act")?,
+        scene_id: id.get("sc")?,
+        at_ms: id.get("t")?,
+        stream_id: Some(id.id.clone()),
+    })
+}
+
+/// Starts the worker tasks of one instance; they stop when `shutdown` flips.
+pub fn spawn(app: Arc<App>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
+    let settings = &app.settings.settle;
+    let tasks = settings.concurrency.min(app.redis.partitions() as usize).max(1);
+    let limiter = rate_limiter(settings.max_tps, settings.batch_size);
+    (0..tasks)
+        .map(|t| {
+            let partitions: Vec<u32> = (0..app.redis.partitions()).filter(|p| *p as usize % tasks == t).collect();
+            let worker = Worker::new(
+                app.clone(),
+                WorkerOptions {
+                    consumer: format!("{}-{t}", app.instance_id),
+                    batch_size: settings.batch_size,
+                    claim_idle: Duration::from_millis(settings.claim_idle_ms),
+                    stop_after_commit: false,
+                },
+                limiter.clone(),
+            );
+            tokio::spawn(worker.run(partitions, shutdown.clone()))
+        })
+        .collect()
+}

@@ -1,0 +1,314 @@
+//! Building the application: connections, keys, caches, background tasks and the router.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::extract::DefaultBodyLimit;
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use sqlx::Row;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::activity::ActivityCache;
+use crate::admission::Admission;
+use crate::config::Settings;
+use crate::http::auth::AuthKeys;
+use crate::issue::stats::StatsCounter;
+use crate::issue::{Budget, Issuer};
+use crate::keys::KeyRing;
+use crate::settle::Marker;
+use crate::store::{load_scripts, Db, Redis};
+use crate::switches::Switches;
+
+/// Everything a request or a background task needs; shared as `Arc<App>`.
+pub struct App {
+    pub settings: Settings,
+    pub redis: Redis,
+    pub db: Db,
+    pub keys: KeyRing,
+    pub activities: ActivityCache,
+    pub budget: Budget,
+    pub issuer: Issuer,
+    pub marker: Marker,
+    pub stats: StatsCounter,
+    pub switches: Switches,
+    pub admission: Admission,
+    pub auth: AuthKeys,
+    pub metrics: PrometheusHandle,
+    /// Names this process in consumer groups and locks.
+    pub instance_id: String,
+}
+
+pub type AppState = Arc<App>;
+
+impl App {
+    /// Connects and loads everything. MySQL is connected lazily; with `migrate` the
+    /// schema is brought up to date first.
+    pub async fn build(settings: Settings, migrate: bool) -> anyhow::Result<Arc<Self>> {
+        let metrics = crate::metrics::install();
+        let redis = Redis::connect(&settings.redis).await?;
+        let db = Db::connect_lazy(&settings.mysql)?;
+        if migrate {
+            db.migrate().await?;
+        }
+        let retired = sync_signing_keys(&db, &settings).await?;
+        let keys = KeyRing::load(&settings.keys.dir, &retired)?;
+        if keys.active_key_id().is_none() {
+            tracing::warn!(dir = %settings.keys.dir.display(), "no active signing key: awards will fail until `keys generate` is run");
+        }
+        let auth = AuthKeys::new(&settings.auth, settings.caller_keys(), settings.wallet.jwt_leeway_secs);
+        let app = Arc::new(App {
+            budget: Budget::new(settings.issue.sub_stocks, Duration::from_millis(settings.issue.exhausted_recheck_ms)),
+            admission: Admission::new(settings.issue.caller_per_s),
+            issuer: Issuer::default(),
+            marker: Marker::default(),
+            stats: StatsCounter::default(),
+            switches: Switches::default(),
+            activities: ActivityCache::default(),
+            instance_id: format!("{}-{}-{:06x}", hostname(), std::process::id(), rand::random::<u32>() & 0xff_ffff),
+            settings,
+            redis,
+            db,
+            keys,
+            auth,
+            metrics,
+        });
+        app.load_scripts().await?;
+        app.redis.ensure_groups().await?;
+        app.switches.refresh(&app.redis).await?;
+        app.refresh_activities().await?;
+        Ok(app)
+    }
+
+    pub async fn load_scripts(&self) -> anyhow::Result<()> {
+        let mut conn = self.redis.conn();
+        let mut scripts: Vec<&redis::Script> = self.budget.scripts().to_vec();
+        scripts.extend(self.issuer.scripts());
+        scripts.push(self.marker.script());
+        load_scripts(&mut conn, &scripts).await.context("loading redis scripts")
+    }
+
+    /// Reloads the activity cache and funds the sub-stocks of activities whose budget
+    /// changed (funding is idempotent, so this also repairs a crash mid-funding).
+    pub async fn refresh_activities(&self) -> anyhow::Result<()> {
+        let changed = self.activities.refresh(self.db.main()).await?;
+        for activity in changed {
+            self.budget.fund(&self.redis, &activity.id, activity.budget_cents).await?;
+        }
+        Ok(())
+    }
+
+    /// Refreshes gauges that are read on demand (the settlement backlog).
+    pub async fn update_gauges(&self) {
+        let mut pipe = redis::pipe();
+        for p in 0..self.redis.partitions() {
+            pipe.xlen(self.redis.stream_key(p));
+        }
+        let mut conn = self.redis.conn();
+        if let Ok(lengths) = pipe.query_async::<Vec<u64>>(&mut conn).await {
+            for (p, len) in lengths.into_iter().enumerate() {
+                crate::metrics::backlog(p as u32, len);
+            }
+        }
+    }
+
+    /// Cache refresh, stats flush and switch polling, until `shutdown` flips.
+    pub fn spawn_background(self: &Arc<Self>, mut shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
+        let app = self.clone();
+        tokio::spawn(async move {
+            let mut cache_tick = tokio::time::interval(Duration::from_millis(app.settings.issue.cache_refresh_ms));
+            let mut stats_tick = tokio::time::interval(Duration::from_millis(app.settings.issue.stats_flush_ms));
+            cache_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.changed() => break,
+                    _ = cache_tick.tick() => {
+                        if let Err(err) = app.refresh_activities().await {
+                            tracing::warn!(error = format!("{err:#}"), "activity cache refresh failed; serving the last snapshot");
+                        }
+                        if let Err(err) = app.switches.refresh(&app.redis).await {
+                            tracing::warn!(error = %err, "switch refresh failed; keeping the last state");
+                        }
+                    }
+                    _ = stats_tick.tick() => {
+                        let ids: Vec<String> = app.activities.all().iter().map(|a| a.activity.id.clone()).collect();
+                        if let Err(err) = app.stats.flush(&app.redis, &ids).await {
+                            tracing::warn!(error = %err, "stats flush failed; will retry");
+                        }
+                    }
+                }
+            }
+            let ids: Vec<String> = app.activities.all().iter().map(|a| a.activity.id.clone()).collect();
+            let _ = app.stats.flush(&app.redis, &ids).await;
+        })
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "rpw".into())
+}
+
+/// Publishes the public halves found in the keys directory to MySQL and returns the
+/// key ids retired there. A MySQL outage at start is not fatal for verification.
+async fn sync_signing_keys(db: &Db, settings: &Settings) -> anyhow::Result<Vec<String>> {
+    let local = KeyRing::load(&settings.keys.dir, &[])?;
+    let publish = async {
+        for key in local.all() {
+            sqlx::query("INSERT IGNORE INTO signing_keys (key_id, alg, public_key, retired_at) VALUES (?, 'Ed25519', ?, IF(?, CURRENT_TIMESTAMP(3), NULL))")
+                .bind(&key.key_id)
+                .bind(&key.public_key)
+                .bind(key.retired)
+                .execute(db.main())
+                .await?;
+            if key.retired {
+                sqlx::query("UPDATE signing_keys SET retired_at = COALESCE(retired_at, CURRENT_TIMESTAMP(3)) WHERE key_id = ?")
+                    .bind(&key.key_id)
+                    .execute(db.main())
+                    .await?;
+            }
+        }
+        let rows = sqlx::query("SELECT key_id FROM signing_keys WHERE retired_at IS NOT NULL")
+            .fetch_all(db.main())
+            .await?;
+        rows.iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<Vec<_>, sqlx::Error>>()
+    };
+    match publish.await {
+        Ok(retired) => Ok(retired),
+        Err(err) => {
+            tracing::warn!(error = %err, "could not sync signing keys with mysql; using the keys directory alone");
+            Ok(Vec::new())
+        }
+    }
+}
+
+/// The whole HTTP surface, one router per capability.
+pub fn router(app: Arc<App>) -> Router {
+    let settings = &app.settings.http;
+    Router::new()
+        .merge(crate::http::router())
+        .merge(crate::activity::router())
+        .merge(crate::issue::http::router())
+        .merge(crate::wallet::router())
+        .merge(crate::withdraw::router())
+        .merge(crate::switches::router())
+        .route("/v1/admin/reconciliation", axum::routing::get(crate::reconcile::list_handler))
+        .layer(DefaultBodyLimit::max(settings.body_limit_bytes))
+        .layer(TimeoutLayer::with_status_code(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            Duration::from_millis(settings.request_timeout_ms),
+        ))
+        .layer(TraceLayer::new_for_http())
+        .with_state(app)
+}
+
+/// A running instance: HTTP server, background tasks and (optionally) the worker.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub app: Arc<App>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    scheduler: Option<tokio_cron_scheduler::JobScheduler>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RunOptions {
+    pub http: bool,
+    pub worker: bool,
+    pub cron: bool,
+}
+
+impl Running {
+    pub async fn start(app: Arc<App>, options: RunOptions) -> anyhow::Result<Self> {
+        let (shutdown, rx) = watch::channel(false);
+        let mut tasks = vec![app.spawn_background(rx.clone())];
+        let mut addr = app.settings.http.addr;
+        if options.http {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding http.addr {addr}"))?;
+            addr = listener.local_addr()?;
+            let router = router(app.clone());
+            let mut stop = rx.clone();
+            let mut stop_deadline = rx.clone();
+            let grace = Duration::from_millis(app.settings.http.shutdown_timeout_ms);
+            tasks.push(tokio::spawn(async move {
+                let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+                    let _ = stop.changed().await;
+                });
+                // In-flight requests get `grace` to finish; then the server is dropped.
+                tokio::select! {
+                    result = server => if let Err(err) = result { tracing::error!(error = %err, "http server failed") },
+                    _ = async move {
+                        let _ = stop_deadline.changed().await;
+                        tokio::time::sleep(grace).await;
+                    } => tracing::warn!("in-flight requests outlived the shutdown timeout"),
+                }
+            }));
+        }
+        if options.worker && app.settings.settle.enabled {
+            tasks.extend(crate::settle::worker::spawn(app.clone(), rx.clone()));
+        }
+        let scheduler = if options.cron {
+            Some(crate::cron::start(app.clone()).await?)
+        } else {
+            None
+        };
+        Ok(Self {
+            addr,
+            app,
+            shutdown,
+            tasks,
+            scheduler,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Signals every task to stop and waits for them (bounded by the shutdown timeout).
+    pub async fn stop(mut self) {
+        let _ = self.shutdown.send(true);
+        if let Some(mut scheduler) = self.scheduler.take() {
+            let _ = scheduler.shutdown().await;
+        }
+        let grace = Duration::from_millis(self.app.settings.http.shutdown_timeout_ms);
+        for task in self.tasks.drain(..) {
+            if tokio::time::timeout(grace, task).await.is_err() {
+                tracing::warn!("a task did not stop within the shutdown timeout");
+            }
+        }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

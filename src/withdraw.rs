@@ -1,0 +1,303 @@
+//! Withdrawals: forced settlement, then debit, in one MySQL transaction.
+//!
+//! Invariants: a balance never goes negative (checked under the account lock, and by
+//! the table's CHECK constraint); a `(user, request_id)` debits at most once (checked
+//! under the account lock, and by a unique key); the user's pending tokens are booked
+//! with the worker's own booking code, so a token raced by both is credited once.
+
+use std::time::Instant;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use sqlx::{MySql, Row};
+
+use crate::domain::{Cents, UserId};
+use crate::error::{ApiError, ApiResult};
+use crate::http::{Caller, JsonBody, User};
+use crate::settle::{book_in_tx, lock_accounts, Account, AwardEntry};
+use crate::startup::{App, AppState};
+use crate::store::now_ms;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/withdrawals", post(create))
+        .route("/v1/withdrawals/{id}", get(show))
+        .route("/v1/withdrawals/{id}/result", post(result))
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Withdrawal {
+    pub withdrawal_id: String,
+    pub user_id: i64,
+    pub request_id: String,
+    pub amount_cents: i64,
+    pub status: String,
+    pub forced_settled_count: i64,
+    pub balance_cents: i64,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WithdrawRequest {
+    pub request_id: String,
+    pub amount_cents: i64,
+}
+
+const COLUMNS: &str =
+    "id, user_id, request_id, amount_cents, status, forced_settled_count, balance_after_cents, created_at";
+
+fn from_row(row: &sqlx::mysql::MySqlRow) -> Result<Withdrawal, sqlx::Error> {
+    Ok(Withdrawal {
+        withdrawal_id: row.try_get(0)?,
+        user_id: row.try_get(1)?,
+        request_id: row.try_get(2)?,
+        amount_cents: row.try_get(3)?,
+        status: row.try_get(4)?,
+        forced_settled_count: i64::from(row.try_get::<i32, _>(5)?),
+        balance_cents: row.try_get(6)?,
+        created_at: row.try_get::<chrono::NaiveDateTime, _>(7)?.and_utc(),
+    })
+}
+
+async fn find_by_request<'e, E: sqlx::Executor<'e, Database = MySql>>(
+    executor: E,
+    user: UserId,
+    request_id: &str,
+) -> Result<Option<Withdrawal>, sqlx::Error> {
+    sqlx::query(&format!("SELECT {COLUMNS} FROM withdrawals WHERE user_id = ? AND request_id = ?"))
+        .bind(user.get())
+        .bind(request_id)
+        .fetch_optional(executor)
+        .await?
+        .as_ref()
+        .map(from_row)
+        .transpose()
+}
+
+fn check_same(existing: Withdrawal, amount: i64) -> ApiResult<(StatusCode, Withdrawal)> {
+    if existing.amount_cents == amount {
+        Ok((StatusCode::OK, existing))
+    } else {
+        Err(ApiError::IdempotencyConflict(format!(
+            "request_id `{}` was used for {} cents",
+            existing.request_id, existing.amount_cents
+        )))
+    }
+}
+
+/// The user's pending tokens as the status hash records them.
+pub async fn pending_entries(app: &App, user: UserId) -> ApiResult<Vec<AwardEntry>> {
+    let mut conn = app.redis.conn();
+    let statuses: Vec<(String, String)> =
+        redis::AsyncCommands::hgetall(&mut conn, app.redis.status_key(user)).await?;
+    Ok(statuses
+        .iter()
+        .filter_map(|(otn, status)| crate::wallet::parse_status(user, otn, status))
+        .filter(|s| s.pending)
+        .map(|s| s.entry)
+        .collect())
+}
+
+fn new_withdrawal_id() -> String {
+    format!("wd{:011x}{:08x}", now_ms(), rand::random::<u32>())
+}
+
+/// Books the user's pending tokens and debits `amount`, or changes nothing.
+pub async fn withdraw(app: &App, user: UserId, request_id: &str, amount: Cents) -> ApiResult<(StatusCode, Withdrawal)> {
+    let pool = app.db.for_user(user);
+    if let Some(existing) = find_by_request(pool, user, request_id).await? {
+        return check_same(existing, amount.0);
+    }
+    let pending = pending_entries(app, user).await?;
+    let mut tx = pool.begin().await?;
+    let mut locked = lock_accounts(&mut tx, &[user.get()]).await?;
+    // Re-checked under the account lock: a concurrent twin has committed by now.
+    if let Some(existing) = find_by_request(&mut *tx, user, request_id).await? {
+        tx.rollback().await?;
+        return check_same(existing, amount.0);
+    }
+    let booked = book_in_tx(&mut tx, &pending).await?;
+    // With pending tokens the booking returns the account as credited; without, the
+    // row as locked above is current.
+    let mut account: Account = booked
+        .accounts
+        .iter()
+        .find(|a| a.user_id == user.get())
+        .copied()
+        .or_else(|| locked.remove(&user.get()))
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("locked account row missing")))?;
+    if account.balance_cents < amount.0 {
+        // Dropping the transaction rolls back the forced booking too: an error changes nothing.
+        tx.rollback().await?;
+        return Err(ApiError::InsufficientBalance);
+    }
+    let id = new_withdrawal_id();
+    let at = now_ms();
+    sqlx::query(
+        "UPDATE accounts SET balance_cents = balance_cents - ?, withdrawn_cents = withdrawn_cents + ?, version = version + 1 WHERE user_id = ?",
+    )
+    .bind(amount.0)
+    .bind(amount.0)
+    .bind(user.get())
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO ledger_entries (user_id, out_trade_no, kind, amount_cents, at_ms) VALUES (?, ?, 'withdraw', ?, ?)",
+    )
+    .bind(user.get())
+    .bind(format!("wd_{id}"))
+    .bind(-amount.0)
+    .bind(at)
+    .execute(&mut *tx)
+    .await?;
+    account.balance_cents -= amount.0;
+    account.withdrawn_cents += amount.0;
+    account.version += 1;
+    debug_assert!(account.balance_cents >= 0, "a withdrawal never makes a balance negative");
+    sqlx::query(
+        "INSERT INTO withdrawals (id, user_id, request_id, amount_cents, status, forced_settled_count, balance_after_cents) VALUES (?, ?, ?, ?, 'submitted', ?, ?)",
+    )
+    .bind(&id)
+    .bind(user.get())
+    .bind(request_id)
+    .bind(amount.0)
+    .bind(booked.newly_booked.len() as i32)
+    .bind(account.balance_cents)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    // Redis catches up after the commit. If this fails the worker marks the tokens when
+    // it reaches their stream entries; nothing is credited twice either way.
+    if let Err(err) = app.marker.mark(&app.redis, &pending, &[account]).await {
+        tracing::warn!(error = %err, user = user.get(), "marking force-settled tokens failed; the worker will");
+    }
+    let created = find_by_request(pool, user, request_id)
+        .await?
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("withdrawal vanished after commit")))?;
+    Ok((StatusCode::CREATED, created))
+}
+
+async fn create(State(app): State<AppState>, User(user): User, JsonBody(body): JsonBody<WithdrawRequest>) -> ApiResult<Response> {
+    let started = Instant::now();
+    let request_id = body.request_id.trim();
+    if request_id.is_empty() || request_id.len() > 64 || request_id.len() != body.request_id.len() || !request_id.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(ApiError::InvalidRequest(
+            "request_id must be 1-64 printable characters without spaces".into(),
+        ));
+    }
+    let amount = Cents::positive(body.amount_cents, "amount_cents")?;
+    let (status, w) = withdraw(&app, user, request_id, amount).await?;
+    crate::metrics::withdraw_latency(started.elapsed().as_secs_f64());
+    Ok((status, Json(w)).into_response())
+}
+
+async fn find_by_id(app: &App, id: &str) -> ApiResult<Option<(usize, Withdrawal)>> {
+    for (i, pool) in app.db.shards().iter().enumerate() {
+        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM withdrawals WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(pool)
+            .await?;
+        if let Some(row) = row {
+            return Ok(Some((i, from_row(&row)?)));
+        }
+    }
+    Ok(None)
+}
+
+async fn show(State(app): State<AppState>, User(user): User, Path(id): Path<String>) -> ApiResult<Json<Withdrawal>> {
+    match find_by_id(&app, &id).await? {
+        Some((_, w)) if w.user_id == user.get() => Ok(Json(w)),
+        Some(_) => Err(ApiError::Forbidden("this withdrawal belongs to another user".into())),
+        None => Err(ApiError::NotFound(format!("no withdrawal `{id}`"))),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct PayoutResult {
+    status: String,
+}
+
+/// The payout channel's verdict. `paid` is final; `failed` gives the money back with a
+/// reversal entry. Repeating a verdict changes nothing; changing one is refused.
+pub async fn settle_payout(app: &App, id: &str, status: &str) -> ApiResult<Withdrawal> {
+    if status != "paid" && status != "failed" {
+        return Err(ApiError::InvalidRequest("status must be paid or failed".into()));
+    }
+    let (shard, _) = find_by_id(app, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no withdrawal `{id}`")))?;
+    let pool = app.db.shard(shard);
+    let mut tx = pool.begin().await?;
+    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM withdrawals WHERE id = ? FOR UPDATE"))
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+    let current = from_row(&row)?;
+    if current.status == status {
+        tx.rollback().await?;
+        return Ok(current);
+    }
+    if current.status != "submitted" {
+        tx.rollback().await?;
+        return Err(ApiError::IdempotencyConflict(format!(
+            "withdrawal `{id}` is already {}",
+            current.status
+        )));
+    }
+    let mut snapshot = None;
+    if status == "failed" {
+        let user = UserId::parse(current.user_id)?;
+        let mut accounts = lock_accounts(&mut tx, &[user.get()]).await?;
+        sqlx::query(
+            "UPDATE accounts SET balance_cents = balance_cents + ?, withdrawn_cents = withdrawn_cents - ?, version = version + 1 WHERE user_id = ?",
+        )
+        .bind(current.amount_cents)
+        .bind(current.amount_cents)
+        .bind(user.get())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO ledger_entries (user_id, out_trade_no, kind, amount_cents, at_ms) VALUES (?, ?, 'reversal', ?, ?)",
+        )
+        .bind(user.get())
+        .bind(format!("rv_{id}"))
+        .bind(current.amount_cents)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        if let Some(a) = accounts.get_mut(&user.get()) {
+            a.balance_cents += current.amount_cents;
+            a.withdrawn_cents -= current.amount_cents;
+            a.version += 1;
+            snapshot = Some(*a);
+        }
+    }
+    sqlx::query("UPDATE withdrawals SET status = ? WHERE id = ?")
+        .bind(status)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    if let Some(account) = snapshot {
+        if let Err(err) = app.marker.mark(&app.redis, &[], &[account]).await {
+            tracing::warn!(error = %err, "updating the account snapshot after a reversal failed");
+        }
+    }
+    Ok(Withdrawal {
+        status: status.to_string(),
+        ..current
+    })
+}
+
+async fn result(
+    State(app): State<AppState>,
+    _caller: Caller,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<PayoutResult>,
+) -> ApiResult<Json<Withdrawal>> {
+    Ok(Json(settle_payout(&app, &id, &body.status).await?))
+}
