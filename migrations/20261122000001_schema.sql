@@ -16,7 +16,7 @@ CREATE TABLE activities (
     CONSTRAINT activities_budget_positive CHECK (budget_cents > 0),
     CONSTRAINT activities_cap_positive CHECK (max_award_cents > 0),
     CONSTRAINT activities_window CHECK (ends_at > starts_at)
-) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_general_ci;
 
 CREATE TABLE scenes (
     activity_id        VARCHAR(32)  NOT NULL,
@@ -28,7 +28,7 @@ CREATE TABLE scenes (
     created_at         DATETIME(3)  NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
     PRIMARY KEY (activity_id, id),
     CONSTRAINT scenes_activity FOREIGN KEY (activity_id) REFERENCES activities (id)
-) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_general_ci;
 
 CREATE TABLE accounts (
     user_id             BIGINT      NOT NULL,
@@ -41,7 +41,7 @@ CREATE TABLE accounts (
     updated_at          DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3),
     PRIMARY KEY (user_id),
     CONSTRAINT accounts_balance_not_negative CHECK (balance_cents >= 0)
-) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_general_ci;
 
 -- One row per money movement. `out_trade_no` is unique: it is what makes booking idempotent.
 -- kind: award (+), withdraw (-), reversal (+, a failed payout given back).
@@ -61,12 +61,13 @@ CREATE TABLE ledger_entries (
     UNIQUE KEY ledger_out_trade_no (out_trade_no),
     KEY ledger_user_at (user_id, at_ms, out_trade_no),
     KEY ledger_activity_at (activity_id, at_ms)
-) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_general_ci;
 
 CREATE TABLE withdrawals (
     id                    VARCHAR(32) NOT NULL,
     user_id               BIGINT      NOT NULL,
-    request_id            VARCHAR(64) NOT NULL,
+    -- Client-chosen and case-sensitive: bytes, not text under a case-insensitive collation.
+    request_id            VARBINARY(64) NOT NULL,
     amount_cents          BIGINT      NOT NULL,
     status                VARCHAR(16) NOT NULL,
     forced_settled_count  INT         NOT NULL,
@@ -76,7 +77,7 @@ CREATE TABLE withdrawals (
     PRIMARY KEY (id),
     UNIQUE KEY withdrawals_user_request (user_id, request_id),
     CONSTRAINT withdrawals_amount_positive CHECK (amount_cents > 0)
-) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_general_ci;
 
 CREATE TABLE reconciliation_reports (
     id                 BIGINT      NOT NULL AUTO_INCREMENT,
@@ -98,7 +99,7 @@ CREATE TABLE reconciliation_reports (
     created_at         DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
     PRIMARY KEY (id),
     KEY reports_activity (activity_id, id)
-) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_general_ci;
 
 CREATE TABLE signing_keys (
     key_id      VARCHAR(64)   NOT NULL,
@@ -107,4 +108,4 @@ CREATE TABLE signing_keys (
     created_at  DATETIME(3)   NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
     retired_at  DATETIME(3)   NULL,
     PRIMARY KEY (key_id)
-) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_general_ci;

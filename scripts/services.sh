@@ -2,6 +2,7 @@
 # Makes Redis 7 and MariaDB 10.11 available on 127.0.0.1.
 #
 #   scripts/services.sh          # start (idempotent)
+#   scripts/services.sh start mysql|redis   # only one of them
 #   scripts/services.sh stop     # stop only the private instances this script started
 #   scripts/services.sh status
 #
@@ -134,8 +135,10 @@ SQL
 }
 
 stop_private() {
-  local pidfile
-  for pidfile in "$DATA/redis/redis.pid" "$DATA/mysql/mariadb.pid"; do
+  local pidfile files=()
+  [[ $1 == all || $1 == redis ]] && files+=("$DATA/redis/redis.pid")
+  [[ $1 == all || $1 == mysql ]] && files+=("$DATA/mysql/mariadb.pid")
+  for pidfile in "${files[@]}"; do
     if [[ -f $pidfile ]]; then
       local pid
       pid="$(cat "$pidfile")"
@@ -150,14 +153,15 @@ stop_private() {
 }
 
 mkdir -p "$DATA"
+WHICH="${2:-all}"
 case "${1:-start}" in
   start)
-    start_redis
-    start_mysql
+    [[ $WHICH == all || $WHICH == redis ]] && start_redis
+    [[ $WHICH == all || $WHICH == mysql ]] && start_mysql
     echo "RPW_REDIS__URL=redis://127.0.0.1:$REDIS_PORT"
     echo "RPW_MYSQL__URL=mysql://$MYSQL_USER:$MYSQL_PASSWORD@127.0.0.1:$MYSQL_PORT/$MYSQL_DB"
     ;;
-  stop) stop_private ;;
+  stop) stop_private "$WHICH" ;;
   status)
     redis_answers && log "redis answers on $REDIS_PORT" || log "redis down on $REDIS_PORT"
     mysql_answers && log "mariadb answers on $MYSQL_PORT" || log "mariadb down on $MYSQL_PORT"

@@ -81,7 +81,11 @@ impl App {
         app.load_scripts().await?;
         app.redis.ensure_groups().await?;
         app.switches.refresh(&app.redis).await?;
-        app.refresh_activities().await?;
+        // MySQL may be down at start: the instance still comes up (readiness says so)
+        // and the background refresh fills the cache once MySQL answers.
+        if let Err(err) = app.refresh_activities().await {
+            tracing::warn!(error = format!("{err:#}"), "activity cache not loaded at start; will retry");
+        }
         Ok(app)
     }
 

@@ -54,7 +54,7 @@ fn from_row(row: &sqlx::mysql::MySqlRow) -> Result<Withdrawal, sqlx::Error> {
     Ok(Withdrawal {
         withdrawal_id: row.try_get(0)?,
         user_id: row.try_get(1)?,
-        request_id: row.try_get(2)?,
+        request_id: String::from_utf8_lossy(&row.try_get::<Vec<u8>, _>(2)?).into_owned(),
         amount_cents: row.try_get(3)?,
         status: row.try_get(4)?,
         forced_settled_count: i64::from(row.try_get::<i32, _>(5)?),
@@ -70,7 +70,7 @@ async fn find_by_request<'e, E: sqlx::Executor<'e, Database = MySql>>(
 ) -> Result<Option<Withdrawal>, sqlx::Error> {
     sqlx::query(&format!("SELECT {COLUMNS} FROM withdrawals WHERE user_id = ? AND request_id = ?"))
         .bind(user.get())
-        .bind(request_id)
+        .bind(request_id.as_bytes())
         .fetch_optional(executor)
         .await?
         .as_ref()
@@ -163,7 +163,7 @@ pub async fn withdraw(app: &App, user: UserId, request_id: &str, amount: Cents) 
     )
     .bind(&id)
     .bind(user.get())
-    .bind(request_id)
+    .bind(request_id.as_bytes())
     .bind(amount.0)
     .bind(booked.newly_booked.len() as i32)
     .bind(account.balance_cents)

@@ -1,0 +1,215 @@
+use serde_json::json;
+
+use crate::helpers::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_endpoint_publishes_the_active_public_key() {
+    let t = spawn_app().await;
+    let (status, body) = t.get("/v1/keys", None).await;
+    assert_eq!(status, 200);
+    let keys = body["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0]["alg"], "Ed25519");
+    assert_eq!(keys[0]["active"], true);
+    assert_eq!(keys[0]["key_id"], t.app.keys.active_key_id().unwrap());
+    assert_eq!(keys[0]["public_key"].as_str().unwrap().len(), 43);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_and_metrics_answer() {
+    let t = spawn_app().await;
+    assert_eq!(t.get("/healthz", None).await.0, 200);
+    let (status, body) = t.get("/readyz", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["ready"], true);
+    let text = t.client.get(format!("{}/metrics", t.url)).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains("rpw_settle_backlog_entries"), "{text}");
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_operator_validation_rule_is_a_400_and_writes_nothing() {
+    let t = spawn_app().await;
+    let before = t.redis_snapshot().await;
+    let now = chrono::Utc::now();
+    let good = json!({
+        "id": "cny2027", "name": "rain", "stage": "live",
+        "starts_at": now.to_rfc3339(), "ends_at": (now + chrono::Duration::hours(1)).to_rfc3339(),
+        "budget_cents": 1000, "max_award_cents": 100
+    });
+    let mut cases = Vec::new();
+    for (field, value) in [
+        ("id", json!("")),
+        ("id", json!("UPPER")),
+        ("id", json!("has_underscore")),
+        ("id", json!("x".repeat(33))),
+        ("name", json!("")),
+        ("stage", json!("prod")),
+        ("ends_at", json!(now.to_rfc3339())),
+        ("ends_at", json!((now - chrono::Duration::hours(1)).to_rfc3339())),
+        ("starts_at", json!("not a time")),
+        ("budget_cents", json!(0)),
+        ("budget_cents", json!(-5)),
+        ("max_award_cents", json!(0)),
+        ("budget_cents", json!("100")),
+    ] {
+        let mut body = good.clone();
+        body[field] = value.clone();
+        cases.push((format!("{field}={value}"), body));
+    }
+    let mut missing = good.clone();
+    missing.as_object_mut().unwrap().remove("budget_cents");
+    cases.push(("missing budget".into(), missing));
+    for (what, body) in cases {
+        let (status, resp) = t.post("/v1/admin/activities", ADMIN, &body).await;
+        assert_eq!(status, 400, "{what}: {resp}");
+        assert_eq!(resp["error"]["code"], "invalid_request", "{what}");
+    }
+    let resp = t
+        .client
+        .post(format!("{}/v1/admin/activities", t.url))
+        .bearer_auth(ADMIN)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    assert_eq!(t.sql_i64("SELECT COUNT(*) FROM activities").await, 0);
+    assert_eq!(t.redis_snapshot().await, before, "refused creates touched Redis");
+
+    // Scenes and budgets validate too.
+    t.open_activity("cny2027", 1000, 100).await;
+    let after_create = t.redis_snapshot().await;
+    for body in [
+        json!({"id": "Bad Id", "name": "x", "award_type": "cash"}),
+        json!({"id": "ok", "name": "", "award_type": "cash"}),
+        json!({"id": "ok", "name": "x", "award_type": "cash_money"}),
+        json!({"id": "ok", "name": "x", "award_type": "cash", "admission_fraction": 1.5}),
+    ] {
+        let (status, resp) = t.post("/v1/admin/activities/cny2027/scenes", ADMIN, &body).await;
+        assert_eq!(status, 400, "{body}: {resp}");
+    }
+    for delta in [0, -10] {
+        let (status, _) = t.post("/v1/admin/activities/cny2027/budget", ADMIN, &json!({"delta_cents": delta})).await;
+        assert_eq!(status, 400);
+    }
+    let (status, _) = t.post("/v1/admin/activities/nope/budget", ADMIN, &json!({"delta_cents": 5})).await;
+    assert_eq!(status, 404);
+    assert_eq!(t.sql_i64("SELECT COUNT(*) FROM activities").await, 1);
+    assert_eq!(t.sql_i64("SELECT COUNT(*) FROM scenes").await, 1);
+    assert_eq!(t.sql_i64("SELECT CAST(budget_cents AS SIGNED) FROM activities").await, 1000);
+    assert_eq!(t.redis_snapshot().await, after_create);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_added_during_the_event_is_spread_and_shown() {
+    let t = spawn_app().await;
+    t.open_activity("cny2027", 1_000, 100).await;
+    let (status, body) = t.post("/v1/admin/activities/cny2027/budget", ADMIN, &json!({"delta_cents": 600})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["budget_cents"], 1_600);
+    assert_eq!(body["budget_remaining_cents"], 1_600);
+    let figures = t.app.budget.figures(&t.app.redis, "cny2027").await.unwrap();
+    assert_eq!(figures.funded_cents, 1_600);
+    assert_eq!(figures.min_sub_stock_cents, 100, "16 sub-stocks of 100 each");
+    let (status, again) = t.get("/v1/admin/activities/cny2027", Some(ADMIN)).await;
+    assert_eq!(status, 200);
+    assert_eq!(again["scenes"][0]["id"], "rain");
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_are_checked_per_route() {
+    let t = spawn_app().await;
+    // None.
+    assert_eq!(t.get("/v1/admin/activities/x", None).await.0, 401);
+    assert_eq!(t.get("/v1/wallet", None).await.0, 401);
+    let (status, body) = t.post("/v1/awards", "", &json!({})).await;
+    assert_eq!(status, 401);
+    assert_eq!(body["error"]["code"], "unauthorized");
+    // A user's JWT on operator and caller routes.
+    let jwt = t.jwt(42);
+    assert_eq!(t.get("/v1/admin/activities/x", Some(&jwt)).await.0, 401);
+    assert_eq!(t.post("/v1/awards", &jwt, &json!({})).await.0, 401);
+    // A caller key on an operator route, the admin key on a user route.
+    assert_eq!(t.get("/v1/admin/activities/x", Some(CALLER)).await.0, 401);
+    assert_eq!(t.get("/v1/wallet", Some(ADMIN)).await.0, 401);
+    // An expired JWT, a JWT signed with another secret, garbage.
+    let claims = redpacket_wallet::http::auth::Claims {
+        sub: "42".into(),
+        exp: (chrono::Utc::now().timestamp() - 10) as u64,
+    };
+    let expired = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap();
+    assert_eq!(t.get("/v1/wallet", Some(&expired)).await.0, 401);
+    let claims = redpacket_wallet::http::auth::Claims {
+        sub: "42".into(),
+        exp: (chrono::Utc::now().timestamp() + 600) as u64,
+    };
+    let forged = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(b"another-secret"),
+    )
+    .unwrap();
+    assert_eq!(t.get("/v1/wallet", Some(&forged)).await.0, 401);
+    assert_eq!(t.get("/v1/wallet", Some("not.a.jwt")).await.0, 401);
+    // The right credential works.
+    assert_eq!(t.get("/v1/wallet", Some(&jwt)).await.0, 200);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_reports_an_unreachable_mysql() {
+    // Nothing listens on port 1: every MySQL connection is refused.
+    let keys = temp_keys_dir();
+    let mut settings = test_settings("rpw", "tready", &keys, &[]);
+    settings.mysql.url = redpacket_wallet::config::Secret::new("mysql://rpw:rpw@127.0.0.1:1/rpw");
+    settings.mysql.acquire_timeout_ms = 500;
+    let app = redpacket_wallet::startup::App::build(settings, false).await.expect("starts without mysql");
+    let running = redpacket_wallet::startup::Running::start(
+        app,
+        redpacket_wallet::startup::RunOptions { http: true, worker: false, cron: false },
+    )
+    .await
+    .unwrap();
+    let resp = reqwest::get(format!("{}/readyz", running.url())).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["mysql"], "unreachable");
+    assert_eq!(body["redis"], "ok");
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_reports_a_redis_that_was_killed() {
+    let mut redis = PrivateRedis::start();
+    let db = create_database().await;
+    let keys = temp_keys_dir();
+    let mut settings = test_settings(&db, "tkill", &keys, &[]);
+    settings.redis.url = redpacket_wallet::config::Secret::new(redis.url());
+    settings.redis.command_timeout_ms = 500;
+    let app = redpacket_wallet::startup::App::build(settings, true).await.unwrap();
+    let running = redpacket_wallet::startup::Running::start(
+        app,
+        redpacket_wallet::startup::RunOptions { http: true, worker: false, cron: false },
+    )
+    .await
+    .unwrap();
+    let ready = reqwest::get(format!("{}/readyz", running.url())).await.unwrap();
+    assert_eq!(ready.status().as_u16(), 200);
+    redis.kill();
+    let resp = reqwest::get(format!("{}/readyz", running.url())).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["redis"], "unreachable");
+    assert_eq!(body["mysql"], "ok");
+    running.stop().await;
+}

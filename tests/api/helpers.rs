@@ -1,0 +1,343 @@
+//! `spawn_app()`: a fresh MySQL database, a fresh Redis key prefix, a fresh keys
+//! directory and a server on a port-0 listener, per test, so tests run in parallel
+//! against the real Redis and MariaDB that scripts/services.sh starts.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use redpacket_wallet::config::Settings;
+use redpacket_wallet::domain::UserId;
+use redpacket_wallet::settle::worker::{Outcome, Worker, WorkerOptions};
+use redpacket_wallet::startup::{App, RunOptions, Running};
+use serde_json::{json, Value};
+
+pub const ADMIN: &str = "test-admin-key-0001";
+pub const CALLER: &str = "test-caller-key-0001";
+pub const JWT_SECRET: &str = "test-jwt-secret-0001";
+
+pub fn redis_url() -> String {
+    std::env::var("RPW_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+pub fn mysql_base_url() -> String {
+    std::env::var("RPW_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://rpw:rpw@127.0.0.1:3306/rpw".into())
+}
+
+/// The server URL with the database name replaced.
+pub fn mysql_url_for(db: &str) -> String {
+    let base = mysql_base_url();
+    let cut = base.rfind('/').expect("mysql url has a path");
+    format!("{}/{}", &base[..cut], db)
+}
+
+pub struct TestApp {
+    pub running: Option<Running>,
+    pub app: Arc<App>,
+    pub url: String,
+    pub client: reqwest::Client,
+    pub db_name: String,
+    pub keys_dir: PathBuf,
+    pub prefix: String,
+}
+
+pub struct Options {
+    pub env: Vec<(String, String)>,
+    pub worker: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            env: Vec::new(),
+            worker: false,
+        }
+    }
+}
+
+pub async fn create_database() -> String {
+    let name = format!("rpw_t_{:016x}", rand::random::<u64>());
+    let pool = sqlx::MySqlPool::connect(&mysql_base_url()).await.expect("connect to mysql (run scripts/services.sh)");
+    sqlx::query(&format!("CREATE DATABASE `{name}`")).execute(&pool).await.unwrap();
+    pool.close().await;
+    name
+}
+
+pub fn test_settings(db_name: &str, prefix: &str, keys_dir: &std::path::Path, extra: &[(String, String)]) -> Settings {
+    let mut env: Vec<(String, String)> = vec![
+        ("RPW_HTTP__ADDR", "127.0.0.1:0".to_string()),
+        ("RPW_HTTP__SHUTDOWN_TIMEOUT_MS", "2000".to_string()),
+        ("RPW_REDIS__URL", redis_url()),
+        ("RPW_REDIS__KEY_PREFIX", prefix.to_string()),
+        ("RPW_REDIS__PARTITIONS", "4".to_string()),
+        ("RPW_REDIS__CONNECTIONS", "2".to_string()),
+        ("RPW_MYSQL__URL", mysql_url_for(db_name)),
+        ("RPW_MYSQL__MAX_CONNECTIONS", "16".to_string()),
+        ("RPW_AUTH__ADMIN_KEY", ADMIN.to_string()),
+        ("RPW_AUTH__CALLER_KEYS", format!("upstream:{CALLER}")),
+        ("RPW_AUTH__JWT_SECRET", JWT_SECRET.to_string()),
+        ("RPW_KEYS__DIR", keys_dir.display().to_string()),
+        ("RPW_SETTLE__MAX_TPS", "0".to_string()),
+        ("RPW_SETTLE__CLAIM_IDLE_MS", "60000".to_string()),
+        ("RPW_ISSUE__CACHE_REFRESH_MS", "200".to_string()),
+        ("RPW_ISSUE__STATS_FLUSH_MS", "200".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    env.extend(extra.iter().cloned());
+    Settings::load_with(None, env).expect("test settings")
+}
+
+pub fn temp_keys_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("rpw-test-keys-{:016x}", rand::random::<u64>()));
+    redpacket_wallet::keys::generate(&dir).unwrap();
+    dir
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(Options::default()).await
+}
+
+static TRACING: std::sync::Once = std::sync::Once::new();
+
+/// Logs go to the test output when RUST_LOG is set.
+pub fn init_tracing() {
+    TRACING.call_once(|| {
+        if let Ok(filter) = std::env::var("RUST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
+pub async fn spawn_app_with(options: Options) -> TestApp {
+    init_tracing();
+    let db_name = create_database().await;
+    let prefix = format!("t{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
+    let keys_dir = temp_keys_dir();
+    let settings = test_settings(&db_name, &prefix, &keys_dir, &options.env);
+    let app = App::build(settings, true).await.expect("app builds");
+    let running = Running::start(
+        app.clone(),
+        RunOptions {
+            http: true,
+            worker: options.worker,
+            cron: false,
+        },
+    )
+    .await
+    .expect("app starts");
+    let url = running.url();
+    TestApp {
+        running: Some(running),
+        app,
+        url,
+        client: reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap(),
+        db_name,
+        keys_dir,
+        prefix,
+    }
+}
+
+impl TestApp {
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop().await;
+        }
+    }
+
+    pub fn jwt(&self, user: i64) -> String {
+        self.app.auth.issue_user_jwt(UserId::parse(user).unwrap(), 3600).unwrap()
+    }
+
+    pub async fn post(&self, path: &str, bearer: &str, body: &Value) -> (u16, Value) {
+        let resp = self
+            .client
+            .post(format!("{}{}", self.url, path))
+            .bearer_auth(bearer)
+            .json(body)
+            .send()
+            .await
+            .expect("request sent");
+        let status = resp.status().as_u16();
+        let body = resp.json::<Value>().await.unwrap_or(Value::Null);
+        (status, body)
+    }
+
+    pub async fn put(&self, path: &str, bearer: &str, body: &Value) -> (u16, Value) {
+        let resp = self
+            .client
+            .put(format!("{}{}", self.url, path))
+            .bearer_auth(bearer)
+            .json(body)
+            .send()
+            .await
+            .expect("request sent");
+        let status = resp.status().as_u16();
+        (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str, bearer: Option<&str>) -> (u16, Value) {
+        let mut req = self.client.get(format!("{}{}", self.url, path));
+        if let Some(b) = bearer {
+            req = req.bearer_auth(b);
+        }
+        let resp = req.send().await.expect("request sent");
+        let status = resp.status().as_u16();
+        (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+    }
+
+    /// Creates an open activity (started a minute ago, ends in an hour) with one scene
+    /// `rain` awarding `cash`.
+    pub async fn open_activity(&self, id: &str, budget_cents: i64, max_award_cents: i64) {
+        self.activity_with_window(id, "live", budget_cents, max_award_cents, -60, 3600).await;
+        self.scene(id, "rain", "cash").await;
+    }
+
+    pub async fn activity_with_window(&self, id: &str, stage: &str, budget: i64, cap: i64, start_offset_s: i64, end_offset_s: i64) {
+        let now = chrono::Utc::now();
+        let (status, body) = self
+            .post(
+                "/v1/admin/activities",
+                ADMIN,
+                &json!({
+                    "id": id, "name": "New Year rain", "stage": stage,
+                    "starts_at": (now + chrono::Duration::seconds(start_offset_s)).to_rfc3339(),
+                    "ends_at": (now + chrono::Duration::seconds(end_offset_s)).to_rfc3339(),
+                    "budget_cents": budget, "max_award_cents": cap
+                }),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+
+    pub async fn scene(&self, activity: &str, scene: &str, award_type: &str) {
+        let (status, body) = self
+            .post(
+                &format!("/v1/admin/activities/{activity}/scenes"),
+                ADMIN,
+                &json!({"id": scene, "name": "Cash rain", "award_type": award_type}),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+
+    pub async fn award(&self, user: i64, activity: &str, rain: i64, amount: i64) -> (u16, Value) {
+        self.post(
+            "/v1/awards",
+            CALLER,
+            &json!({"user_id": user, "app_id": 1, "activity_id": activity, "scene_id": "rain",
+                    "rain_id": rain, "award_type": "cash", "amount_cents": amount}),
+        )
+        .await
+    }
+
+    pub async fn wallet(&self, user: i64) -> Value {
+        let (status, body) = self.get("/v1/wallet", Some(&self.jwt(user))).await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    pub fn worker(&self, consumer: &str) -> Worker {
+        Worker::new(
+            self.app.clone(),
+            WorkerOptions {
+                consumer: consumer.to_string(),
+                batch_size: 200,
+                claim_idle: std::time::Duration::from_millis(60_000),
+                stop_after_commit: false,
+            },
+            None,
+        )
+    }
+
+    /// Books everything pending with a fresh worker, until every partition is empty.
+    pub async fn drain(&self) -> usize {
+        let mut worker = self.worker("drain");
+        let mut booked = 0;
+        for p in 0..self.app.redis.partitions() {
+            loop {
+                match worker.try_execute_batch(p).await.expect("batch") {
+                    Outcome::Booked { newly_booked, .. } => booked += newly_booked,
+                    _ => break,
+                }
+            }
+        }
+        booked
+    }
+
+    /// Every Redis key under this test's prefix, with a dump of its value.
+    pub async fn redis_snapshot(&self) -> Vec<(String, Vec<u8>)> {
+        let mut conn = self.app.redis.conn();
+        let mut keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}*", self.prefix))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        keys.sort();
+        let mut out = Vec::new();
+        for k in keys {
+            let dump: Option<Vec<u8>> = redis::cmd("DUMP").arg(&k).query_async(&mut conn).await.unwrap();
+            out.push((k, dump.unwrap_or_default()));
+        }
+        out
+    }
+
+    pub async fn sql_i64(&self, sql: &str) -> i64 {
+        let row: (i64,) = sqlx::query_as(sql).fetch_one(self.app.db.main()).await.unwrap();
+        row.0
+    }
+}
+
+/// A Redis server owned by one test, so the test can kill it for real.
+pub struct PrivateRedis {
+    child: Option<std::process::Child>,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl PrivateRedis {
+    pub fn start() -> Self {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("rpw-redis-{port}-{:08x}", rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed by scripts/services.sh");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Self { child: Some(child), port, dir }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

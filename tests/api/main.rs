@@ -1,0 +1,9 @@
+//! Integration tests against the real Redis and MariaDB started by scripts/services.sh.
+
+mod helpers;
+
+mod foundation;
+mod issuance;
+mod operations;
+mod settlement;
+mod wallet;
