@@ -1,1 +1,360 @@
+use std::collections::HashSet;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine;
+use futures::future::join_all;
+use prost::Message;
+use redpacket_wallet::pb;
+use serde_json::{json, Value};
+
 use crate::helpers::*;
+
+fn award_body(user: i64, rain: i64, amount: i64) -> Value {
+    json!({"user_id": user, "app_id": 1, "activity_id": "cny2027", "scene_id": "rain",
+           "rain_id": rain, "award_type": "cash", "amount_cents": amount})
+}
+
+async fn budget_sub_stocks(t: &TestApp, activity: &str) -> Vec<i64> {
+    let mut conn = t.app.redis.conn();
+    let mut out = Vec::new();
+    for i in 0..t.app.settings.issue.sub_stocks {
+        let v: Option<i64> = redis::cmd("HGET")
+            .arg(t.app.redis.sub_stock_key(activity, i))
+            .arg("avail")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        out.push(v.unwrap_or(0));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_identical_awards_mint_one_token() {
+    let t = spawn_app().await;
+    t.open_activity("cny2027", 100_000, 500).await;
+    let responses = join_all((0..200).map(|_| {
+        let body = award_body(42, 7, 88);
+        let t = &t;
+        async move { t.post("/v1/awards", CALLER, &body).await }
+    })).await;
+    let mut tokens = HashSet::new();
+    let mut created = 0;
+    for (status, body) in &responses {
+        assert!(*status == 201 || *status == 200, "{status} {body}");
+        if *status == 201 {
+            created += 1;
+            assert_eq!(body["replayed"], false);
+        } else {
+            assert_eq!(body["replayed"], true);
+        }
+        assert_eq!(body["out_trade_no"], "42_rain_7_cash_live");
+        tokens.insert(body["token"].as_str().unwrap().to_string());
+    }
+    assert_eq!(created, 1, "exactly one request minted");
+    assert_eq!(tokens.len(), 1, "every response carries the same token bytes");
+    let figures = t.app.budget.figures(&t.app.redis, "cny2027").await.unwrap();
+    assert_eq!(figures.taken_cents, 88, "budget taken once");
+    let issued = redpacket_wallet::reconcile::issued_totals(&t.app.redis, "cny2027").await.unwrap();
+    assert_eq!((issued.count, issued.cents), (1, 88));
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_awards_against_a_budget_of_137_never_over_issue() {
+    let t = spawn_app().await;
+    t.open_activity("cny2027", 137, 10).await;
+    let responses = join_all((0..500).map(|u| {
+        let body = award_body(1_000 + u, 1, 1);
+        let t = &t;
+        async move { t.post("/v1/awards", CALLER, &body).await }
+    })).await;
+    let ok = responses.iter().filter(|(s, _)| *s == 201).count();
+    let exhausted = responses
+        .iter()
+        .filter(|(s, b)| *s == 409 && b["error"]["code"] == "budget_exhausted")
+        .count();
+    assert_eq!(ok, 137);
+    assert_eq!(exhausted, 500 - 137);
+    let stocks = budget_sub_stocks(&t, "cny2027").await;
+    assert!(stocks.iter().all(|s| *s == 0), "no sub-stock negative, none left: {stocks:?}");
+    let (status, view) = t.get("/v1/admin/activities/cny2027", Some(ADMIN)).await;
+    assert_eq!(status, 200);
+    assert_eq!(view["budget_remaining_cents"], 0);
+    assert_eq!(view["issued_cents"], 137);
+    assert_eq!(view["issued_count"], 137);
+    assert_eq!(view["pending_cents"], 137);
+
+    // A replay after the budget ran out still returns its token.
+    let first = responses.iter().position(|(s, _)| *s == 201).unwrap();
+    let (status, replay) = t.post("/v1/awards", CALLER, &award_body(1_000 + first as i64, 1, 1)).await;
+    assert_eq!(status, 200, "{replay}");
+    assert_eq!(replay["replayed"], true);
+    assert_eq!(replay["token"], responses[first].1["token"]);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_cents_spread_thin_still_cover_an_award() {
+    let t = spawn_app().await;
+    // 16 sub-stocks of 1 cent each: no single one covers 10.
+    t.open_activity("cny2027", 16, 100).await;
+    let (status, body) = t.post("/v1/awards", CALLER, &award_body(7, 1, 10)).await;
+    assert_eq!(status, 201, "{body}");
+    // 6 cents remain; 7 cannot be had, and the partial takes go back.
+    let (status, body) = t.post("/v1/awards", CALLER, &award_body(8, 1, 7)).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "budget_exhausted");
+    let stocks = budget_sub_stocks(&t, "cny2027").await;
+    assert_eq!(stocks.iter().sum::<i64>(), 6, "{stocks:?}");
+    assert!(stocks.iter().all(|s| *s >= 0));
+    let (status, _) = t.post("/v1/awards", CALLER, &award_body(8, 1, 6)).await;
+    assert_eq!(status, 201);
+    assert_eq!(budget_sub_stocks(&t, "cny2027").await.iter().sum::<i64>(), 0);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn added_budget_reopens_an_exhausted_activity() {
+    let t = spawn_app().await;
+    t.open_activity("cny2027", 16, 16).await;
+    assert_eq!(t.post("/v1/awards", CALLER, &award_body(1, 1, 16)).await.0, 201);
+    assert_eq!(t.post("/v1/awards", CALLER, &award_body(2, 1, 1)).await.0, 409);
+    let (status, _) = t.post("/v1/admin/activities/cny2027/budget", ADMIN, &json!({"delta_cents": 32})).await;
+    assert_eq!(status, 200);
+    assert_eq!(t.post("/v1/awards", CALLER, &award_body(2, 1, 1)).await.0, 201);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_out_trade_no_with_other_fields_is_a_conflict() {
+    let t = spawn_app().await;
+    t.open_activity("cny2027", 10_000, 500).await;
+    assert_eq!(t.post("/v1/awards", CALLER, &award_body(42, 7, 88)).await.0, 201);
+    let before = t.redis_snapshot().await;
+    let (status, body) = t.post("/v1/awards", CALLER, &award_body(42, 7, 89)).await;
+    assert_eq!(status, 409);
+    assert_eq!(body["error"]["code"], "idempotency_conflict");
+    let mut other_app = award_body(42, 7, 88);
+    other_app["app_id"] = json!(2);
+    assert_eq!(t.post("/v1/awards", CALLER, &other_app).await.0, 409);
+    assert_eq!(t.redis_snapshot().await, before);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_awards_get_their_code_and_change_nothing() {
+    let t = spawn_app().await;
+    t.open_activity("cny2027", 10_000, 500).await;
+    t.activity_with_window("later", "live", 1_000, 100, 3_600, 7_200).await;
+    t.scene("later", "rain", "cash").await;
+    t.activity_with_window("over", "live", 1_000, 100, -7_200, -3_600).await;
+    t.scene("over", "rain", "cash").await;
+    // Let the cache and the stats flush settle, then freeze the picture of Redis.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let before = t.redis_snapshot().await;
+    let with = |f: &dyn Fn(&mut Value)| {
+        let mut b = award_body(42, 7, 88);
+        f(&mut b);
+        b
+    };
+    let cases: Vec<(&str, Value, u16, &str)> = vec![
+        ("zero amount", with(&|b| b["amount_cents"] = json!(0)), 400, "invalid_request"),
+        ("negative amount", with(&|b| b["amount_cents"] = json!(-1)), 400, "invalid_request"),
+        ("over cap", with(&|b| b["amount_cents"] = json!(501)), 422, "amount_over_cap"),
+        ("user 0", with(&|b| b["user_id"] = json!(0)), 400, "invalid_request"),
+        ("unknown activity", with(&|b| b["activity_id"] = json!("nope")), 404, "not_found"),
+        ("unknown scene", with(&|b| b["scene_id"] = json!("cards")), 404, "not_found"),
+        ("before start", with(&|b| b["activity_id"] = json!("later")), 422, "activity_closed"),
+        ("after end", with(&|b| b["activity_id"] = json!("over")), 422, "activity_closed"),
+        ("wrong stage", with(&|b| b["stage"] = json!("gray")), 422, "activity_closed"),
+        ("unknown stage", with(&|b| b["stage"] = json!("prod")), 400, "invalid_request"),
+        ("wrong award type", with(&|b| b["award_type"] = json!("card")), 400, "invalid_request"),
+        ("missing field", json!({"user_id": 42}), 400, "invalid_request"),
+    ];
+    for (what, body, status, code) in cases {
+        let (s, b) = t.post("/v1/awards", CALLER, &body).await;
+        assert_eq!(s, status, "{what}: {b}");
+        assert_eq!(b["error"]["code"], code, "{what}");
+    }
+    for (content_type, raw) in [
+        ("application/json", b"{\"user_id\": 4".to_vec()),
+        ("application/x-protobuf", vec![0xff, 0xff, 0xff, 0x01]),
+    ] {
+        for path in ["/v1/awards", "/v1/awards:batch"] {
+            let resp = t
+                .client
+                .post(format!("{}{path}", t.url))
+                .bearer_auth(CALLER)
+                .header("content-type", content_type)
+                .body(raw.clone())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status().as_u16(), 400, "{path} {content_type}");
+            let b: Value = resp.json().await.unwrap();
+            assert_eq!(b["error"]["code"], "invalid_request");
+        }
+    }
+    let too_many: Vec<Value> = (0..1001).map(|u| award_body(u + 1, 1, 1)).collect();
+    let (s, b) = t.post("/v1/awards:batch", CALLER, &json!({"awards": too_many})).await;
+    assert_eq!(s, 400, "{b}");
+    assert_eq!(b["error"]["code"], "invalid_request");
+    let (s, _) = t.post("/v1/awards:batch", CALLER, &json!({"awards": []})).await;
+    assert_eq!(s, 400);
+    assert_eq!(t.redis_snapshot().await, before, "refused awards changed Redis");
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_verifies_offline_with_the_published_key() {
+    let t = spawn_app().await;
+    t.open_activity("cny2027", 10_000, 500).await;
+    let (status, body) = t.post("/v1/awards", CALLER, &award_body(42, 7, 88)).await;
+    assert_eq!(status, 201);
+    let bytes = B64.decode(body["token"].as_str().unwrap()).unwrap();
+    let signed = pb::SignedToken::decode(bytes.as_slice()).unwrap();
+    let (_, keys) = t.get("/v1/keys", None).await;
+    let key = keys["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["key_id"] == signed.key_id.as_str())
+        .expect("the signing key is published");
+    let public = B64.decode(key["public_key"].as_str().unwrap()).unwrap();
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &public)
+        .verify(&signed.payload, &signed.signature)
+        .expect("signature verifies offline");
+    let token = pb::RedPacketToken::decode(signed.payload.as_slice()).unwrap();
+    assert_eq!(token.user_id, 42);
+    assert_eq!(token.amount_cents, 88);
+    assert_eq!(token.out_trade_no, "42_rain_7_cash_live");
+    assert_eq!(token.stage, pb::Stage::Live as i32);
+    assert_eq!(token.status, pb::TokenStatus::Pending as i32);
+    let mut tampered = signed.payload.clone();
+    tampered[0] ^= 1;
+    assert!(ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &public)
+        .verify(&tampered, &signed.signature)
+        .is_err());
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protobuf_round_trips_for_single_and_batch() {
+    let t = spawn_app().await;
+    t.open_activity("cny2027", 10_000, 500).await;
+    let request = pb::AwardRequest {
+        user_id: 42,
+        app_id: 1,
+        activity_id: "cny2027".into(),
+        scene_id: "rain".into(),
+        rain_id: 3,
+        award_type: "cash".into(),
+        amount_cents: 66,
+        ..Default::default()
+    };
+    let send = |path: &'static str, body: Vec<u8>| {
+        t.client
+            .post(format!("{}{path}", t.url))
+            .bearer_auth(CALLER)
+            .header("content-type", "application/x-protobuf")
+            .header("accept", "application/x-protobuf")
+            .body(body)
+            .send()
+    };
+    let resp = send("/v1/awards", request.encode_to_vec()).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    assert_eq!(resp.headers()["content-type"], "application/x-protobuf");
+    let single = pb::AwardResponse::decode(resp.bytes().await.unwrap()).unwrap();
+    assert_eq!(single.out_trade_no, "42_rain_3_cash_live");
+    assert!(!single.replayed);
+    t.app.keys.verify(
+        &pb::SignedToken::decode(single.token.as_slice()).unwrap().key_id,
+        &pb::SignedToken::decode(single.token.as_slice()).unwrap().payload,
+        &pb::SignedToken::decode(single.token.as_slice()).unwrap().signature,
+    )
+    .unwrap();
+
+    let mut bad = request.clone();
+    bad.amount_cents = 0;
+    let mut fresh = request.clone();
+    fresh.rain_id = 4;
+    let batch = pb::AwardBatchRequest {
+        awards: vec![request.clone(), bad, fresh],
+    };
+    let resp = send("/v1/awards:batch", batch.encode_to_vec()).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let results = pb::AwardBatchResponse::decode(resp.bytes().await.unwrap()).unwrap().results;
+    assert_eq!(results.len(), 3);
+    match &results[0].result {
+        Some(pb::award_result::Result::Ok(r)) => {
+            assert!(r.replayed);
+            assert_eq!(r.token, single.token, "a replay is byte-identical");
+        }
+        other => panic!("{other:?}"),
+    }
+    match &results[1].result {
+        Some(pb::award_result::Result::Error(e)) => assert_eq!(e.code, "invalid_request"),
+        other => panic!("{other:?}"),
+    }
+    match &results[2].result {
+        Some(pb::award_result::Result::Ok(r)) => {
+            assert!(!r.replayed);
+            assert_eq!(r.out_trade_no, "42_rain_4_cash_live");
+        }
+        other => panic!("{other:?}"),
+    }
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_answers_in_order_and_one_bad_item_fails_alone() {
+    let t = spawn_app().await;
+    t.open_activity("cny2027", 1_000, 100).await;
+    let mut awards: Vec<Value> = (0..300).map(|u| award_body(u + 1, 9, 2)).collect();
+    awards[5]["amount_cents"] = json!(1_000);
+    awards[6]["activity_id"] = json!("nope");
+    awards.push(award_body(1, 9, 2)); // the same award as item 0, inside the batch
+    let (status, body) = t.post("/v1/awards:batch", CALLER, &json!({"awards": awards})).await;
+    assert_eq!(status, 200, "{body}");
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results.len(), 301);
+    for (i, r) in results.iter().enumerate().take(300) {
+        match i {
+            5 => assert_eq!(r["error"]["code"], "amount_over_cap"),
+            6 => assert_eq!(r["error"]["code"], "not_found"),
+            _ => {
+                assert_eq!(r["out_trade_no"], format!("{}_rain_9_cash_live", i + 1), "{r}");
+                assert_eq!(r["replayed"], false);
+            }
+        }
+    }
+    assert_eq!(results[300]["replayed"], true);
+    assert_eq!(results[300]["token"], results[0]["token"]);
+    let figures = t.app.budget.figures(&t.app.redis, "cny2027").await.unwrap();
+    assert_eq!(figures.taken_cents, 298 * 2);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stats_counter_catches_up_within_a_second_or_so() {
+    let t = spawn_app().await;
+    t.open_activity("cny2027", 10_000, 500).await;
+    for u in 1..=5 {
+        assert_eq!(t.post("/v1/awards", CALLER, &award_body(u, 1, 10)).await.0, 201);
+    }
+    let mut seen = json!(null);
+    for _ in 0..30 {
+        let (status, body) = t.get("/v1/activities/cny2027/stats", None).await;
+        assert_eq!(status, 200);
+        seen = body;
+        if seen["issued_count"] == 5 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen["issued_count"], 5, "{seen}");
+    assert_eq!(seen["issued_cents"], 50);
+    assert_eq!(t.get("/v1/activities/nope/stats", None).await.0, 404);
+    t.stop().await;
+}
