@@ -113,6 +113,7 @@ impl From<crate::domain::Invalid> for ApiError {
 impl From<sqlx::Error> for ApiError {
     fn from(err: sqlx::Error) -> Self {
         crate::metrics::dependency_error("mysql");
+        tracing::warn!(error = %err, "mysql error");
         ApiError::Unavailable(format!("database unavailable: {}", short_kind(&err)))
     }
 }

@@ -113,14 +113,50 @@ pub async fn withdraw(app: &App, user: UserId, request_id: &str, amount: Cents) 
         return check_same(existing, amount.0);
     }
     let pending = pending_entries(app, user).await?;
+    // Concurrent first bookings of one user can deadlock in InnoDB (creating the account
+    // row); such a transaction rolled back whole, so it is retried, a bounded number of times.
+    let mut attempt = 0;
+    let (status, created, account) = loop {
+        attempt += 1;
+        match withdraw_tx(pool, user, request_id, amount, &pending).await {
+            Ok(Ok((status, created, Some(account)))) => break (status, created, account),
+            Ok(Ok((status, existing, None))) => return Ok((status, existing)),
+            Ok(Err(err)) => return Err(err),
+            Err(err) if attempt < MAX_TX_ATTEMPTS && crate::settle::is_retryable(&err) => {
+                let jitter = rand::random::<u64>() % 10;
+                tokio::time::sleep(std::time::Duration::from_millis((5 << attempt) + jitter)).await;
+            }
+            Err(err) => return Err(err.into()),
+        }
+    };
+    // Redis catches up after the commit. If this fails the worker marks the tokens when
+    // it reaches their stream entries; nothing is credited twice either way.
+    if let Err(err) = app.marker.mark(&app.redis, &pending, &[account]).await {
+        tracing::warn!(error = %err, user = user.get(), "marking force-settled tokens failed; the worker will");
+    }
+    Ok((status, created))
+}
+
+const MAX_TX_ATTEMPTS: u32 = 6;
+
+/// One attempt at the withdrawal transaction. Business outcomes are `Ok(..)`; the outer
+/// `Err` is a database error (the transaction rolled back). On success the account as
+/// committed comes back, for the Redis snapshot.
+async fn withdraw_tx(
+    pool: &sqlx::MySqlPool,
+    user: UserId,
+    request_id: &str,
+    amount: Cents,
+    pending: &[AwardEntry],
+) -> Result<ApiResult<(StatusCode, Withdrawal, Option<Account>)>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let mut locked = lock_accounts(&mut tx, &[user.get()]).await?;
     // Re-checked under the account lock: a concurrent twin has committed by now.
     if let Some(existing) = find_by_request(&mut *tx, user, request_id).await? {
         tx.rollback().await?;
-        return check_same(existing, amount.0);
+        return Ok(check_same(existing, amount.0).map(|(s, w)| (s, w, None)));
     }
-    let booked = book_in_tx(&mut tx, &pending).await?;
+    let booked = book_in_tx(&mut tx, pending).await?;
     // With pending tokens the booking returns the account as credited; without, the
     // row as locked above is current.
     let mut account: Account = booked
@@ -129,11 +165,11 @@ pub async fn withdraw(app: &App, user: UserId, request_id: &str, amount: Cents) 
         .find(|a| a.user_id == user.get())
         .copied()
         .or_else(|| locked.remove(&user.get()))
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("locked account row missing")))?;
+        .ok_or(sqlx::Error::RowNotFound)?;
     if account.balance_cents < amount.0 {
         // Dropping the transaction rolls back the forced booking too: an error changes nothing.
         tx.rollback().await?;
-        return Err(ApiError::InsufficientBalance);
+        return Ok(Err(ApiError::InsufficientBalance));
     }
     let id = new_withdrawal_id();
     let at = now_ms();
@@ -170,16 +206,10 @@ pub async fn withdraw(app: &App, user: UserId, request_id: &str, amount: Cents) 
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    // Redis catches up after the commit. If this fails the worker marks the tokens when
-    // it reaches their stream entries; nothing is credited twice either way.
-    if let Err(err) = app.marker.mark(&app.redis, &pending, &[account]).await {
-        tracing::warn!(error = %err, user = user.get(), "marking force-settled tokens failed; the worker will");
-    }
-    let created = find_by_request(pool, user, request_id)
-        .await?
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("withdrawal vanished after commit")))?;
-    Ok((StatusCode::CREATED, created))
+    let created = find_by_request(pool, user, request_id).await?.ok_or(sqlx::Error::RowNotFound)?;
+    Ok(Ok((StatusCode::CREATED, created, Some(account))))
 }
+
 
 async fn create(State(app): State<AppState>, User(user): User, JsonBody(body): JsonBody<WithdrawRequest>) -> ApiResult<Response> {
     let started = Instant::now();

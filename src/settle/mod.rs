@@ -56,6 +56,13 @@ impl Booked {
     }
 }
 
+/// Deadlocks and lock-wait timeouts roll the whole transaction back; it may be retried.
+pub fn is_retryable(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .and_then(|e| e.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
+        .is_some_and(|e| matches!(e.number(), 1213 | 1205))
+}
+
 /// Creates (if needed) and locks the account rows of `users`, in user id order.
 pub async fn lock_accounts(
     tx: &mut Transaction<'_, MySql>,
@@ -65,10 +72,14 @@ pub async fn lock_accounts(
     if users.is_empty() {
         return Ok(accounts);
     }
-    let mut insert = QueryBuilder::<MySql>::new("INSERT IGNORE INTO accounts (user_id) ");
+    // ON DUPLICATE KEY UPDATE takes an exclusive lock on an existing row, where INSERT
+    // IGNORE would take a shared one that the FOR UPDATE below must then upgrade: two
+    // bookers of one user holding shared locks would deadlock on that upgrade.
+    let mut insert = QueryBuilder::<MySql>::new("INSERT INTO accounts (user_id) ");
     insert.push_values(users, |mut b, u| {
         b.push_bind(*u);
     });
+    insert.push(" ON DUPLICATE KEY UPDATE user_id = user_id");
     insert.build().execute(&mut **tx).await?;
     let mut select = QueryBuilder::<MySql>::new(
         "SELECT user_id, balance_cents, total_income_cents, withdrawn_cents, version FROM accounts WHERE user_id IN (",

@@ -341,3 +341,52 @@ impl Drop for PrivateRedis {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A MariaDB instance owned by one test (started by scripts/services.sh on its own port
+/// and data directory), so the test can stop it for real and start it again.
+pub struct PrivateMariadb {
+    pub port: u16,
+    data_dir: PathBuf,
+}
+
+impl PrivateMariadb {
+    fn services(&self, action: &str) {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/services.sh");
+        let out = std::process::Command::new("bash")
+            .arg(script)
+            .arg(action)
+            .arg("mysql")
+            .env("RPW_MYSQL_PORT", self.port.to_string())
+            .env("RPW_DATA_DIR", &self.data_dir)
+            .output()
+            .expect("run scripts/services.sh");
+        assert!(out.status.success(), "services.sh {action} mysql failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    pub fn start() -> Self {
+        let port = free_port();
+        let data_dir = std::env::temp_dir().join(format!("rpw-mariadb-{port}-{:08x}", rand::random::<u32>()));
+        let db = Self { port, data_dir };
+        db.services("start");
+        db
+    }
+
+    pub fn url(&self) -> String {
+        format!("mysql://rpw:rpw@127.0.0.1:{}/rpw", self.port)
+    }
+
+    pub fn stop(&self) {
+        self.services("stop");
+    }
+
+    pub fn restart(&self) {
+        self.services("start");
+    }
+}
+
+impl Drop for PrivateMariadb {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
