@@ -113,7 +113,7 @@ impl Wire for WalletView {
 pub async fn wallet_view(app: &App, user: UserId) -> ApiResult<WalletView> {
     let candidates = pending_candidates(app, user).await?;
     let mut q = QueryBuilder::<MySql>::new(
-        "SELECT 0, balance_cents, total_income_cents, withdrawn_cents, CAST('' AS CHAR(160)) FROM accounts WHERE user_id = ",
+        "SELECT 0, balance_cents, total_income_cents, withdrawn_cents, NULL FROM accounts WHERE user_id = ",
     );
     q.push_bind(user.get());
     if !candidates.is_empty() {

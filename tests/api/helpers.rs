@@ -40,18 +40,12 @@ pub struct TestApp {
     pub prefix: String,
 }
 
+#[derive(Default)]
 pub struct Options {
     pub env: Vec<(String, String)>,
     pub worker: bool,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Self {
-            env: Vec::new(),
-            worker: false,
-        }
-    }
+    /// A prepared keys directory; a fresh one with one key when `None`.
+    pub keys_dir: Option<PathBuf>,
 }
 
 pub async fn create_database() -> String {
@@ -116,7 +110,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
     init_tracing();
     let db_name = create_database().await;
     let prefix = format!("t{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
-    let keys_dir = temp_keys_dir();
+    let keys_dir = options.keys_dir.clone().unwrap_or_else(temp_keys_dir);
     let settings = test_settings(&db_name, &prefix, &keys_dir, &options.env);
     let app = App::build(settings, true).await.expect("app builds");
     let running = Running::start(
