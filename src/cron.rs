@@ -153,6 +153,26 @@ fn tick_now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
+/// A cron job that runs `work` under [`run_guarded`], so one instance runs each tick.
+pub fn guarded_job<F, Fut>(app: Arc<App>, name: &'static str, schedule: &str, work: F) -> anyhow::Result<Job>
+where
+    F: Fn(Arc<App>) -> Fut + Send + Sync + Clone + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    Job::new_async(schedule, move |_id, _lock| {
+        let app = app.clone();
+        let work = work.clone();
+        Box::pin(async move {
+            let tick = tick_now();
+            let result = run_guarded(&app, name, tick, || work(app.clone())).await;
+            if let Err(err) = result {
+                tracing::warn!(job = name, error = format!("{err:#}"), "cron job could not take its lock");
+            }
+        })
+    })
+    .map_err(|e| anyhow::anyhow!("cron.{name}: bad schedule `{schedule}`: {e}"))
+}
+
 /// Registers every job with a non-empty schedule and starts the scheduler.
 pub async fn start(app: Arc<App>) -> anyhow::Result<JobScheduler> {
     let scheduler = JobScheduler::new().await?;
@@ -168,25 +188,14 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<JobScheduler> {
             tracing::info!(job = name, "cron job disabled (empty schedule)");
             continue;
         }
-        let app = app.clone();
-        let job = Job::new_async(schedule.as_str(), move |_id, _lock| {
-            let app = app.clone();
-            Box::pin(async move {
-                let tick = tick_now();
-                let result = run_guarded(&app, name, tick, || run_job(app.clone(), name)).await;
-                if let Err(err) = result {
-                    tracing::warn!(job = name, error = format!("{err:#}"), "cron job could not take its lock");
-                }
-            })
-        })
-        .map_err(|e| anyhow::anyhow!("cron.{name}: bad schedule `{schedule}`: {e}"))?;
+        let job = guarded_job(app.clone(), name, &schedule, move |app| run_job(app, name))?;
         scheduler.add(job).await?;
     }
     scheduler.start().await?;
     Ok(scheduler)
 }
 
-async fn run_job(app: Arc<App>, name: &str) -> anyhow::Result<()> {
+async fn run_job(app: Arc<App>, name: &'static str) -> anyhow::Result<()> {
     match name {
         "settle" => {
             let booked = settle_all(&app, 1_000).await?;

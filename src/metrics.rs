@@ -23,9 +23,21 @@ pub fn install() -> PrometheusHandle {
             // Another recorder may already be installed (an embedding program's); then
             // this handle renders an empty page rather than failing start-up.
             let _ = metrics::set_global_recorder(recorder);
+            register_zeroes();
             handle
         })
         .clone()
+}
+
+/// Registers the counters at zero, so every series exists from the start (a dashboard
+/// sees "no errors" rather than "no data").
+fn register_zeroes() {
+    for dependency in ["mysql", "redis"] {
+        counter!("rpw_dependency_errors_total", "dependency" => dependency).increment(0);
+    }
+    counter!("rpw_booked_tokens_total").increment(0);
+    counter!("rpw_reconciliation_mismatches_total", "activity" => "").increment(0);
+    counter!("rpw_awards_total", "outcome" => "issued").increment(0);
 }
 
 pub fn award_outcome(outcome: &'static str) {
