@@ -128,9 +128,15 @@ fn activity_from_row(row: &sqlx::mysql::MySqlRow) -> anyhow::Result<Activity> {
     Ok(Activity {
         id: row.try_get("id")?,
         name: row.try_get("name")?,
-        stage: stage.parse().map_err(|e| anyhow::anyhow!("stored stage: {e}"))?,
-        starts_at: row.try_get::<chrono::NaiveDateTime, _>("starts_at")?.and_utc(),
-        ends_at: row.try_get::<chrono::NaiveDateTime, _>("ends_at")?.and_utc(),
+        stage: stage
+            .parse()
+            .map_err(|e| anyhow::anyhow!("stored stage: {e}"))?,
+        starts_at: row
+            .try_get::<chrono::NaiveDateTime, _>("starts_at")?
+            .and_utc(),
+        ends_at: row
+            .try_get::<chrono::NaiveDateTime, _>("ends_at")?
+            .and_utc(),
         budget_cents: row.try_get("budget_cents")?,
         max_award_cents: row.try_get("max_award_cents")?,
     })
@@ -166,7 +172,10 @@ pub fn router() -> Router<AppState> {
         .route("/v1/admin/activities/{id}", get(get_activity))
         .route("/v1/admin/activities/{id}/budget", post(add_budget))
         .route("/v1/admin/activities/{id}/scenes", post(create_scene))
-        .route("/v1/admin/activities/{id}/repair-leak", post(crate::reconcile::repair_leak_handler))
+        .route(
+            "/v1/admin/activities/{id}/repair-leak",
+            post(crate::reconcile::repair_leak_handler),
+        )
 }
 
 #[derive(Debug, Deserialize)]
@@ -185,11 +194,15 @@ fn parse_new_activity(body: NewActivity) -> ApiResult<Activity> {
     let id = ActivityId::parse(&body.id)?;
     let name = body.name.trim();
     if name.is_empty() || name.len() > 128 {
-        return Err(ApiError::InvalidRequest("name must be 1-128 characters".into()));
+        return Err(ApiError::InvalidRequest(
+            "name must be 1-128 characters".into(),
+        ));
     }
     let stage: Stage = body.stage.parse()?;
     if body.ends_at <= body.starts_at {
-        return Err(ApiError::InvalidRequest("ends_at must be after starts_at".into()));
+        return Err(ApiError::InvalidRequest(
+            "ends_at must be after starts_at".into(),
+        ));
     }
     let budget = Cents::positive(body.budget_cents, "budget_cents")?;
     let cap = Cents::positive(body.max_award_cents, "max_award_cents")?;
@@ -236,7 +249,9 @@ async fn create_activity(
             activity.id
         )));
     }
-    app.budget.fund(&app.redis, &activity.id, activity.budget_cents).await?;
+    app.budget
+        .fund(&app.redis, &activity.id, activity.budget_cents)
+        .await?;
     app.refresh_activities().await?;
     Ok((StatusCode::CREATED, Json(activity)))
 }
@@ -290,7 +305,8 @@ async fn get_activity(
     _op: Operator,
     Path(id): Path<String>,
 ) -> ApiResult<Json<ActivityView>> {
-    let id = ActivityId::parse(&id).map_err(|_| ApiError::NotFound(format!("no activity `{id}`")))?;
+    let id =
+        ActivityId::parse(&id).map_err(|_| ApiError::NotFound(format!("no activity `{id}`")))?;
     Ok(Json(activity_view(&app, id.as_str()).await?))
 }
 
@@ -306,7 +322,8 @@ async fn add_budget(
     JsonBody(body): JsonBody<BudgetDelta>,
 ) -> ApiResult<Json<ActivityView>> {
     let delta = Cents::positive(body.delta_cents, "delta_cents")?;
-    let id = ActivityId::parse(&id).map_err(|_| ApiError::NotFound(format!("no activity `{id}`")))?;
+    let id =
+        ActivityId::parse(&id).map_err(|_| ApiError::NotFound(format!("no activity `{id}`")))?;
     let updated = sqlx::query("UPDATE activities SET budget_cents = budget_cents + ? WHERE id = ?")
         .bind(delta.0)
         .bind(id.as_str())
@@ -319,7 +336,9 @@ async fn add_budget(
     // MySQL holds the total; funding the sub-stocks up to it is idempotent, and the cache
     // refresh repeats it, so a crash right here only delays the new budget.
     let activity = load_activity(app.db.main(), id.as_str()).await?;
-    app.budget.fund(&app.redis, id.as_str(), activity.budget_cents).await?;
+    app.budget
+        .fund(&app.redis, id.as_str(), activity.budget_cents)
+        .await?;
     app.refresh_activities().await?;
     Ok(Json(activity_view(&app, id.as_str()).await?))
 }
@@ -347,7 +366,9 @@ async fn create_scene(
     let award_type = AwardType::parse(&body.award_type)?;
     let name = body.name.trim();
     if name.is_empty() || name.len() > 128 {
-        return Err(ApiError::InvalidRequest("name must be 1-128 characters".into()));
+        return Err(ApiError::InvalidRequest(
+            "name must be 1-128 characters".into(),
+        ));
     }
     if let Some(f) = body.admission_fraction {
         if !(0.0..=1.0).contains(&f) {

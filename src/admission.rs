@@ -15,10 +15,13 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use crate::error::ApiError;
 use crate::startup::App;
 
+/// A scene's bucket, with the rate it was made for (rebuilt when the rate changes).
+type SceneBuckets = HashMap<(String, String), (u32, Arc<DefaultDirectRateLimiter>)>;
+
 pub struct Admission {
     caller_per_s: u32,
     callers: Mutex<HashMap<String, Arc<DefaultDirectRateLimiter>>>,
-    scenes: Mutex<HashMap<(String, String), (u32, Arc<DefaultDirectRateLimiter>)>>,
+    scenes: Mutex<SceneBuckets>,
 }
 
 fn bucket(per_s: NonZeroU32) -> Arc<DefaultDirectRateLimiter> {
@@ -45,13 +48,21 @@ impl Admission {
         }
     }
 
-    pub fn admit(&self, app: &App, caller: &str, activity: &str, scene: &str) -> Result<(), ApiError> {
+    pub fn admit(
+        &self,
+        app: &App,
+        caller: &str,
+        activity: &str,
+        scene: &str,
+    ) -> Result<(), ApiError> {
         if let Some(cached) = app.activities.get(activity) {
             if let Some(s) = cached.scenes.get(scene) {
                 if let Some(fraction) = s.admission_fraction {
                     if rand::random::<f64>() >= fraction {
                         crate::metrics::rate_limited("admission_fraction");
-                        return Err(ApiError::RateLimited { retry_after_secs: 1 });
+                        return Err(ApiError::RateLimited {
+                            retry_after_secs: 1,
+                        });
                     }
                 }
                 if let Some(rate) = s.rate_limit_per_s.and_then(NonZeroU32::new) {

@@ -341,7 +341,10 @@ mod tests {
             env(&[
                 ("RPW_HTTP__ADDR", "127.0.0.1:9999"),
                 ("RPW_SETTLE__MAX_TPS", "250"),
-                ("RPW_AUTH__CALLER_KEYS", "rain:secret-key-1,cards:secret-key-2"),
+                (
+                    "RPW_AUTH__CALLER_KEYS",
+                    "rain:secret-key-1,cards:secret-key-2",
+                ),
             ]),
         )
         .unwrap();

@@ -59,7 +59,11 @@ where
         }
         true
     };
-    let _: i64 = redis::Script::new(RELEASE).key(&lock).arg(&owner).invoke_async(&mut conn).await?;
+    let _: i64 = redis::Script::new(RELEASE)
+        .key(&lock)
+        .arg(&owner)
+        .invoke_async(&mut conn)
+        .await?;
     Ok(ran)
 }
 
@@ -107,7 +111,12 @@ pub async fn mark_drained(app: &App) -> anyhow::Result<Vec<String>> {
                 .await?
                 .rows_affected();
             if changed > 0 {
-                tracing::info!(activity = a.id, tokens = booked.count, cents = booked.cents, "activity drained");
+                tracing::info!(
+                    activity = a.id,
+                    tokens = booked.count,
+                    cents = booked.cents,
+                    "activity drained"
+                );
                 drained.push(a.id.clone());
             }
         }
@@ -125,14 +134,22 @@ pub async fn housekeeping(app: &App) -> anyhow::Result<usize> {
     for p in 0..app.redis.partitions() {
         let index = app.redis.settled_index_key(p);
         loop {
-            let members: Vec<String> = conn.zrangebyscore_limit(&index, "-inf", cutoff, 0, batch as isize).await?;
+            let members: Vec<String> = conn
+                .zrangebyscore_limit(&index, "-inf", cutoff, 0, batch as isize)
+                .await?;
             if members.is_empty() {
                 break;
             }
             let mut pipe = redis::pipe();
             for m in &members {
-                let Some((user, otn)) = m.split_once('|') else { continue };
-                let Ok(user) = user.parse::<i64>().map_err(|_| ()).and_then(|u| crate::domain::UserId::parse(u).map_err(|_| ())) else {
+                let Some((user, otn)) = m.split_once('|') else {
+                    continue;
+                };
+                let Ok(user) = user
+                    .parse::<i64>()
+                    .map_err(|_| ())
+                    .and_then(|u| crate::domain::UserId::parse(u).map_err(|_| ()))
+                else {
                     continue;
                 };
                 pipe.hdel(app.redis.tokens_key(user), otn).ignore();
@@ -154,7 +171,12 @@ fn tick_now() -> i64 {
 }
 
 /// A cron job that runs `work` under [`run_guarded`], so one instance runs each tick.
-pub fn guarded_job<F, Fut>(app: Arc<App>, name: &'static str, schedule: &str, work: F) -> anyhow::Result<Job>
+pub fn guarded_job<F, Fut>(
+    app: Arc<App>,
+    name: &'static str,
+    schedule: &str,
+    work: F,
+) -> anyhow::Result<Job>
 where
     F: Fn(Arc<App>) -> Fut + Send + Sync + Clone + 'static,
     Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
@@ -166,7 +188,11 @@ where
             let tick = tick_now();
             let result = run_guarded(&app, name, tick, || work(app.clone())).await;
             if let Err(err) = result {
-                tracing::warn!(job = name, error = format!("{err:#}"), "cron job could not take its lock");
+                tracing::warn!(
+                    job = name,
+                    error = format!("{err:#}"),
+                    "cron job could not take its lock"
+                );
             }
         })
     })
@@ -200,17 +226,36 @@ async fn run_job(app: Arc<App>, name: &'static str) -> anyhow::Result<()> {
         "settle" => {
             let booked = settle_all(&app, 1_000).await?;
             let drained = mark_drained(&app).await?;
-            tracing::info!(job = name, booked, drained = drained.len(), "batch settlement done");
+            tracing::info!(
+                job = name,
+                booked,
+                drained = drained.len(),
+                "batch settlement done"
+            );
         }
         "reconcile_hourly" => {
             let hour = hour_of(now_ms() - 3_600_000);
-            let reports = crate::reconcile::reconcile_hour(&app, &hour, "hourly").await.map_err(api)?;
-            tracing::info!(job = name, hour, reports = reports.len(), "reconciliation done");
+            let reports = crate::reconcile::reconcile_hour(&app, &hour, "hourly")
+                .await
+                .map_err(api)?;
+            tracing::info!(
+                job = name,
+                hour,
+                reports = reports.len(),
+                "reconciliation done"
+            );
         }
         "reconcile_live" => {
             let hour = hour_of(now_ms());
-            let reports = crate::reconcile::reconcile_hour(&app, &hour, "live").await.map_err(api)?;
-            tracing::info!(job = name, hour, reports = reports.len(), "reconciliation done");
+            let reports = crate::reconcile::reconcile_hour(&app, &hour, "live")
+                .await
+                .map_err(api)?;
+            tracing::info!(
+                job = name,
+                hour,
+                reports = reports.len(),
+                "reconciliation done"
+            );
         }
         "housekeeping" => {
             let trimmed = housekeeping(&app).await?;

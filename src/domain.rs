@@ -18,7 +18,9 @@ fn invalid(msg: impl Into<String>) -> Invalid {
 }
 
 /// An amount of money in cents. Never a float.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Cents(pub i64);
 
@@ -28,7 +30,9 @@ impl Cents {
         if value > 0 {
             Ok(Self(value))
         } else {
-            Err(invalid(format!("{field} must be a positive number of cents")))
+            Err(invalid(format!(
+                "{field} must be a positive number of cents"
+            )))
         }
     }
 }
@@ -75,7 +79,9 @@ fn parse_slug(value: &str, what: &str) -> Result<(), Invalid> {
     if ok {
         Ok(())
     } else {
-        Err(invalid(format!("{what} must be 1-32 characters of [a-z0-9-]")))
+        Err(invalid(format!(
+            "{what} must be 1-32 characters of [a-z0-9-]"
+        )))
     }
 }
 

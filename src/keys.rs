@@ -82,7 +82,10 @@ pub fn generate(dir: &Path) -> anyhow::Result<String> {
     let key_id = format!(
         "ed25519-{}-{}",
         chrono::Utc::now().format("%Y%m%d%H%M%S%3f"),
-        suffix.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        suffix
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
     );
     let private = private_path(dir, &key_id);
     write_private(&private, pkcs8.as_ref())?;
@@ -179,8 +182,9 @@ impl KeyRing {
             let Ok(pkcs8) = fs::read(&private) else {
                 continue;
             };
-            let pair = Ed25519KeyPair::from_pkcs8(&pkcs8)
-                .map_err(|_| anyhow::anyhow!("{} is not an Ed25519 PKCS#8 key", private.display()))?;
+            let pair = Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|_| {
+                anyhow::anyhow!("{} is not an Ed25519 PKCS#8 key", private.display())
+            })?;
             if pair.public_key().as_ref() != key.public_key.as_slice() {
                 bail!("{} does not match its public half", private.display());
             }
@@ -201,7 +205,12 @@ impl KeyRing {
         Some((key_id.as_str(), pair.sign(payload).as_ref().to_vec()))
     }
 
-    pub fn verify(&self, key_id: &str, payload: &[u8], signature: &[u8]) -> Result<(), VerifyError> {
+    pub fn verify(
+        &self,
+        key_id: &str,
+        payload: &[u8],
+        signature: &[u8],
+    ) -> Result<(), VerifyError> {
         let key = self
             .public
             .get(key_id)
@@ -216,7 +225,11 @@ impl KeyRing {
 
     /// The keys that still verify, the active one marked.
     pub fn published(&self) -> Vec<PublicKey> {
-        self.public.values().filter(|k| !k.retired).cloned().collect()
+        self.public
+            .values()
+            .filter(|k| !k.retired)
+            .cloned()
+            .collect()
     }
 
     /// Every key, retired ones included (for `keys list`).

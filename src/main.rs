@@ -13,7 +13,11 @@ use redpacket_wallet::store::Db;
 use redpacket_wallet::{cron, keys, reconcile};
 
 #[derive(Parser)]
-#[command(name = "redpacket-wallet", version, about = "Red-packet token wallet service")]
+#[command(
+    name = "redpacket-wallet",
+    version,
+    about = "Red-packet token wallet service"
+)]
 struct Cli {
     /// A TOML configuration file; `RPW_SECTION__KEY` environment variables override it.
     #[arg(long, global = true, env = "RPW_CONFIG")]
@@ -80,7 +84,9 @@ enum KeysAction {
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if std::env::var("RPW_LOG_FORMAT").as_deref() == Ok("json") {
         builder.json().init();
     } else {
@@ -180,7 +186,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Reconcile { activity, hour } => {
             let app: Arc<App> = App::build(settings, false).await?;
-            let hour = hour.unwrap_or_else(|| redpacket_wallet::store::hour_of(redpacket_wallet::store::now_ms()));
+            let hour = hour.unwrap_or_else(|| {
+                redpacket_wallet::store::hour_of(redpacket_wallet::store::now_ms())
+            });
             let report = reconcile::reconcile(&app, &activity, &hour, "manual")
                 .await
                 .map_err(|e| anyhow::anyhow!("{}: {}", e.code(), e))

@@ -69,7 +69,8 @@ pub fn view_latency(seconds: f64, view: &'static str) {
 }
 
 pub fn reconciliation_mismatch(activity: &str) {
-    counter!("rpw_reconciliation_mismatches_total", "activity" => activity.to_string()).increment(1);
+    counter!("rpw_reconciliation_mismatches_total", "activity" => activity.to_string())
+        .increment(1);
 }
 
 pub fn dependency_error(dependency: &'static str) {

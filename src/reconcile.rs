@@ -32,7 +32,10 @@ pub struct HourCounters {
     pub settled: Totals,
 }
 
-pub async fn hour_counters(redis: &Redis, activity: &str) -> redis::RedisResult<BTreeMap<String, HourCounters>> {
+pub async fn hour_counters(
+    redis: &Redis,
+    activity: &str,
+) -> redis::RedisResult<BTreeMap<String, HourCounters>> {
     let mut pipe = redis::pipe();
     for p in 0..redis.partitions() {
         pipe.hgetall(redis.counters_key(p, activity));
@@ -42,7 +45,9 @@ pub async fn hour_counters(redis: &Redis, activity: &str) -> redis::RedisResult<
     let mut hours: BTreeMap<String, HourCounters> = BTreeMap::new();
     for map in maps {
         for (field, value) in map {
-            let Some((hour, what)) = field.split_once(':') else { continue };
+            let Some((hour, what)) = field.split_once(':') else {
+                continue;
+            };
             let h = hours.entry(hour.to_string()).or_default();
             match what {
                 "n" => h.issued.count += value,
@@ -65,7 +70,11 @@ pub async fn issued_totals(redis: &Redis, activity: &str) -> redis::RedisResult<
 }
 
 /// Awards of `activity` in the ledger, over every shard; within `[start, end)` ms if given.
-pub async fn booked_totals(db: &Db, activity: &str, window: Option<(i64, i64)>) -> Result<Totals, sqlx::Error> {
+pub async fn booked_totals(
+    db: &Db,
+    activity: &str,
+    window: Option<(i64, i64)>,
+) -> Result<Totals, sqlx::Error> {
     let mut totals = Totals::default();
     for pool in db.shards() {
         let row = match window {
@@ -113,7 +122,8 @@ pub struct Report {
 }
 
 async fn measure(app: &App, activity: &str, hour: &str, kind: &str) -> ApiResult<Report> {
-    let (start, end) = hour_window(hour).ok_or_else(|| ApiError::InvalidRequest("hour must be YYYYMMDDHH".into()))?;
+    let (start, end) = hour_window(hour)
+        .ok_or_else(|| ApiError::InvalidRequest("hour must be YYYYMMDDHH".into()))?;
     let hours = hour_counters(&app.redis, activity).await?;
     let counters = hours.get(hour).copied().unwrap_or_default();
     let issued_all = hours.values().fold(0, |acc, h| acc + h.issued.cents);
@@ -167,7 +177,12 @@ pub async fn reconcile(app: &App, activity: &str, hour: &str, kind: &str) -> Api
             problems: second
                 .problems
                 .iter()
-                .filter(|p| report.problems.iter().any(|q| q.split(':').next() == p.split(':').next()))
+                .filter(|p| {
+                    report
+                        .problems
+                        .iter()
+                        .any(|q| q.split(':').next() == p.split(':').next())
+                })
                 .cloned()
                 .collect(),
             ..second
@@ -203,11 +218,13 @@ pub async fn reconcile(app: &App, activity: &str, hour: &str, kind: &str) -> Api
 
 /// Reconciles `hour` for every activity whose window overlaps it.
 pub async fn reconcile_hour(app: &App, hour: &str, kind: &str) -> ApiResult<Vec<Report>> {
-    let (start, end) = hour_window(hour).ok_or_else(|| ApiError::InvalidRequest("hour must be YYYYMMDDHH".into()))?;
+    let (start, end) = hour_window(hour)
+        .ok_or_else(|| ApiError::InvalidRequest("hour must be YYYYMMDDHH".into()))?;
     let mut reports = Vec::new();
     for cached in app.activities.all() {
         let a = &cached.activity;
-        if a.starts_at.timestamp_millis() < end && a.ends_at.timestamp_millis() + 3_600_000 > start {
+        if a.starts_at.timestamp_millis() < end && a.ends_at.timestamp_millis() + 3_600_000 > start
+        {
             reports.push(reconcile(app, &a.id, hour, kind).await?);
         }
     }
@@ -301,7 +318,9 @@ pub async fn repair_leak(app: &App, activity: &str) -> ApiResult<i64> {
     let budget = app.budget.figures(&app.redis, activity).await?;
     let leak = budget.taken_cents - issued.cents;
     if leak > 0 {
-        app.budget.give_back_spread(&app.redis, activity, leak).await?;
+        app.budget
+            .give_back_spread(&app.redis, activity, leak)
+            .await?;
         tracing::warn!(activity, leak_cents = leak, "budget leak repaired");
     }
     Ok(leak.max(0))
@@ -313,5 +332,7 @@ pub async fn repair_leak_handler(
     Path(id): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let returned = repair_leak(&app, &id).await?;
-    Ok(Json(serde_json::json!({ "activity_id": id, "returned_cents": returned })))
+    Ok(Json(
+        serde_json::json!({ "activity_id": id, "returned_cents": returned }),
+    ))
 }

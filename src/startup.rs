@@ -61,16 +61,28 @@ impl App {
         if keys.active_key_id().is_none() {
             tracing::warn!(dir = %settings.keys.dir.display(), "no active signing key: awards will fail until `keys generate` is run");
         }
-        let auth = AuthKeys::new(&settings.auth, settings.caller_keys(), settings.wallet.jwt_leeway_secs);
+        let auth = AuthKeys::new(
+            &settings.auth,
+            settings.caller_keys(),
+            settings.wallet.jwt_leeway_secs,
+        );
         let app = Arc::new(App {
-            budget: Budget::new(settings.issue.sub_stocks, Duration::from_millis(settings.issue.exhausted_recheck_ms)),
+            budget: Budget::new(
+                settings.issue.sub_stocks,
+                Duration::from_millis(settings.issue.exhausted_recheck_ms),
+            ),
             admission: Admission::new(settings.issue.caller_per_s),
             issuer: Issuer::default(),
             marker: Marker::default(),
             stats: StatsCounter::default(),
             switches: Switches::default(),
             activities: ActivityCache::default(),
-            instance_id: format!("{}-{}-{:06x}", hostname(), std::process::id(), rand::random::<u32>() & 0xff_ffff),
+            instance_id: format!(
+                "{}-{}-{:06x}",
+                hostname(),
+                std::process::id(),
+                rand::random::<u32>() & 0xff_ffff
+            ),
             settings,
             redis,
             db,
@@ -84,7 +96,10 @@ impl App {
         // MySQL may be down at start: the instance still comes up (readiness says so)
         // and the background refresh fills the cache once MySQL answers.
         if let Err(err) = app.refresh_activities().await {
-            tracing::warn!(error = format!("{err:#}"), "activity cache not loaded at start; will retry");
+            tracing::warn!(
+                error = format!("{err:#}"),
+                "activity cache not loaded at start; will retry"
+            );
         }
         Ok(app)
     }
@@ -94,7 +109,9 @@ impl App {
         let mut scripts: Vec<&redis::Script> = self.budget.scripts().to_vec();
         scripts.extend(self.issuer.scripts());
         scripts.push(self.marker.script());
-        load_scripts(&mut conn, &scripts).await.context("loading redis scripts")
+        load_scripts(&mut conn, &scripts)
+            .await
+            .context("loading redis scripts")
     }
 
     /// Reloads the activity cache and funds the sub-stocks of activities whose budget
@@ -102,7 +119,9 @@ impl App {
     pub async fn refresh_activities(&self) -> anyhow::Result<()> {
         let changed = self.activities.refresh(self.db.main()).await?;
         for activity in changed {
-            self.budget.fund(&self.redis, &activity.id, activity.budget_cents).await?;
+            self.budget
+                .fund(&self.redis, &activity.id, activity.budget_cents)
+                .await?;
         }
         Ok(())
     }
@@ -122,11 +141,16 @@ impl App {
     }
 
     /// Cache refresh, stats flush and switch polling, until `shutdown` flips.
-    pub fn spawn_background(self: &Arc<Self>, mut shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
+    pub fn spawn_background(
+        self: &Arc<Self>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> JoinHandle<()> {
         let app = self.clone();
         tokio::spawn(async move {
-            let mut cache_tick = tokio::time::interval(Duration::from_millis(app.settings.issue.cache_refresh_ms));
-            let mut stats_tick = tokio::time::interval(Duration::from_millis(app.settings.issue.stats_flush_ms));
+            let mut cache_tick =
+                tokio::time::interval(Duration::from_millis(app.settings.issue.cache_refresh_ms));
+            let mut stats_tick =
+                tokio::time::interval(Duration::from_millis(app.settings.issue.stats_flush_ms));
             cache_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -148,7 +172,12 @@ impl App {
                     }
                 }
             }
-            let ids: Vec<String> = app.activities.all().iter().map(|a| a.activity.id.clone()).collect();
+            let ids: Vec<String> = app
+                .activities
+                .all()
+                .iter()
+                .map(|a| a.activity.id.clone())
+                .collect();
             let _ = app.stats.flush(&app.redis, &ids).await;
         })
     }
@@ -184,7 +213,9 @@ async fn sync_signing_keys(db: &Db, settings: &Settings) -> anyhow::Result<Vec<S
         let rows = sqlx::query("SELECT key_id FROM signing_keys WHERE retired_at IS NOT NULL")
             .fetch_all(db.main())
             .await?;
-        rows.iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<Vec<_>, sqlx::Error>>()
+        rows.iter()
+            .map(|r| r.try_get::<String, _>(0))
+            .collect::<Result<Vec<_>, sqlx::Error>>()
     };
     match publish.await {
         Ok(retired) => Ok(retired),
@@ -205,7 +236,10 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(crate::wallet::router())
         .merge(crate::withdraw::router())
         .merge(crate::switches::router())
-        .route("/v1/admin/reconciliation", axum::routing::get(crate::reconcile::list_handler))
+        .route(
+            "/v1/admin/reconciliation",
+            axum::routing::get(crate::reconcile::list_handler),
+        )
         .layer(DefaultBodyLimit::max(settings.body_limit_bytes))
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,

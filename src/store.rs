@@ -84,13 +84,23 @@ impl Redis {
     }
 
     pub fn tokens_key(&self, user: UserId) -> String {
-        format!("{}{{{}}}:tok:{}", self.prefix, self.partition_of(user), user)
+        format!(
+            "{}{{{}}}:tok:{}",
+            self.prefix,
+            self.partition_of(user),
+            user
+        )
     }
     pub fn status_key(&self, user: UserId) -> String {
         format!("{}{{{}}}:st:{}", self.prefix, self.partition_of(user), user)
     }
     pub fn snapshot_key(&self, user: UserId) -> String {
-        format!("{}{{{}}}:acct:{}", self.prefix, self.partition_of(user), user)
+        format!(
+            "{}{{{}}}:acct:{}",
+            self.prefix,
+            self.partition_of(user),
+            user
+        )
     }
     pub fn counters_key(&self, partition: u32, activity: &str) -> String {
         format!("{}{{{}}}:cnt:{}", self.prefix, partition, activity)

@@ -23,10 +23,19 @@ use crate::startup::AppState;
 use crate::store::Redis;
 
 pub const SWITCHES: [(&str, &str); 4] = [
-    ("issue_off", "award endpoints answer 503 unavailable; nothing is issued"),
-    ("booking_paused", "the accounting worker and the cron sweep book nothing; withdrawals still force-settle"),
+    (
+        "issue_off",
+        "award endpoints answer 503 unavailable; nothing is issued",
+    ),
+    (
+        "booking_paused",
+        "the accounting worker and the cron sweep book nothing; withdrawals still force-settle",
+    ),
     ("sync_off", "client token sync answers 503 unavailable"),
-    ("views_fallback", "when MySQL fails, the wallet view is served from Redis alone and marked degraded"),
+    (
+        "views_fallback",
+        "when MySQL fails, the wallet view is served from Redis alone and marked degraded",
+    ),
 ];
 
 #[derive(Default)]
@@ -78,7 +87,9 @@ impl Switches {
             .flag(name)
             .ok_or_else(|| ApiError::NotFound(format!("no switch `{name}`")))?;
         let mut conn = redis.conn();
-        let _: () = conn.hset(redis.switches_key(), name, if on { "1" } else { "0" }).await?;
+        let _: () = conn
+            .hset(redis.switches_key(), name, if on { "1" } else { "0" })
+            .await?;
         flag.store(on, Ordering::Relaxed);
         tracing::warn!(switch = name, on, "degradation switch changed");
         Ok(())

@@ -32,7 +32,10 @@ pub struct SignedAward {
 
 /// Encodes `token` (its key id set to the active key's), signs the encoding and wraps both.
 pub fn mint(keys: &KeyRing, mut token: pb::RedPacketToken) -> Result<SignedAward, TokenError> {
-    let key_id = keys.active_key_id().ok_or(TokenError::NoSigner)?.to_string();
+    let key_id = keys
+        .active_key_id()
+        .ok_or(TokenError::NoSigner)?
+        .to_string();
     token.key_id = key_id;
     token.status = pb::TokenStatus::Pending as i32;
     let payload = token.encode_to_vec();
@@ -53,7 +56,9 @@ pub fn verify(keys: &KeyRing, bytes: &[u8]) -> Result<pb::RedPacketToken, TokenE
     let signed =
         pb::SignedToken::decode(bytes).map_err(|_| TokenError::BadEncoding("not a SignedToken"))?;
     if signed.payload.is_empty() || signed.signature.is_empty() || signed.key_id.is_empty() {
-        return Err(TokenError::BadEncoding("payload, signature or key id missing"));
+        return Err(TokenError::BadEncoding(
+            "payload, signature or key id missing",
+        ));
     }
     keys.verify(&signed.key_id, &signed.payload, &signed.signature)?;
     let token = pb::RedPacketToken::decode(signed.payload.as_slice())

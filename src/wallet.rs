@@ -148,7 +148,10 @@ pub async fn wallet_view(app: &App, user: UserId) -> ApiResult<WalletView> {
             booked.insert(row.try_get(4).map_err(ApiError::from)?);
         }
     }
-    for c in candidates.iter().filter(|c| !booked.contains(&c.out_trade_no)) {
+    for c in candidates
+        .iter()
+        .filter(|c| !booked.contains(&c.out_trade_no))
+    {
         view.pending_cents += c.amount_cents;
         view.pending_count += 1;
     }
@@ -177,7 +180,10 @@ async fn degraded_view(app: &App, user: UserId) -> ApiResult<WalletView> {
         degraded: true,
         ..Default::default()
     };
-    for s in statuses.iter().filter_map(|(o, v)| parse_status(user, o, v)) {
+    for s in statuses
+        .iter()
+        .filter_map(|(o, v)| parse_status(user, o, v))
+    {
         if s.pending {
             view.pending_cents += s.entry.amount_cents;
             view.pending_count += 1;
@@ -188,7 +194,11 @@ async fn degraded_view(app: &App, user: UserId) -> ApiResult<WalletView> {
     Ok(view)
 }
 
-async fn wallet(State(app): State<AppState>, User(user): User, headers: HeaderMap) -> ApiResult<Response> {
+async fn wallet(
+    State(app): State<AppState>,
+    User(user): User,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
     let started = Instant::now();
     let view = wallet_view(&app, user).await?;
     crate::metrics::view_latency(started.elapsed().as_secs_f64(), "wallet");
@@ -261,7 +271,12 @@ fn decode_cursor(cursor: &str) -> Option<(i64, String)> {
 /// Flows are ordered by (time, out_trade_no), newest first, where an award's time is its
 /// issue time: booking a pending award does not move it, and new awards land above any
 /// cursor, so paging sees every item exactly once.
-pub async fn flows_page(app: &App, user: UserId, limit: u32, cursor: Option<(i64, String)>) -> ApiResult<FlowsPage> {
+pub async fn flows_page(
+    app: &App,
+    user: UserId,
+    limit: u32,
+    cursor: Option<(i64, String)>,
+) -> ApiResult<FlowsPage> {
     let candidates = pending_candidates(app, user).await?;
     let before = |at: i64, otn: &str| match &cursor {
         Some((c_at, c_otn)) => (at, otn) < (*c_at, c_otn.as_str()),
@@ -272,10 +287,16 @@ pub async fn flows_page(app: &App, user: UserId, limit: u32, cursor: Option<(i64
     );
     q.push_bind(user.get());
     if let Some((at, otn)) = &cursor {
-        q.push(" AND (at_ms < ").push_bind(*at).push(" OR (at_ms = ").push_bind(*at);
-        q.push(" AND out_trade_no < ").push_bind(otn.clone()).push("))");
+        q.push(" AND (at_ms < ")
+            .push_bind(*at)
+            .push(" OR (at_ms = ")
+            .push_bind(*at);
+        q.push(" AND out_trade_no < ")
+            .push_bind(otn.clone())
+            .push("))");
     }
-    q.push(" ORDER BY at_ms DESC, out_trade_no DESC LIMIT ").push_bind(i64::from(limit) + 1);
+    q.push(" ORDER BY at_ms DESC, out_trade_no DESC LIMIT ")
+        .push_bind(i64::from(limit) + 1);
     let rows = q.build().fetch_all(app.db.for_user(user)).await?;
     let mut items: Vec<FlowItem> = Vec::with_capacity(rows.len() + candidates.len());
     let mut seen: HashSet<String> = HashSet::new();
@@ -313,7 +334,9 @@ pub async fn flows_page(app: &App, user: UserId, limit: u32, cursor: Option<(i64
     let more = items.len() > limit as usize;
     items.truncate(limit as usize);
     let next_cursor = if more {
-        items.last().map(|i| encode_cursor(i.at_ms, &i.out_trade_no))
+        items
+            .last()
+            .map(|i| encode_cursor(i.at_ms, &i.out_trade_no))
     } else {
         None
     };
@@ -334,7 +357,9 @@ async fn flows(
     }
     let cursor = match query.cursor.as_deref() {
         None | Some("") => None,
-        Some(c) => Some(decode_cursor(c).ok_or_else(|| ApiError::InvalidRequest("bad cursor".into()))?),
+        Some(c) => {
+            Some(decode_cursor(c).ok_or_else(|| ApiError::InvalidRequest("bad cursor".into()))?)
+        }
     };
     let page = flows_page(&app, user, limit, cursor).await?;
     crate::metrics::view_latency(started.elapsed().as_secs_f64(), "flows");
@@ -352,7 +377,9 @@ struct SyncTokens(Vec<Result<Vec<u8>, TokenError>>);
 impl<'de> Deserialize<'de> for SyncTokens {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let body = SyncBody::deserialize(d)?;
-        Ok(SyncTokens(body.tokens.iter().map(|t| token::from_base64(t)).collect()))
+        Ok(SyncTokens(
+            body.tokens.iter().map(|t| token::from_base64(t)).collect(),
+        ))
     }
 }
 
@@ -394,7 +421,11 @@ impl Wire for SyncResult {
 }
 
 /// Checks one client token: signature, key, owner, activity and stage.
-fn check_client_token(app: &App, user: UserId, bytes: &[u8]) -> Result<pb::RedPacketToken, &'static str> {
+fn check_client_token(
+    app: &App,
+    user: UserId,
+    bytes: &[u8],
+) -> Result<pb::RedPacketToken, &'static str> {
     let token = token::verify(&app.keys, bytes).map_err(|_| "invalid_request")?;
     if token.user_id != user.get() {
         return Err("forbidden");
@@ -412,14 +443,20 @@ fn check_client_token(app: &App, user: UserId, bytes: &[u8]) -> Result<pb::RedPa
             cached.activity.stage,
         ))
     })();
-    if expected.as_ref().map(OutTradeNo::as_str) != Some(token.out_trade_no.as_str()) || token.amount_cents <= 0 {
+    if expected.as_ref().map(OutTradeNo::as_str) != Some(token.out_trade_no.as_str())
+        || token.amount_cents <= 0
+    {
         return Err("invalid_request");
     }
     Ok(token)
 }
 
 /// Restores the tokens the server lost and the ledger does not know, as pending.
-pub async fn sync_tokens(app: &App, user: UserId, tokens: Vec<Result<Vec<u8>, TokenError>>) -> ApiResult<SyncResult> {
+pub async fn sync_tokens(
+    app: &App,
+    user: UserId,
+    tokens: Vec<Result<Vec<u8>, TokenError>>,
+) -> ApiResult<SyncResult> {
     let mut result = SyncResult {
         restored: 0,
         known: 0,
@@ -439,7 +476,10 @@ pub async fn sync_tokens(app: &App, user: UserId, tokens: Vec<Result<Vec<u8>, To
                     result.known += 1;
                 }
             }
-            Err(code) => result.rejected.push(Rejected { index: i as u32, code }),
+            Err(code) => result.rejected.push(Rejected {
+                index: i as u32,
+                code,
+            }),
         }
     }
     if valid.is_empty() {
@@ -452,7 +492,12 @@ pub async fn sync_tokens(app: &App, user: UserId, tokens: Vec<Result<Vec<u8>, To
         .arg(&otns)
         .query_async(&mut conn)
         .await?;
-    let missing: Vec<usize> = held.iter().enumerate().filter(|(_, h)| h.is_none()).map(|(i, _)| i).collect();
+    let missing: Vec<usize> = held
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| h.is_none())
+        .map(|(i, _)| i)
+        .collect();
     result.known += (valid.len() - missing.len()) as u32;
     let missing_otns: Vec<&str> = missing.iter().map(|&i| otns[i]).collect();
     let in_ledger = crate::settle::already_booked(app.db.for_user(user), &missing_otns).await?;
@@ -475,15 +520,26 @@ pub async fn sync_tokens(app: &App, user: UserId, tokens: Vec<Result<Vec<u8>, To
     Ok(result)
 }
 
-async fn sync(State(app): State<AppState>, User(user): User, headers: HeaderMap, body: Bytes) -> ApiResult<Response> {
+async fn sync(
+    State(app): State<AppState>,
+    User(user): User,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
     if app.switches.sync_off() {
         return Err(ApiError::Unavailable("client sync is switched off".into()));
     }
     let SyncTokens(tokens) = decode_body::<SyncTokens, pb::SyncRequest>(&headers, &body)?;
     let max = app.settings.wallet.sync_max;
     if tokens.len() > max {
-        return Err(ApiError::InvalidRequest(format!("at most {max} tokens per sync")));
+        return Err(ApiError::InvalidRequest(format!(
+            "at most {max} tokens per sync"
+        )));
     }
     let result = sync_tokens(&app, user, tokens).await?;
-    Ok(reply(Format::of_response(&headers), StatusCode::OK, &result))
+    Ok(reply(
+        Format::of_response(&headers),
+        StatusCode::OK,
+        &result,
+    ))
 }

@@ -68,14 +68,16 @@ async fn find_by_request<'e, E: sqlx::Executor<'e, Database = MySql>>(
     user: UserId,
     request_id: &str,
 ) -> Result<Option<Withdrawal>, sqlx::Error> {
-    sqlx::query(&format!("SELECT {COLUMNS} FROM withdrawals WHERE user_id = ? AND request_id = ?"))
-        .bind(user.get())
-        .bind(request_id.as_bytes())
-        .fetch_optional(executor)
-        .await?
-        .as_ref()
-        .map(from_row)
-        .transpose()
+    sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM withdrawals WHERE user_id = ? AND request_id = ?"
+    ))
+    .bind(user.get())
+    .bind(request_id.as_bytes())
+    .fetch_optional(executor)
+    .await?
+    .as_ref()
+    .map(from_row)
+    .transpose()
 }
 
 fn check_same(existing: Withdrawal, amount: i64) -> ApiResult<(StatusCode, Withdrawal)> {
@@ -107,7 +109,12 @@ fn new_withdrawal_id() -> String {
 }
 
 /// Books the user's pending tokens and debits `amount`, or changes nothing.
-pub async fn withdraw(app: &App, user: UserId, request_id: &str, amount: Cents) -> ApiResult<(StatusCode, Withdrawal)> {
+pub async fn withdraw(
+    app: &App,
+    user: UserId,
+    request_id: &str,
+    amount: Cents,
+) -> ApiResult<(StatusCode, Withdrawal)> {
     let pool = app.db.for_user(user);
     if let Some(existing) = find_by_request(pool, user, request_id).await? {
         return check_same(existing, amount.0);
@@ -193,7 +200,10 @@ async fn withdraw_tx(
     account.balance_cents -= amount.0;
     account.withdrawn_cents += amount.0;
     account.version += 1;
-    debug_assert!(account.balance_cents >= 0, "a withdrawal never makes a balance negative");
+    debug_assert!(
+        account.balance_cents >= 0,
+        "a withdrawal never makes a balance negative"
+    );
     sqlx::query(
         "INSERT INTO withdrawals (id, user_id, request_id, amount_cents, status, forced_settled_count, balance_after_cents) VALUES (?, ?, ?, ?, 'submitted', ?, ?)",
     )
@@ -206,15 +216,24 @@ async fn withdraw_tx(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    let created = find_by_request(pool, user, request_id).await?.ok_or(sqlx::Error::RowNotFound)?;
+    let created = find_by_request(pool, user, request_id)
+        .await?
+        .ok_or(sqlx::Error::RowNotFound)?;
     Ok(Ok((StatusCode::CREATED, created, Some(account))))
 }
 
-
-async fn create(State(app): State<AppState>, User(user): User, JsonBody(body): JsonBody<WithdrawRequest>) -> ApiResult<Response> {
+async fn create(
+    State(app): State<AppState>,
+    User(user): User,
+    JsonBody(body): JsonBody<WithdrawRequest>,
+) -> ApiResult<Response> {
     let started = Instant::now();
     let request_id = body.request_id.trim();
-    if request_id.is_empty() || request_id.len() > 64 || request_id.len() != body.request_id.len() || !request_id.chars().all(|c| c.is_ascii_graphic()) {
+    if request_id.is_empty()
+        || request_id.len() > 64
+        || request_id.len() != body.request_id.len()
+        || !request_id.chars().all(|c| c.is_ascii_graphic())
+    {
         return Err(ApiError::InvalidRequest(
             "request_id must be 1-64 printable characters without spaces".into(),
         ));
@@ -238,10 +257,16 @@ async fn find_by_id(app: &App, id: &str) -> ApiResult<Option<(usize, Withdrawal)
     Ok(None)
 }
 
-async fn show(State(app): State<AppState>, User(user): User, Path(id): Path<String>) -> ApiResult<Json<Withdrawal>> {
+async fn show(
+    State(app): State<AppState>,
+    User(user): User,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Withdrawal>> {
     match find_by_id(&app, &id).await? {
         Some((_, w)) if w.user_id == user.get() => Ok(Json(w)),
-        Some(_) => Err(ApiError::Forbidden("this withdrawal belongs to another user".into())),
+        Some(_) => Err(ApiError::Forbidden(
+            "this withdrawal belongs to another user".into(),
+        )),
         None => Err(ApiError::NotFound(format!("no withdrawal `{id}`"))),
     }
 }
@@ -255,17 +280,21 @@ struct PayoutResult {
 /// reversal entry. Repeating a verdict changes nothing; changing one is refused.
 pub async fn settle_payout(app: &App, id: &str, status: &str) -> ApiResult<Withdrawal> {
     if status != "paid" && status != "failed" {
-        return Err(ApiError::InvalidRequest("status must be paid or failed".into()));
+        return Err(ApiError::InvalidRequest(
+            "status must be paid or failed".into(),
+        ));
     }
     let (shard, _) = find_by_id(app, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no withdrawal `{id}`")))?;
     let pool = app.db.shard(shard);
     let mut tx = pool.begin().await?;
-    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM withdrawals WHERE id = ? FOR UPDATE"))
-        .bind(id)
-        .fetch_one(&mut *tx)
-        .await?;
+    let row = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM withdrawals WHERE id = ? FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_one(&mut *tx)
+    .await?;
     let current = from_row(&row)?;
     if current.status == status {
         tx.rollback().await?;

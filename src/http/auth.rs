@@ -4,8 +4,8 @@
 //! Admin and caller keys are kept only as SHA-256 digests and compared in constant time.
 
 use axum::extract::FromRequestParts;
-use axum::http::request::Parts;
 use axum::http::header;
+use axum::http::request::Parts;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use ring::digest::{digest, SHA256};
 use serde::{Deserialize, Serialize};
@@ -40,15 +40,23 @@ pub struct Claims {
 }
 
 impl AuthKeys {
-    pub fn new(settings: &AuthSettings, callers: Vec<(String, crate::config::Secret)>, leeway_secs: u64) -> Self {
-        let admin = (!settings.admin_key.expose().is_empty()).then(|| hash(settings.admin_key.expose()));
+    pub fn new(
+        settings: &AuthSettings,
+        callers: Vec<(String, crate::config::Secret)>,
+        leeway_secs: u64,
+    ) -> Self {
+        let admin =
+            (!settings.admin_key.expose().is_empty()).then(|| hash(settings.admin_key.expose()));
         let secret = settings.jwt_secret.expose();
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = leeway_secs;
         validation.validate_exp = true;
         Self {
             admin,
-            callers: callers.into_iter().map(|(n, k)| (n, hash(k.expose()))).collect(),
+            callers: callers
+                .into_iter()
+                .map(|(n, k)| (n, hash(k.expose())))
+                .collect(),
             jwt_decoding: (!secret.is_empty()).then(|| DecodingKey::from_secret(secret.as_bytes())),
             jwt_encoding: (!secret.is_empty()).then(|| EncodingKey::from_secret(secret.as_bytes())),
             validation,
@@ -56,12 +64,17 @@ impl AuthKeys {
     }
 
     pub fn is_admin(&self, presented: &str) -> bool {
-        self.admin.as_ref().is_some_and(|h| equal(h, &hash(presented)))
+        self.admin
+            .as_ref()
+            .is_some_and(|h| equal(h, &hash(presented)))
     }
 
     pub fn caller(&self, presented: &str) -> Option<&str> {
         let h = hash(presented);
-        self.callers.iter().find(|(_, k)| equal(k, &h)).map(|(n, _)| n.as_str())
+        self.callers
+            .iter()
+            .find(|(_, k)| equal(k, &h))
+            .map(|(n, _)| n.as_str())
     }
 
     pub fn user(&self, jwt: &str) -> Option<UserId> {
@@ -80,7 +93,10 @@ impl AuthKeys {
         let exp = chrono::Utc::now().timestamp().max(0) as u64 + ttl_secs;
         Ok(jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
-            &Claims { sub: user.to_string(), exp },
+            &Claims {
+                sub: user.to_string(),
+                exp,
+            },
             key,
         )?)
     }
@@ -132,6 +148,9 @@ impl FromRequestParts<AppState> for Caller {
 impl FromRequestParts<AppState> for User {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, ApiError> {
-        app.auth.user(bearer(parts)?).map(User).ok_or(ApiError::Unauthorized)
+        app.auth
+            .user(bearer(parts)?)
+            .map(User)
+            .ok_or(ApiError::Unauthorized)
     }
 }

@@ -31,7 +31,10 @@ pub enum Format {
 
 impl Format {
     pub fn of_request(headers: &HeaderMap) -> Self {
-        match headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
+        match headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+        {
             Some(ct) if ct.starts_with(PROTOBUF) => Format::Protobuf,
             _ => Format::Json,
         }
@@ -85,7 +88,8 @@ where
 }
 
 pub fn parse_json<J: DeserializeOwned>(body: &[u8]) -> Result<J, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::InvalidRequest(format!("malformed JSON body: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::InvalidRequest(format!("malformed JSON body: {e}")))
 }
 
 /// A JSON body whose rejection is the API's error envelope, not axum's plain text.
@@ -116,8 +120,14 @@ async fn healthz() -> Json<serde_json::Value> {
 
 async fn readyz(State(app): State<AppState>) -> Response {
     let timeout = std::time::Duration::from_secs(2);
-    let redis_ok = matches!(tokio::time::timeout(timeout, app.redis.ping()).await, Ok(Ok(())));
-    let mysql_ok = matches!(tokio::time::timeout(timeout, app.db.ping()).await, Ok(Ok(())));
+    let redis_ok = matches!(
+        tokio::time::timeout(timeout, app.redis.ping()).await,
+        Ok(Ok(()))
+    );
+    let mysql_ok = matches!(
+        tokio::time::timeout(timeout, app.db.ping()).await,
+        Ok(Ok(()))
+    );
     let status = if redis_ok && mysql_ok {
         StatusCode::OK
     } else {
@@ -134,7 +144,10 @@ async fn readyz(State(app): State<AppState>) -> Response {
 async fn metrics(State(app): State<AppState>) -> Response {
     app.update_gauges().await;
     (
-        [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
         app.metrics.render(),
     )
         .into_response()

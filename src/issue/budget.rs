@@ -86,7 +86,12 @@ impl Budget {
     }
 
     /// Gives money back into the sub-stocks, spread evenly: a leak repair.
-    pub async fn give_back_spread(&self, redis: &Redis, activity: &str, cents: i64) -> redis::RedisResult<()> {
+    pub async fn give_back_spread(
+        &self,
+        redis: &Redis,
+        activity: &str,
+        cents: i64,
+    ) -> redis::RedisResult<()> {
         if cents <= 0 {
             return Ok(());
         }
@@ -107,7 +112,11 @@ impl Budget {
         Ok(())
     }
 
-    async fn run<T: redis::FromRedisValue>(&self, redis: &Redis, pipe: &redis::Pipeline) -> redis::RedisResult<T> {
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        redis: &Redis,
+        pipe: &redis::Pipeline,
+    ) -> redis::RedisResult<T> {
         let mut conn = redis.conn();
         match pipe.query_async(&mut conn).await {
             Err(err) if crate::store::is_noscript(&err) => {
@@ -192,7 +201,12 @@ impl Budget {
                 self.mark_exhausted(activity, i);
             }
             if taken == amount {
-                covered.push((k, Taken { parts: vec![(i, taken)] }));
+                covered.push((
+                    k,
+                    Taken {
+                        parts: vec![(i, taken)],
+                    },
+                ));
             }
         }
         Ok(covered)
@@ -204,7 +218,12 @@ impl Budget {
     /// no single sub-stock covers the amount but together they might (the last cents are
     /// spread thin), a second pass takes what each has; if even that falls short, every
     /// partial take is given back and the result is `None`.
-    pub async fn take(&self, redis: &Redis, activity: &str, amount: i64) -> redis::RedisResult<Option<Taken>> {
+    pub async fn take(
+        &self,
+        redis: &Redis,
+        activity: &str,
+        amount: i64,
+    ) -> redis::RedisResult<Option<Taken>> {
         debug_assert!(amount > 0);
         let mut conn = redis.conn();
         let order = self.candidates(activity);
@@ -216,7 +235,9 @@ impl Budget {
                 if avail == 0 {
                     self.mark_exhausted(activity, i);
                 }
-                return Ok(Some(Taken { parts: vec![(i, taken)] }));
+                return Ok(Some(Taken {
+                    parts: vec![(i, taken)],
+                }));
             }
             if avail == 0 {
                 self.mark_exhausted(activity, i);
@@ -255,11 +276,21 @@ impl Budget {
         amount: i64,
         mode: &str,
     ) -> redis::RedisResult<(i64, i64)> {
-        self.take.key(key).arg(amount).arg(mode).invoke_async(conn).await
+        self.take
+            .key(key)
+            .arg(amount)
+            .arg(mode)
+            .invoke_async(conn)
+            .await
     }
 
     /// Returns exactly what `taken` took.
-    pub async fn give_back(&self, redis: &Redis, activity: &str, taken: &Taken) -> redis::RedisResult<()> {
+    pub async fn give_back(
+        &self,
+        redis: &Redis,
+        activity: &str,
+        taken: &Taken,
+    ) -> redis::RedisResult<()> {
         if taken.parts.is_empty() {
             return Ok(());
         }
@@ -277,7 +308,11 @@ impl Budget {
         Ok(())
     }
 
-    pub async fn figures(&self, redis: &Redis, activity: &str) -> redis::RedisResult<BudgetFigures> {
+    pub async fn figures(
+        &self,
+        redis: &Redis,
+        activity: &str,
+    ) -> redis::RedisResult<BudgetFigures> {
         let mut pipe = redis::pipe();
         for i in 0..self.sub_stocks {
             pipe.cmd("HMGET")

@@ -67,7 +67,12 @@ impl Wire for SingleReply {
     }
 }
 
-async fn award(State(app): State<AppState>, Caller(caller): Caller, headers: HeaderMap, body: Bytes) -> ApiResult<Response> {
+async fn award(
+    State(app): State<AppState>,
+    Caller(caller): Caller,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
     let started = Instant::now();
     let request: AwardRequest = decode_body::<AwardRequest, pb::AwardRequest>(&headers, &body)?;
     let result = app
@@ -75,11 +80,23 @@ async fn award(State(app): State<AppState>, Caller(caller): Caller, headers: Hea
         .issue(&app, &caller, vec![request])
         .await
         .pop()
-        .unwrap_or_else(|| Err(ApiError::Internal(anyhow::anyhow!("no result for the award"))));
+        .unwrap_or_else(|| {
+            Err(ApiError::Internal(anyhow::anyhow!(
+                "no result for the award"
+            )))
+        });
     crate::metrics::award_latency(started.elapsed().as_secs_f64(), "single");
     let issued = result?;
-    let status = if issued.replayed { StatusCode::OK } else { StatusCode::CREATED };
-    Ok(reply(Format::of_response(&headers), status, &SingleReply(issued)))
+    let status = if issued.replayed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok(reply(
+        Format::of_response(&headers),
+        status,
+        &SingleReply(issued),
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -163,7 +180,8 @@ async fn award_batch(
     body: Bytes,
 ) -> ApiResult<Response> {
     let started = Instant::now();
-    let request: BatchRequest = decode_body::<BatchRequest, pb::AwardBatchRequest>(&headers, &body)?;
+    let request: BatchRequest =
+        decode_body::<BatchRequest, pb::AwardBatchRequest>(&headers, &body)?;
     let max = app.settings.issue.batch_max;
     if request.awards.is_empty() || request.awards.len() > max {
         return Err(ApiError::InvalidRequest(format!(
@@ -176,7 +194,11 @@ async fn award_batch(
         r.as_ref().err().map(ApiError::log);
     }
     crate::metrics::award_latency(started.elapsed().as_secs_f64(), "batch");
-    Ok(reply(Format::of_response(&headers), StatusCode::OK, &BatchReply(results)))
+    Ok(reply(
+        Format::of_response(&headers),
+        StatusCode::OK,
+        &BatchReply(results),
+    ))
 }
 
 #[derive(Serialize)]

@@ -24,7 +24,9 @@ use std::collections::HashMap;
 
 use redis::Script;
 
-use crate::domain::{parse_rain_id, ActivityId, AwardType, Cents, OutTradeNo, SceneId, Stage, UserId};
+use crate::domain::{
+    parse_rain_id, ActivityId, AwardType, Cents, OutTradeNo, SceneId, Stage, UserId,
+};
 use crate::error::ApiError;
 use crate::pb;
 use crate::startup::App;
@@ -126,10 +128,9 @@ pub fn validate(app: &App, req: &AwardRequest, now_ms: i64) -> Result<ValidAward
         .activities
         .get(activity_id.as_str())
         .ok_or_else(|| ApiError::NotFound(format!("no activity `{activity_id}`")))?;
-    let scene = cached
-        .scenes
-        .get(scene_id.as_str())
-        .ok_or_else(|| ApiError::NotFound(format!("no scene `{scene_id}` in activity `{activity_id}`")))?;
+    let scene = cached.scenes.get(scene_id.as_str()).ok_or_else(|| {
+        ApiError::NotFound(format!("no scene `{scene_id}` in activity `{activity_id}`"))
+    })?;
     if scene.award_type != award_type.as_str() {
         return Err(ApiError::InvalidRequest(format!(
             "scene `{scene_id}` awards `{}`, not `{award_type}`",
@@ -210,7 +211,12 @@ impl Issuer {
 
     /// Issues a batch of awards; results come back in request order and one failing item
     /// does not fail the others.
-    pub async fn issue(&self, app: &App, caller: &str, requests: Vec<AwardRequest>) -> Vec<Result<Issued, ApiError>> {
+    pub async fn issue(
+        &self,
+        app: &App,
+        caller: &str,
+        requests: Vec<AwardRequest>,
+    ) -> Vec<Result<Issued, ApiError>> {
         let now = now_ms();
         let mut results: Vec<Option<Result<Issued, ApiError>>> =
             (0..requests.len()).map(|_| None).collect();
@@ -221,7 +227,8 @@ impl Issuer {
                 continue;
             }
             match validate(app, req, now).and_then(|v| {
-                app.admission.admit(app, caller, &req.activity_id, &req.scene_id)?;
+                app.admission
+                    .admit(app, caller, &req.activity_id, &req.scene_id)?;
                 Ok(v)
             }) {
                 Ok(v) => valid.push((i, v)),
@@ -257,12 +264,20 @@ impl Issuer {
             results[i] = Some(match &results[first] {
                 Some(Ok(issued)) => replay_or_conflict(issued.token.clone(), &v),
                 Some(Err(err)) => Err(clone_error(err)),
-                None => Err(ApiError::Internal(anyhow::anyhow!("duplicate without a first result"))),
+                None => Err(ApiError::Internal(anyhow::anyhow!(
+                    "duplicate without a first result"
+                ))),
             });
         }
         let out: Vec<Result<Issued, ApiError>> = results
             .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(ApiError::Internal(anyhow::anyhow!("award left without a result")))))
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(ApiError::Internal(anyhow::anyhow!(
+                        "award left without a result"
+                    )))
+                })
+            })
             .collect();
         for r in &out {
             crate::metrics::award_outcome(match r {
@@ -274,19 +289,31 @@ impl Issuer {
         out
     }
 
-    async fn issue_unique(&self, app: &App, awards: &[(usize, ValidAward)]) -> Vec<Result<Issued, ApiError>> {
+    async fn issue_unique(
+        &self,
+        app: &App,
+        awards: &[(usize, ValidAward)],
+    ) -> Vec<Result<Issued, ApiError>> {
         let redis = &app.redis;
-        let mut out: Vec<Option<Result<Issued, ApiError>>> = (0..awards.len()).map(|_| None).collect();
+        let mut out: Vec<Option<Result<Issued, ApiError>>> =
+            (0..awards.len()).map(|_| None).collect();
 
         // Step 2: idempotency, one pipelined HGET per award.
         let mut pipe = redis::pipe();
         for (_, v) in awards {
-            pipe.cmd("HGET").arg(redis.tokens_key(v.user)).arg(v.out_trade_no.as_str());
+            pipe.cmd("HGET")
+                .arg(redis.tokens_key(v.user))
+                .arg(v.out_trade_no.as_str());
         }
         let mut conn = redis.conn();
         let existing: Vec<Option<Vec<u8>>> = match pipe.query_async(&mut conn).await {
             Ok(existing) => existing,
-            Err(err) => return awards.iter().map(|_| Err(ApiError::from(clone_redis(&err)))).collect(),
+            Err(err) => {
+                return awards
+                    .iter()
+                    .map(|_| Err(ApiError::from(clone_redis(&err))))
+                    .collect()
+            }
         };
         let mut fresh: Vec<usize> = Vec::with_capacity(awards.len());
         for (k, stored) in existing.into_iter().enumerate() {
@@ -303,9 +330,17 @@ impl Issuer {
             .iter()
             .filter_map(|&k| app.budget.pick(&awards[k].1.activity_id).map(|i| (k, i)))
             .collect();
-        match app.budget.take_pipelined(redis, &firsts, |k| (&awards[k].1.activity_id, awards[k].1.amount.0)).await {
+        match app
+            .budget
+            .take_pipelined(redis, &firsts, |k| {
+                (&awards[k].1.activity_id, awards[k].1.amount.0)
+            })
+            .await
+        {
             Ok(got) => taken.extend(got),
-            Err(err) => tracing::warn!(error = %err, "pipelined budget take failed; taking one by one"),
+            Err(err) => {
+                tracing::warn!(error = %err, "pipelined budget take failed; taking one by one")
+            }
         }
         for &k in &fresh {
             if taken.contains_key(&k) {
@@ -332,7 +367,10 @@ impl Issuer {
                 Err(err) => {
                     // Nothing was stored: the budget goes back at once.
                     if let Some(t) = taken.remove(&k) {
-                        let _ = app.budget.give_back(redis, &awards[k].1.activity_id, &t).await;
+                        let _ = app
+                            .budget
+                            .give_back(redis, &awards[k].1.activity_id, &t)
+                            .await;
                     }
                     out[k] = Some(Err(ApiError::Unavailable(err.to_string())));
                 }
@@ -379,7 +417,13 @@ impl Issuer {
             }
         }
         out.into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(ApiError::Internal(anyhow::anyhow!("award left without a result")))))
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(ApiError::Internal(anyhow::anyhow!(
+                        "award left without a result"
+                    )))
+                })
+            })
             .collect()
     }
 
@@ -405,7 +449,13 @@ impl Issuer {
     }
 
     /// The store.lua call for one token (also used to restore a client's copy).
-    pub fn store_cmd(&self, redis: &Redis, user: UserId, token: &pb::RedPacketToken, bytes: &[u8]) -> redis::Cmd {
+    pub fn store_cmd(
+        &self,
+        redis: &Redis,
+        user: UserId,
+        token: &pb::RedPacketToken,
+        bytes: &[u8],
+    ) -> redis::Cmd {
         let p = redis.partition_of(user);
         let tokens = redis.tokens_key(user);
         let status = redis.status_key(user);
@@ -425,7 +475,11 @@ impl Issuer {
 
     /// Runs store.lua for tokens verified elsewhere (client sync); returns which were
     /// stored now (true) or already held (false).
-    pub async fn restore(&self, redis: &Redis, tokens: &[(UserId, pb::RedPacketToken, Vec<u8>)]) -> redis::RedisResult<Vec<bool>> {
+    pub async fn restore(
+        &self,
+        redis: &Redis,
+        tokens: &[(UserId, pb::RedPacketToken, Vec<u8>)],
+    ) -> redis::RedisResult<Vec<bool>> {
         if tokens.is_empty() {
             return Ok(Vec::new());
         }

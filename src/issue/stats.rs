@@ -25,7 +25,12 @@ pub struct StatsCounter {
 
 impl StatsCounter {
     pub fn add(&self, activity: &str, count: i64, cents: i64) {
-        let existing = self.local.read().expect("stats lock").get(activity).cloned();
+        let existing = self
+            .local
+            .read()
+            .expect("stats lock")
+            .get(activity)
+            .cloned();
         let entry = match existing {
             Some(entry) => entry,
             None => self
@@ -73,10 +78,14 @@ impl StatsCounter {
             pipe.cmd("HINCRBY").arg(&key).arg("c").arg(*c).ignore();
         }
         for activity in activities {
-            pipe.cmd("HMGET").arg(redis.stats_key(activity)).arg("n").arg("c");
+            pipe.cmd("HMGET")
+                .arg(redis.stats_key(activity))
+                .arg("n")
+                .arg("c");
         }
         let mut conn = redis.conn();
-        let read: redis::RedisResult<Vec<(Option<i64>, Option<i64>)>> = pipe.query_async(&mut conn).await;
+        let read: redis::RedisResult<Vec<(Option<i64>, Option<i64>)>> =
+            pipe.query_async(&mut conn).await;
         let read = match read {
             Ok(read) => read,
             Err(err) => {

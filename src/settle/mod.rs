@@ -52,7 +52,10 @@ pub struct Booked {
 
 impl Booked {
     pub fn credited_cents(&self, entries: &[AwardEntry]) -> i64 {
-        self.newly_booked.iter().map(|&i| entries[i].amount_cents).sum()
+        self.newly_booked
+            .iter()
+            .map(|&i| entries[i].amount_cents)
+            .sum()
     }
 }
 
@@ -103,14 +106,19 @@ pub async fn lock_accounts(
 }
 
 /// Which of `out_trade_nos` the ledger already holds.
-pub async fn already_booked<'e, E>(executor: E, out_trade_nos: &[&str]) -> Result<HashSet<String>, sqlx::Error>
+pub async fn already_booked<'e, E>(
+    executor: E,
+    out_trade_nos: &[&str],
+) -> Result<HashSet<String>, sqlx::Error>
 where
     E: sqlx::Executor<'e, Database = MySql>,
 {
     if out_trade_nos.is_empty() {
         return Ok(HashSet::new());
     }
-    let mut q = QueryBuilder::<MySql>::new("SELECT out_trade_no FROM ledger_entries WHERE out_trade_no IN (");
+    let mut q = QueryBuilder::<MySql>::new(
+        "SELECT out_trade_no FROM ledger_entries WHERE out_trade_no IN (",
+    );
     let mut list = q.separated(", ");
     for otn in out_trade_nos {
         list.push_bind(*otn);
@@ -122,7 +130,10 @@ where
 
 /// Books `entries` inside `tx`: inserts the ledger rows the ledger does not hold yet and
 /// credits each account by exactly what was inserted for it.
-pub async fn book_in_tx(tx: &mut Transaction<'_, MySql>, entries: &[AwardEntry]) -> Result<Booked, sqlx::Error> {
+pub async fn book_in_tx(
+    tx: &mut Transaction<'_, MySql>,
+    entries: &[AwardEntry],
+) -> Result<Booked, sqlx::Error> {
     if entries.is_empty() {
         return Ok(Booked::default());
     }
@@ -160,7 +171,9 @@ pub async fn book_in_tx(tx: &mut Transaction<'_, MySql>, entries: &[AwardEntry])
             debug_assert!(entries[i].amount_cents > 0, "awards are positive");
             *credit.entry(entries[i].user.get()).or_default() += entries[i].amount_cents;
         }
-        let mut update = QueryBuilder::<MySql>::new("INSERT INTO accounts (user_id, balance_cents, total_income_cents) ");
+        let mut update = QueryBuilder::<MySql>::new(
+            "INSERT INTO accounts (user_id, balance_cents, total_income_cents) ",
+        );
         update.push_values(&credit, |mut b, (user, cents)| {
             b.push_bind(*user).push_bind(*cents).push_bind(*cents);
         });
@@ -195,7 +208,8 @@ pub async fn book(db: &crate::store::Db, entries: &[AwardEntry]) -> Result<Booke
         let mut tx = db.shard(shard).begin().await?;
         let booked = book_in_tx(&mut tx, &part).await?;
         tx.commit().await?;
-        all.newly_booked.extend(booked.newly_booked.iter().map(|&k| indices[k]));
+        all.newly_booked
+            .extend(booked.newly_booked.iter().map(|&k| indices[k]));
         all.accounts.extend(booked.accounts);
     }
     Ok(all)
@@ -220,14 +234,27 @@ impl Marker {
         &self.script
     }
 
-    pub async fn mark(&self, redis: &Redis, entries: &[AwardEntry], accounts: &[Account]) -> redis::RedisResult<u64> {
+    pub async fn mark(
+        &self,
+        redis: &Redis,
+        entries: &[AwardEntry],
+        accounts: &[Account],
+    ) -> redis::RedisResult<u64> {
         let mut by_partition: BTreeMap<u32, (Vec<&AwardEntry>, Vec<&Account>)> = BTreeMap::new();
         for e in entries {
-            by_partition.entry(redis.partition_of(e.user)).or_default().0.push(e);
+            by_partition
+                .entry(redis.partition_of(e.user))
+                .or_default()
+                .0
+                .push(e);
         }
         for a in accounts {
             if let Ok(user) = UserId::parse(a.user_id) {
-                by_partition.entry(redis.partition_of(user)).or_default().1.push(a);
+                by_partition
+                    .entry(redis.partition_of(user))
+                    .or_default()
+                    .1
+                    .push(a);
             }
         }
         let now = now_ms();

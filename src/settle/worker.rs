@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply};
+use redis::streams::{
+    StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply,
+};
 use redis::AsyncCommands;
 use tokio::sync::watch;
 
@@ -29,9 +31,14 @@ pub enum Outcome {
     Empty,
     /// Booking is paused by the `booking_paused` switch.
     Paused,
-    Booked { entries: usize, newly_booked: usize },
+    Booked {
+        entries: usize,
+        newly_booked: usize,
+    },
     /// Test hook: stopped right after the commit, before marking and acknowledging.
-    StoppedAfterCommit { entries: usize },
+    StoppedAfterCommit {
+        entries: usize,
+    },
 }
 
 #[derive(Clone)]
@@ -61,11 +68,17 @@ pub fn rate_limiter(max_tps: u32, batch_size: usize) -> Option<Arc<DefaultDirect
     // The burst is one batch (or one second, if smaller), so the measured rate follows
     // the configured one within a batch.
     let burst = NonZeroU32::new((batch_size as u32).min(max_tps).max(1)).expect("positive");
-    Some(Arc::new(RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))))
+    Some(Arc::new(RateLimiter::direct(
+        Quota::per_second(rate).allow_burst(burst),
+    )))
 }
 
 impl Worker {
-    pub fn new(app: Arc<App>, options: WorkerOptions, limiter: Option<Arc<DefaultDirectRateLimiter>>) -> Self {
+    pub fn new(
+        app: Arc<App>,
+        options: WorkerOptions,
+        limiter: Option<Arc<DefaultDirectRateLimiter>>,
+    ) -> Self {
         Self {
             app,
             options,
@@ -78,9 +91,10 @@ impl Worker {
     fn read_count(&self) -> usize {
         match &self.limiter {
             // Never ask the bucket for more than it can ever hold.
-            Some(_) if self.app.settings.settle.max_tps > 0 => {
-                self.options.batch_size.min(self.app.settings.settle.max_tps as usize)
-            }
+            Some(_) if self.app.settings.settle.max_tps > 0 => self
+                .options
+                .batch_size
+                .min(self.app.settings.settle.max_tps as usize),
             _ => self.options.batch_size,
         }
     }
@@ -115,11 +129,16 @@ impl Worker {
                 Err(err) => return Err(err.into()),
             }
         }
-        let start = if self.own_pending.contains(&partition) { "0" } else { ">" };
+        let start = if self.own_pending.contains(&partition) {
+            "0"
+        } else {
+            ">"
+        };
         let options = StreamReadOptions::default()
             .group(SETTLE_GROUP, &self.options.consumer)
             .count(count);
-        let reply: redis::RedisResult<StreamReadReply> = conn.xread_options(&[&stream], &[start], &options).await;
+        let reply: redis::RedisResult<StreamReadReply> =
+            conn.xread_options(&[&stream], &[start], &options).await;
         let reply = match reply {
             Ok(reply) => reply,
             Err(err) if err.code() == Some("NOGROUP") => {
@@ -161,7 +180,10 @@ impl Worker {
             let _: () = conn.xack(&stream, SETTLE_GROUP, &malformed).await?;
         }
         if let (Some(limiter), Some(n)) = (&self.limiter, NonZeroU32::new(entries.len() as u32)) {
-            limiter.until_n_ready(n).await.map_err(|e| anyhow::anyhow!("rate limiter: {e}"))?;
+            limiter
+                .until_n_ready(n)
+                .await
+                .map_err(|e| anyhow::anyhow!("rate limiter: {e}"))?;
         }
         self.own_pending.insert(partition);
         let started = Instant::now();
@@ -169,9 +191,14 @@ impl Worker {
         crate::metrics::booking_batch_latency(started.elapsed().as_secs_f64());
         crate::metrics::booked(booked.newly_booked.len() as u64);
         if self.options.stop_after_commit {
-            return Ok(Outcome::StoppedAfterCommit { entries: entries.len() });
+            return Ok(Outcome::StoppedAfterCommit {
+                entries: entries.len(),
+            });
         }
-        self.app.marker.mark(&self.app.redis, &entries, &booked.accounts).await?;
+        self.app
+            .marker
+            .mark(&self.app.redis, &entries, &booked.accounts)
+            .await?;
         Ok(Outcome::Booked {
             entries: entries.len(),
             newly_booked: booked.newly_booked.len(),
@@ -193,11 +220,18 @@ impl Worker {
                     break;
                 }
                 match self.try_execute_batch(p).await {
-                    Ok(Outcome::Booked { .. }) | Ok(Outcome::StoppedAfterCommit { .. }) => busy = true,
+                    Ok(Outcome::Booked { .. }) | Ok(Outcome::StoppedAfterCommit { .. }) => {
+                        busy = true
+                    }
                     Ok(Outcome::Empty) | Ok(Outcome::Paused) => {}
                     Err(err) => {
                         failed = true;
-                        tracing::warn!(partition = p, error = format!("{err:#}"), retry_in_ms = backoff.as_millis() as u64, "booking batch failed");
+                        tracing::warn!(
+                            partition = p,
+                            error = format!("{err:#}"),
+                            retry_in_ms = backoff.as_millis() as u64,
+                            "booking batch failed"
+                        );
                         break;
                     }
                 }
@@ -237,11 +271,16 @@ fn parse_entry(id: &StreamId) -> Option<AwardEntry> {
 /// Starts the worker tasks of one instance; they stop when `shutdown` flips.
 pub fn spawn(app: Arc<App>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
     let settings = &app.settings.settle;
-    let tasks = settings.concurrency.min(app.redis.partitions() as usize).max(1);
+    let tasks = settings
+        .concurrency
+        .min(app.redis.partitions() as usize)
+        .max(1);
     let limiter = rate_limiter(settings.max_tps, settings.batch_size);
     (0..tasks)
         .map(|t| {
-            let partitions: Vec<u32> = (0..app.redis.partitions()).filter(|p| *p as usize % tasks == t).collect();
+            let partitions: Vec<u32> = (0..app.redis.partitions())
+                .filter(|p| *p as usize % tasks == t)
+                .collect();
             let worker = Worker::new(
                 app.clone(),
                 WorkerOptions {

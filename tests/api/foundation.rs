@@ -23,7 +23,15 @@ async fn health_readiness_and_metrics_answer() {
     let (status, body) = t.get("/readyz", None).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["ready"], true);
-    let text = t.client.get(format!("{}/metrics", t.url)).send().await.unwrap().text().await.unwrap();
+    let text = t
+        .client
+        .get(format!("{}/metrics", t.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(text.contains("rpw_settle_backlog_entries"), "{text}");
     t.stop().await;
 }
@@ -47,7 +55,10 @@ async fn every_operator_validation_rule_is_a_400_and_writes_nothing() {
         ("name", json!("")),
         ("stage", json!("prod")),
         ("ends_at", json!(now.to_rfc3339())),
-        ("ends_at", json!((now - chrono::Duration::hours(1)).to_rfc3339())),
+        (
+            "ends_at",
+            json!((now - chrono::Duration::hours(1)).to_rfc3339()),
+        ),
         ("starts_at", json!("not a time")),
         ("budget_cents", json!(0)),
         ("budget_cents", json!(-5)),
@@ -77,7 +88,11 @@ async fn every_operator_validation_rule_is_a_400_and_writes_nothing() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 400);
     assert_eq!(t.sql_i64("SELECT COUNT(*) FROM activities").await, 0);
-    assert_eq!(t.redis_snapshot().await, before, "refused creates touched Redis");
+    assert_eq!(
+        t.redis_snapshot().await,
+        before,
+        "refused creates touched Redis"
+    );
 
     // Scenes and budgets validate too.
     t.open_activity("cny2027", 1000, 100).await;
@@ -88,18 +103,36 @@ async fn every_operator_validation_rule_is_a_400_and_writes_nothing() {
         json!({"id": "ok", "name": "x", "award_type": "cash_money"}),
         json!({"id": "ok", "name": "x", "award_type": "cash", "admission_fraction": 1.5}),
     ] {
-        let (status, resp) = t.post("/v1/admin/activities/cny2027/scenes", ADMIN, &body).await;
+        let (status, resp) = t
+            .post("/v1/admin/activities/cny2027/scenes", ADMIN, &body)
+            .await;
         assert_eq!(status, 400, "{body}: {resp}");
     }
     for delta in [0, -10] {
-        let (status, _) = t.post("/v1/admin/activities/cny2027/budget", ADMIN, &json!({"delta_cents": delta})).await;
+        let (status, _) = t
+            .post(
+                "/v1/admin/activities/cny2027/budget",
+                ADMIN,
+                &json!({"delta_cents": delta}),
+            )
+            .await;
         assert_eq!(status, 400);
     }
-    let (status, _) = t.post("/v1/admin/activities/nope/budget", ADMIN, &json!({"delta_cents": 5})).await;
+    let (status, _) = t
+        .post(
+            "/v1/admin/activities/nope/budget",
+            ADMIN,
+            &json!({"delta_cents": 5}),
+        )
+        .await;
     assert_eq!(status, 404);
     assert_eq!(t.sql_i64("SELECT COUNT(*) FROM activities").await, 1);
     assert_eq!(t.sql_i64("SELECT COUNT(*) FROM scenes").await, 1);
-    assert_eq!(t.sql_i64("SELECT CAST(budget_cents AS SIGNED) FROM activities").await, 1000);
+    assert_eq!(
+        t.sql_i64("SELECT CAST(budget_cents AS SIGNED) FROM activities")
+            .await,
+        1000
+    );
     assert_eq!(t.redis_snapshot().await, after_create);
     t.stop().await;
 }
@@ -108,13 +141,22 @@ async fn every_operator_validation_rule_is_a_400_and_writes_nothing() {
 async fn budget_added_during_the_event_is_spread_and_shown() {
     let t = spawn_app().await;
     t.open_activity("cny2027", 1_000, 100).await;
-    let (status, body) = t.post("/v1/admin/activities/cny2027/budget", ADMIN, &json!({"delta_cents": 600})).await;
+    let (status, body) = t
+        .post(
+            "/v1/admin/activities/cny2027/budget",
+            ADMIN,
+            &json!({"delta_cents": 600}),
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["budget_cents"], 1_600);
     assert_eq!(body["budget_remaining_cents"], 1_600);
     let figures = t.app.budget.figures(&t.app.redis, "cny2027").await.unwrap();
     assert_eq!(figures.funded_cents, 1_600);
-    assert_eq!(figures.min_sub_stock_cents, 100, "16 sub-stocks of 100 each");
+    assert_eq!(
+        figures.min_sub_stock_cents, 100,
+        "16 sub-stocks of 100 each"
+    );
     let (status, again) = t.get("/v1/admin/activities/cny2027", Some(ADMIN)).await;
     assert_eq!(status, 200);
     assert_eq!(again["scenes"][0]["id"], "rain");
@@ -173,14 +215,22 @@ async fn readyz_reports_an_unreachable_mysql() {
     let mut settings = test_settings("rpw", "tready", &keys, &[]);
     settings.mysql.url = redpacket_wallet::config::Secret::new("mysql://rpw:rpw@127.0.0.1:1/rpw");
     settings.mysql.acquire_timeout_ms = 500;
-    let app = redpacket_wallet::startup::App::build(settings, false).await.expect("starts without mysql");
+    let app = redpacket_wallet::startup::App::build(settings, false)
+        .await
+        .expect("starts without mysql");
     let running = redpacket_wallet::startup::Running::start(
         app,
-        redpacket_wallet::startup::RunOptions { http: true, worker: false, cron: false },
+        redpacket_wallet::startup::RunOptions {
+            http: true,
+            worker: false,
+            cron: false,
+        },
     )
     .await
     .unwrap();
-    let resp = reqwest::get(format!("{}/readyz", running.url())).await.unwrap();
+    let resp = reqwest::get(format!("{}/readyz", running.url()))
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 503);
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["mysql"], "unreachable");
@@ -196,17 +246,27 @@ async fn readyz_reports_a_redis_that_was_killed() {
     let mut settings = test_settings(&db, "tkill", &keys, &[]);
     settings.redis.url = redpacket_wallet::config::Secret::new(redis.url());
     settings.redis.command_timeout_ms = 500;
-    let app = redpacket_wallet::startup::App::build(settings, true).await.unwrap();
+    let app = redpacket_wallet::startup::App::build(settings, true)
+        .await
+        .unwrap();
     let running = redpacket_wallet::startup::Running::start(
         app,
-        redpacket_wallet::startup::RunOptions { http: true, worker: false, cron: false },
+        redpacket_wallet::startup::RunOptions {
+            http: true,
+            worker: false,
+            cron: false,
+        },
     )
     .await
     .unwrap();
-    let ready = reqwest::get(format!("{}/readyz", running.url())).await.unwrap();
+    let ready = reqwest::get(format!("{}/readyz", running.url()))
+        .await
+        .unwrap();
     assert_eq!(ready.status().as_u16(), 200);
     redis.kill();
-    let resp = reqwest::get(format!("{}/readyz", running.url())).await.unwrap();
+    let resp = reqwest::get(format!("{}/readyz", running.url()))
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 503);
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["redis"], "unreachable");

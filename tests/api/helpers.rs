@@ -20,7 +20,8 @@ pub fn redis_url() -> String {
 }
 
 pub fn mysql_base_url() -> String {
-    std::env::var("RPW_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://rpw:rpw@127.0.0.1:3306/rpw".into())
+    std::env::var("RPW_TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://rpw:rpw@127.0.0.1:3306/rpw".into())
 }
 
 /// The server URL with the database name replaced.
@@ -50,13 +51,23 @@ pub struct Options {
 
 pub async fn create_database() -> String {
     let name = format!("rpw_t_{:016x}", rand::random::<u64>());
-    let pool = sqlx::MySqlPool::connect(&mysql_base_url()).await.expect("connect to mysql (run scripts/services.sh)");
-    sqlx::query(&format!("CREATE DATABASE `{name}`")).execute(&pool).await.unwrap();
+    let pool = sqlx::MySqlPool::connect(&mysql_base_url())
+        .await
+        .expect("connect to mysql (run scripts/services.sh)");
+    sqlx::query(&format!("CREATE DATABASE `{name}`"))
+        .execute(&pool)
+        .await
+        .unwrap();
     pool.close().await;
     name
 }
 
-pub fn test_settings(db_name: &str, prefix: &str, keys_dir: &std::path::Path, extra: &[(String, String)]) -> Settings {
+pub fn test_settings(
+    db_name: &str,
+    prefix: &str,
+    keys_dir: &std::path::Path,
+    extra: &[(String, String)],
+) -> Settings {
     let mut env: Vec<(String, String)> = vec![
         ("RPW_HTTP__ADDR", "127.0.0.1:0".to_string()),
         ("RPW_HTTP__SHUTDOWN_TIMEOUT_MS", "2000".to_string()),
@@ -128,7 +139,10 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         running: Some(running),
         app,
         url,
-        client: reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap(),
+        client: reqwest::Client::builder()
+            .pool_max_idle_per_host(64)
+            .build()
+            .unwrap(),
         db_name,
         keys_dir,
         prefix,
@@ -136,14 +150,34 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
 }
 
 impl TestApp {
+    /// Stops the server and removes what the test created (its database, its keys).
     pub async fn stop(mut self) {
         if let Some(r) = self.running.take() {
             r.stop().await;
         }
+        if self.db_name.starts_with("rpw_t_") {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS `{}`", self.db_name))
+                .execute(self.app.db.main())
+                .await;
+        }
+        let _ = std::fs::remove_dir_all(&self.keys_dir);
+        let mut conn = self.app.redis.conn();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}*", self.prefix))
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: redis::RedisResult<()> =
+                redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
+        }
     }
 
     pub fn jwt(&self, user: i64) -> String {
-        self.app.auth.issue_user_jwt(UserId::parse(user).unwrap(), 3600).unwrap()
+        self.app
+            .auth
+            .issue_user_jwt(UserId::parse(user).unwrap(), 3600)
+            .unwrap()
     }
 
     pub async fn post(&self, path: &str, bearer: &str, body: &Value) -> (u16, Value) {
@@ -186,11 +220,20 @@ impl TestApp {
     /// Creates an open activity (started a minute ago, ends in an hour) with one scene
     /// `rain` awarding `cash`.
     pub async fn open_activity(&self, id: &str, budget_cents: i64, max_award_cents: i64) {
-        self.activity_with_window(id, "live", budget_cents, max_award_cents, -60, 3600).await;
+        self.activity_with_window(id, "live", budget_cents, max_award_cents, -60, 3600)
+            .await;
         self.scene(id, "rain", "cash").await;
     }
 
-    pub async fn activity_with_window(&self, id: &str, stage: &str, budget: i64, cap: i64, start_offset_s: i64, end_offset_s: i64) {
+    pub async fn activity_with_window(
+        &self,
+        id: &str,
+        stage: &str,
+        budget: i64,
+        cap: i64,
+        start_offset_s: i64,
+        end_offset_s: i64,
+    ) {
         let now = chrono::Utc::now();
         let (status, body) = self
             .post(
@@ -218,16 +261,6 @@ impl TestApp {
         assert_eq!(status, 201, "{body}");
     }
 
-    pub async fn award(&self, user: i64, activity: &str, rain: i64, amount: i64) -> (u16, Value) {
-        self.post(
-            "/v1/awards",
-            CALLER,
-            &json!({"user_id": user, "app_id": 1, "activity_id": activity, "scene_id": "rain",
-                    "rain_id": rain, "award_type": "cash", "amount_cents": amount}),
-        )
-        .await
-    }
-
     pub async fn wallet(&self, user: i64) -> Value {
         let (status, body) = self.get("/v1/wallet", Some(&self.jwt(user))).await;
         assert_eq!(status, 200, "{body}");
@@ -252,11 +285,10 @@ impl TestApp {
         let mut worker = self.worker("drain");
         let mut booked = 0;
         for p in 0..self.app.redis.partitions() {
-            loop {
-                match worker.try_execute_batch(p).await.expect("batch") {
-                    Outcome::Booked { newly_booked, .. } => booked += newly_booked,
-                    _ => break,
-                }
+            while let Outcome::Booked { newly_booked, .. } =
+                worker.try_execute_batch(p).await.expect("batch")
+            {
+                booked += newly_booked;
             }
         }
         booked
@@ -273,14 +305,21 @@ impl TestApp {
         keys.sort();
         let mut out = Vec::new();
         for k in keys {
-            let dump: Option<Vec<u8>> = redis::cmd("DUMP").arg(&k).query_async(&mut conn).await.unwrap();
+            let dump: Option<Vec<u8>> = redis::cmd("DUMP")
+                .arg(&k)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
             out.push((k, dump.unwrap_or_default()));
         }
         out
     }
 
     pub async fn sql_i64(&self, sql: &str) -> i64 {
-        let row: (i64,) = sqlx::query_as(sql).fetch_one(self.app.db.main()).await.unwrap();
+        let row: (i64,) = sqlx::query_as(sql)
+            .fetch_one(self.app.db.main())
+            .await
+            .unwrap();
         row.0
     }
 }
@@ -293,16 +332,30 @@ pub struct PrivateRedis {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl PrivateRedis {
     pub fn start() -> Self {
         let port = free_port();
-        let dir = std::env::temp_dir().join(format!("rpw-redis-{port}-{:08x}", rand::random::<u32>()));
+        let dir =
+            std::env::temp_dir().join(format!("rpw-redis-{port}-{:08x}", rand::random::<u32>()));
         std::fs::create_dir_all(&dir).unwrap();
         let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .arg("--dir")
             .arg(&dir)
             .stdout(std::process::Stdio::null())
@@ -314,7 +367,11 @@ impl PrivateRedis {
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        Self { child: Some(child), port, dir }
+        Self {
+            child: Some(child),
+            port,
+            dir,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -354,12 +411,17 @@ impl PrivateMariadb {
             .env("RPW_DATA_DIR", &self.data_dir)
             .output()
             .expect("run scripts/services.sh");
-        assert!(out.status.success(), "services.sh {action} mysql failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "services.sh {action} mysql failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     pub fn start() -> Self {
         let port = free_port();
-        let data_dir = std::env::temp_dir().join(format!("rpw-mariadb-{port}-{:08x}", rand::random::<u32>()));
+        let data_dir =
+            std::env::temp_dir().join(format!("rpw-mariadb-{port}-{:08x}", rand::random::<u32>()));
         let db = Self { port, data_dir };
         db.services("start");
         db

@@ -37,7 +37,8 @@ async fn two_hundred_identical_awards_mint_one_token() {
         let body = award_body(42, 7, 88);
         let t = &t;
         async move { t.post("/v1/awards", CALLER, &body).await }
-    })).await;
+    }))
+    .await;
     let mut tokens = HashSet::new();
     let mut created = 0;
     for (status, body) in &responses {
@@ -52,10 +53,16 @@ async fn two_hundred_identical_awards_mint_one_token() {
         tokens.insert(body["token"].as_str().unwrap().to_string());
     }
     assert_eq!(created, 1, "exactly one request minted");
-    assert_eq!(tokens.len(), 1, "every response carries the same token bytes");
+    assert_eq!(
+        tokens.len(),
+        1,
+        "every response carries the same token bytes"
+    );
     let figures = t.app.budget.figures(&t.app.redis, "cny2027").await.unwrap();
     assert_eq!(figures.taken_cents, 88, "budget taken once");
-    let issued = redpacket_wallet::reconcile::issued_totals(&t.app.redis, "cny2027").await.unwrap();
+    let issued = redpacket_wallet::reconcile::issued_totals(&t.app.redis, "cny2027")
+        .await
+        .unwrap();
     assert_eq!((issued.count, issued.cents), (1, 88));
     t.stop().await;
 }
@@ -68,7 +75,8 @@ async fn five_hundred_awards_against_a_budget_of_137_never_over_issue() {
         let body = award_body(1_000 + u, 1, 1);
         let t = &t;
         async move { t.post("/v1/awards", CALLER, &body).await }
-    })).await;
+    }))
+    .await;
     let ok = responses.iter().filter(|(s, _)| *s == 201).count();
     let exhausted = responses
         .iter()
@@ -77,7 +85,10 @@ async fn five_hundred_awards_against_a_budget_of_137_never_over_issue() {
     assert_eq!(ok, 137);
     assert_eq!(exhausted, 500 - 137);
     let stocks = budget_sub_stocks(&t, "cny2027").await;
-    assert!(stocks.iter().all(|s| *s == 0), "no sub-stock negative, none left: {stocks:?}");
+    assert!(
+        stocks.iter().all(|s| *s == 0),
+        "no sub-stock negative, none left: {stocks:?}"
+    );
     let (status, view) = t.get("/v1/admin/activities/cny2027", Some(ADMIN)).await;
     assert_eq!(status, 200);
     assert_eq!(view["budget_remaining_cents"], 0);
@@ -87,7 +98,13 @@ async fn five_hundred_awards_against_a_budget_of_137_never_over_issue() {
 
     // A replay after the budget ran out still returns its token.
     let first = responses.iter().position(|(s, _)| *s == 201).unwrap();
-    let (status, replay) = t.post("/v1/awards", CALLER, &award_body(1_000 + first as i64, 1, 1)).await;
+    let (status, replay) = t
+        .post(
+            "/v1/awards",
+            CALLER,
+            &award_body(1_000 + first as i64, 1, 1),
+        )
+        .await;
     assert_eq!(status, 200, "{replay}");
     assert_eq!(replay["replayed"], true);
     assert_eq!(replay["token"], responses[first].1["token"]);
@@ -110,7 +127,10 @@ async fn the_last_cents_spread_thin_still_cover_an_award() {
     assert!(stocks.iter().all(|s| *s >= 0));
     let (status, _) = t.post("/v1/awards", CALLER, &award_body(8, 1, 6)).await;
     assert_eq!(status, 201);
-    assert_eq!(budget_sub_stocks(&t, "cny2027").await.iter().sum::<i64>(), 0);
+    assert_eq!(
+        budget_sub_stocks(&t, "cny2027").await.iter().sum::<i64>(),
+        0
+    );
     t.stop().await;
 }
 
@@ -118,11 +138,26 @@ async fn the_last_cents_spread_thin_still_cover_an_award() {
 async fn added_budget_reopens_an_exhausted_activity() {
     let t = spawn_app().await;
     t.open_activity("cny2027", 16, 16).await;
-    assert_eq!(t.post("/v1/awards", CALLER, &award_body(1, 1, 16)).await.0, 201);
-    assert_eq!(t.post("/v1/awards", CALLER, &award_body(2, 1, 1)).await.0, 409);
-    let (status, _) = t.post("/v1/admin/activities/cny2027/budget", ADMIN, &json!({"delta_cents": 32})).await;
+    assert_eq!(
+        t.post("/v1/awards", CALLER, &award_body(1, 1, 16)).await.0,
+        201
+    );
+    assert_eq!(
+        t.post("/v1/awards", CALLER, &award_body(2, 1, 1)).await.0,
+        409
+    );
+    let (status, _) = t
+        .post(
+            "/v1/admin/activities/cny2027/budget",
+            ADMIN,
+            &json!({"delta_cents": 32}),
+        )
+        .await;
     assert_eq!(status, 200);
-    assert_eq!(t.post("/v1/awards", CALLER, &award_body(2, 1, 1)).await.0, 201);
+    assert_eq!(
+        t.post("/v1/awards", CALLER, &award_body(2, 1, 1)).await.0,
+        201
+    );
     t.stop().await;
 }
 
@@ -130,7 +165,10 @@ async fn added_budget_reopens_an_exhausted_activity() {
 async fn the_same_out_trade_no_with_other_fields_is_a_conflict() {
     let t = spawn_app().await;
     t.open_activity("cny2027", 10_000, 500).await;
-    assert_eq!(t.post("/v1/awards", CALLER, &award_body(42, 7, 88)).await.0, 201);
+    assert_eq!(
+        t.post("/v1/awards", CALLER, &award_body(42, 7, 88)).await.0,
+        201
+    );
     let before = t.redis_snapshot().await;
     let (status, body) = t.post("/v1/awards", CALLER, &award_body(42, 7, 89)).await;
     assert_eq!(status, 409);
@@ -146,9 +184,11 @@ async fn the_same_out_trade_no_with_other_fields_is_a_conflict() {
 async fn bad_awards_get_their_code_and_change_nothing() {
     let t = spawn_app().await;
     t.open_activity("cny2027", 10_000, 500).await;
-    t.activity_with_window("later", "live", 1_000, 100, 3_600, 7_200).await;
+    t.activity_with_window("later", "live", 1_000, 100, 3_600, 7_200)
+        .await;
     t.scene("later", "rain", "cash").await;
-    t.activity_with_window("over", "live", 1_000, 100, -7_200, -3_600).await;
+    t.activity_with_window("over", "live", 1_000, 100, -7_200, -3_600)
+        .await;
     t.scene("over", "rain", "cash").await;
     // Let the cache and the stats flush settle, then freeze the picture of Redis.
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -159,18 +199,78 @@ async fn bad_awards_get_their_code_and_change_nothing() {
         b
     };
     let cases: Vec<(&str, Value, u16, &str)> = vec![
-        ("zero amount", with(&|b| b["amount_cents"] = json!(0)), 400, "invalid_request"),
-        ("negative amount", with(&|b| b["amount_cents"] = json!(-1)), 400, "invalid_request"),
-        ("over cap", with(&|b| b["amount_cents"] = json!(501)), 422, "amount_over_cap"),
-        ("user 0", with(&|b| b["user_id"] = json!(0)), 400, "invalid_request"),
-        ("unknown activity", with(&|b| b["activity_id"] = json!("nope")), 404, "not_found"),
-        ("unknown scene", with(&|b| b["scene_id"] = json!("cards")), 404, "not_found"),
-        ("before start", with(&|b| b["activity_id"] = json!("later")), 422, "activity_closed"),
-        ("after end", with(&|b| b["activity_id"] = json!("over")), 422, "activity_closed"),
-        ("wrong stage", with(&|b| b["stage"] = json!("gray")), 422, "activity_closed"),
-        ("unknown stage", with(&|b| b["stage"] = json!("prod")), 400, "invalid_request"),
-        ("wrong award type", with(&|b| b["award_type"] = json!("card")), 400, "invalid_request"),
-        ("missing field", json!({"user_id": 42}), 400, "invalid_request"),
+        (
+            "zero amount",
+            with(&|b| b["amount_cents"] = json!(0)),
+            400,
+            "invalid_request",
+        ),
+        (
+            "negative amount",
+            with(&|b| b["amount_cents"] = json!(-1)),
+            400,
+            "invalid_request",
+        ),
+        (
+            "over cap",
+            with(&|b| b["amount_cents"] = json!(501)),
+            422,
+            "amount_over_cap",
+        ),
+        (
+            "user 0",
+            with(&|b| b["user_id"] = json!(0)),
+            400,
+            "invalid_request",
+        ),
+        (
+            "unknown activity",
+            with(&|b| b["activity_id"] = json!("nope")),
+            404,
+            "not_found",
+        ),
+        (
+            "unknown scene",
+            with(&|b| b["scene_id"] = json!("cards")),
+            404,
+            "not_found",
+        ),
+        (
+            "before start",
+            with(&|b| b["activity_id"] = json!("later")),
+            422,
+            "activity_closed",
+        ),
+        (
+            "after end",
+            with(&|b| b["activity_id"] = json!("over")),
+            422,
+            "activity_closed",
+        ),
+        (
+            "wrong stage",
+            with(&|b| b["stage"] = json!("gray")),
+            422,
+            "activity_closed",
+        ),
+        (
+            "unknown stage",
+            with(&|b| b["stage"] = json!("prod")),
+            400,
+            "invalid_request",
+        ),
+        (
+            "wrong award type",
+            with(&|b| b["award_type"] = json!("card")),
+            400,
+            "invalid_request",
+        ),
+        (
+            "missing field",
+            json!({"user_id": 42}),
+            400,
+            "invalid_request",
+        ),
     ];
     for (what, body, status, code) in cases {
         let (s, b) = t.post("/v1/awards", CALLER, &body).await;
@@ -197,12 +297,20 @@ async fn bad_awards_get_their_code_and_change_nothing() {
         }
     }
     let too_many: Vec<Value> = (0..1001).map(|u| award_body(u + 1, 1, 1)).collect();
-    let (s, b) = t.post("/v1/awards:batch", CALLER, &json!({"awards": too_many})).await;
+    let (s, b) = t
+        .post("/v1/awards:batch", CALLER, &json!({"awards": too_many}))
+        .await;
     assert_eq!(s, 400, "{b}");
     assert_eq!(b["error"]["code"], "invalid_request");
-    let (s, _) = t.post("/v1/awards:batch", CALLER, &json!({"awards": []})).await;
+    let (s, _) = t
+        .post("/v1/awards:batch", CALLER, &json!({"awards": []}))
+        .await;
     assert_eq!(s, 400);
-    assert_eq!(t.redis_snapshot().await, before, "refused awards changed Redis");
+    assert_eq!(
+        t.redis_snapshot().await,
+        before,
+        "refused awards changed Redis"
+    );
     t.stop().await;
 }
 
@@ -233,9 +341,11 @@ async fn a_token_verifies_offline_with_the_published_key() {
     assert_eq!(token.status, pb::TokenStatus::Pending as i32);
     let mut tampered = signed.payload.clone();
     tampered[0] ^= 1;
-    assert!(ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &public)
-        .verify(&tampered, &signed.signature)
-        .is_err());
+    assert!(
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &public)
+            .verify(&tampered, &signed.signature)
+            .is_err()
+    );
     t.stop().await;
 }
 
@@ -268,12 +378,20 @@ async fn protobuf_round_trips_for_single_and_batch() {
     let single = pb::AwardResponse::decode(resp.bytes().await.unwrap()).unwrap();
     assert_eq!(single.out_trade_no, "42_rain_3_cash_live");
     assert!(!single.replayed);
-    t.app.keys.verify(
-        &pb::SignedToken::decode(single.token.as_slice()).unwrap().key_id,
-        &pb::SignedToken::decode(single.token.as_slice()).unwrap().payload,
-        &pb::SignedToken::decode(single.token.as_slice()).unwrap().signature,
-    )
-    .unwrap();
+    t.app
+        .keys
+        .verify(
+            &pb::SignedToken::decode(single.token.as_slice())
+                .unwrap()
+                .key_id,
+            &pb::SignedToken::decode(single.token.as_slice())
+                .unwrap()
+                .payload,
+            &pb::SignedToken::decode(single.token.as_slice())
+                .unwrap()
+                .signature,
+        )
+        .unwrap();
 
     let mut bad = request.clone();
     bad.amount_cents = 0;
@@ -282,9 +400,13 @@ async fn protobuf_round_trips_for_single_and_batch() {
     let batch = pb::AwardBatchRequest {
         awards: vec![request.clone(), bad, fresh],
     };
-    let resp = send("/v1/awards:batch", batch.encode_to_vec()).await.unwrap();
+    let resp = send("/v1/awards:batch", batch.encode_to_vec())
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
-    let results = pb::AwardBatchResponse::decode(resp.bytes().await.unwrap()).unwrap().results;
+    let results = pb::AwardBatchResponse::decode(resp.bytes().await.unwrap())
+        .unwrap()
+        .results;
     assert_eq!(results.len(), 3);
     match &results[0].result {
         Some(pb::award_result::Result::Ok(r)) => {
@@ -315,7 +437,9 @@ async fn a_batch_answers_in_order_and_one_bad_item_fails_alone() {
     awards[5]["amount_cents"] = json!(1_000);
     awards[6]["activity_id"] = json!("nope");
     awards.push(award_body(1, 9, 2)); // the same award as item 0, inside the batch
-    let (status, body) = t.post("/v1/awards:batch", CALLER, &json!({"awards": awards})).await;
+    let (status, body) = t
+        .post("/v1/awards:batch", CALLER, &json!({"awards": awards}))
+        .await;
     assert_eq!(status, 200, "{body}");
     let results = body["results"].as_array().unwrap();
     assert_eq!(results.len(), 301);
@@ -324,7 +448,11 @@ async fn a_batch_answers_in_order_and_one_bad_item_fails_alone() {
             5 => assert_eq!(r["error"]["code"], "amount_over_cap"),
             6 => assert_eq!(r["error"]["code"], "not_found"),
             _ => {
-                assert_eq!(r["out_trade_no"], format!("{}_rain_9_cash_live", i + 1), "{r}");
+                assert_eq!(
+                    r["out_trade_no"],
+                    format!("{}_rain_9_cash_live", i + 1),
+                    "{r}"
+                );
                 assert_eq!(r["replayed"], false);
             }
         }
@@ -341,7 +469,10 @@ async fn the_stats_counter_catches_up_within_a_second_or_so() {
     let t = spawn_app().await;
     t.open_activity("cny2027", 10_000, 500).await;
     for u in 1..=5 {
-        assert_eq!(t.post("/v1/awards", CALLER, &award_body(u, 1, 10)).await.0, 201);
+        assert_eq!(
+            t.post("/v1/awards", CALLER, &award_body(u, 1, 10)).await.0,
+            201
+        );
     }
     let mut seen = json!(null);
     for _ in 0..30 {

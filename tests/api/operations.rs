@@ -13,9 +13,18 @@ fn award(user: i64, rain: i64, amount: i64) -> Value {
 }
 
 async fn issue(t: &TestApp, awards: Vec<Value>) {
-    let (status, body) = t.post("/v1/awards:batch", CALLER, &json!({"awards": awards})).await;
+    let (status, body) = t
+        .post("/v1/awards:batch", CALLER, &json!({"awards": awards}))
+        .await;
     assert_eq!(status, 200, "{body}");
-    assert!(body["results"].as_array().unwrap().iter().all(|r| r["error"].is_null()), "{body}");
+    assert!(
+        body["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["error"].is_null()),
+        "{body}"
+    );
 }
 
 fn this_hour() -> String {
@@ -28,23 +37,43 @@ async fn reconciliation_reports_a_ledger_row_altered_behind_our_back() {
     t.open_activity("cny2027", 1_000_000, 1_000).await;
     issue(&t, (0..20).map(|i| award(1 + i % 3, i, 50)).collect()).await;
     t.drain().await;
-    let clean = redpacket_wallet::reconcile::reconcile(&t.app, "cny2027", &this_hour(), "manual").await.unwrap();
+    let clean = redpacket_wallet::reconcile::reconcile(&t.app, "cny2027", &this_hour(), "manual")
+        .await
+        .unwrap();
     assert!(clean.ok, "{clean:?}");
     assert_eq!(clean.issued.cents, 1_000);
     assert_eq!(clean.booked.cents, 1_000);
     assert_eq!(clean.pending.cents, 0);
 
-    sqlx::query("UPDATE ledger_entries SET amount_cents = amount_cents + 7 WHERE kind = 'award' LIMIT 1")
-        .execute(t.app.db.main())
+    sqlx::query(
+        "UPDATE ledger_entries SET amount_cents = amount_cents + 7 WHERE kind = 'award' LIMIT 1",
+    )
+    .execute(t.app.db.main())
+    .await
+    .unwrap();
+    let report = redpacket_wallet::reconcile::reconcile(&t.app, "cny2027", &this_hour(), "manual")
         .await
         .unwrap();
-    let report = redpacket_wallet::reconcile::reconcile(&t.app, "cny2027", &this_hour(), "manual").await.unwrap();
     assert!(!report.ok);
     assert_eq!(report.activity_id, "cny2027");
-    assert_eq!(redpacket_wallet::store::hour_of(report.hour_start.timestamp_millis()), this_hour());
-    assert!(report.problems.iter().any(|p| p.contains("ledger holds more than was issued")), "{report:?}");
-    assert!(report.problems.iter().any(|p| p.contains("disagree")), "{report:?}");
-    let (status, body) = t.get("/v1/admin/reconciliation?activity_id=cny2027", Some(ADMIN)).await;
+    assert_eq!(
+        redpacket_wallet::store::hour_of(report.hour_start.timestamp_millis()),
+        this_hour()
+    );
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains("ledger holds more than was issued")),
+        "{report:?}"
+    );
+    assert!(
+        report.problems.iter().any(|p| p.contains("disagree")),
+        "{report:?}"
+    );
+    let (status, body) = t
+        .get("/v1/admin/reconciliation?activity_id=cny2027", Some(ADMIN))
+        .await;
     assert_eq!(status, 200);
     let reports = body["reports"].as_array().unwrap();
     assert_eq!(reports.len(), 2);
@@ -60,20 +89,61 @@ async fn a_budget_leak_is_shown_then_repaired_exactly_once() {
     t.open_activity("cny2027", 10_000, 1_000).await;
     issue(&t, (0..5).map(|i| award(1, i, 100)).collect()).await;
     // A crash between taking budget and storing the token: the take happens, the store never.
-    let taken = t.app.budget.take(&t.app.redis, "cny2027", 333).await.unwrap().unwrap();
+    let taken = t
+        .app
+        .budget
+        .take(&t.app.redis, "cny2027", 333)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(taken.total(), 333);
-    let report = redpacket_wallet::reconcile::reconcile(&t.app, "cny2027", &this_hour(), "manual").await.unwrap();
+    let report = redpacket_wallet::reconcile::reconcile(&t.app, "cny2027", &this_hour(), "manual")
+        .await
+        .unwrap();
     assert_eq!(report.leak_cents, 333);
-    assert!(report.problems.iter().any(|p| p.contains("budget leak: 333")), "{report:?}");
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains("budget leak: 333")),
+        "{report:?}"
+    );
     // Not while awards may be in flight.
-    let (status, body) = t.post("/v1/admin/activities/cny2027/repair-leak", ADMIN, &json!({})).await;
+    let (status, body) = t
+        .post(
+            "/v1/admin/activities/cny2027/repair-leak",
+            ADMIN,
+            &json!({}),
+        )
+        .await;
     assert_eq!(status, 409, "{body}");
-    assert_eq!(t.app.budget.figures(&t.app.redis, "cny2027").await.unwrap().remaining_cents, 10_000 - 500 - 333);
-    t.put("/v1/admin/switches/issue_off", ADMIN, &json!({"on": true})).await;
-    let (status, body) = t.post("/v1/admin/activities/cny2027/repair-leak", ADMIN, &json!({})).await;
+    assert_eq!(
+        t.app
+            .budget
+            .figures(&t.app.redis, "cny2027")
+            .await
+            .unwrap()
+            .remaining_cents,
+        10_000 - 500 - 333
+    );
+    t.put("/v1/admin/switches/issue_off", ADMIN, &json!({"on": true}))
+        .await;
+    let (status, body) = t
+        .post(
+            "/v1/admin/activities/cny2027/repair-leak",
+            ADMIN,
+            &json!({}),
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["returned_cents"], 333);
-    let (_, body) = t.post("/v1/admin/activities/cny2027/repair-leak", ADMIN, &json!({})).await;
+    let (_, body) = t
+        .post(
+            "/v1/admin/activities/cny2027/repair-leak",
+            ADMIN,
+            &json!({}),
+        )
+        .await;
     assert_eq!(body["returned_cents"], 0, "a second repair returns nothing");
     let figures = t.app.budget.figures(&t.app.redis, "cny2027").await.unwrap();
     assert_eq!(figures.remaining_cents, 10_000 - 500);
@@ -87,21 +157,33 @@ async fn two_scheduler_instances_run_each_tick_once() {
     // A second instance of the same deployment: same database, same key prefix.
     let keys = temp_keys_dir();
     let settings = test_settings(&t.db_name, &t.prefix, &keys, &[]);
-    let other = redpacket_wallet::startup::App::build(settings, false).await.unwrap();
+    let other = redpacket_wallet::startup::App::build(settings, false)
+        .await
+        .unwrap();
     let list = format!("{}:probe-ticks", t.prefix);
     let mut schedulers = Vec::new();
     for app in [t.app.clone(), other.clone()] {
         let scheduler = tokio_cron_scheduler::JobScheduler::new().await.unwrap();
         let list = list.clone();
-        let job = redpacket_wallet::cron::guarded_job(app, "probe", "* * * * * *", move |app: Arc<redpacket_wallet::startup::App>| {
-            let list = list.clone();
-            async move {
-                let mut conn = app.redis.conn();
-                let _: () = conn.rpush(&list, format!("{}@{}", chrono::Utc::now().timestamp(), app.instance_id)).await?;
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                Ok(())
-            }
-        })
+        let job = redpacket_wallet::cron::guarded_job(
+            app,
+            "probe",
+            "* * * * * *",
+            move |app: Arc<redpacket_wallet::startup::App>| {
+                let list = list.clone();
+                async move {
+                    let mut conn = app.redis.conn();
+                    let _: () = conn
+                        .rpush(
+                            &list,
+                            format!("{}@{}", chrono::Utc::now().timestamp(), app.instance_id),
+                        )
+                        .await?;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    Ok(())
+                }
+            },
+        )
         .unwrap();
         scheduler.add(job).await.unwrap();
         scheduler.start().await.unwrap();
@@ -123,15 +205,28 @@ async fn two_scheduler_instances_run_each_tick_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_settle_job_drains_an_ended_activity() {
     let t = spawn_app().await;
-    t.activity_with_window("cny2027", "live", 10_000, 1_000, -60, 2).await;
+    t.activity_with_window("cny2027", "live", 10_000, 1_000, -60, 2)
+        .await;
     t.scene("cny2027", "rain", "cash").await;
     issue(&t, (0..10).map(|i| award(1 + i, 1, 10)).collect()).await;
-    assert!(redpacket_wallet::cron::mark_drained(&t.app).await.unwrap().is_empty());
+    assert!(redpacket_wallet::cron::mark_drained(&t.app)
+        .await
+        .unwrap()
+        .is_empty());
     tokio::time::sleep(std::time::Duration::from_millis(2_200)).await;
-    let booked = redpacket_wallet::cron::settle_all(&t.app, 100).await.unwrap();
+    let booked = redpacket_wallet::cron::settle_all(&t.app, 100)
+        .await
+        .unwrap();
     assert_eq!(booked, 10);
-    assert_eq!(redpacket_wallet::cron::mark_drained(&t.app).await.unwrap(), vec!["cny2027".to_string()]);
-    assert_eq!(t.sql_i64("SELECT COUNT(*) FROM activities WHERE drained_at IS NOT NULL").await, 1);
+    assert_eq!(
+        redpacket_wallet::cron::mark_drained(&t.app).await.unwrap(),
+        vec!["cny2027".to_string()]
+    );
+    assert_eq!(
+        t.sql_i64("SELECT COUNT(*) FROM activities WHERE drained_at IS NOT NULL")
+            .await,
+        1
+    );
     t.stop().await;
 }
 
@@ -158,7 +253,11 @@ async fn over_limit_callers_get_429_with_retry_after() {
             201 => ok += 1,
             429 => {
                 limited += 1;
-                let retry: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+                let retry: u64 = resp.headers()["retry-after"]
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
                 assert!(retry >= 1);
                 let body: Value = resp.json().await.unwrap();
                 assert_eq!(body["error"]["code"], "rate_limited");
@@ -203,42 +302,79 @@ async fn each_switch_does_what_it_says_and_turns_back() {
     let (status, body) = t.get("/v1/admin/switches", Some(ADMIN)).await;
     assert_eq!(status, 200);
     assert_eq!(body["switches"].as_array().unwrap().len(), 4);
-    assert_eq!(t.put("/v1/admin/switches/nope", ADMIN, &json!({"on": true})).await.0, 404);
-    assert_eq!(t.put("/v1/admin/switches/issue_off", CALLER, &json!({"on": true})).await.0, 401);
+    assert_eq!(
+        t.put("/v1/admin/switches/nope", ADMIN, &json!({"on": true}))
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        t.put("/v1/admin/switches/issue_off", CALLER, &json!({"on": true}))
+            .await
+            .0,
+        401
+    );
 
     // issue_off
-    t.put("/v1/admin/switches/issue_off", ADMIN, &json!({"on": true})).await;
+    t.put("/v1/admin/switches/issue_off", ADMIN, &json!({"on": true}))
+        .await;
     let (status, body) = t.post("/v1/awards", CALLER, &award(1, 1, 10)).await;
     assert_eq!(status, 503);
     assert_eq!(body["error"]["code"], "unavailable");
-    t.put("/v1/admin/switches/issue_off", ADMIN, &json!({"on": false})).await;
+    t.put("/v1/admin/switches/issue_off", ADMIN, &json!({"on": false}))
+        .await;
     let (status, issued) = t.post("/v1/awards", CALLER, &award(1, 1, 10)).await;
     assert_eq!(status, 201);
 
     // booking_paused
-    t.put("/v1/admin/switches/booking_paused", ADMIN, &json!({"on": true})).await;
+    t.put(
+        "/v1/admin/switches/booking_paused",
+        ADMIN,
+        &json!({"on": true}),
+    )
+    .await;
     let mut w = t.worker("switch");
     assert_eq!(w.try_execute_batch(1).await.unwrap(), Outcome::Paused);
     assert_eq!(t.sql_i64("SELECT COUNT(*) FROM ledger_entries").await, 0);
-    t.put("/v1/admin/switches/booking_paused", ADMIN, &json!({"on": false})).await;
-    assert!(matches!(w.try_execute_batch(1).await.unwrap(), Outcome::Booked { newly_booked: 1, .. }));
+    t.put(
+        "/v1/admin/switches/booking_paused",
+        ADMIN,
+        &json!({"on": false}),
+    )
+    .await;
+    assert!(matches!(
+        w.try_execute_batch(1).await.unwrap(),
+        Outcome::Booked {
+            newly_booked: 1,
+            ..
+        }
+    ));
 
     // sync_off
     let jwt = t.jwt(1);
-    t.put("/v1/admin/switches/sync_off", ADMIN, &json!({"on": true})).await;
+    t.put("/v1/admin/switches/sync_off", ADMIN, &json!({"on": true}))
+        .await;
     let sync = json!({"tokens": [issued["token"]]});
     assert_eq!(t.post("/v1/wallet/tokens:sync", &jwt, &sync).await.0, 503);
-    t.put("/v1/admin/switches/sync_off", ADMIN, &json!({"on": false})).await;
+    t.put("/v1/admin/switches/sync_off", ADMIN, &json!({"on": false}))
+        .await;
     let (status, body) = t.post("/v1/wallet/tokens:sync", &jwt, &sync).await;
     assert_eq!(status, 200);
     assert_eq!(body["known"], 1);
 
     // A second instance of the deployment sees the shared state within a refresh.
-    t.put("/v1/admin/switches/issue_off", ADMIN, &json!({"on": true})).await;
+    t.put("/v1/admin/switches/issue_off", ADMIN, &json!({"on": true}))
+        .await;
     let keys = temp_keys_dir();
-    let other = redpacket_wallet::startup::App::build(test_settings(&t.db_name, &t.prefix, &keys, &[]), false).await.unwrap();
+    let other = redpacket_wallet::startup::App::build(
+        test_settings(&t.db_name, &t.prefix, &keys, &[]),
+        false,
+    )
+    .await
+    .unwrap();
     assert!(other.switches.issue_off());
-    t.put("/v1/admin/switches/issue_off", ADMIN, &json!({"on": false})).await;
+    t.put("/v1/admin/switches/issue_off", ADMIN, &json!({"on": false}))
+        .await;
     other.switches.refresh(&other.redis).await.unwrap();
     assert!(!other.switches.issue_off());
     t.stop().await;
@@ -249,12 +385,23 @@ async fn views_fall_back_to_redis_when_mysql_is_down_if_switched_on() {
     let mariadb = PrivateMariadb::start();
     let keys = temp_keys_dir();
     let prefix = format!("tfb{:08x}", rand::random::<u32>());
-    let mut settings = test_settings("rpw", &prefix, &keys, &[("RPW_MYSQL__ACQUIRE_TIMEOUT_MS".into(), "800".into())]);
+    let mut settings = test_settings(
+        "rpw",
+        &prefix,
+        &keys,
+        &[("RPW_MYSQL__ACQUIRE_TIMEOUT_MS".into(), "800".into())],
+    );
     settings.mysql.url = redpacket_wallet::config::Secret::new(mariadb.url());
-    let app = redpacket_wallet::startup::App::build(settings, true).await.unwrap();
+    let app = redpacket_wallet::startup::App::build(settings, true)
+        .await
+        .unwrap();
     let running = redpacket_wallet::startup::Running::start(
         app.clone(),
-        redpacket_wallet::startup::RunOptions { http: true, worker: false, cron: false },
+        redpacket_wallet::startup::RunOptions {
+            http: true,
+            worker: false,
+            cron: false,
+        },
     )
     .await
     .unwrap();
@@ -272,7 +419,13 @@ async fn views_fall_back_to_redis_when_mysql_is_down_if_switched_on() {
     t.drain().await;
     issue(&t, vec![award(8, 99, 7)]).await;
     let jwt = t.jwt(8);
-    let (_, w) = t.post("/v1/withdrawals", &jwt, &json!({"request_id": "fb", "amount_cents": 40})).await;
+    let (_, w) = t
+        .post(
+            "/v1/withdrawals",
+            &jwt,
+            &json!({"request_id": "fb", "amount_cents": 40}),
+        )
+        .await;
     assert_eq!(w["balance_cents"], 67);
     issue(&t, vec![award(8, 100, 3)]).await;
     let exact = t.wallet(8).await;
@@ -280,8 +433,16 @@ async fn views_fall_back_to_redis_when_mysql_is_down_if_switched_on() {
 
     mariadb.stop();
     let (status, body) = t.get("/v1/wallet", Some(&jwt)).await;
-    assert_eq!(status, 503, "without the switch a MySQL outage is an honest 503: {body}");
-    t.put("/v1/admin/switches/views_fallback", ADMIN, &json!({"on": true})).await;
+    assert_eq!(
+        status, 503,
+        "without the switch a MySQL outage is an honest 503: {body}"
+    );
+    t.put(
+        "/v1/admin/switches/views_fallback",
+        ADMIN,
+        &json!({"on": true}),
+    )
+    .await;
     let (status, degraded) = t.get("/v1/wallet", Some(&jwt)).await;
     assert_eq!(status, 200, "{degraded}");
     assert_eq!(degraded["degraded"], true);
@@ -290,7 +451,12 @@ async fn views_fall_back_to_redis_when_mysql_is_down_if_switched_on() {
     assert_eq!(degraded["pending_cents"], 3);
     assert_eq!(degraded["withdrawn_cents"], 40);
     mariadb.restart();
-    t.put("/v1/admin/switches/views_fallback", ADMIN, &json!({"on": false})).await;
+    t.put(
+        "/v1/admin/switches/views_fallback",
+        ADMIN,
+        &json!({"on": false}),
+    )
+    .await;
     let mut back = json!(null);
     for _ in 0..40 {
         let (status, body) = t.get("/v1/wallet", Some(&jwt)).await;
@@ -313,17 +479,38 @@ async fn metrics_parse_as_prometheus_text_and_carry_the_series() {
     t.post("/v1/awards", CALLER, &award(2, 1, 10)).await;
     t.drain().await;
     t.wallet(1).await;
-    t.post("/v1/withdrawals", &t.jwt(1), &json!({"request_id": "m", "amount_cents": 5})).await;
-    let text = t.client.get(format!("{}/metrics", t.url)).send().await.unwrap().text().await.unwrap();
+    t.post(
+        "/v1/withdrawals",
+        &t.jwt(1),
+        &json!({"request_id": "m", "amount_cents": 5}),
+    )
+    .await;
+    let text = t
+        .client
+        .get(format!("{}/metrics", t.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let mut names = HashSet::new();
     for line in text.lines() {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("not `series value`: {line}"));
-        value.parse::<f64>().unwrap_or_else(|_| panic!("bad value in {line}"));
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("not `series value`: {line}"));
+        value
+            .parse::<f64>()
+            .unwrap_or_else(|_| panic!("bad value in {line}"));
         let name = series.split('{').next().unwrap();
-        assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'), "{line}");
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "{line}"
+        );
         if let Some(labels) = series.strip_prefix(name) {
             if !labels.is_empty() {
                 assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
@@ -342,7 +529,10 @@ async fn metrics_parse_as_prometheus_text_and_carry_the_series() {
         "rpw_reconciliation_mismatches_total",
         "rpw_dependency_errors_total",
     ] {
-        assert!(names.contains(expected), "{expected} missing from {names:?}");
+        assert!(
+            names.contains(expected),
+            "{expected} missing from {names:?}"
+        );
     }
     assert!(!text.contains(CALLER) && !text.contains(ADMIN));
     t.stop().await;

@@ -9,7 +9,9 @@ use crate::helpers::*;
 async fn issue_batch(t: &TestApp, awards: Vec<Value>) -> Vec<Value> {
     let mut out = Vec::new();
     for chunk in awards.chunks(1000) {
-        let (status, body) = t.post("/v1/awards:batch", CALLER, &json!({"awards": chunk})).await;
+        let (status, body) = t
+            .post("/v1/awards:batch", CALLER, &json!({"awards": chunk}))
+            .await;
         assert_eq!(status, 200, "{body}");
         for r in body["results"].as_array().unwrap() {
             assert!(r["error"].is_null(), "{r}");
@@ -43,7 +45,11 @@ async fn backlog(t: &TestApp) -> u64 {
     let mut conn = t.app.redis.conn();
     let mut total = 0;
     for p in 0..t.app.redis.partitions() {
-        let len: u64 = redis::cmd("XLEN").arg(t.app.redis.stream_key(p)).query_async(&mut conn).await.unwrap();
+        let len: u64 = redis::cmd("XLEN")
+            .arg(t.app.redis.stream_key(p))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
         total += len;
     }
     total
@@ -69,7 +75,10 @@ async fn a_crash_between_commit_and_ack_credits_each_token_once() {
     );
     for p in 0..t.app.redis.partitions() {
         let outcome = crashing.try_execute_batch(p).await.unwrap();
-        assert!(matches!(outcome, Outcome::StoppedAfterCommit { .. } | Outcome::Empty), "{outcome:?}");
+        assert!(
+            matches!(outcome, Outcome::StoppedAfterCommit { .. } | Outcome::Empty),
+            "{outcome:?}"
+        );
     }
     drop(crashing);
     // Committed, not acknowledged: the ledger has every token, Redis still calls them pending.
@@ -89,7 +98,11 @@ async fn a_crash_between_commit_and_ack_credits_each_token_once() {
     );
     let mut redelivered = 0;
     for p in 0..t.app.redis.partitions() {
-        if let Outcome::Booked { entries, newly_booked } = rescuer.try_execute_batch(p).await.unwrap() {
+        if let Outcome::Booked {
+            entries,
+            newly_booked,
+        } = rescuer.try_execute_batch(p).await.unwrap()
+        {
             assert_eq!(newly_booked, 0, "redelivery books nothing new");
             redelivered += entries;
         }
@@ -109,7 +122,9 @@ async fn a_crash_between_commit_and_ack_credits_each_token_once() {
 async fn two_workers_book_five_thousand_tokens_exactly_once() {
     let t = spawn_app().await;
     t.open_activity("cny2027", 100_000_000, 1_000).await;
-    let awards: Vec<Value> = (0..5_000).map(|i| award(1 + i % 97, i, 1 + i % 50)).collect();
+    let awards: Vec<Value> = (0..5_000)
+        .map(|i| award(1 + i % 97, i, 1 + i % 50))
+        .collect();
     let total: i64 = (0..5_000).map(|i| 1 + i % 50).sum();
     let mut expected: HashMap<i64, i64> = HashMap::new();
     for i in 0..5_000 {
@@ -125,7 +140,9 @@ async fn two_workers_book_five_thousand_tokens_exactly_once() {
             while idle_rounds < 3 {
                 let mut any = false;
                 for p in 0..partitions {
-                    if let Outcome::Booked { newly_booked, .. } = w.try_execute_batch(p).await.unwrap() {
+                    if let Outcome::Booked { newly_booked, .. } =
+                        w.try_execute_batch(p).await.unwrap()
+                    {
                         booked += newly_booked;
                         any = true;
                     }
@@ -137,7 +154,10 @@ async fn two_workers_book_five_thousand_tokens_exactly_once() {
     };
     let booked: Vec<usize> = join_all([run("w1"), run("w2")]).await;
     assert_eq!(booked.iter().sum::<usize>(), 5_000, "{booked:?}");
-    assert!(booked.iter().all(|b| *b > 0), "both workers took part: {booked:?}");
+    assert!(
+        booked.iter().all(|b| *b > 0),
+        "both workers took part: {booked:?}"
+    );
     assert_eq!(ledger_awards(&t).await, (5_000, total));
     assert_eq!(balances(&t).await, expected);
     assert_eq!(backlog(&t).await, 0);
@@ -181,7 +201,13 @@ async fn a_withdrawal_forces_settlement_of_pending_tokens() {
     t.open_activity("cny2027", 100_000, 1_000).await;
     issue_batch(&t, (0..3).map(|i| award(5, i, 100)).collect()).await;
     let jwt = t.jwt(5);
-    let (status, body) = t.post("/v1/withdrawals", &jwt, &json!({"request_id": "r1", "amount_cents": 250})).await;
+    let (status, body) = t
+        .post(
+            "/v1/withdrawals",
+            &jwt,
+            &json!({"request_id": "r1", "amount_cents": 250}),
+        )
+        .await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["forced_settled_count"], 3);
     assert_eq!(body["balance_cents"], 50);
@@ -190,14 +216,32 @@ async fn a_withdrawal_forces_settlement_of_pending_tokens() {
     assert_eq!(t.drain().await, 0);
     assert_eq!(ledger_awards(&t).await, (3, 300));
     // The same request again: the same withdrawal, 200. Another amount: a conflict.
-    let (status, again) = t.post("/v1/withdrawals", &jwt, &json!({"request_id": "r1", "amount_cents": 250})).await;
+    let (status, again) = t
+        .post(
+            "/v1/withdrawals",
+            &jwt,
+            &json!({"request_id": "r1", "amount_cents": 250}),
+        )
+        .await;
     assert_eq!(status, 200);
     assert_eq!(again["withdrawal_id"], body["withdrawal_id"]);
-    let (status, conflict) = t.post("/v1/withdrawals", &jwt, &json!({"request_id": "r1", "amount_cents": 10})).await;
+    let (status, conflict) = t
+        .post(
+            "/v1/withdrawals",
+            &jwt,
+            &json!({"request_id": "r1", "amount_cents": 10}),
+        )
+        .await;
     assert_eq!(status, 409);
     assert_eq!(conflict["error"]["code"], "idempotency_conflict");
     // More than the balance: 409 and nothing changes.
-    let (status, err) = t.post("/v1/withdrawals", &jwt, &json!({"request_id": "r2", "amount_cents": 51})).await;
+    let (status, err) = t
+        .post(
+            "/v1/withdrawals",
+            &jwt,
+            &json!({"request_id": "r2", "amount_cents": 51}),
+        )
+        .await;
     assert_eq!(status, 409);
     assert_eq!(err["error"]["code"], "insufficient_balance");
     assert_eq!(t.sql_i64("SELECT COUNT(*) FROM withdrawals").await, 1);
@@ -214,8 +258,16 @@ async fn a_withdrawal_forces_settlement_of_pending_tokens() {
     }
     // Own withdrawals only.
     let id = body["withdrawal_id"].as_str().unwrap();
-    assert_eq!(t.get(&format!("/v1/withdrawals/{id}"), Some(&jwt)).await.0, 200);
-    assert_eq!(t.get(&format!("/v1/withdrawals/{id}"), Some(&t.jwt(6))).await.0, 403);
+    assert_eq!(
+        t.get(&format!("/v1/withdrawals/{id}"), Some(&jwt)).await.0,
+        200
+    );
+    assert_eq!(
+        t.get(&format!("/v1/withdrawals/{id}"), Some(&t.jwt(6)))
+            .await
+            .0,
+        403
+    );
     assert_eq!(t.get("/v1/withdrawals/wdnope", Some(&jwt)).await.0, 404);
     t.stop().await;
 }
@@ -229,7 +281,14 @@ async fn concurrent_withdrawals_never_overdraw_and_dedupe_by_request_id() {
     let same = join_all((0..50).map(|_| {
         let jwt = jwt.clone();
         let t = &t;
-        async move { t.post("/v1/withdrawals", &jwt, &json!({"request_id": "same", "amount_cents": 30})).await }
+        async move {
+            t.post(
+                "/v1/withdrawals",
+                &jwt,
+                &json!({"request_id": "same", "amount_cents": 30}),
+            )
+            .await
+        }
     }))
     .await;
     let ids: std::collections::HashSet<String> = same
@@ -246,18 +305,32 @@ async fn concurrent_withdrawals_never_overdraw_and_dedupe_by_request_id() {
     let many = join_all((0..50).map(|i| {
         let jwt = jwt.clone();
         let t = &t;
-        async move { t.post("/v1/withdrawals", &jwt, &json!({"request_id": format!("r{i}"), "amount_cents": 70})).await }
+        async move {
+            t.post(
+                "/v1/withdrawals",
+                &jwt,
+                &json!({"request_id": format!("r{i}"), "amount_cents": 70}),
+            )
+            .await
+        }
     }))
     .await;
     let ok: i64 = many.iter().filter(|(s, _)| *s == 201).count() as i64;
     for (s, b) in &many {
-        assert!(*s == 201 || (*s == 409 && b["error"]["code"] == "insufficient_balance"), "{s} {b}");
+        assert!(
+            *s == 201 || (*s == 409 && b["error"]["code"] == "insufficient_balance"),
+            "{s} {b}"
+        );
     }
     assert_eq!(ok, 970 / 70, "as many as the balance covers");
     let balance = balances(&t).await[&9];
     assert_eq!(balance, 970 - ok * 70);
     assert!(balance >= 0);
-    let debited = t.sql_i64("SELECT CAST(-SUM(amount_cents) AS SIGNED) FROM ledger_entries WHERE kind = 'withdraw'").await;
+    let debited = t
+        .sql_i64(
+            "SELECT CAST(-SUM(amount_cents) AS SIGNED) FROM ledger_entries WHERE kind = 'withdraw'",
+        )
+        .await;
     assert_eq!(debited, 30 + ok * 70);
     t.stop().await;
 }
@@ -268,28 +341,95 @@ async fn a_failed_payout_is_reversed_once() {
     t.open_activity("cny2027", 100_000, 1_000).await;
     issue_batch(&t, vec![award(3, 1, 500)]).await;
     let jwt = t.jwt(3);
-    let (_, w) = t.post("/v1/withdrawals", &jwt, &json!({"request_id": "p1", "amount_cents": 200})).await;
-    let (_, w2) = t.post("/v1/withdrawals", &jwt, &json!({"request_id": "p2", "amount_cents": 100})).await;
+    let (_, w) = t
+        .post(
+            "/v1/withdrawals",
+            &jwt,
+            &json!({"request_id": "p1", "amount_cents": 200}),
+        )
+        .await;
+    let (_, w2) = t
+        .post(
+            "/v1/withdrawals",
+            &jwt,
+            &json!({"request_id": "p2", "amount_cents": 100}),
+        )
+        .await;
     let id = w["withdrawal_id"].as_str().unwrap();
     let id2 = w2["withdrawal_id"].as_str().unwrap();
     assert_eq!(balances(&t).await[&3], 200);
     for _ in 0..2 {
-        let (status, body) = t.post(&format!("/v1/withdrawals/{id}/result"), CALLER, &json!({"status": "failed"})).await;
+        let (status, body) = t
+            .post(
+                &format!("/v1/withdrawals/{id}/result"),
+                CALLER,
+                &json!({"status": "failed"}),
+            )
+            .await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["status"], "failed");
     }
     assert_eq!(balances(&t).await[&3], 400, "one reversal");
-    assert_eq!(t.sql_i64("SELECT COUNT(*) FROM ledger_entries WHERE kind = 'reversal'").await, 1);
-    let (status, body) = t.post(&format!("/v1/withdrawals/{id}/result"), CALLER, &json!({"status": "paid"})).await;
+    assert_eq!(
+        t.sql_i64("SELECT COUNT(*) FROM ledger_entries WHERE kind = 'reversal'")
+            .await,
+        1
+    );
+    let (status, body) = t
+        .post(
+            &format!("/v1/withdrawals/{id}/result"),
+            CALLER,
+            &json!({"status": "paid"}),
+        )
+        .await;
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["error"]["code"], "idempotency_conflict");
-    let (status, _) = t.post(&format!("/v1/withdrawals/{id2}/result"), CALLER, &json!({"status": "paid"})).await;
+    let (status, _) = t
+        .post(
+            &format!("/v1/withdrawals/{id2}/result"),
+            CALLER,
+            &json!({"status": "paid"}),
+        )
+        .await;
     assert_eq!(status, 200);
-    let (status, _) = t.post(&format!("/v1/withdrawals/{id2}/result"), CALLER, &json!({"status": "paid"})).await;
+    let (status, _) = t
+        .post(
+            &format!("/v1/withdrawals/{id2}/result"),
+            CALLER,
+            &json!({"status": "paid"}),
+        )
+        .await;
     assert_eq!(status, 200);
-    assert_eq!(t.post(&format!("/v1/withdrawals/{id2}/result"), CALLER, &json!({"status": "maybe"})).await.0, 400);
-    assert_eq!(t.post("/v1/withdrawals/wdnope/result", CALLER, &json!({"status": "paid"})).await.0, 404);
-    assert_eq!(t.post(&format!("/v1/withdrawals/{id2}/result"), &jwt, &json!({"status": "paid"})).await.0, 401);
+    assert_eq!(
+        t.post(
+            &format!("/v1/withdrawals/{id2}/result"),
+            CALLER,
+            &json!({"status": "maybe"})
+        )
+        .await
+        .0,
+        400
+    );
+    assert_eq!(
+        t.post(
+            "/v1/withdrawals/wdnope/result",
+            CALLER,
+            &json!({"status": "paid"})
+        )
+        .await
+        .0,
+        404
+    );
+    assert_eq!(
+        t.post(
+            &format!("/v1/withdrawals/{id2}/result"),
+            &jwt,
+            &json!({"status": "paid"})
+        )
+        .await
+        .0,
+        401
+    );
     assert_eq!(balances(&t).await[&3], 400);
     let wallet = t.wallet(3).await;
     assert_eq!(wallet["withdrawn_cents"], 100);
@@ -302,17 +442,28 @@ async fn mysql_stopped_mid_drain_loses_and_doubles_nothing() {
     let mariadb = PrivateMariadb::start();
     let keys = temp_keys_dir();
     let prefix = format!("tmy{:08x}", rand::random::<u32>());
-    let mut settings = test_settings("rpw", &prefix, &keys, &[
-        ("RPW_SETTLE__MAX_TPS".into(), "400".into()),
-        ("RPW_SETTLE__BATCH_SIZE".into(), "50".into()),
-        ("RPW_SETTLE__RETRY_MAX_MS".into(), "400".into()),
-        ("RPW_MYSQL__ACQUIRE_TIMEOUT_MS".into(), "1000".into()),
-    ]);
+    let mut settings = test_settings(
+        "rpw",
+        &prefix,
+        &keys,
+        &[
+            ("RPW_SETTLE__MAX_TPS".into(), "400".into()),
+            ("RPW_SETTLE__BATCH_SIZE".into(), "50".into()),
+            ("RPW_SETTLE__RETRY_MAX_MS".into(), "400".into()),
+            ("RPW_MYSQL__ACQUIRE_TIMEOUT_MS".into(), "1000".into()),
+        ],
+    );
     settings.mysql.url = redpacket_wallet::config::Secret::new(mariadb.url());
-    let app = redpacket_wallet::startup::App::build(settings, true).await.unwrap();
+    let app = redpacket_wallet::startup::App::build(settings, true)
+        .await
+        .unwrap();
     let running = redpacket_wallet::startup::Running::start(
         app.clone(),
-        redpacket_wallet::startup::RunOptions { http: true, worker: true, cron: false },
+        redpacket_wallet::startup::RunOptions {
+            http: true,
+            worker: true,
+            cron: false,
+        },
     )
     .await
     .unwrap();
@@ -332,11 +483,16 @@ async fn mysql_stopped_mid_drain_loses_and_doubles_nothing() {
     mariadb.stop();
     let (booked_before, _) = {
         // MySQL is down: count what Redis says was settled.
-        let hours = redpacket_wallet::reconcile::hour_counters(&t.app.redis, "cny2027").await.unwrap();
+        let hours = redpacket_wallet::reconcile::hour_counters(&t.app.redis, "cny2027")
+            .await
+            .unwrap();
         let settled: i64 = hours.values().map(|h| h.settled.count).sum();
         (settled, ())
     };
-    assert!(booked_before < 2_000, "the stop landed mid-drain ({booked_before} booked)");
+    assert!(
+        booked_before < 2_000,
+        "the stop landed mid-drain ({booked_before} booked)"
+    );
     // Issuing goes on without MySQL.
     let second: Vec<Value> = (2_000..3_000).map(|i| award(1 + i % 50, i, 3)).collect();
     issue_batch(&t, second).await;
@@ -357,7 +513,11 @@ async fn mysql_stopped_mid_drain_loses_and_doubles_nothing() {
             }
         }
     }
-    assert_eq!(booked, (3_000, 9_000), "every token booked once after MySQL came back");
+    assert_eq!(
+        booked,
+        (3_000, 9_000),
+        "every token booked once after MySQL came back"
+    );
     let sum: i64 = balances(&t).await.values().sum();
     assert_eq!(sum, 9_000);
     assert_eq!(backlog(&t).await, 0);

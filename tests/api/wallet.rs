@@ -17,11 +17,16 @@ fn award(user: i64, rain: i64, amount: i64) -> Value {
 async fn issue(t: &TestApp, awards: &[Value]) -> HashMap<i64, Vec<String>> {
     let mut tokens: HashMap<i64, Vec<String>> = HashMap::new();
     for chunk in awards.chunks(1000) {
-        let (status, body) = t.post("/v1/awards:batch", CALLER, &json!({"awards": chunk})).await;
+        let (status, body) = t
+            .post("/v1/awards:batch", CALLER, &json!({"awards": chunk}))
+            .await;
         assert_eq!(status, 200, "{body}");
         for (a, r) in chunk.iter().zip(body["results"].as_array().unwrap()) {
             assert!(r["error"].is_null(), "{r}");
-            tokens.entry(a["user_id"].as_i64().unwrap()).or_default().push(r["token"].as_str().unwrap().to_string());
+            tokens
+                .entry(a["user_id"].as_i64().unwrap())
+                .or_default()
+                .push(r["token"].as_str().unwrap().to_string());
         }
     }
     tokens
@@ -40,10 +45,13 @@ async fn views_stay_exact_through_a_live_drain() {
     })
     .await;
     t.open_activity("cny2027", 100_000_000, 1_000).await;
-    let awards: Vec<Value> = (0..2_000).map(|i| award(1 + i % 20, i, 1 + i % 37)).collect();
+    let awards: Vec<Value> = (0..2_000)
+        .map(|i| award(1 + i % 20, i, 1 + i % 37))
+        .collect();
     let mut expected: HashMap<i64, i64> = HashMap::new();
     for a in &awards {
-        *expected.entry(a["user_id"].as_i64().unwrap()).or_default() += a["amount_cents"].as_i64().unwrap();
+        *expected.entry(a["user_id"].as_i64().unwrap()).or_default() +=
+            a["amount_cents"].as_i64().unwrap();
     }
     issue(&t, &awards).await;
     let jwts: HashMap<i64, String> = (1..=20).map(|u| (u, t.jwt(u))).collect();
@@ -88,44 +96,80 @@ async fn clients_restore_what_redis_lost() {
     let awards: Vec<Value> = (0..400).map(|i| award(1 + i % 10, i, 10 + i % 7)).collect();
     let mut expected: HashMap<i64, i64> = HashMap::new();
     for a in &awards {
-        *expected.entry(a["user_id"].as_i64().unwrap()).or_default() += a["amount_cents"].as_i64().unwrap();
+        *expected.entry(a["user_id"].as_i64().unwrap()).or_default() +=
+            a["amount_cents"].as_i64().unwrap();
     }
     let kept = issue(&t, &awards).await;
     // Book part of the backlog: two of the four partitions.
     let mut w = t.worker("partial");
     for p in 0..2 {
-        while let redpacket_wallet::settle::worker::Outcome::Booked { .. } = w.try_execute_batch(p).await.unwrap() {}
+        while let redpacket_wallet::settle::worker::Outcome::Booked { .. } =
+            w.try_execute_batch(p).await.unwrap()
+        {}
     }
     let booked_before = t.sql_i64("SELECT COUNT(*) FROM ledger_entries").await;
     assert!(booked_before > 0 && booked_before < 400, "{booked_before}");
     // Redis loses everything of this deployment.
     let mut conn = t.app.redis.conn();
-    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}*", t.prefix)).query_async(&mut conn).await.unwrap();
-    let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*", t.prefix))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     for u in 1..=10 {
         let balance = t.wallet(u).await["balance_cents"].as_i64().unwrap();
         if u % 4 < 2 {
-            assert_eq!(balance, expected[&u], "user {u}: every token was booked before the loss");
+            assert_eq!(
+                balance, expected[&u],
+                "user {u}: every token was booked before the loss"
+            );
         } else {
-            assert!(balance < expected[&u], "user {u}: the loss is visible before sync");
+            assert!(
+                balance < expected[&u],
+                "user {u}: the loss is visible before sync"
+            );
         }
     }
     let mut restored = 0;
     let mut known = 0;
     for (user, tokens) in &kept {
-        let (status, body) = t.post("/v1/wallet/tokens:sync", &t.jwt(*user), &json!({"tokens": tokens})).await;
+        let (status, body) = t
+            .post(
+                "/v1/wallet/tokens:sync",
+                &t.jwt(*user),
+                &json!({"tokens": tokens}),
+            )
+            .await;
         assert_eq!(status, 200, "{body}");
         assert!(body["rejected"].as_array().unwrap().is_empty(), "{body}");
         restored += body["restored"].as_i64().unwrap();
         known += body["known"].as_i64().unwrap();
     }
-    assert_eq!(known, booked_before, "tokens the ledger holds count as known");
+    assert_eq!(
+        known, booked_before,
+        "tokens the ledger holds count as known"
+    );
     assert_eq!(restored, 400 - booked_before);
     for u in 1..=10 {
-        assert_eq!(t.wallet(u).await["balance_cents"], expected[&u], "exact again after sync");
+        assert_eq!(
+            t.wallet(u).await["balance_cents"],
+            expected[&u],
+            "exact again after sync"
+        );
     }
     // A second sync is all known.
-    let (_, again) = t.post("/v1/wallet/tokens:sync", &t.jwt(1), &json!({"tokens": kept[&1]})).await;
+    let (_, again) = t
+        .post(
+            "/v1/wallet/tokens:sync",
+            &t.jwt(1),
+            &json!({"tokens": kept[&1]}),
+        )
+        .await;
     assert_eq!(again["restored"], 0);
     t.drain().await;
     let (count, dupes): (i64, i64) = sqlx::query_as(
@@ -150,7 +194,11 @@ async fn sync_rejects_foreign_forged_retired_and_garbage_tokens() {
     let retired_dir = temp_keys_dir();
     let retired_ring = redpacket_wallet::keys::KeyRing::load(&retired_dir, &[]).unwrap();
     let retired_id = retired_ring.active_key_id().unwrap().to_string();
-    std::fs::copy(retired_dir.join(format!("{retired_id}.pub")), keys_dir.join(format!("{retired_id}.pub"))).unwrap();
+    std::fs::copy(
+        retired_dir.join(format!("{retired_id}.pub")),
+        keys_dir.join(format!("{retired_id}.pub")),
+    )
+    .unwrap();
     std::fs::write(keys_dir.join(format!("{retired_id}.retired")), "retired").unwrap();
     let t = spawn_app_with(Options {
         keys_dir: Some(keys_dir),
@@ -172,10 +220,14 @@ async fn sync_rejects_foreign_forged_retired_and_garbage_tokens() {
         stage: pb::Stage::Live as i32,
         ..Default::default()
     };
-    let from_retired = redpacket_wallet::token::mint(&retired_ring, draft.clone()).unwrap().bytes;
+    let from_retired = redpacket_wallet::token::mint(&retired_ring, draft.clone())
+        .unwrap()
+        .bytes;
     let stranger_dir = temp_keys_dir();
     let stranger = redpacket_wallet::keys::KeyRing::load(&stranger_dir, &[]).unwrap();
-    let forged = redpacket_wallet::token::mint(&stranger, draft.clone()).unwrap().bytes;
+    let forged = redpacket_wallet::token::mint(&stranger, draft.clone())
+        .unwrap()
+        .bytes;
     let mut tampered = pb::SignedToken::decode(B64.decode(&mine[0]).unwrap().as_slice()).unwrap();
     let mut payload = pb::RedPacketToken::decode(tampered.payload.as_slice()).unwrap();
     payload.amount_cents = 9_999;
@@ -196,7 +248,12 @@ async fn sync_rejects_foreign_forged_retired_and_garbage_tokens() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| (r["index"].as_i64().unwrap(), r["code"].as_str().unwrap().to_string()))
+        .map(|r| {
+            (
+                r["index"].as_i64().unwrap(),
+                r["code"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
     assert_eq!(
         rejected,
@@ -211,12 +268,30 @@ async fn sync_rejects_foreign_forged_retired_and_garbage_tokens() {
     );
     assert_eq!(body["known"], 1);
     assert_eq!(body["restored"], 0);
-    assert_eq!(t.redis_snapshot().await, before_redis, "rejected tokens changed nothing");
+    assert_eq!(
+        t.redis_snapshot().await,
+        before_redis,
+        "rejected tokens changed nothing"
+    );
     assert_eq!(t.wallet(1).await["balance_cents"], 10);
     // Over the limit, and garbage JSON.
     let many: Vec<String> = (0..1001).map(|_| mine[0].clone()).collect();
-    assert_eq!(t.post("/v1/wallet/tokens:sync", &t.jwt(1), &json!({"tokens": many})).await.0, 400);
-    assert_eq!(t.post("/v1/wallet/tokens:sync", &t.jwt(1), &json!({"tokenz": []})).await.0, 400);
+    assert_eq!(
+        t.post(
+            "/v1/wallet/tokens:sync",
+            &t.jwt(1),
+            &json!({"tokens": many})
+        )
+        .await
+        .0,
+        400
+    );
+    assert_eq!(
+        t.post("/v1/wallet/tokens:sync", &t.jwt(1), &json!({"tokenz": []}))
+            .await
+            .0,
+        400
+    );
     t.stop().await;
 }
 
@@ -225,11 +300,21 @@ async fn flow_pages_hold_every_item_once_while_awards_arrive() {
     let t = spawn_app().await;
     t.open_activity("cny2027", 100_000_000, 1_000).await;
     let user = 11;
-    issue(&t, &(0..40).map(|i| award(user, i, 1 + i)).collect::<Vec<_>>()).await;
+    issue(
+        &t,
+        &(0..40).map(|i| award(user, i, 1 + i)).collect::<Vec<_>>(),
+    )
+    .await;
     // Part booked, part pending, and a withdrawal in the ledger.
     let mut w = t.worker("flows");
     w.try_execute_batch(user as u32 % 4).await.unwrap();
-    let (status, _) = t.post("/v1/withdrawals", &t.jwt(user), &json!({"request_id": "f1", "amount_cents": 30})).await;
+    let (status, _) = t
+        .post(
+            "/v1/withdrawals",
+            &t.jwt(user),
+            &json!({"request_id": "f1", "amount_cents": 30}),
+        )
+        .await;
     assert_eq!(status, 201);
     issue(&t, &(40..60).map(|i| award(user, i, 1)).collect::<Vec<_>>()).await;
     let expected: HashSet<String> = (0..60)
@@ -271,7 +356,10 @@ async fn flow_pages_hold_every_item_once_while_awards_arrive() {
     assert_eq!(unique.len(), seen.len(), "no item twice: {seen:?}");
     assert_eq!(unique, expected);
     assert_eq!(t.get("/v1/wallet/flows?limit=0", Some(&jwt)).await.0, 400);
-    assert_eq!(t.get("/v1/wallet/flows?cursor=%%%", Some(&jwt)).await.0, 400);
+    assert_eq!(
+        t.get("/v1/wallet/flows?cursor=%%%", Some(&jwt)).await.0,
+        400
+    );
     t.stop().await;
 }
 
@@ -291,7 +379,11 @@ async fn trimmed_settled_tokens_leave_the_views_exact() {
     assert_eq!(trimmed, 30);
     let mut conn = t.app.redis.conn();
     let held: i64 = redis::cmd("HLEN")
-        .arg(t.app.redis.tokens_key(redpacket_wallet::domain::UserId::parse(4).unwrap()))
+        .arg(
+            t.app
+                .redis
+                .tokens_key(redpacket_wallet::domain::UserId::parse(4).unwrap()),
+        )
         .query_async(&mut conn)
         .await
         .unwrap();
