@@ -42,7 +42,7 @@ enum Command {
     },
     /// Runs only the accounting worker.
     Worker,
-    /// Applies the embedded migrations.
+    /// Creates the database(s) when missing and applies the embedded migrations.
     Migrate,
     /// Manages the Ed25519 signing keys in `keys.dir`.
     Keys {
@@ -138,6 +138,12 @@ async fn main() -> anyhow::Result<()> {
             running.stop().await;
         }
         Command::Migrate => {
+            use sqlx::migrate::MigrateDatabase;
+            for url in std::iter::once(&settings.mysql.url).chain(settings.mysql.shard_urls.iter()) {
+                if !sqlx::MySql::database_exists(url.expose()).await? {
+                    sqlx::MySql::create_database(url.expose()).await?;
+                }
+            }
             Db::connect_lazy(&settings.mysql)?.migrate().await?;
             println!("migrations applied");
         }

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Benchmark: builds in release mode, brings up Redis and MariaDB, starts the service
+# (worker off, so awards become a backlog), runs the scenarios with rpw-bench, stops what
+# it started and prints a table.
+#
+#   scripts/bench.sh [--quick] [--json FILE] [--plot FILE.png|FILE.svg]
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+BENCH_ARGS=()
+PLOT=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --quick) BENCH_ARGS+=(--quick); shift ;;
+    --json) BENCH_ARGS+=(--json "$(realpath -m "$2")"); shift 2 ;;
+    --plot) PLOT="$(realpath -m "$2")"; BENCH_ARGS+=(--plot "$PLOT"); shift 2 ;;
+    --drain-tps) BENCH_ARGS+=(--drain-tps "$2"); shift 2 ;;
+    --keep) BENCH_ARGS+=(--keep); shift ;;
+    *) echo "usage: $0 [--quick] [--json FILE] [--plot FILE] [--drain-tps N] [--keep]" >&2; exit 2 ;;
+  esac
+done
+
+eval "$(scripts/services.sh start | sed 's/^/export /')"
+if [[ -n $PLOT && ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]]; then
+  echo "[bench] installing fonts-dejavu-core for the plot" >&2
+  sudo=""; [[ $(id -u) -ne 0 ]] && sudo="sudo"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q fonts-dejavu-core >/dev/null 2>&1 \
+    || { $sudo apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q fonts-dejavu-core >/dev/null; }
+fi
+
+echo "[bench] building (release)" >&2
+cargo build --release --bins -q
+BIN="$ROOT/target/release/redpacket-wallet"
+BENCH="$ROOT/target/release/rpw-bench"
+
+RUN="$(date +%Y%m%d%H%M%S)$$"
+WORK="$ROOT/.data/bench-$RUN"
+mkdir -p "$WORK"
+MYSQL_BASE="${RPW_MYSQL__URL%/*}"
+PORT="${RPW_BENCH_PORT:-18090}"
+rand() { head -c 18 /dev/urandom | base64 | tr -d '/+=' ; }
+export RPW_MYSQL__URL="$MYSQL_BASE/rpw_bench_$RUN"
+export RPW_BENCH_BASELINE_MYSQL_URL="$MYSQL_BASE/rpw_bench_base_$RUN"
+export RPW_MYSQL__MAX_CONNECTIONS=64
+export RPW_REDIS__KEY_PREFIX="bench$RUN"
+export RPW_REDIS__CONNECTIONS=4
+export RPW_KEYS__DIR="$WORK/keys"
+export RPW_AUTH__ADMIN_KEY="admin-$(rand)"
+export RPW_AUTH__CALLER_KEYS="bench:caller-$(rand)"
+export RPW_AUTH__JWT_SECRET="jwt-$(rand)"
+export RPW_HTTP__ADDR="127.0.0.1:$PORT"
+export RPW_SETTLE__ENABLED=false
+export RPW_BENCH_URL="http://127.0.0.1:$PORT"
+export RUST_LOG="${RUST_LOG:-warn}"
+
+"$BIN" migrate >/dev/null
+RPW_MYSQL__URL="$RPW_BENCH_BASELINE_MYSQL_URL" "$BIN" migrate >/dev/null
+"$BIN" keys generate >/dev/null
+
+"$BIN" serve --no-cron >"$WORK/server.log" 2>&1 &
+SERVER_PID=$!
+cleanup() {
+  if kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill "$SERVER_PID"
+    wait "$SERVER_PID" 2>/dev/null || true
+  fi
+  rm -rf "$WORK/keys"
+}
+trap cleanup EXIT
+
+ready() {
+  (
+    exec 3<>"/dev/tcp/127.0.0.1/$PORT" || exit 1
+    printf 'GET /readyz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&3
+    head -1 <&3 | grep -q ' 200 '
+  ) 2>/dev/null
+}
+for _ in $(seq 1 100); do ready && break; sleep 0.2; done
+ready || { echo "[bench] the server did not become ready; see $WORK/server.log" >&2; tail -20 "$WORK/server.log" >&2; exit 1; }
+
+echo "[bench] machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -m); server pid $SERVER_PID" >&2
+"$BENCH" "${BENCH_ARGS[@]}"
