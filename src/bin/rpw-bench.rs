@@ -386,7 +386,7 @@ impl Bench {
                         .http
                         .post(format!("{}/v1/withdrawals", b.args.url))
                         .bearer_auth(jwt)
-                        .json(&json!({"request_id": format!("bench-{user}"), "amount_cents": 100}))
+                        .json(&json!({"request_id": format!("bench-{user}"), "amount_cents": 10}))
                         .send()
                         .await;
                     match resp {

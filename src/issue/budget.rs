@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use rand::seq::SliceRandom;
+use rand::seq::{IndexedRandom, SliceRandom};
 use redis::Script;
 
 use crate::store::{evalsha, Redis};
@@ -23,8 +23,8 @@ pub struct Budget {
     recheck: Duration,
     take: Script,
     fund: Script,
-    /// Sub-stocks this instance saw empty, skipped until the instant stored here.
-    exhausted: Mutex<HashMap<(String, u32), Instant>>,
+    /// Per activity, per sub-stock: skipped until this instant (seen empty before).
+    exhausted: Mutex<HashMap<String, Vec<Option<Instant>>>>,
 }
 
 /// What a take got, per sub-stock, so it can be given back exactly.
@@ -131,37 +131,41 @@ impl Budget {
         self.exhausted
             .lock()
             .expect("exhausted map poisoned")
-            .retain(|(a, _), _| a != activity);
+            .remove(activity);
+    }
+
+    /// Sub-stocks not recently seen empty. Expired marks count as not exhausted: the
+    /// sub-stock is tried again (budget may have been added or given back).
+    fn available(&self, activity: &str) -> Vec<u32> {
+        let now = Instant::now();
+        let map = self.exhausted.lock().expect("exhausted map poisoned");
+        match map.get(activity) {
+            None => (0..self.sub_stocks).collect(),
+            Some(marks) => (0..self.sub_stocks)
+                .filter(|&i| marks[i as usize].is_none_or(|until| until <= now))
+                .collect(),
+        }
     }
 
     fn candidates(&self, activity: &str) -> Vec<u32> {
-        let now = Instant::now();
-        let mut map = self.exhausted.lock().expect("exhausted map poisoned");
-        let mut order: Vec<u32> = (0..self.sub_stocks)
-            .filter(|i| match map.get(&(activity.to_string(), *i)) {
-                Some(until) if *until > now => false,
-                Some(_) => {
-                    map.remove(&(activity.to_string(), *i));
-                    true
-                }
-                None => true,
-            })
-            .collect();
-        drop(map);
+        let mut order = self.available(activity);
         order.shuffle(&mut rand::rng());
         order
     }
 
     fn mark_exhausted(&self, activity: &str, i: u32) {
-        self.exhausted
-            .lock()
-            .expect("exhausted map poisoned")
-            .insert((activity.to_string(), i), Instant::now() + self.recheck);
+        let mut map = self.exhausted.lock().expect("exhausted map poisoned");
+        if !map.contains_key(activity) {
+            map.insert(activity.to_string(), vec![None; self.sub_stocks as usize]);
+        }
+        if let Some(marks) = map.get_mut(activity) {
+            marks[i as usize] = Some(Instant::now() + self.recheck);
+        }
     }
 
     /// A random sub-stock not recently seen empty, for the first try of an award.
     pub fn pick(&self, activity: &str) -> Option<u32> {
-        self.candidates(activity).first().copied()
+        self.available(activity).choose(&mut rand::rng()).copied()
     }
 
     /// One take per award in a single pipelined round trip, each on the sub-stock given
