@@ -12,6 +12,9 @@ use redpacket_wallet::startup::{shutdown_signal, App, RunOptions, Running};
 use redpacket_wallet::store::Db;
 use redpacket_wallet::{cron, keys, reconcile};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "redpacket-wallet",
@@ -139,7 +142,8 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Migrate => {
             use sqlx::migrate::MigrateDatabase;
-            for url in std::iter::once(&settings.mysql.url).chain(settings.mysql.shard_urls.iter()) {
+            for url in std::iter::once(&settings.mysql.url).chain(settings.mysql.shard_urls.iter())
+            {
                 if !sqlx::MySql::database_exists(url.expose()).await? {
                     sqlx::MySql::create_database(url.expose()).await?;
                 }

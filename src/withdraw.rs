@@ -116,9 +116,6 @@ pub async fn withdraw(
     amount: Cents,
 ) -> ApiResult<(StatusCode, Withdrawal)> {
     let pool = app.db.for_user(user);
-    if let Some(existing) = find_by_request(pool, user, request_id).await? {
-        return check_same(existing, amount.0);
-    }
     let pending = pending_entries(app, user).await?;
     // Concurrent first bookings of one user can deadlock in InnoDB (creating the account
     // row); such a transaction rolled back whole, so it is retried, a bounded number of times.
@@ -157,29 +154,30 @@ async fn withdraw_tx(
     pending: &[AwardEntry],
 ) -> Result<ApiResult<(StatusCode, Withdrawal, Option<Account>)>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let mut locked = lock_accounts(&mut tx, &[user.get()]).await?;
-    // Re-checked under the account lock: a concurrent twin has committed by now.
+    // Booking locks the account row (and returns it as credited); with nothing pending
+    // the row is locked on its own.
+    let booked = book_in_tx(&mut tx, pending).await?;
+    let mut account: Account = match booked.accounts.iter().find(|a| a.user_id == user.get()) {
+        Some(account) => *account,
+        None => lock_accounts(&mut tx, &[user.get()])
+            .await?
+            .remove(&user.get())
+            .ok_or(sqlx::Error::RowNotFound)?,
+    };
+    // Checked under the account lock: a concurrent twin has committed by now. Rolling
+    // back also undoes this attempt's forced booking; the twin's booking stands.
     if let Some(existing) = find_by_request(&mut *tx, user, request_id).await? {
         tx.rollback().await?;
         return Ok(check_same(existing, amount.0).map(|(s, w)| (s, w, None)));
     }
-    let booked = book_in_tx(&mut tx, pending).await?;
-    // With pending tokens the booking returns the account as credited; without, the
-    // row as locked above is current.
-    let mut account: Account = booked
-        .accounts
-        .iter()
-        .find(|a| a.user_id == user.get())
-        .copied()
-        .or_else(|| locked.remove(&user.get()))
-        .ok_or(sqlx::Error::RowNotFound)?;
     if account.balance_cents < amount.0 {
-        // Dropping the transaction rolls back the forced booking too: an error changes nothing.
+        // Rolling back undoes the forced booking too: an error changes nothing.
         tx.rollback().await?;
         return Ok(Err(ApiError::InsufficientBalance));
     }
     let id = new_withdrawal_id();
     let at = now_ms();
+    let created_at = chrono::DateTime::from_timestamp_millis(at).unwrap_or_default();
     sqlx::query(
         "UPDATE accounts SET balance_cents = balance_cents - ?, withdrawn_cents = withdrawn_cents + ?, version = version + 1 WHERE user_id = ?",
     )
@@ -205,7 +203,7 @@ async fn withdraw_tx(
         "a withdrawal never makes a balance negative"
     );
     sqlx::query(
-        "INSERT INTO withdrawals (id, user_id, request_id, amount_cents, status, forced_settled_count, balance_after_cents) VALUES (?, ?, ?, ?, 'submitted', ?, ?)",
+        "INSERT INTO withdrawals (id, user_id, request_id, amount_cents, status, forced_settled_count, balance_after_cents, created_at) VALUES (?, ?, ?, ?, 'submitted', ?, ?, ?)",
     )
     .bind(&id)
     .bind(user.get())
@@ -213,12 +211,20 @@ async fn withdraw_tx(
     .bind(amount.0)
     .bind(booked.newly_booked.len() as i32)
     .bind(account.balance_cents)
+    .bind(created_at.naive_utc())
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    let created = find_by_request(pool, user, request_id)
-        .await?
-        .ok_or(sqlx::Error::RowNotFound)?;
+    let created = Withdrawal {
+        withdrawal_id: id,
+        user_id: user.get(),
+        request_id: request_id.to_string(),
+        amount_cents: amount.0,
+        status: "submitted".into(),
+        forced_settled_count: booked.newly_booked.len() as i64,
+        balance_cents: account.balance_cents,
+        created_at,
+    };
     Ok(Ok((StatusCode::CREATED, created, Some(account))))
 }
 

@@ -24,6 +24,9 @@ use redpacket_wallet::store::Db;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(about = "Benchmark of a running redpacket-wallet")]
 struct Args {
@@ -181,9 +184,10 @@ impl Bench {
 
     async fn sample(&self) -> anyhow::Result<Sample> {
         let issued = redpacket_wallet::reconcile::issued_totals(&self.app.redis, ACTIVITY).await?;
-        let booked: (i64,) = sqlx::query_as("SELECT COUNT(*) FROM ledger_entries WHERE kind = 'award'")
-            .fetch_one(self.app.db.main())
-            .await?;
+        let booked: (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM ledger_entries WHERE kind = 'award'")
+                .fetch_one(self.app.db.main())
+                .await?;
         let mut pipe = redis::pipe();
         for p in 0..self.app.redis.partitions() {
             pipe.xlen(self.app.redis.stream_key(p));
@@ -205,7 +209,9 @@ impl Bench {
 
     /// The physical ceiling: Ed25519 signatures per second on one core.
     fn ceiling(&self) -> (usize, f64) {
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         let draft = self.award(1, 1);
         let token = pb::RedPacketToken {
             user_id: draft.user_id,
@@ -220,7 +226,9 @@ impl Bench {
             for i in 0..100 {
                 let mut t = token.clone();
                 t.issued_at_ms = i;
-                std::hint::black_box(redpacket_wallet::token::mint(&self.app.keys, t).expect("active key"));
+                std::hint::black_box(
+                    redpacket_wallet::token::mint(&self.app.keys, t).expect("active key"),
+                );
             }
             n += 100;
         }
@@ -275,9 +283,13 @@ impl Bench {
             tasks.push(tokio::spawn(async move {
                 let (mut ok, mut errors, mut lat) = (0u64, 0u64, Vec::new());
                 while Instant::now() < deadline {
-                    let first = b.next_user.fetch_add(b.plan.batch_size as i64, Ordering::Relaxed);
+                    let first = b
+                        .next_user
+                        .fetch_add(b.plan.batch_size as i64, Ordering::Relaxed);
                     let batch = pb::AwardBatchRequest {
-                        awards: (0..b.plan.batch_size as i64).map(|i| b.award(first + i, 2)).collect(),
+                        awards: (0..b.plan.batch_size as i64)
+                            .map(|i| b.award(first + i, 2))
+                            .collect(),
                     };
                     let t0 = Instant::now();
                     match b.post_pb("/v1/awards:batch", batch.encode_to_vec()).await {
@@ -356,7 +368,9 @@ impl Bench {
 
     async fn withdraw(self: &Arc<Self>) -> anyhow::Result<Value> {
         const PER_USER: i64 = 50;
-        let first = self.next_user.fetch_add(self.plan.withdraw_users, Ordering::Relaxed);
+        let first = self
+            .next_user
+            .fetch_add(self.plan.withdraw_users, Ordering::Relaxed);
         let users: Vec<i64> = (first..first + self.plan.withdraw_users).collect();
         let awards: Vec<pb::AwardRequest> = users
             .iter()
@@ -364,7 +378,10 @@ impl Bench {
             .map(|(u, r)| self.award(u, r))
             .collect();
         for chunk in awards.chunks(1000) {
-            let body = pb::AwardBatchRequest { awards: chunk.to_vec() }.encode_to_vec();
+            let body = pb::AwardBatchRequest {
+                awards: chunk.to_vec(),
+            }
+            .encode_to_vec();
             let (status, _) = self.post_pb("/v1/awards:batch", body).await?;
             if status != 200 {
                 bail!("issuing the withdraw scenario's tokens: {status}");
@@ -379,8 +396,14 @@ impl Bench {
                 let mut lat = Vec::new();
                 let mut errors = 0u64;
                 loop {
-                    let Some(user) = queue.lock().expect("queue").pop() else { break };
-                    let jwt = b.app.auth.issue_user_jwt(UserId::parse(user).expect("positive"), 600).expect("jwt secret");
+                    let Some(user) = queue.lock().expect("queue").pop() else {
+                        break;
+                    };
+                    let jwt = b
+                        .app
+                        .auth
+                        .issue_user_jwt(UserId::parse(user).expect("positive"), 600)
+                        .expect("jwt secret");
                     let t0 = Instant::now();
                     let resp = b
                         .http
@@ -390,7 +413,9 @@ impl Bench {
                         .send()
                         .await;
                     match resp {
-                        Ok(r) if r.status().as_u16() == 201 => lat.push(t0.elapsed().as_micros() as u64),
+                        Ok(r) if r.status().as_u16() == 201 => {
+                            lat.push(t0.elapsed().as_micros() as u64)
+                        }
                         _ => errors += 1,
                     }
                 }
@@ -418,7 +443,12 @@ impl Bench {
         // Users from the single-award rain, who hold pending tokens.
         let jwts: Arc<Vec<String>> = Arc::new(
             (1..=2_000)
-                .map(|u| self.app.auth.issue_user_jwt(UserId::parse(u).expect("positive"), 600).expect("jwt"))
+                .map(|u| {
+                    self.app
+                        .auth
+                        .issue_user_jwt(UserId::parse(u).expect("positive"), 600)
+                        .expect("jwt")
+                })
                 .collect(),
         );
         let deadline = Instant::now() + self.plan.view;
@@ -470,7 +500,12 @@ impl Bench {
 
     /// Drains with the project's worker at `max_tps` (0: unbounded) for at most `window`,
     /// or until the backlog is empty. Returns (tokens booked, seconds).
-    async fn drain(&self, max_tps: u32, window: Duration, until_empty: bool) -> anyhow::Result<(i64, f64)> {
+    async fn drain(
+        &self,
+        max_tps: u32,
+        window: Duration,
+        until_empty: bool,
+    ) -> anyhow::Result<(i64, f64)> {
         let mut settings = self.settings.clone();
         settings.settle.max_tps = max_tps;
         settings.settle.enabled = true;
@@ -516,8 +551,11 @@ impl Bench {
         )
         .fetch_one(pool)
         .await?;
-        let (withdrawn_rows,): (i64,) =
-            sqlx::query_as("SELECT CAST(COALESCE(SUM(amount_cents), 0) AS SIGNED) FROM withdrawals").fetch_one(pool).await?;
+        let (withdrawn_rows,): (i64,) = sqlx::query_as(
+            "SELECT CAST(COALESCE(SUM(amount_cents), 0) AS SIGNED) FROM withdrawals",
+        )
+        .fetch_one(pool)
+        .await?;
         let (withdrawn_ledger,): (i64,) = sqlx::query_as(
             "SELECT CAST(COALESCE(-SUM(amount_cents), 0) AS SIGNED) FROM ledger_entries WHERE kind = 'withdraw'",
         )
@@ -538,7 +576,10 @@ impl Bench {
             problems.push("issued != booked + pending".to_string());
         }
         if sample.backlog != 0 || pending_cents != 0 {
-            problems.push(format!("backlog {} entries, {pending_cents} cents pending after the drain", sample.backlog));
+            problems.push(format!(
+                "backlog {} entries, {pending_cents} cents pending after the drain",
+                sample.backlog
+            ));
         }
         if ledger_cents != booked_cents || ledger_count != issued_count {
             problems.push(format!("ledger {ledger_count} rows / {ledger_cents} cents vs issued {issued_count} / booked {booked_cents}"));
@@ -552,7 +593,9 @@ impl Bench {
             ));
         }
         if balances != ledger_cents - withdrawn_rows {
-            problems.push(format!("balances {balances} != booked {ledger_cents} - withdrawn {withdrawn_rows}"));
+            problems.push(format!(
+                "balances {balances} != booked {ledger_cents} - withdrawn {withdrawn_rows}"
+            ));
         }
         Ok(json!({
             "ok": problems.is_empty(),
@@ -567,12 +610,23 @@ impl Bench {
 
 fn plot(path: &PathBuf, samples: &[Sample]) -> anyhow::Result<()> {
     use plotters::prelude::*;
-    let font = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
-        .context("the plot needs DejaVuSans (Debian fonts-dejavu-core; scripts/bench.sh installs it)")?;
-    plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(font.into_boxed_slice()))
-        .map_err(|_| anyhow::anyhow!("font not usable"))?;
+    let font = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf").context(
+        "the plot needs DejaVuSans (Debian fonts-dejavu-core; scripts/bench.sh installs it)",
+    )?;
+    plotters::style::register_font(
+        "sans-serif",
+        FontStyle::Normal,
+        Box::leak(font.into_boxed_slice()),
+    )
+    .map_err(|_| anyhow::anyhow!("font not usable"))?;
     let t_max = samples.last().map(|s| s.t_s).unwrap_or(1.0).max(1.0);
-    let y_max = samples.iter().map(|s| s.issued.max(s.booked).max(s.backlog)).max().unwrap_or(1).max(1) as f64 * 1.05;
+    let y_max = samples
+        .iter()
+        .map(|s| s.issued.max(s.booked).max(s.backlog))
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64
+        * 1.05;
     fn draw<DB: DrawingBackend>(
         root: DrawingArea<DB, plotters::coord::Shift>,
         samples: &[Sample],
@@ -581,7 +635,10 @@ fn plot(path: &PathBuf, samples: &[Sample]) -> anyhow::Result<()> {
     ) -> anyhow::Result<()> {
         root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let mut chart = ChartBuilder::on(&root)
-            .caption("redpacket-wallet: issued, booked and backlog (tokens)", ("sans-serif", 22))
+            .caption(
+                "redpacket-wallet: issued, booked and backlog (tokens)",
+                ("sans-serif", 22),
+            )
             .margin(15)
             .x_label_area_size(40)
             .y_label_area_size(80)
@@ -600,10 +657,15 @@ fn plot(path: &PathBuf, samples: &[Sample]) -> anyhow::Result<()> {
         ];
         for (name, color, f) in series {
             chart
-                .draw_series(LineSeries::new(samples.iter().map(|s| (s.t_s, f(s) as f64)), color.stroke_width(2)))
+                .draw_series(LineSeries::new(
+                    samples.iter().map(|s| (s.t_s, f(s) as f64)),
+                    color.stroke_width(2),
+                ))
                 .map_err(|e| anyhow::anyhow!("{e:?}"))?
                 .label(name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
         }
         chart
             .configure_series_labels()
@@ -616,9 +678,19 @@ fn plot(path: &PathBuf, samples: &[Sample]) -> anyhow::Result<()> {
         Ok(())
     }
     if path.extension().and_then(|e| e.to_str()) == Some("svg") {
-        draw(SVGBackend::new(path, (1000, 600)).into_drawing_area(), samples, t_max, y_max)
+        draw(
+            SVGBackend::new(path, (1000, 600)).into_drawing_area(),
+            samples,
+            t_max,
+            y_max,
+        )
     } else {
-        draw(BitMapBackend::new(path, (1000, 600)).into_drawing_area(), samples, t_max, y_max)
+        draw(
+            BitMapBackend::new(path, (1000, 600)).into_drawing_area(),
+            samples,
+            t_max,
+            y_max,
+        )
     }
 }
 
@@ -644,7 +716,9 @@ async fn main() -> anyhow::Result<()> {
         args,
         app,
         settings,
-        http: reqwest::Client::builder().pool_max_idle_per_host(256).build()?,
+        http: reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .build()?,
         next_user: AtomicI64::new(1),
         started: Instant::now(),
         samples: Mutex::new(Vec::new()),
@@ -662,7 +736,10 @@ async fn main() -> anyhow::Result<()> {
         )
         .await?;
     bench
-        .admin_post(&format!("/v1/admin/activities/{ACTIVITY}/scenes"), json!({"id": "rain", "name": "Rain", "award_type": "cash"}))
+        .admin_post(
+            &format!("/v1/admin/activities/{ACTIVITY}/scenes"),
+            json!({"id": "rain", "name": "Rain", "award_type": "cash"}),
+        )
         .await?;
     // Let every instance's activity cache see the new activity.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
@@ -693,7 +770,9 @@ async fn main() -> anyhow::Result<()> {
     let view = bench.view().await?;
     let backlog_before_drain = bench.sample().await?.backlog;
     bench.stage(&format!("drain at {} tps", bench.args.drain_tps));
-    let (n, secs) = bench.drain(bench.args.drain_tps, bench.plan.drain, false).await?;
+    let (n, secs) = bench
+        .drain(bench.args.drain_tps, bench.plan.drain, false)
+        .await?;
     let measured_tps = n as f64 / secs;
     bench.stage("drain unbounded");
     let (n, secs) = bench.drain(0, bench.plan.unbounded_cap, true).await?;
@@ -728,10 +807,20 @@ async fn main() -> anyhow::Result<()> {
     });
 
     let ceiling = cores as f64 * sign_per_s;
-    let baseline = summary["sync_baseline"]["awards_per_s"].as_f64().unwrap_or(0.0).max(1e-9);
+    let baseline = summary["sync_baseline"]["awards_per_s"]
+        .as_f64()
+        .unwrap_or(0.0)
+        .max(1e-9);
     let f = |v: &Value| v.as_f64().unwrap_or(0.0);
-    println!("\nredpacket-wallet benchmark ({} run, {} cores)", if bench.args.quick { "quick" } else { "full" }, cores);
-    println!("{:<16} {:>14} {:>9} {:>9}  {}", "scenario", "rate /s", "p50 ms", "p99 ms", "against target");
+    println!(
+        "\nredpacket-wallet benchmark ({} run, {} cores)",
+        if bench.args.quick { "quick" } else { "full" },
+        cores
+    );
+    println!(
+        "{:<16} {:>14} {:>9} {:>9}  {}",
+        "scenario", "rate /s", "p50 ms", "p99 ms", "against target"
+    );
     println!(
         "{:<16} {:>14.0} {:>9.2} {:>9.2}  {:.2} x ceiling (target 0.25), {:.1} x baseline (target 3), errors {}",
         "rain_single",
@@ -752,7 +841,10 @@ async fn main() -> anyhow::Result<()> {
         f(&summary["rain_batch"]["awards_per_s"]) / baseline,
         summary["rain_batch"]["errors"]
     );
-    println!("{:<16} {:>14.0} {:>9} {:>9}", "sync_baseline", baseline, "", "");
+    println!(
+        "{:<16} {:>14.0} {:>9} {:>9}",
+        "sync_baseline", baseline, "", ""
+    );
     println!(
         "{:<16} {:>14.0} {:>9} {:>9}  configured {} ({:+.1}%), backlog at start {}",
         "drain (bounded)",
@@ -788,7 +880,11 @@ async fn main() -> anyhow::Result<()> {
     println!("{:<16} {:>14.0}  signatures/s/core", "ceiling", sign_per_s);
     println!(
         "conservation: {} (issued {} = booked {} + pending {}; withdrawn {}) {}",
-        if conservation["ok"] == true { "ok" } else { "FAILED" },
+        if conservation["ok"] == true {
+            "ok"
+        } else {
+            "FAILED"
+        },
         conservation["issued_cents"],
         conservation["booked_cents"],
         conservation["pending_cents"],
@@ -827,7 +923,10 @@ async fn cleanup(bench: &Bench) -> anyhow::Result<()> {
             .query_async(&mut conn)
             .await?;
         if !keys.is_empty() {
-            redis::cmd("UNLINK").arg(&keys).query_async::<()>(&mut conn).await?;
+            redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async::<()>(&mut conn)
+                .await?;
         }
         if next == 0 {
             break;
