@@ -523,3 +523,65 @@ async fn mysql_stopped_mid_drain_loses_and_doubles_nothing() {
     assert_eq!(backlog(&t).await, 0);
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ledger_shards_by_user_over_two_databases() {
+    let second = create_database().await;
+    let t = spawn_app_with(Options {
+        env: vec![("RPW_MYSQL__SHARD_URLS".into(), mysql_url_for(&second))],
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(t.app.db.shards().len(), 2);
+    t.open_activity("cny2027", 1_000_000, 1_000).await;
+    issue_batch(&t, (0..40).map(|i| award(1 + i % 10, i, 25)).collect()).await;
+    assert_eq!(t.drain().await, 40);
+    for (shard, parity) in [(0usize, 0i64), (1, 1)] {
+        let (rows, odd_users): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), CAST(COALESCE(SUM(user_id % 2 <> ?), 0) AS SIGNED) FROM ledger_entries",
+        )
+        .bind(parity)
+        .fetch_one(t.app.db.shard(shard))
+        .await
+        .unwrap();
+        assert_eq!(rows, 20, "shard {shard} holds its users' awards");
+        assert_eq!(odd_users, 0, "shard {shard} holds only its own users");
+    }
+    let (status, w) = t
+        .post(
+            "/v1/withdrawals",
+            &t.jwt(3),
+            &json!({"request_id": "s", "amount_cents": 60}),
+        )
+        .await;
+    assert_eq!(status, 201, "{w}");
+    let id = w["withdrawal_id"].as_str().unwrap();
+    assert_eq!(
+        t.get(&format!("/v1/withdrawals/{id}"), Some(&t.jwt(3)))
+            .await
+            .0,
+        200
+    );
+    let (status, _) = t
+        .post(
+            &format!("/v1/withdrawals/{id}/result"),
+            CALLER,
+            &json!({"status": "failed"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    for u in 1..=10 {
+        assert_eq!(t.wallet(u).await["balance_cents"], 100);
+    }
+    let (_, view) = t.get("/v1/admin/activities/cny2027", Some(ADMIN)).await;
+    assert_eq!(
+        view["booked_cents"], 1_000,
+        "figures add up over both shards"
+    );
+    t.stop().await;
+    let pool = sqlx::MySqlPool::connect(&mysql_base_url()).await.unwrap();
+    sqlx::query(&format!("DROP DATABASE `{second}`"))
+        .execute(&pool)
+        .await
+        .unwrap();
+}
