@@ -165,7 +165,8 @@ async fn withdraw_tx(
             .ok_or(sqlx::Error::RowNotFound)?,
     };
     // Checked under the account lock: a concurrent twin has committed by now. Rolling
-    // back also undoes this attempt's forced booking; the twin's booking stands.
+    // back also undoes this attempt's forced booking; the twin's booking stands. (The
+    // unique key on (user_id, request_id) backs this check up.)
     if let Some(existing) = find_by_request(&mut *tx, user, request_id).await? {
         tx.rollback().await?;
         return Ok(check_same(existing, amount.0).map(|(s, w)| (s, w, None)));

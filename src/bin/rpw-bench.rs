@@ -203,10 +203,13 @@ impl Bench {
     }
 
     fn stage(&self, name: &str) {
-        self.progress.println(format!(
-            "[{:>6.1}s] {name}",
-            self.started.elapsed().as_secs_f64()
-        ));
+        let line = format!("[{:>6.1}s] {name}", self.started.elapsed().as_secs_f64());
+        // A hidden bar (no terminal) prints nothing, so the log gets the line instead.
+        if self.progress.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            self.progress.println(line);
+        }
         self.progress.set_message(name.to_string());
         self.progress.inc(1);
     }
