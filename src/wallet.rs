@@ -112,17 +112,12 @@ impl Wire for WalletView {
 /// The exact merge (see the module comment).
 pub async fn wallet_view(app: &App, user: UserId) -> ApiResult<WalletView> {
     let candidates = pending_candidates(app, user).await?;
-    // One statement, so one consistent read: the account row, joined with the ledger
-    // rows of the candidates (one output row per booked candidate, or one row without).
     let mut q = QueryBuilder::<MySql>::new(
-        "SELECT a.balance_cents, a.total_income_cents, a.withdrawn_cents, l.out_trade_no FROM (SELECT ",
+        "SELECT 0, balance_cents, total_income_cents, withdrawn_cents, NULL FROM accounts WHERE user_id = ",
     );
     q.push_bind(user.get());
-    q.push(" AS uid) u LEFT JOIN accounts a ON a.user_id = u.uid");
-    if candidates.is_empty() {
-        q.push(" LEFT JOIN ledger_entries l ON FALSE");
-    } else {
-        q.push(" LEFT JOIN ledger_entries l ON l.out_trade_no IN (");
+    if !candidates.is_empty() {
+        q.push(" UNION ALL SELECT 1, 0, 0, 0, out_trade_no FROM ledger_entries WHERE out_trade_no IN (");
         let mut list = q.separated(", ");
         for c in &candidates {
             list.push_bind(&c.out_trade_no);
@@ -144,23 +139,13 @@ pub async fn wallet_view(app: &App, user: UserId) -> ApiResult<WalletView> {
     };
     let mut booked: HashSet<String> = HashSet::new();
     for row in rows {
-        view.booked_cents = row
-            .try_get::<Option<i64>, _>(0)
-            .map_err(ApiError::from)?
-            .unwrap_or(0);
-        view.total_income_cents = row
-            .try_get::<Option<i64>, _>(1)
-            .map_err(ApiError::from)?
-            .unwrap_or(0);
-        view.withdrawn_cents = row
-            .try_get::<Option<i64>, _>(2)
-            .map_err(ApiError::from)?
-            .unwrap_or(0);
-        if let Some(otn) = row
-            .try_get::<Option<String>, _>(3)
-            .map_err(ApiError::from)?
-        {
-            booked.insert(otn);
+        let kind: i32 = row.try_get(0).map_err(ApiError::from)?;
+        if kind == 0 {
+            view.booked_cents = row.try_get(1).map_err(ApiError::from)?;
+            view.total_income_cents = row.try_get(2).map_err(ApiError::from)?;
+            view.withdrawn_cents = row.try_get(3).map_err(ApiError::from)?;
+        } else {
+            booked.insert(row.try_get(4).map_err(ApiError::from)?);
         }
     }
     for c in candidates
