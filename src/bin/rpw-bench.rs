@@ -657,7 +657,8 @@ fn plot(path: &PathBuf, samples: &[Sample]) -> anyhow::Result<()> {
             .y_desc("tokens")
             .draw()
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        let series: [(&str, RGBColor, fn(&Sample) -> i64); 3] = [
+        type Series = (&'static str, RGBColor, fn(&Sample) -> i64);
+        let series: [Series; 3] = [
             ("issued", BLUE, |s| s.issued),
             ("booked", GREEN, |s| s.booked),
             ("backlog", RED, |s| s.backlog),
@@ -838,8 +839,8 @@ async fn run(bench: &Arc<Bench>) -> anyhow::Result<()> {
         cores
     );
     println!(
-        "{:<16} {:>14} {:>9} {:>9}  {}",
-        "scenario", "rate /s", "p50 ms", "p99 ms", "against target"
+        "{:<16} {:>14} {:>9} {:>9}  against target",
+        "scenario", "rate /s", "p50 ms", "p99 ms"
     );
     println!(
         "{:<16} {:>14.0} {:>9.2} {:>9.2}  {:.2} x ceiling (target 0.25), {:.1} x baseline (target 3), errors {}",
