@@ -233,21 +233,15 @@ async fn run_job(app: Arc<App>, name: &'static str) -> anyhow::Result<()> {
                 "batch settlement done"
             );
         }
-        "reconcile_hourly" => {
-            let hour = hour_of(now_ms() - 3_600_000);
-            let reports = crate::reconcile::reconcile_hour(&app, &hour, "hourly")
-                .await
-                .map_err(api)?;
-            tracing::info!(
-                job = name,
-                hour,
-                reports = reports.len(),
-                "reconciliation done"
-            );
-        }
-        "reconcile_live" => {
-            let hour = hour_of(now_ms());
-            let reports = crate::reconcile::reconcile_hour(&app, &hour, "live")
+        "reconcile_hourly" | "reconcile_live" => {
+            // h+1 looks back at the hour that just ended; live looks at the current one.
+            let (at_ms, kind) = if name == "reconcile_hourly" {
+                (now_ms() - 3_600_000, "hourly")
+            } else {
+                (now_ms(), "live")
+            };
+            let hour = hour_of(at_ms);
+            let reports = crate::reconcile::reconcile_hour(&app, &hour, kind)
                 .await
                 .map_err(api)?;
             tracing::info!(

@@ -112,6 +112,20 @@ impl Latencies {
     }
 }
 
+/// Waits for load tasks that each return (successes, errors, latencies in µs).
+async fn gather(
+    tasks: Vec<tokio::task::JoinHandle<(u64, u64, Vec<u64>)>>,
+) -> anyhow::Result<(u64, u64, Latencies)> {
+    let (mut ok, mut errors, mut lat) = (0, 0, Latencies::default());
+    for t in tasks {
+        let (o, e, l) = t.await?;
+        ok += o;
+        errors += e;
+        lat.0.extend(l);
+    }
+    Ok((ok, errors, lat))
+}
+
 #[derive(Clone, Copy)]
 struct Sample {
     t_s: f64,
@@ -265,13 +279,7 @@ impl Bench {
                 (ok, errors, lat)
             }));
         }
-        let (mut ok, mut errors, mut lat) = (0, 0, Latencies::default());
-        for t in tasks {
-            let (o, e, l) = t.await?;
-            ok += o;
-            errors += e;
-            lat.0.extend(l);
-        }
+        let (ok, errors, mut lat) = gather(tasks).await?;
         let elapsed = started.elapsed().as_secs_f64();
         Ok(json!({
             "awards_per_s": round2(ok as f64 / elapsed),
@@ -316,13 +324,7 @@ impl Bench {
                 (ok, errors, lat)
             }));
         }
-        let (mut ok, mut errors, mut lat) = (0, 0, Latencies::default());
-        for t in tasks {
-            let (o, e, l) = t.await?;
-            ok += o;
-            errors += e;
-            lat.0.extend(l);
-        }
+        let (ok, errors, mut lat) = gather(tasks).await?;
         let elapsed = started.elapsed().as_secs_f64();
         Ok(json!({
             "awards_per_s": round2(ok as f64 / elapsed),
@@ -426,16 +428,10 @@ impl Bench {
                         _ => errors += 1,
                     }
                 }
-                (lat, errors)
+                (lat.len() as u64, errors, lat)
             }));
         }
-        let mut lat = Latencies::default();
-        let mut errors = 0;
-        for t in tasks {
-            let (l, e) = t.await?;
-            lat.0.extend(l);
-            errors += e;
-        }
+        let (_, errors, mut lat) = gather(tasks).await?;
         if errors > 0 {
             bail!("{errors} withdrawals failed");
         }
@@ -485,20 +481,13 @@ impl Bench {
                         _ => errors += 1,
                     }
                 }
-                (lat, errors)
+                (lat.len() as u64, errors, lat)
             }));
         }
-        let mut lat = Latencies::default();
-        let mut errors = 0;
-        for t in tasks {
-            let (l, e) = t.await?;
-            lat.0.extend(l);
-            errors += e;
-        }
+        let (n, errors, mut lat) = gather(tasks).await?;
         if errors > 0 {
             bail!("{errors} wallet views failed");
         }
-        let n = lat.0.len();
         Ok(json!({
             "requests_per_s": round2(n as f64 / started.elapsed().as_secs_f64()),
             "p99_ms": round2(lat.ms_at(0.99)),

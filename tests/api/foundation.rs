@@ -211,65 +211,34 @@ async fn credentials_are_checked_per_route() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_reports_an_unreachable_mysql() {
     // Nothing listens on port 1: every MySQL connection is refused.
-    let keys = temp_keys_dir();
-    let mut settings = test_settings("rpw", "tready", &keys, &[]);
-    settings.mysql.url = redpacket_wallet::config::Secret::new("mysql://rpw:rpw@127.0.0.1:1/rpw");
-    settings.mysql.acquire_timeout_ms = 500;
-    let app = redpacket_wallet::startup::App::build(settings, false)
-        .await
-        .expect("starts without mysql");
-    let running = redpacket_wallet::startup::Running::start(
-        app,
-        redpacket_wallet::startup::RunOptions {
-            http: true,
-            worker: false,
-            cron: false,
-        },
-    )
-    .await
-    .unwrap();
-    let resp = reqwest::get(format!("{}/readyz", running.url()))
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 503);
-    let body: serde_json::Value = resp.json().await.unwrap();
+    let t = spawn_app_with(Options {
+        mysql_url: Some("mysql://rpw:rpw@127.0.0.1:1/rpw".into()),
+        skip_migrations: true,
+        env: vec![("RPW_MYSQL__ACQUIRE_TIMEOUT_MS".into(), "500".into())],
+        ..Default::default()
+    })
+    .await;
+    let (status, body) = t.get("/readyz", None).await;
+    assert_eq!(status, 503);
     assert_eq!(body["mysql"], "unreachable");
     assert_eq!(body["redis"], "ok");
-    running.stop().await;
+    t.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_reports_a_redis_that_was_killed() {
     let mut redis = PrivateRedis::start();
-    let db = create_database().await;
-    let keys = temp_keys_dir();
-    let mut settings = test_settings(&db, "tkill", &keys, &[]);
-    settings.redis.url = redpacket_wallet::config::Secret::new(redis.url());
-    settings.redis.command_timeout_ms = 500;
-    let app = redpacket_wallet::startup::App::build(settings, true)
-        .await
-        .unwrap();
-    let running = redpacket_wallet::startup::Running::start(
-        app,
-        redpacket_wallet::startup::RunOptions {
-            http: true,
-            worker: false,
-            cron: false,
-        },
-    )
-    .await
-    .unwrap();
-    let ready = reqwest::get(format!("{}/readyz", running.url()))
-        .await
-        .unwrap();
-    assert_eq!(ready.status().as_u16(), 200);
+    let t = spawn_app_with(Options {
+        redis_url: Some(redis.url()),
+        env: vec![("RPW_REDIS__COMMAND_TIMEOUT_MS".into(), "500".into())],
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(t.get("/readyz", None).await.0, 200);
     redis.kill();
-    let resp = reqwest::get(format!("{}/readyz", running.url()))
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 503);
-    let body: serde_json::Value = resp.json().await.unwrap();
+    let (status, body) = t.get("/readyz", None).await;
+    assert_eq!(status, 503);
     assert_eq!(body["redis"], "unreachable");
     assert_eq!(body["mysql"], "ok");
-    running.stop().await;
+    t.stop().await;
 }

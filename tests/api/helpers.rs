@@ -47,6 +47,12 @@ pub struct Options {
     pub worker: bool,
     /// A prepared keys directory; a fresh one with one key when `None`.
     pub keys_dir: Option<PathBuf>,
+    /// Another MySQL (a test-owned server); a fresh database on the shared one when `None`.
+    pub mysql_url: Option<String>,
+    /// Another Redis (a test-owned server).
+    pub redis_url: Option<String>,
+    /// Start without applying migrations (for a MySQL that is not there).
+    pub skip_migrations: bool,
 }
 
 pub async fn create_database() -> String {
@@ -119,11 +125,22 @@ pub fn init_tracing() {
 
 pub async fn spawn_app_with(options: Options) -> TestApp {
     init_tracing();
-    let db_name = create_database().await;
+    let db_name = match options.mysql_url {
+        Some(_) => "rpw".to_string(),
+        None => create_database().await,
+    };
     let prefix = format!("t{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
     let keys_dir = options.keys_dir.clone().unwrap_or_else(temp_keys_dir);
-    let settings = test_settings(&db_name, &prefix, &keys_dir, &options.env);
-    let app = App::build(settings, true).await.expect("app builds");
+    let mut settings = test_settings(&db_name, &prefix, &keys_dir, &options.env);
+    if let Some(url) = &options.mysql_url {
+        settings.mysql.url = redpacket_wallet::config::Secret::new(url.clone());
+    }
+    if let Some(url) = &options.redis_url {
+        settings.redis.url = redpacket_wallet::config::Secret::new(url.clone());
+    }
+    let app = App::build(settings, !options.skip_migrations)
+        .await
+        .expect("app builds");
     let running = Running::start(
         app.clone(),
         RunOptions {
@@ -180,24 +197,16 @@ impl TestApp {
             .unwrap()
     }
 
-    pub async fn post(&self, path: &str, bearer: &str, body: &Value) -> (u16, Value) {
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        bearer: &str,
+        body: &Value,
+    ) -> (u16, Value) {
         let resp = self
             .client
-            .post(format!("{}{}", self.url, path))
-            .bearer_auth(bearer)
-            .json(body)
-            .send()
-            .await
-            .expect("request sent");
-        let status = resp.status().as_u16();
-        let body = resp.json::<Value>().await.unwrap_or(Value::Null);
-        (status, body)
-    }
-
-    pub async fn put(&self, path: &str, bearer: &str, body: &Value) -> (u16, Value) {
-        let resp = self
-            .client
-            .put(format!("{}{}", self.url, path))
+            .request(method, format!("{}{}", self.url, path))
             .bearer_auth(bearer)
             .json(body)
             .send()
@@ -205,6 +214,14 @@ impl TestApp {
             .expect("request sent");
         let status = resp.status().as_u16();
         (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post(&self, path: &str, bearer: &str, body: &Value) -> (u16, Value) {
+        self.send(reqwest::Method::POST, path, bearer, body).await
+    }
+
+    pub async fn put(&self, path: &str, bearer: &str, body: &Value) -> (u16, Value) {
+        self.send(reqwest::Method::PUT, path, bearer, body).await
     }
 
     pub async fn get(&self, path: &str, bearer: Option<&str>) -> (u16, Value) {

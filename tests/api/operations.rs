@@ -383,37 +383,12 @@ async fn each_switch_does_what_it_says_and_turns_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn views_fall_back_to_redis_when_mysql_is_down_if_switched_on() {
     let mariadb = PrivateMariadb::start();
-    let keys = temp_keys_dir();
-    let prefix = format!("tfb{:08x}", rand::random::<u32>());
-    let mut settings = test_settings(
-        "rpw",
-        &prefix,
-        &keys,
-        &[("RPW_MYSQL__ACQUIRE_TIMEOUT_MS".into(), "800".into())],
-    );
-    settings.mysql.url = redpacket_wallet::config::Secret::new(mariadb.url());
-    let app = redpacket_wallet::startup::App::build(settings, true)
-        .await
-        .unwrap();
-    let running = redpacket_wallet::startup::Running::start(
-        app.clone(),
-        redpacket_wallet::startup::RunOptions {
-            http: true,
-            worker: false,
-            cron: false,
-        },
-    )
-    .await
-    .unwrap();
-    let t = TestApp {
-        url: running.url(),
-        running: Some(running),
-        app,
-        client: reqwest::Client::new(),
-        db_name: "rpw".into(),
-        keys_dir: keys,
-        prefix,
-    };
+    let t = spawn_app_with(Options {
+        mysql_url: Some(mariadb.url()),
+        env: vec![("RPW_MYSQL__ACQUIRE_TIMEOUT_MS".into(), "800".into())],
+        ..Default::default()
+    })
+    .await;
     t.open_activity("cny2027", 100_000, 1_000).await;
     issue(&t, (0..4).map(|i| award(8, i, 25)).collect()).await;
     t.drain().await;

@@ -63,16 +63,19 @@ async fn a_crash_between_commit_and_ack_credits_each_token_once() {
     let total: i64 = (0..40).map(|i| 10 + i).sum();
     issue_batch(&t, awards).await;
 
-    let mut crashing = Worker::new(
-        t.app.clone(),
-        WorkerOptions {
-            consumer: "doomed".into(),
-            batch_size: 500,
-            claim_idle: std::time::Duration::from_secs(3600),
-            stop_after_commit: true,
-        },
-        None,
-    );
+    let worker = |consumer: &str, claim_idle_ms: u64, stop_after_commit: bool| {
+        Worker::new(
+            t.app.clone(),
+            WorkerOptions {
+                consumer: consumer.into(),
+                batch_size: 500,
+                claim_idle: std::time::Duration::from_millis(claim_idle_ms),
+                stop_after_commit,
+            },
+            None,
+        )
+    };
+    let mut crashing = worker("doomed", 3_600_000, true);
     for p in 0..t.app.redis.partitions() {
         let outcome = crashing.try_execute_batch(p).await.unwrap();
         assert!(
@@ -86,16 +89,7 @@ async fn a_crash_between_commit_and_ack_credits_each_token_once() {
     assert_eq!(backlog(&t).await, 40);
 
     // Another consumer takes the dead one's entries over and books them again: no-ops.
-    let mut rescuer = Worker::new(
-        t.app.clone(),
-        WorkerOptions {
-            consumer: "rescuer".into(),
-            batch_size: 500,
-            claim_idle: std::time::Duration::from_millis(0),
-            stop_after_commit: false,
-        },
-        None,
-    );
+    let mut rescuer = worker("rescuer", 0, false);
     let mut redelivered = 0;
     for p in 0..t.app.redis.partitions() {
         if let Outcome::Booked {
@@ -440,42 +434,18 @@ async fn a_failed_payout_is_reversed_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mysql_stopped_mid_drain_loses_and_doubles_nothing() {
     let mariadb = PrivateMariadb::start();
-    let keys = temp_keys_dir();
-    let prefix = format!("tmy{:08x}", rand::random::<u32>());
-    let mut settings = test_settings(
-        "rpw",
-        &prefix,
-        &keys,
-        &[
+    let t = spawn_app_with(Options {
+        mysql_url: Some(mariadb.url()),
+        worker: true,
+        env: vec![
             ("RPW_SETTLE__MAX_TPS".into(), "400".into()),
             ("RPW_SETTLE__BATCH_SIZE".into(), "50".into()),
             ("RPW_SETTLE__RETRY_MAX_MS".into(), "400".into()),
             ("RPW_MYSQL__ACQUIRE_TIMEOUT_MS".into(), "1000".into()),
         ],
-    );
-    settings.mysql.url = redpacket_wallet::config::Secret::new(mariadb.url());
-    let app = redpacket_wallet::startup::App::build(settings, true)
-        .await
-        .unwrap();
-    let running = redpacket_wallet::startup::Running::start(
-        app.clone(),
-        redpacket_wallet::startup::RunOptions {
-            http: true,
-            worker: true,
-            cron: false,
-        },
-    )
-    .await
-    .unwrap();
-    let t = TestApp {
-        url: running.url(),
-        running: Some(running),
-        app,
-        client: reqwest::Client::new(),
-        db_name: "rpw".into(),
-        keys_dir: keys,
-        prefix,
-    };
+        ..Default::default()
+    })
+    .await;
     t.open_activity("cny2027", 100_000_000, 1_000).await;
     let first: Vec<Value> = (0..2_000).map(|i| award(1 + i % 50, i, 3)).collect();
     issue_batch(&t, first).await;
