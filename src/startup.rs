@@ -122,6 +122,9 @@ impl App {
             self.budget
                 .fund(&self.redis, &activity.id, activity.budget_cents)
                 .await?;
+            // Another instance may have funded the new budget already; the sub-stocks this
+            // instance saw empty are worth trying again either way.
+            self.budget.forget_exhausted(&activity.id);
         }
         Ok(())
     }
