@@ -201,6 +201,16 @@ impl Db {
                 .timezone(Some(String::from("+00:00")))
                 .statement_cache_capacity(512);
             let pool = MySqlPoolOptions::new()
+                .after_connect(|conn, _meta| {
+                    Box::pin(async move {
+                        // The wallet view lists booked tokens with GROUP_CONCAT; MySQL 8's
+                        // default limit (1 KiB) would cut a long list short.
+                        sqlx::query("SET SESSION group_concat_max_len = 1048576")
+                            .execute(conn)
+                            .await?;
+                        Ok(())
+                    })
+                })
                 .max_connections(settings.max_connections)
                 .min_connections(0)
                 .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))

@@ -112,20 +112,27 @@ impl Wire for WalletView {
 /// The exact merge (see the module comment).
 pub async fn wallet_view(app: &App, user: UserId) -> ApiResult<WalletView> {
     let candidates = pending_candidates(app, user).await?;
-    let mut q = QueryBuilder::<MySql>::new(
-        "SELECT 0, balance_cents, total_income_cents, withdrawn_cents, NULL FROM accounts WHERE user_id = ",
-    );
-    q.push_bind(user.get());
-    if !candidates.is_empty() {
-        q.push(" UNION ALL SELECT 1, 0, 0, 0, out_trade_no FROM ledger_entries WHERE out_trade_no IN (");
+    // One statement, so one consistent read: the account row and, in a subquery, which
+    // candidates the ledger holds. No account row means nothing of this user is booked
+    // yet (booking creates the row in the same transaction as the ledger rows).
+    let mut q =
+        QueryBuilder::<MySql>::new("SELECT balance_cents, total_income_cents, withdrawn_cents, ");
+    if candidates.is_empty() {
+        q.push("NULL");
+    } else {
+        // out_trade_no never holds a comma; group_concat_max_len is raised per connection
+        // (store.rs) so the list cannot be cut short.
+        q.push("(SELECT GROUP_CONCAT(out_trade_no SEPARATOR ',') FROM ledger_entries WHERE out_trade_no IN (");
         let mut list = q.separated(", ");
         for c in &candidates {
             list.push_bind(&c.out_trade_no);
         }
-        q.push(")");
+        q.push("))");
     }
-    let rows = match q.build().fetch_all(app.db.for_user(user)).await {
-        Ok(rows) => rows,
+    q.push(" FROM accounts WHERE user_id = ")
+        .push_bind(user.get());
+    let row = match q.build().fetch_optional(app.db.for_user(user)).await {
+        Ok(row) => row,
         Err(err) if app.switches.views_fallback() => {
             tracing::warn!(error = %err, "mysql unavailable; serving the wallet from redis");
             crate::metrics::dependency_error("mysql");
@@ -138,14 +145,15 @@ pub async fn wallet_view(app: &App, user: UserId) -> ApiResult<WalletView> {
         ..Default::default()
     };
     let mut booked: HashSet<String> = HashSet::new();
-    for row in rows {
-        let kind: i32 = row.try_get(0).map_err(ApiError::from)?;
-        if kind == 0 {
-            view.booked_cents = row.try_get(1).map_err(ApiError::from)?;
-            view.total_income_cents = row.try_get(2).map_err(ApiError::from)?;
-            view.withdrawn_cents = row.try_get(3).map_err(ApiError::from)?;
-        } else {
-            booked.insert(row.try_get(4).map_err(ApiError::from)?);
+    if let Some(row) = row {
+        view.booked_cents = row.try_get(0).map_err(ApiError::from)?;
+        view.total_income_cents = row.try_get(1).map_err(ApiError::from)?;
+        view.withdrawn_cents = row.try_get(2).map_err(ApiError::from)?;
+        if let Some(list) = row
+            .try_get::<Option<String>, _>(3)
+            .map_err(ApiError::from)?
+        {
+            booked.extend(list.split(',').map(str::to_string));
         }
     }
     for c in candidates
