@@ -34,6 +34,8 @@ pub struct App {
     pub activities: ActivityCache,
     pub budget: Budget,
     pub issuer: Issuer,
+    /// Single awards go through here, to be issued in batches under load.
+    pub coalescer: crate::issue::coalesce::Coalescer,
     pub marker: Marker,
     pub stats: StatsCounter,
     pub switches: Switches,
@@ -66,7 +68,8 @@ impl App {
             settings.caller_keys(),
             settings.wallet.jwt_leeway_secs,
         );
-        let app = Arc::new(App {
+        let app = Arc::new_cyclic(|weak| App {
+            coalescer: crate::issue::coalesce::Coalescer::start(weak.clone()),
             budget: Budget::new(
                 settings.issue.sub_stocks,
                 Duration::from_millis(settings.issue.exhausted_recheck_ms),

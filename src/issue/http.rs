@@ -75,16 +75,7 @@ async fn award(
 ) -> ApiResult<Response> {
     let started = Instant::now();
     let request: AwardRequest = decode_body::<AwardRequest, pb::AwardRequest>(&headers, &body)?;
-    let result = app
-        .issuer
-        .issue(&app, &caller, vec![request])
-        .await
-        .pop()
-        .unwrap_or_else(|| {
-            Err(ApiError::Internal(anyhow::anyhow!(
-                "no result for the award"
-            )))
-        });
+    let result = app.coalescer.issue(caller, request).await;
     crate::metrics::award_latency(started.elapsed().as_secs_f64(), "single");
     let issued = result?;
     let status = if issued.replayed {

@@ -17,6 +17,7 @@
 //! pipelined Redis round trip for the whole batch.
 
 pub mod budget;
+pub mod coalesce;
 pub mod http;
 pub mod stats;
 
