@@ -8,11 +8,9 @@
 -- ARGV[7]: scene id       ARGV[8]: issued at (ms)
 -- Returns nil when stored, or the token already stored under this out_trade_no (a
 -- concurrent duplicate won the race; the caller gives its budget back).
-local existing = redis.call('HGET', KEYS[1], ARGV[1])
-if existing then
-  return existing
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  return redis.call('HGET', KEYS[1], ARGV[1])
 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[1],
   'p|' .. ARGV[4] .. '|' .. ARGV[8] .. '|' .. ARGV[6] .. '|' .. ARGV[7])
 redis.call('HINCRBY', KEYS[3], ARGV[3] .. ':n', 1)
