@@ -242,3 +242,139 @@ async fn readyz_reports_a_redis_that_was_killed() {
     assert_eq!(body["mysql"], "ok");
     t.stop().await;
 }
+
+fn cli(keys_dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_redpacket-wallet"))
+        .args(args)
+        .env("RPW_KEYS__DIR", keys_dir)
+        .env("RPW_AUTH__JWT_SECRET", JWT_SECRET)
+        .env("RPW_MYSQL__URL", "mysql://rpw:rpw@127.0.0.1:1/rpw")
+        .env("RPW_MYSQL__ACQUIRE_TIMEOUT_MS", "300")
+        .output()
+        .expect("the binary runs")
+}
+
+#[test]
+fn the_command_line_manages_keys_and_prints_user_jwts() {
+    let dir = std::env::temp_dir().join(format!("rpw-cli-keys-{:08x}", rand::random::<u32>()));
+    let first = cli(&dir, &["keys", "generate"]);
+    assert!(first.status.success(), "{first:?}");
+    let first_id = String::from_utf8(first.stdout).unwrap().trim().to_string();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let second = cli(&dir, &["keys", "generate"]);
+    let second_id = String::from_utf8(second.stdout).unwrap().trim().to_string();
+    let list = String::from_utf8(cli(&dir, &["keys", "list"]).stdout).unwrap();
+    assert!(
+        list.contains(&format!("{first_id}\tEd25519\tverifies")),
+        "{list}"
+    );
+    assert!(
+        list.contains(&format!("{second_id}\tEd25519\tactive")),
+        "{list}"
+    );
+    // Retiring works without MySQL (it says so) and shows in the list.
+    let retired = cli(&dir, &["keys", "retire", &first_id]);
+    assert!(retired.status.success(), "{retired:?}");
+    let list = String::from_utf8(cli(&dir, &["keys", "list"]).stdout).unwrap();
+    assert!(
+        list.contains(&format!("{first_id}\tEd25519\tretired")),
+        "{list}"
+    );
+    assert!(!cli(&dir, &["keys", "retire", "no-such-key"])
+        .status
+        .success());
+    // The private halves are owner-only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.join(format!("{second_id}.pk8")))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let jwt = cli(&dir, &["dev-jwt", "42"]);
+    assert!(jwt.status.success());
+    let token = String::from_utf8(jwt.stdout).unwrap();
+    let claims = jsonwebtoken::decode::<redpacket_wallet::http::auth::Claims>(
+        token.trim(),
+        &jsonwebtoken::DecodingKey::from_secret(JWT_SECRET.as_bytes()),
+        &jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256),
+    )
+    .unwrap();
+    assert_eq!(claims.claims.sub, "42");
+    assert!(!cli(&dir, &["dev-jwt", "0"]).status.success());
+    // A bad setting names its key.
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_redpacket-wallet"))
+        .args(["keys", "list"])
+        .env("RPW_ISSUE__SUB_STOCKS", "many")
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("issue.sub_stocks"),
+        "{bad:?}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_shuts_down_cleanly_on_sigterm() {
+    let db = create_database().await;
+    let keys = temp_keys_dir();
+    let port = free_port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_redpacket-wallet"))
+        .args(["serve", "--no-cron"])
+        .env("RPW_HTTP__ADDR", format!("127.0.0.1:{port}"))
+        .env("RPW_REDIS__URL", redis_url())
+        .env("RPW_REDIS__KEY_PREFIX", format!("tsig{port}"))
+        .env("RPW_MYSQL__URL", mysql_url_for(&db))
+        .env("RPW_KEYS__DIR", &keys)
+        .env("RPW_AUTH__ADMIN_KEY", ADMIN)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::new();
+    let mut up = false;
+    for _ in 0..100 {
+        if let Ok(r) = client
+            .get(format!("http://127.0.0.1:{port}/readyz"))
+            .send()
+            .await
+        {
+            up = r.status().as_u16() == 200;
+            if up {
+                break;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(up, "the server came up");
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let mut status = None;
+    for _ in 0..100 {
+        if let Some(s) = child.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let status = status.unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("serve did not stop within 10 s of SIGTERM")
+    });
+    assert!(status.success(), "{status:?}");
+    assert!(client
+        .get(format!("http://127.0.0.1:{port}/healthz"))
+        .send()
+        .await
+        .is_err());
+    let pool = sqlx::MySqlPool::connect(&mysql_base_url()).await.unwrap();
+    sqlx::query(&format!("DROP DATABASE `{db}`"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    std::fs::remove_dir_all(keys).unwrap();
+}
