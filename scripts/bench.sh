@@ -31,8 +31,9 @@ fi
 
 echo "[bench] building (release)" >&2
 cargo build --release --bins -q
-BIN="$ROOT/target/release/redpacket-wallet"
-BENCH="$ROOT/target/release/rpw-bench"
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+BIN="$TARGET_DIR/release/redpacket-wallet"
+BENCH="$TARGET_DIR/release/rpw-bench"
 
 RUN="$(date +%Y%m%d%H%M%S)$$"
 WORK="$ROOT/.data/bench-$RUN"

@@ -7,7 +7,8 @@ cd "$ROOT"
 
 eval "$(scripts/services.sh start | sed 's/^/export /')"
 cargo build --release --bin redpacket-wallet
-BIN="$ROOT/target/release/redpacket-wallet"
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+BIN="$TARGET_DIR/release/redpacket-wallet"
 
 # Development credentials live in a gitignored file and are reused across runs.
 CREDS="$ROOT/.data/dev-credentials.env"
