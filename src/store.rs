@@ -179,6 +179,24 @@ pub fn is_noscript(err: &redis::RedisError) -> bool {
     err.kind() == redis::ErrorKind::NoScriptError
 }
 
+/// Runs a pipeline of EVALSHA calls. On NOSCRIPT (Redis restarted or flushed its script
+/// cache, so no call ran) the scripts are loaded and the pipeline runs once more. Only
+/// for pipelines whose scripts are safe to repeat: store, mark and fund are.
+pub async fn query_scripted<T: redis::FromRedisValue>(
+    redis: &Redis,
+    pipe: &redis::Pipeline,
+    scripts: &[&redis::Script],
+) -> redis::RedisResult<T> {
+    let mut conn = redis.conn();
+    match pipe.query_async(&mut conn).await {
+        Err(err) if is_noscript(&err) => {
+            load_scripts(&mut conn, scripts).await?;
+            pipe.query_async(&mut conn).await
+        }
+        other => other,
+    }
+}
+
 /// The MySQL databases: shard 0 holds activities, scenes, reports and keys, and the
 /// ledger of the users it owns; further shards hold only ledger, accounts and withdrawals.
 pub struct Db {

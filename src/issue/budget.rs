@@ -77,7 +77,7 @@ impl Budget {
             cmd.arg(self.share(total, i));
             pipe.add_command(cmd);
         }
-        let added: Vec<i64> = self.run(redis, &pipe).await?;
+        let added: Vec<i64> = crate::store::query_scripted(redis, &pipe, &self.scripts()).await?;
         let added: i64 = added.iter().sum();
         if added > 0 {
             self.forget_exhausted(activity);
@@ -110,21 +110,6 @@ impl Budget {
         pipe.query_async::<()>(&mut conn).await?;
         self.forget_exhausted(activity);
         Ok(())
-    }
-
-    async fn run<T: redis::FromRedisValue>(
-        &self,
-        redis: &Redis,
-        pipe: &redis::Pipeline,
-    ) -> redis::RedisResult<T> {
-        let mut conn = redis.conn();
-        match pipe.query_async(&mut conn).await {
-            Err(err) if crate::store::is_noscript(&err) => {
-                crate::store::load_scripts(&mut conn, &self.scripts()).await?;
-                pipe.query_async(&mut conn).await
-            }
-            other => other,
-        }
     }
 
     pub fn forget_exhausted(&self, activity: &str) {

@@ -380,7 +380,14 @@ impl Issuer {
 
         // Step 5: store, one pipelined script call per token.
         if !minted.is_empty() {
-            let stored = self.store_pipelined(redis, &minted, |k| &awards[k].1).await;
+            let stored = self
+                .store_all(
+                    redis,
+                    minted
+                        .iter()
+                        .map(|(k, a)| (awards[*k].1.user, &a.token, a.bytes.as_slice())),
+                )
+                .await;
             match stored {
                 Ok(winners) => {
                     let mut give_back = Vec::new();
@@ -428,25 +435,18 @@ impl Issuer {
             .collect()
     }
 
-    async fn store_pipelined<'a>(
+    /// Runs store.lua for every token in one pipeline: `None` where the token was
+    /// stored now, the token already held under its out_trade_no otherwise.
+    async fn store_all<'a>(
         &self,
         redis: &Redis,
-        minted: &[(usize, SignedAward)],
-        award_of: impl Fn(usize) -> &'a ValidAward,
+        tokens: impl Iterator<Item = (UserId, &'a pb::RedPacketToken, &'a [u8])>,
     ) -> redis::RedisResult<Vec<Option<Vec<u8>>>> {
         let mut pipe = redis::pipe();
-        for (k, award) in minted {
-            let v = award_of(*k);
-            pipe.add_command(self.store_cmd(redis, v.user, &award.token, &award.bytes));
+        for (user, token, bytes) in tokens {
+            pipe.add_command(self.store_cmd(redis, user, token, bytes));
         }
-        let mut conn = redis.conn();
-        match pipe.query_async(&mut conn).await {
-            Err(err) if crate::store::is_noscript(&err) => {
-                crate::store::load_scripts(&mut conn, &self.scripts()).await?;
-                pipe.query_async(&mut conn).await
-            }
-            other => other,
-        }
+        crate::store::query_scripted(redis, &pipe, &self.scripts()).await
     }
 
     /// The store.lua call for one token (also used to restore a client's copy).
@@ -481,21 +481,9 @@ impl Issuer {
         redis: &Redis,
         tokens: &[(UserId, pb::RedPacketToken, Vec<u8>)],
     ) -> redis::RedisResult<Vec<bool>> {
-        if tokens.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for (user, token, bytes) in tokens {
-            pipe.add_command(self.store_cmd(redis, *user, token, bytes));
-        }
-        let mut conn = redis.conn();
-        let result: Vec<Option<Vec<u8>>> = match pipe.query_async(&mut conn).await {
-            Err(err) if crate::store::is_noscript(&err) => {
-                crate::store::load_scripts(&mut conn, &self.scripts()).await?;
-                pipe.query_async(&mut conn).await?
-            }
-            other => other?,
-        };
+        let result = self
+            .store_all(redis, tokens.iter().map(|(u, t, b)| (*u, t, b.as_slice())))
+            .await?;
         // `None`: stored now. A token already there (even these very bytes) was known.
         Ok(result.iter().map(Option::is_none).collect())
     }

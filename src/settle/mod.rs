@@ -291,14 +291,7 @@ impl Marker {
         if by_partition.is_empty() {
             return Ok(0);
         }
-        let mut conn = redis.conn();
-        let changed: Vec<u64> = match pipe.query_async(&mut conn).await {
-            Err(err) if crate::store::is_noscript(&err) => {
-                crate::store::load_scripts(&mut conn, &[&self.script]).await?;
-                pipe.query_async(&mut conn).await?
-            }
-            other => other?,
-        };
+        let changed: Vec<u64> = crate::store::query_scripted(redis, &pipe, &[&self.script]).await?;
         Ok(changed.iter().sum())
     }
 }
