@@ -175,26 +175,39 @@ pub async fn load_scripts(
     Ok(())
 }
 
-pub fn is_noscript(err: &redis::RedisError) -> bool {
-    err.kind() == redis::ErrorKind::NoScriptError
-}
-
-/// Runs a pipeline of EVALSHA calls. On NOSCRIPT (Redis restarted or flushed its script
-/// cache, so no call ran) the scripts are loaded and the pipeline runs once more. Only
-/// for pipelines whose scripts are safe to repeat: store, mark and fund are.
+/// Runs a pipeline of EVALSHA calls. A call answered NOSCRIPT (Redis restarted or
+/// flushed its script cache) did not run: the scripts are loaded and exactly those calls
+/// are sent once more, so no call ever runs twice and each answer means what it says.
 pub async fn query_scripted<T: redis::FromRedisValue>(
     redis: &Redis,
     pipe: &redis::Pipeline,
     scripts: &[&redis::Script],
 ) -> redis::RedisResult<T> {
-    let mut conn = redis.conn();
-    match pipe.query_async(&mut conn).await {
-        Err(err) if is_noscript(&err) => {
-            load_scripts(&mut conn, scripts).await?;
-            pipe.query_async(&mut conn).await
-        }
-        other => other,
+    use redis::aio::ConnectionLike;
+    if pipe.is_empty() {
+        return redis::from_owned_redis_value(redis::Value::Array(Vec::new()));
     }
+    let mut conn = redis.conn();
+    let mut values = conn.req_packed_commands(pipe, 0, pipe.len()).await?;
+    let not_run: Vec<usize> = values
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| matches!(v, redis::Value::ServerError(e) if e.code() == "NOSCRIPT"))
+        .map(|(i, _)| i)
+        .collect();
+    if !not_run.is_empty() {
+        load_scripts(&mut conn, scripts).await?;
+        let commands: Vec<&redis::Cmd> = pipe.cmd_iter().collect();
+        let mut again = redis::pipe();
+        for &i in &not_run {
+            again.add_command(commands[i].clone());
+        }
+        let answers = conn.req_packed_commands(&again, 0, again.len()).await?;
+        for (i, answer) in not_run.into_iter().zip(answers) {
+            values[i] = answer;
+        }
+    }
+    redis::from_owned_redis_value(redis::Value::Array(values).extract_error()?)
 }
 
 /// The MySQL databases: shard 0 holds activities, scenes, reports and keys, and the

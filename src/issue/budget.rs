@@ -173,16 +173,8 @@ impl Budget {
             cmd.arg(amount).arg("all");
             pipe.add_command(cmd);
         }
-        let mut conn = redis.conn();
-        let rows: Vec<(i64, i64)> = match pipe.query_async(&mut conn).await {
-            Err(err) if crate::store::is_noscript(&err) => {
-                // EVALSHA failed before running anything: load and let the caller
-                // take one by one.
-                crate::store::load_scripts(&mut conn, &self.scripts()).await?;
-                return Ok(Vec::new());
-            }
-            other => other?,
-        };
+        let rows: Vec<(i64, i64)> =
+            crate::store::query_scripted(redis, &pipe, &self.scripts()).await?;
         let mut covered = Vec::with_capacity(rows.len());
         for (&(k, i), (taken, avail)) in picks.iter().zip(rows) {
             let (activity, amount) = award(k);

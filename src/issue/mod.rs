@@ -218,7 +218,18 @@ impl Issuer {
         caller: &str,
         requests: Vec<AwardRequest>,
     ) -> Vec<Result<Issued, ApiError>> {
-        let now = now_ms();
+        self.issue_at(app, caller, requests, now_ms()).await
+    }
+
+    /// [`Issuer::issue`] at a given moment (ms since the epoch), which becomes the
+    /// tokens' issue time.
+    pub async fn issue_at(
+        &self,
+        app: &App,
+        caller: &str,
+        requests: Vec<AwardRequest>,
+        now: i64,
+    ) -> Vec<Result<Issued, ApiError>> {
         let mut results: Vec<Option<Result<Issued, ApiError>>> =
             (0..requests.len()).map(|_| None).collect();
         let mut valid: Vec<(usize, ValidAward)> = Vec::with_capacity(requests.len());
@@ -394,15 +405,18 @@ impl Issuer {
                     for ((k, award), winner) in minted.into_iter().zip(winners) {
                         let v = &awards[k].1;
                         out[k] = Some(match winner {
-                            // Signatures are deterministic: identical bytes are our own
-                            // token (a retried pipeline), not a rival's.
-                            Some(bytes) if bytes != award.bytes => {
+                            // Another request stored first. Its bytes may equal ours
+                            // (signatures are deterministic and the same award minted in
+                            // the same millisecond is the same token), yet it is still a
+                            // replay: no call runs twice (see `query_scripted`), so the
+                            // token held is never our own.
+                            Some(bytes) => {
                                 if let Some(t) = taken.remove(&k) {
                                     give_back.push((v.activity_id.clone(), t));
                                 }
                                 replay_or_conflict(bytes, v)
                             }
-                            _ => Ok(Issued {
+                            None => Ok(Issued {
                                 out_trade_no: v.out_trade_no.to_string(),
                                 token: award.bytes,
                                 replayed: false,

@@ -67,6 +67,48 @@ async fn two_hundred_identical_awards_mint_one_token() {
     t.stop().await;
 }
 
+/// Two requests for one award in the same millisecond mint byte-identical tokens
+/// (Ed25519 signatures are deterministic). The one that stores second is still a replay
+/// and gives its budget back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_award_twice_in_one_millisecond_is_minted_once() {
+    let t = spawn_app().await;
+    t.open_activity("cny2027", 100_000, 500).await;
+    let now = redpacket_wallet::store::now_ms();
+    let rounds = 40;
+    for rain in 0..rounds {
+        let request: redpacket_wallet::issue::AwardRequest =
+            serde_json::from_value(award_body(77, rain, 10)).unwrap();
+        let (a, b) = futures::join!(
+            t.app
+                .issuer
+                .issue_at(&t.app, "upstream", vec![request.clone()], now),
+            t.app
+                .issuer
+                .issue_at(&t.app, "upstream", vec![request], now),
+        );
+        let a = a.into_iter().next().unwrap().unwrap();
+        let b = b.into_iter().next().unwrap().unwrap();
+        assert_eq!(a.token, b.token, "round {rain}: one token");
+        assert_eq!(
+            [a.replayed, b.replayed].iter().filter(|r| !**r).count(),
+            1,
+            "round {rain}: exactly one of the two minted"
+        );
+    }
+    let figures = t.app.budget.figures(&t.app.redis, "cny2027").await.unwrap();
+    assert_eq!(
+        figures.taken_cents,
+        10 * rounds,
+        "each award's budget taken once"
+    );
+    let issued = redpacket_wallet::reconcile::issued_totals(&t.app.redis, "cny2027")
+        .await
+        .unwrap();
+    assert_eq!((issued.count, issued.cents), (rounds, 10 * rounds));
+    t.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_awards_against_a_budget_of_137_never_over_issue() {
     let t = spawn_app().await;
@@ -487,5 +529,60 @@ async fn the_stats_counter_catches_up_within_a_second_or_so() {
     assert_eq!(seen["issued_count"], 5, "{seen}");
     assert_eq!(seen["issued_cents"], 50);
     assert_eq!(t.get("/v1/activities/nope/stats", None).await.0, 404);
+    t.stop().await;
+}
+
+/// A pipeline of script calls where Redis knows one script and not the other: the calls
+/// answered NOSCRIPT are sent again after loading, the others are not run twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn script_calls_after_a_script_flush_run_exactly_once() {
+    let t = spawn_app().await;
+    let mut conn = t.app.redis.conn();
+    let known = redis::Script::new("return redis.call('INCR', KEYS[1])");
+    let unknown = redis::Script::new("return redis.call('INCRBY', KEYS[1], 10)");
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    redpacket_wallet::store::load_scripts(&mut conn, &[&known])
+        .await
+        .unwrap();
+    let a = format!("test:{{0}}:once:a:{}", std::process::id());
+    let b = format!("test:{{0}}:once:b:{}", std::process::id());
+    let mut pipe = redis::pipe();
+    pipe.add_command(redpacket_wallet::store::evalsha(&known, &[&a]))
+        .add_command(redpacket_wallet::store::evalsha(&unknown, &[&b]))
+        .add_command(redpacket_wallet::store::evalsha(&known, &[&a]));
+    let answers: Vec<i64> =
+        redpacket_wallet::store::query_scripted(&t.app.redis, &pipe, &[&known, &unknown])
+            .await
+            .unwrap();
+    assert_eq!(answers, vec![1, 10, 2]);
+    let (va, vb): (i64, i64) = redis::pipe()
+        .get(&a)
+        .get(&b)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!((va, vb), (2, 10), "each call ran once");
+    let _: () = redis::pipe()
+        .del(&a)
+        .del(&b)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    // Issuing after the flush reloads its scripts on the way.
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    t.open_activity("cny2027", 1_000, 100).await;
+    let (status, body) = t.post("/v1/awards", CALLER, &award_body(5, 1, 40)).await;
+    assert_eq!(status, 201, "{body}");
+    let figures = t.app.budget.figures(&t.app.redis, "cny2027").await.unwrap();
+    assert_eq!(figures.taken_cents, 40);
     t.stop().await;
 }
