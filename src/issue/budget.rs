@@ -13,15 +13,21 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use rand::seq::{IndexedRandom, SliceRandom};
+use rand::seq::SliceRandom;
 use redis::Script;
 
 use crate::store::{evalsha, Redis};
+
+/// Awards per take_many.lua call at most, on one sub-stock: large enough that a batch of
+/// 1,000 costs a handful of calls, small enough that a burst still spreads over the
+/// sub-stocks.
+pub const TAKE_CHUNK: usize = 64;
 
 pub struct Budget {
     sub_stocks: u32,
     recheck: Duration,
     take: Script,
+    take_many: Script,
     fund: Script,
     /// Per activity, per sub-stock: skipped until this instant (seen empty before).
     exhausted: Mutex<HashMap<String, Vec<Option<Instant>>>>,
@@ -53,13 +59,14 @@ impl Budget {
             sub_stocks,
             recheck,
             take: Script::new(include_str!("take.lua")),
+            take_many: Script::new(include_str!("take_many.lua")),
             fund: Script::new(include_str!("fund.lua")),
             exhausted: Mutex::new(HashMap::new()),
         }
     }
 
-    pub fn scripts(&self) -> [&Script; 2] {
-        [&self.take, &self.fund]
+    pub fn scripts(&self) -> [&Script; 3] {
+        [&self.take, &self.take_many, &self.fund]
     }
 
     /// Sub-stock `i`'s share of `total`.
@@ -148,46 +155,61 @@ impl Budget {
         }
     }
 
-    /// A random sub-stock not recently seen empty, for the first try of an award.
-    pub fn pick(&self, activity: &str) -> Option<u32> {
-        self.available(activity).choose(&mut rand::rng()).copied()
-    }
-
-    /// One take per award in a single pipelined round trip, each on the sub-stock given
-    /// (`picks`: award index, sub-stock). Returns the awards fully covered; the others
-    /// go through [`Budget::take`].
-    pub async fn take_pipelined<'a>(
+    /// First takes for many awards in a single pipelined round trip: per activity, the
+    /// awards go in chunks of [`TAKE_CHUNK`], each chunk to one random sub-stock not seen
+    /// empty, which covers what it can in one take_many.lua call. `awards` are (award
+    /// index, activity, amount); returns the awards covered. The others go through
+    /// [`Budget::take`].
+    pub async fn take_batched(
         &self,
         redis: &Redis,
-        picks: &[(usize, u32)],
-        award: impl Fn(usize) -> (&'a String, i64),
+        awards: &[(usize, &str, i64)],
     ) -> redis::RedisResult<Vec<(usize, Taken)>> {
-        if picks.is_empty() {
-            return Ok(Vec::new());
+        let mut by_activity: HashMap<&str, Vec<(usize, i64)>> = HashMap::new();
+        for &(k, activity, amount) in awards {
+            by_activity.entry(activity).or_default().push((k, amount));
         }
         let mut pipe = redis::pipe();
-        for &(k, i) in picks {
-            let (activity, amount) = award(k);
-            let key = redis.sub_stock_key(activity, i);
-            let mut cmd = evalsha(&self.take, &[&key]);
-            cmd.arg(amount).arg("all");
-            pipe.add_command(cmd);
+        // Per call: the activity, the sub-stock, and the (award index, amount) it covers.
+        type Call<'a> = (&'a str, u32, &'a [(usize, i64)]);
+        let mut calls: Vec<Call> = Vec::new();
+        for (activity, group) in &by_activity {
+            let mut stocks = self.candidates(activity).into_iter().cycle();
+            for chunk in group.chunks(TAKE_CHUNK) {
+                let Some(i) = stocks.next() else { break };
+                let mut cmd = evalsha(&self.take_many, &[&redis.sub_stock_key(activity, i)]);
+                for &(_, amount) in chunk {
+                    cmd.arg(amount);
+                }
+                pipe.add_command(cmd);
+                calls.push((activity, i, chunk));
+            }
         }
-        let rows: Vec<(i64, i64)> =
+        if calls.is_empty() {
+            return Ok(Vec::new());
+        }
+        let answers: Vec<Vec<i64>> =
             crate::store::query_scripted(redis, &pipe, &self.scripts()).await?;
-        let mut covered = Vec::with_capacity(rows.len());
-        for (&(k, i), (taken, avail)) in picks.iter().zip(rows) {
-            let (activity, amount) = award(k);
-            if avail == 0 {
+        let mut covered = Vec::with_capacity(awards.len());
+        for ((activity, i, chunk), answer) in calls.into_iter().zip(answers) {
+            if answer.len() != chunk.len() + 1 {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::TypeError,
+                    "take_many.lua answered the wrong number of awards",
+                )));
+            }
+            if answer[0] == 0 {
                 self.mark_exhausted(activity, i);
             }
-            if taken == amount {
-                covered.push((
-                    k,
-                    Taken {
-                        parts: vec![(i, taken)],
-                    },
-                ));
+            for (&(k, amount), &taken) in chunk.iter().zip(&answer[1..]) {
+                if taken == 1 {
+                    covered.push((
+                        k,
+                        Taken {
+                            parts: vec![(i, amount)],
+                        },
+                    ));
+                }
             }
         }
         Ok(covered)

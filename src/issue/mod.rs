@@ -31,7 +31,7 @@ use crate::domain::{
 use crate::error::ApiError;
 use crate::pb;
 use crate::startup::App;
-use crate::store::{evalsha, hour_of, now_ms, Redis};
+use crate::store::{hour_of, now_ms, Redis};
 use crate::token::{self, SignedAward};
 
 pub use budget::Budget;
@@ -89,6 +89,13 @@ pub struct ValidAward {
     /// The token as it would be minted now (signature and key id not yet set).
     pub draft: pb::RedPacketToken,
 }
+
+/// A token on its way to store.lua: its place in the caller's list, its user, the
+/// token and its encoded bytes.
+type ToStore<'a> = (usize, UserId, &'a pb::RedPacketToken, &'a [u8]);
+
+/// Tokens stored per store.lua call at most, so one call never holds Redis for long.
+pub const STORE_CHUNK: usize = 128;
 
 pub struct Issuer {
     store: Script,
@@ -335,23 +342,18 @@ impl Issuer {
             }
         }
 
-        // Step 3: budget. One pipelined take per award on a random sub-stock; awards it
-        // did not cover go through the sub-stock walk one by one.
+        // Step 3: budget. The awards' first takes go in one pipelined round trip, a few
+        // awards per call on random sub-stocks; awards it did not cover go through the
+        // sub-stock walk one by one.
         let mut taken: HashMap<usize, budget::Taken> = HashMap::with_capacity(fresh.len());
-        let firsts: Vec<(usize, u32)> = fresh
+        let firsts: Vec<(usize, &str, i64)> = fresh
             .iter()
-            .filter_map(|&k| app.budget.pick(&awards[k].1.activity_id).map(|i| (k, i)))
+            .map(|&k| (k, awards[k].1.activity_id.as_str(), awards[k].1.amount.0))
             .collect();
-        match app
-            .budget
-            .take_pipelined(redis, &firsts, |k| {
-                (&awards[k].1.activity_id, awards[k].1.amount.0)
-            })
-            .await
-        {
+        match app.budget.take_batched(redis, &firsts).await {
             Ok(got) => taken.extend(got),
             Err(err) => {
-                tracing::warn!(error = %err, "pipelined budget take failed; taking one by one")
+                tracing::warn!(error = %err, "batched budget take failed; taking one by one")
             }
         }
         for &k in &fresh {
@@ -449,42 +451,78 @@ impl Issuer {
             .collect()
     }
 
-    /// Runs store.lua for every token in one pipeline: `None` where the token was
-    /// stored now, the token already held under its out_trade_no otherwise.
+    /// Runs store.lua for every token in one pipeline, one call per partition (and per
+    /// [`STORE_CHUNK`] tokens): `None` where the token was stored now, the token already
+    /// held under its out_trade_no otherwise, in the order given.
     async fn store_all<'a>(
         &self,
         redis: &Redis,
         tokens: impl Iterator<Item = (UserId, &'a pb::RedPacketToken, &'a [u8])>,
     ) -> redis::RedisResult<Vec<Option<Vec<u8>>>> {
-        let mut pipe = redis::pipe();
-        for (user, token, bytes) in tokens {
-            pipe.add_command(self.store_cmd(redis, user, token, bytes));
+        let mut by_partition: HashMap<u32, Vec<ToStore<'_>>> = HashMap::new();
+        let mut count = 0;
+        for (i, (user, token, bytes)) in tokens.enumerate() {
+            by_partition
+                .entry(redis.partition_of(user))
+                .or_default()
+                .push((i, user, token, bytes));
+            count = i + 1;
         }
-        crate::store::query_scripted(redis, &pipe, &self.scripts()).await
+        let mut pipe = redis::pipe();
+        let mut order: Vec<&[ToStore<'_>]> = Vec::new();
+        for (partition, group) in &by_partition {
+            for chunk in group.chunks(STORE_CHUNK) {
+                pipe.add_command(self.store_cmd(redis, *partition, chunk));
+                order.push(chunk);
+            }
+        }
+        let answers: Vec<Vec<Option<Vec<u8>>>> =
+            crate::store::query_scripted(redis, &pipe, &self.scripts()).await?;
+        let mut out: Vec<Option<Vec<u8>>> = vec![None; count];
+        for (chunk, answer) in order.into_iter().zip(answers) {
+            if answer.len() != chunk.len() {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::TypeError,
+                    "store.lua answered the wrong number of tokens",
+                )));
+            }
+            for (&(i, ..), held) in chunk.iter().zip(answer) {
+                out[i] = held;
+            }
+        }
+        Ok(out)
     }
 
-    /// The store.lua call for one token (also used to restore a client's copy).
-    pub fn store_cmd(
-        &self,
-        redis: &Redis,
-        user: UserId,
-        token: &pb::RedPacketToken,
-        bytes: &[u8],
-    ) -> redis::Cmd {
-        let p = redis.partition_of(user);
-        let tokens = redis.tokens_key(user);
-        let status = redis.status_key(user);
-        let counters = redis.counters_key(p, &token.activity_id);
-        let stream = redis.stream_key(p);
-        let mut cmd = evalsha(&self.store, &[&tokens, &status, &counters, &stream]);
-        cmd.arg(&token.out_trade_no)
-            .arg(bytes)
-            .arg(hour_of(token.issued_at_ms))
-            .arg(token.amount_cents)
-            .arg(token.user_id)
-            .arg(&token.activity_id)
-            .arg(&token.scene_id)
-            .arg(token.issued_at_ms);
+    /// The store.lua call for tokens of one partition.
+    fn store_cmd(&self, redis: &Redis, partition: u32, tokens: &[ToStore<'_>]) -> redis::Cmd {
+        let mut keys: Vec<String> = Vec::with_capacity(1 + 2 * tokens.len() + 1);
+        keys.push(redis.stream_key(partition));
+        for (_, user, ..) in tokens {
+            keys.push(redis.tokens_key(*user));
+            keys.push(redis.status_key(*user));
+        }
+        let mut counters_at: HashMap<&str, usize> = HashMap::new();
+        for (_, _, token, _) in tokens {
+            let next = keys.len() + 1;
+            counters_at.entry(&token.activity_id).or_insert_with(|| {
+                keys.push(redis.counters_key(partition, &token.activity_id));
+                next
+            });
+        }
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.store.get_hash()).arg(keys.len()).arg(&keys);
+        cmd.arg(tokens.len());
+        for (_, _, token, bytes) in tokens {
+            cmd.arg(&token.out_trade_no)
+                .arg(*bytes)
+                .arg(hour_of(token.issued_at_ms))
+                .arg(token.amount_cents)
+                .arg(token.user_id)
+                .arg(&token.activity_id)
+                .arg(&token.scene_id)
+                .arg(token.issued_at_ms)
+                .arg(counters_at[token.activity_id.as_str()]);
+        }
         cmd
     }
 

@@ -1,20 +1,49 @@
--- Stores a freshly minted token, atomically, in the user's partition.
--- KEYS[1]: the user's token hash      (out_trade_no -> encoded SignedToken)
--- KEYS[2]: the user's status hash     (out_trade_no -> "p|amount|at_ms|activity|scene")
--- KEYS[3]: the activity's counters in this partition (per hour: n, c)
--- KEYS[4]: the partition's settlement stream
--- ARGV[1]: out_trade_no   ARGV[2]: token bytes   ARGV[3]: hour (YYYYMMDDHH)
--- ARGV[4]: amount cents   ARGV[5]: user id       ARGV[6]: activity id
--- ARGV[7]: scene id       ARGV[8]: issued at (ms)
--- Returns nil when stored, or the token already stored under this out_trade_no (a
--- concurrent duplicate won the race; the caller gives its budget back).
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
-  return redis.call('HGET', KEYS[1], ARGV[1])
+-- Stores freshly minted tokens of one partition, each atomically: token, status,
+-- hourly counters and a settlement stream entry. Every key is in the partition's slot.
+-- KEYS[1]: the partition's settlement stream
+-- then, for token i (1-based): KEYS[2i] its user's token hash (out_trade_no -> encoded
+--   SignedToken), KEYS[2i+1] its user's status hash (out_trade_no -> "p|amount|at_ms|
+--   activity|scene"); after those, the activities' counter hashes (per hour: n, c).
+-- ARGV[1]: number of tokens n; then 8 values per token:
+--   out_trade_no, token bytes, hour (YYYYMMDDHH), amount cents, user id, activity id,
+--   scene id, issued at (ms), index in KEYS of its activity's counter hash.
+-- Returns one value per token: false when stored now, or the token already held under
+-- its out_trade_no (a concurrent duplicate won the race; the caller gives its budget
+-- back).
+local n = tonumber(ARGV[1])
+local out = {}
+local counts = {}
+for i = 1, n do
+  local a = 2 + (i - 1) * 9
+  local otn, bytes, hour, amount = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  local user, activity, scene, at = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
+  local counters = KEYS[tonumber(ARGV[a + 8])]
+  if redis.call('HSETNX', KEYS[2 * i], otn, bytes) == 0 then
+    out[i] = redis.call('HGET', KEYS[2 * i], otn)
+  else
+    redis.call('HSET', KEYS[2 * i + 1], otn,
+      'p|' .. amount .. '|' .. at .. '|' .. activity .. '|' .. scene)
+    redis.call('XADD', KEYS[1], '*', 'u', user, 'o', otn, 'a', amount,
+      'act', activity, 'sc', scene, 't', at)
+    local slot = counts[counters]
+    if not slot then
+      slot = {}
+      counts[counters] = slot
+    end
+    local c = slot[hour]
+    if not c then
+      c = {0, 0}
+      slot[hour] = c
+    end
+    c[1] = c[1] + 1
+    c[2] = c[2] + tonumber(amount)
+    out[i] = false
+  end
 end
-redis.call('HSET', KEYS[2], ARGV[1],
-  'p|' .. ARGV[4] .. '|' .. ARGV[8] .. '|' .. ARGV[6] .. '|' .. ARGV[7])
-redis.call('HINCRBY', KEYS[3], ARGV[3] .. ':n', 1)
-redis.call('HINCRBY', KEYS[3], ARGV[3] .. ':c', ARGV[4])
-redis.call('XADD', KEYS[4], '*', 'u', ARGV[5], 'o', ARGV[1], 'a', ARGV[4],
-  'act', ARGV[6], 'sc', ARGV[7], 't', ARGV[8])
-return false
+for key, hours in pairs(counts) do
+  for hour, c in pairs(hours) do
+    redis.call('HINCRBY', key, hour .. ':n', c[1])
+    redis.call('HINCRBY', key, hour .. ':c', c[2])
+  end
+end
+return out
