@@ -74,6 +74,9 @@ pub struct MysqlSettings {
     /// first shard being `url`). Empty: one database holds everything.
     pub shard_urls: Vec<Secret>,
     pub max_connections: u32,
+    /// Connections kept open per shard even when idle, so a burst after a quiet spell
+    /// (withdrawals after a rain) does not start by connecting.
+    pub min_connections: u32,
     pub acquire_timeout_ms: u64,
     pub migrate_on_start: bool,
 }
@@ -166,6 +169,7 @@ command_timeout_ms = 3000
 url = "mysql://rpw:rpw@127.0.0.1:3306/rpw"
 shard_urls = []
 max_connections = 32
+min_connections = 8
 acquire_timeout_ms = 3000
 migrate_on_start = true
 
@@ -295,6 +299,12 @@ impl Settings {
         }
         if self.mysql.max_connections == 0 {
             return Err(invalid("mysql.max_connections", "must be positive"));
+        }
+        if self.mysql.min_connections > self.mysql.max_connections {
+            return Err(invalid(
+                "mysql.min_connections",
+                "must not exceed mysql.max_connections",
+            ));
         }
         for key in &self.auth.caller_keys {
             match key.expose().split_once(':') {

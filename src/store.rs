@@ -243,7 +243,7 @@ impl Db {
                     })
                 })
                 .max_connections(settings.max_connections)
-                .min_connections(0)
+                .min_connections(settings.min_connections)
                 .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
                 .test_before_acquire(false)
                 .connect_lazy_with(options);
