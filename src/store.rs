@@ -177,27 +177,32 @@ pub async fn load_scripts(
 
 /// Runs a pipeline of EVALSHA calls. A call answered NOSCRIPT (Redis restarted or
 /// flushed its script cache) did not run: the scripts are loaded and exactly those calls
-/// are sent once more, so no call ever runs twice and each answer means what it says.
+/// are sent again (a few times at most, should the cache be flushed once more in
+/// between), so no call ever runs twice and each answer means what it says.
 pub async fn query_scripted<T: redis::FromRedisValue>(
     redis: &Redis,
     pipe: &redis::Pipeline,
     scripts: &[&redis::Script],
 ) -> redis::RedisResult<T> {
     use redis::aio::ConnectionLike;
+    const ATTEMPTS: usize = 3;
     if pipe.is_empty() {
         return redis::from_owned_redis_value(redis::Value::Array(Vec::new()));
     }
     let mut conn = redis.conn();
     let mut values = conn.req_packed_commands(pipe, 0, pipe.len()).await?;
-    let not_run: Vec<usize> = values
-        .iter()
-        .enumerate()
-        .filter(|(_, v)| matches!(v, redis::Value::ServerError(e) if e.code() == "NOSCRIPT"))
-        .map(|(i, _)| i)
-        .collect();
-    if !not_run.is_empty() {
+    let commands: Vec<&redis::Cmd> = pipe.cmd_iter().collect();
+    for _ in 1..ATTEMPTS {
+        let not_run: Vec<usize> = values
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| matches!(v, redis::Value::ServerError(e) if e.code() == "NOSCRIPT"))
+            .map(|(i, _)| i)
+            .collect();
+        if not_run.is_empty() {
+            break;
+        }
         load_scripts(&mut conn, scripts).await?;
-        let commands: Vec<&redis::Cmd> = pipe.cmd_iter().collect();
         let mut again = redis::pipe();
         for &i in &not_run {
             again.add_command(commands[i].clone());

@@ -536,7 +536,13 @@ async fn the_stats_counter_catches_up_within_a_second_or_so() {
 /// answered NOSCRIPT are sent again after loading, the others are not run twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn script_calls_after_a_script_flush_run_exactly_once() {
-    let t = spawn_app().await;
+    // SCRIPT FLUSH empties the whole server's script cache: a Redis of this test's own.
+    let redis = PrivateRedis::start();
+    let t = spawn_app_with(Options {
+        redis_url: Some(redis.url()),
+        ..Default::default()
+    })
+    .await;
     let mut conn = t.app.redis.conn();
     let known = redis::Script::new("return redis.call('INCR', KEYS[1])");
     let unknown = redis::Script::new("return redis.call('INCRBY', KEYS[1], 10)");
@@ -585,4 +591,5 @@ async fn script_calls_after_a_script_flush_run_exactly_once() {
     let figures = t.app.budget.figures(&t.app.redis, "cny2027").await.unwrap();
     assert_eq!(figures.taken_cents, 40);
     t.stop().await;
+    drop(redis);
 }
