@@ -105,6 +105,10 @@ pub struct IssueSettings {
     pub stats_flush_ms: u64,
     /// Awards per second admitted per caller on one instance; 0 means no limit.
     pub caller_per_s: u32,
+    /// Concurrent single awards are issued together: at most this many per batch...
+    pub coalesce_max_batch: usize,
+    /// ...and at most this many such batches in flight at once.
+    pub coalesce_in_flight: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -188,6 +192,8 @@ exhausted_recheck_ms = 2000
 cache_refresh_ms = 1000
 stats_flush_ms = 1000
 caller_per_s = 0
+coalesce_max_batch = 128
+coalesce_in_flight = 4
 
 [settle]
 enabled = true
@@ -299,6 +305,12 @@ impl Settings {
         }
         if self.mysql.max_connections == 0 {
             return Err(invalid("mysql.max_connections", "must be positive"));
+        }
+        if self.issue.coalesce_max_batch == 0 {
+            return Err(invalid("issue.coalesce_max_batch", "must be positive"));
+        }
+        if self.issue.coalesce_in_flight == 0 {
+            return Err(invalid("issue.coalesce_in_flight", "must be positive"));
         }
         if self.mysql.min_connections > self.mysql.max_connections {
             return Err(invalid(

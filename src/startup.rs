@@ -69,7 +69,11 @@ impl App {
             settings.wallet.jwt_leeway_secs,
         );
         let app = Arc::new_cyclic(|weak| App {
-            coalescer: crate::issue::coalesce::Coalescer::start(weak.clone()),
+            coalescer: crate::issue::coalesce::Coalescer::start(
+                weak.clone(),
+                settings.issue.coalesce_max_batch,
+                settings.issue.coalesce_in_flight,
+            ),
             budget: Budget::new(
                 settings.issue.sub_stocks,
                 Duration::from_millis(settings.issue.exhausted_recheck_ms),

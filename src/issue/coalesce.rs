@@ -27,26 +27,24 @@ pub struct Coalescer {
     queue: mpsc::Sender<Pending>,
 }
 
-/// At most this many awards go into one coalesced batch.
-const MAX_BATCH: usize = 128;
-/// At most this many coalesced batches are in flight at once.
-const MAX_IN_FLIGHT: usize = 4;
 /// Requests waiting for a batch; beyond this, callers wait for room (bounded by the
 /// request timeout).
 const QUEUE: usize = 4096;
 
 impl Coalescer {
-    /// Starts the collector task; it ends when every `Coalescer` clone is dropped.
-    pub fn start(app: std::sync::Weak<App>) -> Self {
+    /// Starts the collector task; it ends when every `Coalescer` clone is dropped. At
+    /// most `max_batch` awards go into one batch, and at most `in_flight` batches are
+    /// issued at once.
+    pub fn start(app: std::sync::Weak<App>, max_batch: usize, in_flight: usize) -> Self {
         let (queue, mut rx) = mpsc::channel::<Pending>(QUEUE);
-        let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        let in_flight = Arc::new(Semaphore::new(in_flight));
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
                 let Ok(permit) = in_flight.clone().acquire_owned().await else {
                     break;
                 };
                 let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
+                while batch.len() < max_batch {
                     match rx.try_recv() {
                         Ok(p) => batch.push(p),
                         Err(_) => break,
