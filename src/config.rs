@@ -86,6 +86,8 @@ pub struct AuthSettings {
     pub admin_key: Secret,
     /// `name:key` pairs.
     pub caller_keys: Vec<Secret>,
+    /// Callers (by name) allowed to post payout results; empty: every caller.
+    pub payout_callers: Vec<String>,
     pub jwt_secret: Secret,
 }
 
@@ -180,6 +182,7 @@ migrate_on_start = true
 [auth]
 admin_key = ""
 caller_keys = []
+payout_callers = []
 jwt_secret = ""
 
 [keys]
@@ -247,6 +250,7 @@ impl Settings {
                     .separator("__")
                     .list_separator(",")
                     .with_list_parse_key("auth.caller_keys")
+                    .with_list_parse_key("auth.payout_callers")
                     .with_list_parse_key("mysql.shard_urls")
                     .try_parsing(true)
                     .source(Some(env)),
@@ -305,6 +309,18 @@ impl Settings {
         }
         if self.mysql.max_connections == 0 {
             return Err(invalid("mysql.max_connections", "must be positive"));
+        }
+        let callers: Vec<String> = self.caller_keys().into_iter().map(|(n, _)| n).collect();
+        if let Some(unknown) = self
+            .auth
+            .payout_callers
+            .iter()
+            .find(|name| !callers.contains(name))
+        {
+            return Err(invalid(
+                "auth.payout_callers",
+                format!("`{unknown}` is not a caller named in auth.caller_keys"),
+            ));
         }
         if self.issue.coalesce_max_batch == 0 {
             return Err(invalid("issue.coalesce_max_batch", "must be positive"));
@@ -388,6 +404,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("redis.partitions"), "{err}");
+        let err = Settings::load_with(
+            None,
+            env(&[
+                ("RPW_AUTH__CALLER_KEYS", "upstream:k1"),
+                ("RPW_AUTH__PAYOUT_CALLERS", "paymnets"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("auth.payout_callers") && err.contains("paymnets"),
+            "{err}"
+        );
+        let err = Settings::load_with(
+            None,
+            env(&[
+                ("RPW_MYSQL__MAX_CONNECTIONS", "4"),
+                ("RPW_MYSQL__MIN_CONNECTIONS", "5"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("mysql.min_connections"), "{err}");
     }
 
     #[test]

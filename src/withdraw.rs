@@ -361,9 +361,15 @@ pub async fn settle_payout(app: &App, id: &str, status: &str) -> ApiResult<Withd
 
 async fn result(
     State(app): State<AppState>,
-    _caller: Caller,
+    Caller(caller): Caller,
     Path(id): Path<String>,
     JsonBody(body): JsonBody<PayoutResult>,
 ) -> ApiResult<Json<Withdrawal>> {
+    let allowed = &app.settings.auth.payout_callers;
+    if !allowed.is_empty() && !allowed.contains(&caller) {
+        return Err(ApiError::Forbidden(format!(
+            "caller `{caller}` may not post payout results"
+        )));
+    }
     Ok(Json(settle_payout(&app, &id, &body.status).await?))
 }

@@ -555,3 +555,48 @@ async fn the_ledger_shards_by_user_over_two_databases() {
         .await
         .unwrap();
 }
+
+/// With `auth.payout_callers` set, only the named callers may post payout results; any
+/// other caller key gets 403 and the withdrawal stays as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_payout_callers_may_post_payout_results() {
+    const PAYMENTS: &str = "payments-key-0001";
+    let t = spawn_app_with(Options {
+        env: vec![
+            (
+                "RPW_AUTH__CALLER_KEYS".into(),
+                format!("upstream:{CALLER},payments:{PAYMENTS}"),
+            ),
+            ("RPW_AUTH__PAYOUT_CALLERS".into(), "payments".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    t.open_activity("cny2027", 100_000, 1_000).await;
+    issue_batch(&t, vec![award(4, 1, 500)]).await;
+    let (status, w) = t
+        .post(
+            "/v1/withdrawals",
+            &t.jwt(4),
+            &json!({"request_id": "r1", "amount_cents": 300}),
+        )
+        .await;
+    assert_eq!(status, 201, "{w}");
+    let path = format!(
+        "/v1/withdrawals/{}/result",
+        w["withdrawal_id"].as_str().unwrap()
+    );
+    let (status, body) = t.post(&path, CALLER, &json!({"status": "failed"})).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"]["code"], "forbidden");
+    assert_eq!(balances(&t).await[&4], 200, "nothing reversed");
+    assert_eq!(
+        t.sql_i64("SELECT COUNT(*) FROM withdrawals WHERE status = 'submitted'")
+            .await,
+        1
+    );
+    let (status, body) = t.post(&path, PAYMENTS, &json!({"status": "failed"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(balances(&t).await[&4], 500, "reversed by the payout caller");
+    t.stop().await;
+}
