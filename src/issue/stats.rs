@@ -1,9 +1,12 @@
 //! The shared issued counter behind `GET /v1/activities/{id}/stats`.
 //!
-//! Each instance adds locally (atomics, no I/O on the award path), flushes its deltas to
-//! one Redis hash per activity every second and reads the totals back at the same time.
-//! The endpoint answers from memory: at most about a second stale, and no per-request
-//! MySQL read or hot-key access.
+//! Each instance adds locally (atomics, no I/O on the award path) and, every second,
+//! writes its own running totals into one Redis hash per activity (fields `{instance}:n`
+//! and `{instance}:c`) and reads back the sum over every instance. Writing totals rather
+//! than increments makes a flush safe to repeat: a flush that Redis applied but whose
+//! answer was lost is simply written again, never counted twice. The endpoint answers
+//! from memory: at most about a second stale, and no per-request MySQL read or hot-key
+//! access.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -17,10 +20,21 @@ struct Local {
     cents: AtomicI64,
 }
 
-#[derive(Default)]
 pub struct StatsCounter {
+    /// This process's name in the shared hashes.
+    instance: String,
     local: RwLock<HashMap<String, Arc<Local>>>,
     totals: RwLock<HashMap<String, (i64, i64)>>,
+}
+
+impl Default for StatsCounter {
+    fn default() -> Self {
+        Self {
+            instance: format!("{:016x}", rand::random::<u64>()),
+            local: RwLock::default(),
+            totals: RwLock::default(),
+        }
+    }
 }
 
 impl StatsCounter {
@@ -45,7 +59,7 @@ impl StatsCounter {
         entry.cents.fetch_add(cents, Ordering::Relaxed);
     }
 
-    /// (count, cents) as of the last read-back.
+    /// (count, cents) over every instance, as of the last read-back.
     pub fn totals(&self, activity: &str) -> (i64, i64) {
         self.totals
             .read()
@@ -55,9 +69,10 @@ impl StatsCounter {
             .unwrap_or((0, 0))
     }
 
-    /// Flushes local deltas to Redis and reads back the totals of `activities`.
+    /// Writes this instance's totals (every activity it issued for: a few small writes a
+    /// second) and reads back the totals of `activities`.
     pub async fn flush(&self, redis: &Redis, activities: &[String]) -> redis::RedisResult<()> {
-        let deltas: Vec<(String, i64, i64)> = self
+        let mine: Vec<(String, i64, i64)> = self
             .local
             .read()
             .expect("stats lock")
@@ -65,42 +80,37 @@ impl StatsCounter {
             .map(|(k, v)| {
                 (
                     k.clone(),
-                    v.count.swap(0, Ordering::Relaxed),
-                    v.cents.swap(0, Ordering::Relaxed),
+                    v.count.load(Ordering::Relaxed),
+                    v.cents.load(Ordering::Relaxed),
                 )
             })
-            .filter(|(_, n, _)| *n != 0)
             .collect();
         let mut pipe = redis::pipe();
-        for (activity, n, c) in &deltas {
-            let key = redis.stats_key(activity);
-            pipe.cmd("HINCRBY").arg(&key).arg("n").arg(*n).ignore();
-            pipe.cmd("HINCRBY").arg(&key).arg("c").arg(*c).ignore();
+        for (activity, n, c) in &mine {
+            pipe.hset_multiple(
+                redis.stats_key(activity),
+                &[
+                    (format!("{}:n", self.instance), *n),
+                    (format!("{}:c", self.instance), *c),
+                ],
+            )
+            .ignore();
         }
         for activity in activities {
-            pipe.cmd("HMGET")
-                .arg(redis.stats_key(activity))
-                .arg("n")
-                .arg("c");
+            pipe.hgetall(redis.stats_key(activity));
         }
         let mut conn = redis.conn();
-        let read: redis::RedisResult<Vec<(Option<i64>, Option<i64>)>> =
-            pipe.query_async(&mut conn).await;
-        let read = match read {
-            Ok(read) => read,
-            Err(err) => {
-                // Put the deltas back so a Redis outage loses no count. If Redis applied
-                // them before failing they count twice here: this is a display figure;
-                // reconciliation reads the per-partition counters written with each token.
-                for (activity, n, c) in deltas {
-                    self.add(&activity, n, c);
-                }
-                return Err(err);
-            }
-        };
+        let read: Vec<HashMap<String, i64>> = pipe.query_async(&mut conn).await?;
         let mut totals = self.totals.write().expect("stats lock");
-        for (activity, (n, c)) in activities.iter().zip(read) {
-            totals.insert(activity.clone(), (n.unwrap_or(0), c.unwrap_or(0)));
+        for (activity, fields) in activities.iter().zip(read) {
+            let sum = |suffix: &str| -> i64 {
+                fields
+                    .iter()
+                    .filter(|(field, _)| field.ends_with(suffix))
+                    .map(|(_, v)| v)
+                    .sum()
+            };
+            totals.insert(activity.clone(), (sum(":n"), sum(":c")));
         }
         Ok(())
     }

@@ -593,3 +593,27 @@ async fn script_calls_after_a_script_flush_run_exactly_once() {
     t.stop().await;
     drop(redis);
 }
+
+/// Each instance writes its own running totals: flushing again writes the same totals
+/// (what a retry after a lost answer does), and every instance reads the sum over all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_flushes_repeat_safely_and_sum_over_instances() {
+    use redpacket_wallet::issue::stats::StatsCounter;
+    let t = spawn_app().await;
+    let redis = &t.app.redis;
+    let ids = vec!["flash".to_string()];
+    let (a, b) = (StatsCounter::default(), StatsCounter::default());
+    a.add("flash", 2, 30);
+    b.add("flash", 1, 5);
+    for _ in 0..3 {
+        a.flush(redis, &ids).await.unwrap();
+        b.flush(redis, &ids).await.unwrap();
+    }
+    assert_eq!(a.totals("flash"), (3, 35));
+    assert_eq!(b.totals("flash"), (3, 35));
+    a.add("flash", 1, 7);
+    a.flush(redis, &ids).await.unwrap();
+    a.flush(redis, &ids).await.unwrap();
+    assert_eq!(a.totals("flash"), (4, 42));
+    t.stop().await;
+}
