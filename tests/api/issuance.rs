@@ -67,6 +67,83 @@ async fn two_hundred_identical_awards_mint_one_token() {
     t.stop().await;
 }
 
+/// Concurrent batches whose amounts vary, against a budget that covers only part of
+/// them: the batched takes (many awards per sub-stock call) and the one-by-one walk
+/// together never hand out more than the budget, and no cent is stranded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_batches_against_a_tight_budget_never_over_issue() {
+    // Sub-stocks seen empty are re-tried at once: the sequential awards at the end must
+    // not skip cents a racing walk gave back after this instance saw the sub-stock empty.
+    let t = spawn_app_with(Options {
+        env: vec![("RPW_ISSUE__EXHAUSTED_RECHECK_MS".into(), "0".into())],
+        ..Default::default()
+    })
+    .await;
+    let budget = 5_000;
+    t.open_activity("cny2027", budget, 10).await;
+    let batches = join_all((0..4).map(|b| {
+        let awards: Vec<Value> = (0..500)
+            .map(|i| award_body(10_000 + b * 500 + i, 3, 1 + i % 10))
+            .collect();
+        let t = &t;
+        async move {
+            t.post("/v1/awards:batch", CALLER, &json!({ "awards": awards }))
+                .await
+        }
+    }))
+    .await;
+    let mut issued_cents = 0;
+    let mut exhausted = 0;
+    for (b, (status, body)) in batches.iter().enumerate() {
+        assert_eq!(*status, 200, "{body}");
+        for (i, r) in body["results"].as_array().unwrap().iter().enumerate() {
+            if r["error"].is_null() {
+                issued_cents += 1 + (i as i64) % 10;
+            } else {
+                assert_eq!(
+                    r["error"]["code"], "budget_exhausted",
+                    "batch {b} item {i}: {r}"
+                );
+                exhausted += 1;
+            }
+        }
+    }
+    assert!(exhausted > 0, "the budget ran out");
+    let stocks = budget_sub_stocks(&t, "cny2027").await;
+    assert!(
+        stocks.iter().all(|s| *s >= 0),
+        "no sub-stock negative: {stocks:?}"
+    );
+    let remaining: i64 = stocks.iter().sum();
+    assert_eq!(
+        issued_cents + remaining,
+        budget,
+        "every cent issued or still there"
+    );
+    // Nothing is stranded: what is left, spread over the sub-stocks, is still issued,
+    // one award after another, down to the last cent.
+    let mut left = remaining;
+    let mut user = 90_000;
+    while left > 0 {
+        let amount = left.min(10);
+        let (status, body) = t
+            .post("/v1/awards", CALLER, &award_body(user, 3, amount))
+            .await;
+        assert_eq!(status, 201, "{amount} of {left} left: {body}");
+        issued_cents += amount;
+        left -= amount;
+        user += 1;
+    }
+    let stocks = budget_sub_stocks(&t, "cny2027").await;
+    assert!(stocks.iter().all(|s| *s == 0), "{stocks:?}");
+    let issued = redpacket_wallet::reconcile::issued_totals(&t.app.redis, "cny2027")
+        .await
+        .unwrap();
+    assert_eq!(issued.cents, issued_cents);
+    assert_eq!(issued_cents, budget);
+    t.stop().await;
+}
+
 /// Two requests for one award in the same millisecond mint byte-identical tokens
 /// (Ed25519 signatures are deterministic). The one that stores second is still a replay
 /// and gives its budget back.
