@@ -94,6 +94,9 @@ pub struct AuthSettings {
 #[derive(Clone, Debug, Deserialize)]
 pub struct KeySettings {
     pub dir: PathBuf,
+    /// How often a running instance reloads its keys (directory and retirements shared
+    /// through MySQL); 0 turns reloads off.
+    pub refresh_ms: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -187,6 +190,7 @@ jwt_secret = ""
 
 [keys]
 dir = "keys"
+refresh_ms = 5000
 
 [issue]
 sub_stocks = 16

@@ -23,6 +23,36 @@ pub struct KeyRing {
     public: BTreeMap<String, PublicKey>,
 }
 
+/// The key ring a running instance uses, replaced whole when the keys directory or the
+/// retirements shared through MySQL change (a retired signer stops signing everywhere
+/// within one refresh, without a restart). Readers take a cheap `Arc` of the ring.
+pub struct Keys {
+    ring: std::sync::RwLock<std::sync::Arc<KeyRing>>,
+}
+
+impl Keys {
+    pub fn new(ring: KeyRing) -> Self {
+        Self {
+            ring: std::sync::RwLock::new(std::sync::Arc::new(ring)),
+        }
+    }
+
+    pub fn current(&self) -> std::sync::Arc<KeyRing> {
+        self.ring.read().expect("key ring lock poisoned").clone()
+    }
+
+    /// Installs `ring` when it differs from the current one (keys, retirements or the
+    /// active signer); returns whether it did.
+    pub fn replace(&self, ring: KeyRing) -> bool {
+        let mut current = self.ring.write().expect("key ring lock poisoned");
+        if current.fingerprint() == ring.fingerprint() {
+            return false;
+        }
+        *current = std::sync::Arc::new(ring);
+        true
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct PublicKey {
     pub key_id: String,
@@ -193,6 +223,17 @@ impl KeyRing {
             break;
         }
         Ok(Self { signer, public })
+    }
+
+    /// What tells two rings apart: every key id with its retirement, and the signer.
+    fn fingerprint(&self) -> (Option<&str>, Vec<(&str, bool)>) {
+        (
+            self.active_key_id(),
+            self.public
+                .values()
+                .map(|k| (k.key_id.as_str(), k.retired))
+                .collect(),
+        )
     }
 
     pub fn active_key_id(&self) -> Option<&str> {

@@ -177,7 +177,7 @@ async fn main() -> anyhow::Result<()> {
                     .execute(db.main())
                     .await;
                 if let Err(err) = updated {
-                    eprintln!("retired in {}; mysql not updated ({err}); instances learn it at their next start", settings.keys.dir.display());
+                    eprintln!("retired in {}; mysql not updated ({err}); instances sharing this directory learn it at their next key refresh, the others not until mysql is updated", settings.keys.dir.display());
                 }
                 println!("retired {key_id}");
             }

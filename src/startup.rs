@@ -20,7 +20,7 @@ use crate::config::Settings;
 use crate::http::auth::AuthKeys;
 use crate::issue::stats::StatsCounter;
 use crate::issue::{Budget, Issuer};
-use crate::keys::KeyRing;
+use crate::keys::{KeyRing, Keys};
 use crate::settle::Marker;
 use crate::store::{load_scripts, Db, Redis};
 use crate::switches::Switches;
@@ -30,7 +30,7 @@ pub struct App {
     pub settings: Settings,
     pub redis: Redis,
     pub db: Db,
-    pub keys: KeyRing,
+    pub keys: Keys,
     pub activities: ActivityCache,
     pub budget: Budget,
     pub issuer: Issuer,
@@ -58,7 +58,13 @@ impl App {
         if migrate {
             db.migrate().await?;
         }
-        let retired = sync_signing_keys(&db, &settings).await?;
+        let retired = match sync_signing_keys(&db, &settings).await {
+            Ok(retired) => retired,
+            Err(err) => {
+                tracing::warn!(error = %err, "could not sync signing keys with mysql; using the keys directory alone until the next key refresh");
+                Vec::new()
+            }
+        };
         let keys = KeyRing::load(&settings.keys.dir, &retired)?;
         if keys.active_key_id().is_none() {
             tracing::warn!(dir = %settings.keys.dir.display(), "no active signing key: awards will fail until `keys generate` is run");
@@ -93,7 +99,7 @@ impl App {
             settings,
             redis,
             db,
-            keys,
+            keys: Keys::new(keys),
             auth,
             metrics,
         });
@@ -150,7 +156,24 @@ impl App {
         }
     }
 
-    /// Cache refresh, stats flush and switch polling, until `shutdown` flips.
+    /// Reloads the key ring from the keys directory and the retirements in MySQL, so a
+    /// key retired (or generated) anywhere takes effect here without a restart. When
+    /// MySQL cannot be read the current ring stays: a retirement is never forgotten.
+    pub async fn refresh_keys(&self) -> anyhow::Result<()> {
+        let retired = sync_signing_keys(&self.db, &self.settings).await?;
+        let ring = KeyRing::load(&self.settings.keys.dir, &retired)?;
+        let active = ring.active_key_id().map(str::to_string);
+        if self.keys.replace(ring) {
+            tracing::info!(
+                active = active.as_deref().unwrap_or("none"),
+                "signing keys reloaded"
+            );
+        }
+        Ok(())
+    }
+
+    /// Cache refresh, stats flush, switch polling and key reloads, until `shutdown`
+    /// flips.
     pub fn spawn_background(
         self: &Arc<Self>,
         mut shutdown: watch::Receiver<bool>,
@@ -161,8 +184,16 @@ impl App {
                 tokio::time::interval(Duration::from_millis(app.settings.issue.cache_refresh_ms));
             let mut stats_tick =
                 tokio::time::interval(Duration::from_millis(app.settings.issue.stats_flush_ms));
+            // A zero period turns key reloads off (the interval then never fires).
+            let keys_every = match app.settings.keys.refresh_ms {
+                0 => Duration::from_secs(u64::from(u32::MAX)),
+                ms => Duration::from_millis(ms),
+            };
+            let mut keys_tick =
+                tokio::time::interval_at(tokio::time::Instant::now() + keys_every, keys_every);
             cache_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            keys_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = shutdown.changed() => break,
@@ -172,6 +203,11 @@ impl App {
                         }
                         if let Err(err) = app.switches.refresh(&app.redis).await {
                             tracing::warn!(error = %err, "switch refresh failed; keeping the last state");
+                        }
+                    }
+                    _ = keys_tick.tick() => {
+                        if let Err(err) = app.refresh_keys().await {
+                            tracing::warn!(error = format!("{err:#}"), "signing key refresh failed; keeping the current keys");
                         }
                     }
                     _ = stats_tick.tick() => {
@@ -205,35 +241,27 @@ fn hostname() -> String {
 /// key ids retired there. A MySQL outage at start is not fatal for verification.
 async fn sync_signing_keys(db: &Db, settings: &Settings) -> anyhow::Result<Vec<String>> {
     let local = KeyRing::load(&settings.keys.dir, &[])?;
-    let publish = async {
-        for key in local.all() {
-            sqlx::query("INSERT IGNORE INTO signing_keys (key_id, alg, public_key, retired_at) VALUES (?, 'Ed25519', ?, IF(?, CURRENT_TIMESTAMP(3), NULL))")
+    for key in local.all() {
+        sqlx::query("INSERT IGNORE INTO signing_keys (key_id, alg, public_key, retired_at) VALUES (?, 'Ed25519', ?, IF(?, CURRENT_TIMESTAMP(3), NULL))")
+            .bind(&key.key_id)
+            .bind(&key.public_key)
+            .bind(key.retired)
+            .execute(db.main())
+            .await?;
+        if key.retired {
+            sqlx::query("UPDATE signing_keys SET retired_at = COALESCE(retired_at, CURRENT_TIMESTAMP(3)) WHERE key_id = ?")
                 .bind(&key.key_id)
-                .bind(&key.public_key)
-                .bind(key.retired)
                 .execute(db.main())
                 .await?;
-            if key.retired {
-                sqlx::query("UPDATE signing_keys SET retired_at = COALESCE(retired_at, CURRENT_TIMESTAMP(3)) WHERE key_id = ?")
-                    .bind(&key.key_id)
-                    .execute(db.main())
-                    .await?;
-            }
-        }
-        let rows = sqlx::query("SELECT key_id FROM signing_keys WHERE retired_at IS NOT NULL")
-            .fetch_all(db.main())
-            .await?;
-        rows.iter()
-            .map(|r| r.try_get::<String, _>(0))
-            .collect::<Result<Vec<_>, sqlx::Error>>()
-    };
-    match publish.await {
-        Ok(retired) => Ok(retired),
-        Err(err) => {
-            tracing::warn!(error = %err, "could not sync signing keys with mysql; using the keys directory alone");
-            Ok(Vec::new())
         }
     }
+    let rows = sqlx::query("SELECT key_id FROM signing_keys WHERE retired_at IS NOT NULL")
+        .fetch_all(db.main())
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| r.try_get::<String, _>(0))
+        .collect::<Result<Vec<_>, sqlx::Error>>()?)
 }
 
 /// The whole HTTP surface, one router per capability.

@@ -434,7 +434,7 @@ fn check_client_token(
     user: UserId,
     bytes: &[u8],
 ) -> Result<pb::RedPacketToken, &'static str> {
-    let token = token::verify(&app.keys, bytes).map_err(|_| "invalid_request")?;
+    let token = token::verify(&app.keys.current(), bytes).map_err(|_| "invalid_request")?;
     if token.user_id != user.get() {
         return Err("forbidden");
     }

@@ -160,6 +160,6 @@ struct KeysBody {
 
 async fn keys(State(app): State<AppState>) -> Json<KeysBody> {
     Json(KeysBody {
-        keys: app.keys.published(),
+        keys: app.keys.current().published(),
     })
 }

@@ -372,11 +372,12 @@ impl Issuer {
 
         // Step 4: mint.
         let mut minted: Vec<(usize, SignedAward)> = Vec::with_capacity(taken.len());
+        let keys = app.keys.current();
         for &k in &fresh {
             if !taken.contains_key(&k) {
                 continue;
             }
-            match token::mint(&app.keys, awards[k].1.draft.clone()) {
+            match token::mint(&keys, awards[k].1.draft.clone()) {
                 Ok(award) => minted.push((k, award)),
                 Err(err) => {
                     // Nothing was stored: the budget goes back at once.

@@ -11,7 +11,10 @@ async fn keys_endpoint_publishes_the_active_public_key() {
     assert_eq!(keys.len(), 1);
     assert_eq!(keys[0]["alg"], "Ed25519");
     assert_eq!(keys[0]["active"], true);
-    assert_eq!(keys[0]["key_id"], t.app.keys.active_key_id().unwrap());
+    assert_eq!(
+        keys[0]["key_id"],
+        t.app.keys.current().active_key_id().unwrap()
+    );
     assert_eq!(keys[0]["public_key"].as_str().unwrap().len(), 43);
     t.stop().await;
 }

@@ -499,6 +499,7 @@ async fn protobuf_round_trips_for_single_and_batch() {
     assert!(!single.replayed);
     t.app
         .keys
+        .current()
         .verify(
             &pb::SignedToken::decode(single.token.as_slice())
                 .unwrap()

@@ -416,3 +416,68 @@ async fn the_wallet_speaks_protobuf_and_each_user_sees_only_their_own() {
     assert_eq!(t.wallet(1).await["balance_cents"], 10);
     t.stop().await;
 }
+
+/// A key retired by another instance (only MySQL knows) and a new key dropped into the
+/// keys directory take effect in a running instance within a key refresh: the new key
+/// signs, the retired one no longer verifies, `/v1/keys` lists only the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_retired_elsewhere_takes_effect_without_a_restart() {
+    let t = spawn_app_with(Options {
+        env: vec![("RPW_KEYS__REFRESH_MS".into(), "200".into())],
+        ..Default::default()
+    })
+    .await;
+    t.open_activity("cny2027", 100_000, 1_000).await;
+    let old_id = t.app.keys.current().active_key_id().unwrap().to_string();
+    let before = issue(&t, &[award(1, 1, 10)]).await.remove(&1).unwrap();
+    let new_id = redpacket_wallet::keys::generate(&t.keys_dir).unwrap();
+    sqlx::query("UPDATE signing_keys SET retired_at = CURRENT_TIMESTAMP(3) WHERE key_id = ?")
+        .bind(&old_id)
+        .execute(t.app.db.main())
+        .await
+        .unwrap();
+    let mut listed: Vec<(String, bool)> = Vec::new();
+    for _ in 0..50 {
+        let (status, body) = t.get("/v1/keys", None).await;
+        assert_eq!(status, 200);
+        listed = body["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| {
+                (
+                    k["key_id"].as_str().unwrap().to_string(),
+                    k["active"].as_bool().unwrap(),
+                )
+            })
+            .collect();
+        if listed == vec![(new_id.clone(), true)] {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(listed, vec![(new_id.clone(), true)]);
+
+    let after = issue(&t, &[award(1, 2, 10)]).await.remove(&1).unwrap();
+    let signed = pb::SignedToken::decode(B64.decode(&after[0]).unwrap().as_slice()).unwrap();
+    assert_eq!(
+        signed.key_id, new_id,
+        "new awards are signed with the new key"
+    );
+
+    let (status, body) = t
+        .post(
+            "/v1/wallet/tokens:sync",
+            &t.jwt(1),
+            &json!({"tokens": [before[0], after[0]]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["rejected"],
+        json!([{"index": 0, "code": "invalid_request"}]),
+        "the retired key's token no longer verifies"
+    );
+    assert_eq!(body["known"], 1);
+    t.stop().await;
+}
