@@ -38,6 +38,7 @@ fn register_zeroes() {
     counter!("rpw_booked_tokens_total").increment(0);
     counter!("rpw_reconciliation_mismatches_total", "activity" => "").increment(0);
     counter!("rpw_awards_total", "outcome" => "issued").increment(0);
+    counter!("rpw_tx_retries_total", "op" => "withdraw").increment(0);
 }
 
 pub fn award_outcome(outcome: &'static str) {
@@ -75,6 +76,11 @@ pub fn reconciliation_mismatch(activity: &str) {
 
 pub fn dependency_error(dependency: &'static str) {
     counter!("rpw_dependency_errors_total", "dependency" => dependency).increment(1);
+}
+
+/// A MySQL transaction rolled back by a deadlock or a lock wait timeout, tried again.
+pub fn tx_retry(op: &'static str) {
+    counter!("rpw_tx_retries_total", "op" => op).increment(1);
 }
 
 pub fn rate_limited(kind: &'static str) {

@@ -127,6 +127,7 @@ pub async fn withdraw(
             Ok(Ok((status, existing, None))) => return Ok((status, existing)),
             Ok(Err(err)) => return Err(err),
             Err(err) if attempt < MAX_TX_ATTEMPTS && crate::settle::is_retryable(&err) => {
+                crate::metrics::tx_retry("withdraw");
                 let jitter = rand::random::<u64>() % 10;
                 tokio::time::sleep(std::time::Duration::from_millis((5 << attempt) + jitter)).await;
             }
