@@ -8,7 +8,6 @@ use anyhow::Context;
 use axum::extract::DefaultBodyLimit;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
-use sqlx::Row;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tower_http::timeout::TimeoutLayer;
@@ -58,14 +57,13 @@ impl App {
         if migrate {
             db.migrate().await?;
         }
-        let retired = match sync_signing_keys(&db, &settings).await {
-            Ok(retired) => retired,
+        let keys = match load_shared_keys(&db, &settings).await {
+            Ok(ring) => ring,
             Err(err) => {
-                tracing::warn!(error = %err, "could not sync signing keys with mysql; using the keys directory alone until the next key refresh");
-                Vec::new()
+                tracing::warn!(error = format!("{err:#}"), "could not sync signing keys with mysql; using the keys directory alone until the next key refresh");
+                KeyRing::load(&settings.keys.dir, &[])?
             }
         };
-        let keys = KeyRing::load(&settings.keys.dir, &retired)?;
         if keys.active_key_id().is_none() {
             tracing::warn!(dir = %settings.keys.dir.display(), "no active signing key: awards will fail until `keys generate` is run");
         }
@@ -135,9 +133,6 @@ impl App {
             self.budget
                 .fund(&self.redis, &activity.id, activity.budget_cents)
                 .await?;
-            // Another instance may have funded the new budget already; the sub-stocks this
-            // instance saw empty are worth trying again either way.
-            self.budget.forget_exhausted(&activity.id);
         }
         Ok(())
     }
@@ -160,8 +155,7 @@ impl App {
     /// key retired (or generated) anywhere takes effect here without a restart. When
     /// MySQL cannot be read the current ring stays: a retirement is never forgotten.
     pub async fn refresh_keys(&self) -> anyhow::Result<()> {
-        let retired = sync_signing_keys(&self.db, &self.settings).await?;
-        let ring = KeyRing::load(&self.settings.keys.dir, &retired)?;
+        let ring = load_shared_keys(&self.db, &self.settings).await?;
         let active = ring.active_key_id().map(str::to_string);
         if self.keys.replace(ring) {
             tracing::info!(
@@ -184,11 +178,9 @@ impl App {
                 tokio::time::interval(Duration::from_millis(app.settings.issue.cache_refresh_ms));
             let mut stats_tick =
                 tokio::time::interval(Duration::from_millis(app.settings.issue.stats_flush_ms));
-            // A zero period turns key reloads off (the interval then never fires).
-            let keys_every = match app.settings.keys.refresh_ms {
-                0 => Duration::from_secs(u64::from(u32::MAX)),
-                ms => Duration::from_millis(ms),
-            };
+            // A zero period turns key reloads off (the branch below is then disabled).
+            let reload_keys = app.settings.keys.refresh_ms > 0;
+            let keys_every = Duration::from_millis(app.settings.keys.refresh_ms.max(1));
             let mut keys_tick =
                 tokio::time::interval_at(tokio::time::Instant::now() + keys_every, keys_every);
             cache_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -205,7 +197,7 @@ impl App {
                             tracing::warn!(error = %err, "switch refresh failed; keeping the last state");
                         }
                     }
-                    _ = keys_tick.tick() => {
+                    _ = keys_tick.tick(), if reload_keys => {
                         if let Err(err) = app.refresh_keys().await {
                             tracing::warn!(error = format!("{err:#}"), "signing key refresh failed; keeping the current keys");
                         }
@@ -237,11 +229,16 @@ fn hostname() -> String {
         .unwrap_or_else(|| "rpw".into())
 }
 
-/// Publishes the public halves found in the keys directory to MySQL and returns the
-/// key ids retired there. A MySQL outage at start is not fatal for verification.
-async fn sync_signing_keys(db: &Db, settings: &Settings) -> anyhow::Result<Vec<String>> {
-    let local = KeyRing::load(&settings.keys.dir, &[])?;
-    for key in local.all() {
+/// Loads the keys directory with the retirements recorded in MySQL, then publishes its
+/// public halves (and the retirements marked in the directory) there, so every instance
+/// learns them.
+async fn load_shared_keys(db: &Db, settings: &Settings) -> anyhow::Result<KeyRing> {
+    let retired: Vec<String> =
+        sqlx::query_scalar("SELECT key_id FROM signing_keys WHERE retired_at IS NOT NULL")
+            .fetch_all(db.main())
+            .await?;
+    let ring = KeyRing::load(&settings.keys.dir, &retired)?;
+    for key in ring.all() {
         sqlx::query("INSERT IGNORE INTO signing_keys (key_id, alg, public_key, retired_at) VALUES (?, 'Ed25519', ?, IF(?, CURRENT_TIMESTAMP(3), NULL))")
             .bind(&key.key_id)
             .bind(&key.public_key)
@@ -255,13 +252,7 @@ async fn sync_signing_keys(db: &Db, settings: &Settings) -> anyhow::Result<Vec<S
                 .await?;
         }
     }
-    let rows = sqlx::query("SELECT key_id FROM signing_keys WHERE retired_at IS NOT NULL")
-        .fetch_all(db.main())
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|r| r.try_get::<String, _>(0))
-        .collect::<Result<Vec<_>, sqlx::Error>>()?)
+    Ok(ring)
 }
 
 /// The whole HTTP surface, one router per capability.

@@ -75,7 +75,9 @@ impl Budget {
         total / n + i64::from(i64::from(i) < total % n)
     }
 
-    /// Funds every sub-stock up to its share of `total` (idempotent).
+    /// Funds every sub-stock up to its share of `total` (idempotent). The sub-stocks this
+    /// instance saw empty are tried again afterwards, also when another instance funded
+    /// the new total first (nothing added here).
     pub async fn fund(&self, redis: &Redis, activity: &str, total: i64) -> redis::RedisResult<i64> {
         let mut pipe = redis::pipe();
         for i in 0..self.sub_stocks {
@@ -85,11 +87,8 @@ impl Budget {
             pipe.add_command(cmd);
         }
         let added: Vec<i64> = crate::store::query_scripted(redis, &pipe, &self.scripts()).await?;
-        let added: i64 = added.iter().sum();
-        if added > 0 {
-            self.forget_exhausted(activity);
-        }
-        Ok(added)
+        self.forget_exhausted(activity);
+        Ok(added.iter().sum())
     }
 
     /// Gives money back into the sub-stocks, spread evenly: a leak repair.
