@@ -463,3 +463,26 @@ impl Drop for PrivateMariadb {
         let _ = std::fs::remove_dir_all(&self.data_dir);
     }
 }
+
+/// An award for the test activity `cny2027` (scene `rain`, cash).
+pub fn award(user: i64, rain: i64, amount: i64) -> Value {
+    json!({"user_id": user, "app_id": 1, "activity_id": "cny2027", "scene_id": "rain",
+           "rain_id": rain, "award_type": "cash", "amount_cents": amount})
+}
+
+/// Issues `awards` through the batch endpoint, 1,000 per request; every one must be
+/// issued. Returns the results in request order.
+pub async fn issue_all(t: &TestApp, awards: Vec<Value>) -> Vec<Value> {
+    let mut out = Vec::with_capacity(awards.len());
+    for chunk in awards.chunks(1000) {
+        let (status, body) = t
+            .post("/v1/awards:batch", CALLER, &json!({"awards": chunk}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        for r in body["results"].as_array().unwrap() {
+            assert!(r["error"].is_null(), "{r}");
+            out.push(r.clone());
+        }
+    }
+    out
+}

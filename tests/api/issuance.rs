@@ -9,11 +9,6 @@ use serde_json::{json, Value};
 
 use crate::helpers::*;
 
-fn award_body(user: i64, rain: i64, amount: i64) -> Value {
-    json!({"user_id": user, "app_id": 1, "activity_id": "cny2027", "scene_id": "rain",
-           "rain_id": rain, "award_type": "cash", "amount_cents": amount})
-}
-
 async fn budget_sub_stocks(t: &TestApp, activity: &str) -> Vec<i64> {
     let mut conn = t.app.redis.conn();
     let mut out = Vec::new();
@@ -34,7 +29,7 @@ async fn two_hundred_identical_awards_mint_one_token() {
     let t = spawn_app().await;
     t.open_activity("cny2027", 100_000, 500).await;
     let responses = join_all((0..200).map(|_| {
-        let body = award_body(42, 7, 88);
+        let body = award(42, 7, 88);
         let t = &t;
         async move { t.post("/v1/awards", CALLER, &body).await }
     }))
@@ -83,7 +78,7 @@ async fn concurrent_batches_against_a_tight_budget_never_over_issue() {
     t.open_activity("cny2027", budget, 10).await;
     let batches = join_all((0..4).map(|b| {
         let awards: Vec<Value> = (0..500)
-            .map(|i| award_body(10_000 + b * 500 + i, 3, 1 + i % 10))
+            .map(|i| award(10_000 + b * 500 + i, 3, 1 + i % 10))
             .collect();
         let t = &t;
         async move {
@@ -126,9 +121,7 @@ async fn concurrent_batches_against_a_tight_budget_never_over_issue() {
     let mut user = 90_000;
     while left > 0 {
         let amount = left.min(10);
-        let (status, body) = t
-            .post("/v1/awards", CALLER, &award_body(user, 3, amount))
-            .await;
+        let (status, body) = t.post("/v1/awards", CALLER, &award(user, 3, amount)).await;
         assert_eq!(status, 201, "{amount} of {left} left: {body}");
         issued_cents += amount;
         left -= amount;
@@ -155,7 +148,7 @@ async fn the_same_award_twice_in_one_millisecond_is_minted_once() {
     let rounds = 40;
     for rain in 0..rounds {
         let request: redpacket_wallet::issue::AwardRequest =
-            serde_json::from_value(award_body(77, rain, 10)).unwrap();
+            serde_json::from_value(award(77, rain, 10)).unwrap();
         let (a, b) = futures::join!(
             t.app
                 .issuer
@@ -191,7 +184,7 @@ async fn five_hundred_awards_against_a_budget_of_137_never_over_issue() {
     let t = spawn_app().await;
     t.open_activity("cny2027", 137, 10).await;
     let responses = join_all((0..500).map(|u| {
-        let body = award_body(1_000 + u, 1, 1);
+        let body = award(1_000 + u, 1, 1);
         let t = &t;
         async move { t.post("/v1/awards", CALLER, &body).await }
     }))
@@ -218,11 +211,7 @@ async fn five_hundred_awards_against_a_budget_of_137_never_over_issue() {
     // A replay after the budget ran out still returns its token.
     let first = responses.iter().position(|(s, _)| *s == 201).unwrap();
     let (status, replay) = t
-        .post(
-            "/v1/awards",
-            CALLER,
-            &award_body(1_000 + first as i64, 1, 1),
-        )
+        .post("/v1/awards", CALLER, &award(1_000 + first as i64, 1, 1))
         .await;
     assert_eq!(status, 200, "{replay}");
     assert_eq!(replay["replayed"], true);
@@ -235,16 +224,16 @@ async fn the_last_cents_spread_thin_still_cover_an_award() {
     let t = spawn_app().await;
     // 16 sub-stocks of 1 cent each: no single one covers 10.
     t.open_activity("cny2027", 16, 100).await;
-    let (status, body) = t.post("/v1/awards", CALLER, &award_body(7, 1, 10)).await;
+    let (status, body) = t.post("/v1/awards", CALLER, &award(7, 1, 10)).await;
     assert_eq!(status, 201, "{body}");
     // 6 cents remain; 7 cannot be had, and the partial takes go back.
-    let (status, body) = t.post("/v1/awards", CALLER, &award_body(8, 1, 7)).await;
+    let (status, body) = t.post("/v1/awards", CALLER, &award(8, 1, 7)).await;
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["error"]["code"], "budget_exhausted");
     let stocks = budget_sub_stocks(&t, "cny2027").await;
     assert_eq!(stocks.iter().sum::<i64>(), 6, "{stocks:?}");
     assert!(stocks.iter().all(|s| *s >= 0));
-    let (status, _) = t.post("/v1/awards", CALLER, &award_body(8, 1, 6)).await;
+    let (status, _) = t.post("/v1/awards", CALLER, &award(8, 1, 6)).await;
     assert_eq!(status, 201);
     assert_eq!(
         budget_sub_stocks(&t, "cny2027").await.iter().sum::<i64>(),
@@ -257,14 +246,8 @@ async fn the_last_cents_spread_thin_still_cover_an_award() {
 async fn added_budget_reopens_an_exhausted_activity() {
     let t = spawn_app().await;
     t.open_activity("cny2027", 16, 16).await;
-    assert_eq!(
-        t.post("/v1/awards", CALLER, &award_body(1, 1, 16)).await.0,
-        201
-    );
-    assert_eq!(
-        t.post("/v1/awards", CALLER, &award_body(2, 1, 1)).await.0,
-        409
-    );
+    assert_eq!(t.post("/v1/awards", CALLER, &award(1, 1, 16)).await.0, 201);
+    assert_eq!(t.post("/v1/awards", CALLER, &award(2, 1, 1)).await.0, 409);
     let (status, _) = t
         .post(
             "/v1/admin/activities/cny2027/budget",
@@ -273,10 +256,7 @@ async fn added_budget_reopens_an_exhausted_activity() {
         )
         .await;
     assert_eq!(status, 200);
-    assert_eq!(
-        t.post("/v1/awards", CALLER, &award_body(2, 1, 1)).await.0,
-        201
-    );
+    assert_eq!(t.post("/v1/awards", CALLER, &award(2, 1, 1)).await.0, 201);
     t.stop().await;
 }
 
@@ -284,15 +264,12 @@ async fn added_budget_reopens_an_exhausted_activity() {
 async fn the_same_out_trade_no_with_other_fields_is_a_conflict() {
     let t = spawn_app().await;
     t.open_activity("cny2027", 10_000, 500).await;
-    assert_eq!(
-        t.post("/v1/awards", CALLER, &award_body(42, 7, 88)).await.0,
-        201
-    );
+    assert_eq!(t.post("/v1/awards", CALLER, &award(42, 7, 88)).await.0, 201);
     let before = t.redis_snapshot().await;
-    let (status, body) = t.post("/v1/awards", CALLER, &award_body(42, 7, 89)).await;
+    let (status, body) = t.post("/v1/awards", CALLER, &award(42, 7, 89)).await;
     assert_eq!(status, 409);
     assert_eq!(body["error"]["code"], "idempotency_conflict");
-    let mut other_app = award_body(42, 7, 88);
+    let mut other_app = award(42, 7, 88);
     other_app["app_id"] = json!(2);
     assert_eq!(t.post("/v1/awards", CALLER, &other_app).await.0, 409);
     assert_eq!(t.redis_snapshot().await, before);
@@ -313,7 +290,7 @@ async fn bad_awards_get_their_code_and_change_nothing() {
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let before = t.redis_snapshot().await;
     let with = |f: &dyn Fn(&mut Value)| {
-        let mut b = award_body(42, 7, 88);
+        let mut b = award(42, 7, 88);
         f(&mut b);
         b
     };
@@ -415,7 +392,7 @@ async fn bad_awards_get_their_code_and_change_nothing() {
             assert_eq!(b["error"]["code"], "invalid_request");
         }
     }
-    let too_many: Vec<Value> = (0..1001).map(|u| award_body(u + 1, 1, 1)).collect();
+    let too_many: Vec<Value> = (0..1001).map(|u| award(u + 1, 1, 1)).collect();
     let (s, b) = t
         .post("/v1/awards:batch", CALLER, &json!({"awards": too_many}))
         .await;
@@ -437,7 +414,7 @@ async fn bad_awards_get_their_code_and_change_nothing() {
 async fn a_token_verifies_offline_with_the_published_key() {
     let t = spawn_app().await;
     t.open_activity("cny2027", 10_000, 500).await;
-    let (status, body) = t.post("/v1/awards", CALLER, &award_body(42, 7, 88)).await;
+    let (status, body) = t.post("/v1/awards", CALLER, &award(42, 7, 88)).await;
     assert_eq!(status, 201);
     let bytes = B64.decode(body["token"].as_str().unwrap()).unwrap();
     let signed = pb::SignedToken::decode(bytes.as_slice()).unwrap();
@@ -553,10 +530,10 @@ async fn protobuf_round_trips_for_single_and_batch() {
 async fn a_batch_answers_in_order_and_one_bad_item_fails_alone() {
     let t = spawn_app().await;
     t.open_activity("cny2027", 1_000, 100).await;
-    let mut awards: Vec<Value> = (0..300).map(|u| award_body(u + 1, 9, 2)).collect();
+    let mut awards: Vec<Value> = (0..300).map(|u| award(u + 1, 9, 2)).collect();
     awards[5]["amount_cents"] = json!(1_000);
     awards[6]["activity_id"] = json!("nope");
-    awards.push(award_body(1, 9, 2)); // the same award as item 0, inside the batch
+    awards.push(award(1, 9, 2)); // the same award as item 0, inside the batch
     let (status, body) = t
         .post("/v1/awards:batch", CALLER, &json!({"awards": awards}))
         .await;
@@ -589,10 +566,7 @@ async fn the_stats_counter_catches_up_within_a_second_or_so() {
     let t = spawn_app().await;
     t.open_activity("cny2027", 10_000, 500).await;
     for u in 1..=5 {
-        assert_eq!(
-            t.post("/v1/awards", CALLER, &award_body(u, 1, 10)).await.0,
-            201
-        );
+        assert_eq!(t.post("/v1/awards", CALLER, &award(u, 1, 10)).await.0, 201);
     }
     let mut seen = json!(null);
     for _ in 0..30 {
@@ -664,7 +638,7 @@ async fn script_calls_after_a_script_flush_run_exactly_once() {
         .await
         .unwrap();
     t.open_activity("cny2027", 1_000, 100).await;
-    let (status, body) = t.post("/v1/awards", CALLER, &award_body(5, 1, 40)).await;
+    let (status, body) = t.post("/v1/awards", CALLER, &award(5, 1, 40)).await;
     assert_eq!(status, 201, "{body}");
     let figures = t.app.budget.figures(&t.app.redis, "cny2027").await.unwrap();
     assert_eq!(figures.taken_cents, 40);

@@ -7,26 +7,6 @@ use serde_json::{json, Value};
 
 use crate::helpers::*;
 
-fn award(user: i64, rain: i64, amount: i64) -> Value {
-    json!({"user_id": user, "app_id": 1, "activity_id": "cny2027", "scene_id": "rain",
-           "rain_id": rain, "award_type": "cash", "amount_cents": amount})
-}
-
-async fn issue(t: &TestApp, awards: Vec<Value>) {
-    let (status, body) = t
-        .post("/v1/awards:batch", CALLER, &json!({"awards": awards}))
-        .await;
-    assert_eq!(status, 200, "{body}");
-    assert!(
-        body["results"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|r| r["error"].is_null()),
-        "{body}"
-    );
-}
-
 fn this_hour() -> String {
     redpacket_wallet::store::hour_of(redpacket_wallet::store::now_ms())
 }
@@ -35,7 +15,7 @@ fn this_hour() -> String {
 async fn reconciliation_reports_a_ledger_row_altered_behind_our_back() {
     let t = spawn_app().await;
     t.open_activity("cny2027", 1_000_000, 1_000).await;
-    issue(&t, (0..20).map(|i| award(1 + i % 3, i, 50)).collect()).await;
+    issue_all(&t, (0..20).map(|i| award(1 + i % 3, i, 50)).collect()).await;
     t.drain().await;
     let clean = redpacket_wallet::reconcile::reconcile(&t.app, "cny2027", &this_hour(), "manual")
         .await
@@ -87,7 +67,7 @@ async fn reconciliation_reports_a_ledger_row_altered_behind_our_back() {
 async fn a_budget_leak_is_shown_then_repaired_exactly_once() {
     let t = spawn_app().await;
     t.open_activity("cny2027", 10_000, 1_000).await;
-    issue(&t, (0..5).map(|i| award(1, i, 100)).collect()).await;
+    issue_all(&t, (0..5).map(|i| award(1, i, 100)).collect()).await;
     // A crash between taking budget and storing the token: the take happens, the store never.
     let taken = t
         .app
@@ -208,7 +188,7 @@ async fn the_settle_job_drains_an_ended_activity() {
     t.activity_with_window("cny2027", "live", 10_000, 1_000, -60, 2)
         .await;
     t.scene("cny2027", "rain", "cash").await;
-    issue(&t, (0..10).map(|i| award(1 + i, 1, 10)).collect()).await;
+    issue_all(&t, (0..10).map(|i| award(1 + i, 1, 10)).collect()).await;
     assert!(redpacket_wallet::cron::mark_drained(&t.app)
         .await
         .unwrap()
@@ -390,9 +370,9 @@ async fn views_fall_back_to_redis_when_mysql_is_down_if_switched_on() {
     })
     .await;
     t.open_activity("cny2027", 100_000, 1_000).await;
-    issue(&t, (0..4).map(|i| award(8, i, 25)).collect()).await;
+    issue_all(&t, (0..4).map(|i| award(8, i, 25)).collect()).await;
     t.drain().await;
-    issue(&t, vec![award(8, 99, 7)]).await;
+    issue_all(&t, vec![award(8, 99, 7)]).await;
     let jwt = t.jwt(8);
     let (_, w) = t
         .post(
@@ -402,7 +382,7 @@ async fn views_fall_back_to_redis_when_mysql_is_down_if_switched_on() {
         )
         .await;
     assert_eq!(w["balance_cents"], 67);
-    issue(&t, vec![award(8, 100, 3)]).await;
+    issue_all(&t, vec![award(8, 100, 3)]).await;
     let exact = t.wallet(8).await;
     assert_eq!(exact["balance_cents"], 70);
 
@@ -450,7 +430,7 @@ async fn views_fall_back_to_redis_when_mysql_is_down_if_switched_on() {
 async fn metrics_parse_as_prometheus_text_and_carry_the_series() {
     let t = spawn_app().await;
     t.open_activity("cny2027", 100_000, 1_000).await;
-    issue(&t, (0..5).map(|i| award(1, i, 10)).collect()).await;
+    issue_all(&t, (0..5).map(|i| award(1, i, 10)).collect()).await;
     t.post("/v1/awards", CALLER, &award(2, 1, 10)).await;
     t.drain().await;
     t.wallet(1).await;

@@ -6,26 +6,6 @@ use serde_json::{json, Value};
 
 use crate::helpers::*;
 
-async fn issue_batch(t: &TestApp, awards: Vec<Value>) -> Vec<Value> {
-    let mut out = Vec::new();
-    for chunk in awards.chunks(1000) {
-        let (status, body) = t
-            .post("/v1/awards:batch", CALLER, &json!({"awards": chunk}))
-            .await;
-        assert_eq!(status, 200, "{body}");
-        for r in body["results"].as_array().unwrap() {
-            assert!(r["error"].is_null(), "{r}");
-            out.push(r.clone());
-        }
-    }
-    out
-}
-
-fn award(user: i64, rain: i64, amount: i64) -> Value {
-    json!({"user_id": user, "app_id": 1, "activity_id": "cny2027", "scene_id": "rain",
-           "rain_id": rain, "award_type": "cash", "amount_cents": amount})
-}
-
 async fn balances(t: &TestApp) -> HashMap<i64, i64> {
     let rows: Vec<(i64, i64)> = sqlx::query_as("SELECT user_id, balance_cents FROM accounts")
         .fetch_all(t.app.db.main())
@@ -61,7 +41,7 @@ async fn a_crash_between_commit_and_ack_credits_each_token_once() {
     t.open_activity("cny2027", 1_000_000, 1_000).await;
     let awards: Vec<Value> = (0..40).map(|i| award(1 + i % 4, i, 10 + i)).collect();
     let total: i64 = (0..40).map(|i| 10 + i).sum();
-    issue_batch(&t, awards).await;
+    issue_all(&t, awards).await;
 
     let worker = |consumer: &str, claim_idle_ms: u64, stop_after_commit: bool| {
         Worker::new(
@@ -124,7 +104,7 @@ async fn two_workers_book_five_thousand_tokens_exactly_once() {
     for i in 0..5_000 {
         *expected.entry(1 + i % 97).or_default() += 1 + i % 50;
     }
-    issue_batch(&t, awards).await;
+    issue_all(&t, awards).await;
     let run = |name: &'static str| {
         let mut w = t.worker(name);
         let partitions = t.app.redis.partitions();
@@ -164,7 +144,7 @@ async fn a_withdrawal_racing_the_worker_credits_each_token_once() {
     t.open_activity("cny2027", 100_000_000, 1_000).await;
     let user = 77;
     let awards: Vec<Value> = (0..300).map(|i| award(user, i, 5)).collect();
-    issue_batch(&t, awards).await;
+    issue_all(&t, awards).await;
     let jwt = t.jwt(user);
     let worker = async {
         let mut w = t.worker("racer");
@@ -193,7 +173,7 @@ async fn a_withdrawal_racing_the_worker_credits_each_token_once() {
 async fn a_withdrawal_forces_settlement_of_pending_tokens() {
     let t = spawn_app().await;
     t.open_activity("cny2027", 100_000, 1_000).await;
-    issue_batch(&t, (0..3).map(|i| award(5, i, 100)).collect()).await;
+    issue_all(&t, (0..3).map(|i| award(5, i, 100)).collect()).await;
     let jwt = t.jwt(5);
     let (status, body) = t
         .post(
@@ -270,7 +250,7 @@ async fn a_withdrawal_forces_settlement_of_pending_tokens() {
 async fn concurrent_withdrawals_never_overdraw_and_dedupe_by_request_id() {
     let t = spawn_app().await;
     t.open_activity("cny2027", 100_000, 1_000).await;
-    issue_batch(&t, (0..10).map(|i| award(9, i, 100)).collect()).await; // 1000 cents
+    issue_all(&t, (0..10).map(|i| award(9, i, 100)).collect()).await; // 1000 cents
     let jwt = t.jwt(9);
     let same = join_all((0..50).map(|_| {
         let jwt = jwt.clone();
@@ -333,7 +313,7 @@ async fn concurrent_withdrawals_never_overdraw_and_dedupe_by_request_id() {
 async fn a_failed_payout_is_reversed_once() {
     let t = spawn_app().await;
     t.open_activity("cny2027", 100_000, 1_000).await;
-    issue_batch(&t, vec![award(3, 1, 500)]).await;
+    issue_all(&t, vec![award(3, 1, 500)]).await;
     let jwt = t.jwt(3);
     let (_, w) = t
         .post(
@@ -448,7 +428,7 @@ async fn mysql_stopped_mid_drain_loses_and_doubles_nothing() {
     .await;
     t.open_activity("cny2027", 100_000_000, 1_000).await;
     let first: Vec<Value> = (0..2_000).map(|i| award(1 + i % 50, i, 3)).collect();
-    issue_batch(&t, first).await;
+    issue_all(&t, first).await;
     tokio::time::sleep(std::time::Duration::from_millis(800)).await;
     mariadb.stop();
     let (booked_before, _) = {
@@ -465,7 +445,7 @@ async fn mysql_stopped_mid_drain_loses_and_doubles_nothing() {
     );
     // Issuing goes on without MySQL.
     let second: Vec<Value> = (2_000..3_000).map(|i| award(1 + i % 50, i, 3)).collect();
-    issue_batch(&t, second).await;
+    issue_all(&t, second).await;
     tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
     mariadb.restart();
     let mut booked = (0, 0);
@@ -504,7 +484,7 @@ async fn the_ledger_shards_by_user_over_two_databases() {
     .await;
     assert_eq!(t.app.db.shards().len(), 2);
     t.open_activity("cny2027", 1_000_000, 1_000).await;
-    issue_batch(&t, (0..40).map(|i| award(1 + i % 10, i, 25)).collect()).await;
+    issue_all(&t, (0..40).map(|i| award(1 + i % 10, i, 25)).collect()).await;
     assert_eq!(t.drain().await, 40);
     for (shard, parity) in [(0usize, 0i64), (1, 1)] {
         let (rows, odd_users): (i64, i64) = sqlx::query_as(
@@ -573,7 +553,7 @@ async fn only_the_payout_callers_may_post_payout_results() {
     })
     .await;
     t.open_activity("cny2027", 100_000, 1_000).await;
-    issue_batch(&t, vec![award(4, 1, 500)]).await;
+    issue_all(&t, vec![award(4, 1, 500)]).await;
     let (status, w) = t
         .post(
             "/v1/withdrawals",

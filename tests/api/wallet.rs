@@ -8,26 +8,14 @@ use serde_json::{json, Value};
 
 use crate::helpers::*;
 
-fn award(user: i64, rain: i64, amount: i64) -> Value {
-    json!({"user_id": user, "app_id": 1, "activity_id": "cny2027", "scene_id": "rain",
-           "rain_id": rain, "award_type": "cash", "amount_cents": amount})
-}
-
 /// Issues through the batch endpoint; returns each user's tokens (the client's copy).
 async fn issue(t: &TestApp, awards: &[Value]) -> HashMap<i64, Vec<String>> {
     let mut tokens: HashMap<i64, Vec<String>> = HashMap::new();
-    for chunk in awards.chunks(1000) {
-        let (status, body) = t
-            .post("/v1/awards:batch", CALLER, &json!({"awards": chunk}))
-            .await;
-        assert_eq!(status, 200, "{body}");
-        for (a, r) in chunk.iter().zip(body["results"].as_array().unwrap()) {
-            assert!(r["error"].is_null(), "{r}");
-            tokens
-                .entry(a["user_id"].as_i64().unwrap())
-                .or_default()
-                .push(r["token"].as_str().unwrap().to_string());
-        }
+    for (a, r) in awards.iter().zip(issue_all(t, awards.to_vec()).await) {
+        tokens
+            .entry(a["user_id"].as_i64().unwrap())
+            .or_default()
+            .push(r["token"].as_str().unwrap().to_string());
     }
     tokens
 }
