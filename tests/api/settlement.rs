@@ -6,6 +6,12 @@ use serde_json::{json, Value};
 
 use crate::helpers::*;
 
+/// `POST /v1/withdrawals` as the JWT's user.
+async fn withdraw(t: &TestApp, jwt: &str, request_id: &str, amount_cents: i64) -> (u16, Value) {
+    let body = json!({"request_id": request_id, "amount_cents": amount_cents});
+    t.post("/v1/withdrawals", jwt, &body).await
+}
+
 async fn balances(t: &TestApp) -> HashMap<i64, i64> {
     let rows: Vec<(i64, i64)> = sqlx::query_as("SELECT user_id, balance_cents FROM accounts")
         .fetch_all(t.app.db.main())
@@ -154,9 +160,8 @@ async fn a_withdrawal_racing_the_worker_credits_each_token_once() {
             }
         }
     };
-    let body = json!({"request_id": "race-1", "amount_cents": 700});
-    let withdraw = t.post("/v1/withdrawals", &jwt, &body);
-    let (_, (status, body)) = tokio::join!(worker, withdraw);
+    let withdrawal = withdraw(&t, &jwt, "race-1", 700);
+    let (_, (status, body)) = tokio::join!(worker, withdrawal);
     assert_eq!(status, 201, "{body}");
     t.drain().await;
     let (count, sum) = ledger_awards(&t).await;
@@ -175,13 +180,7 @@ async fn a_withdrawal_forces_settlement_of_pending_tokens() {
     t.open_activity("cny2027", 100_000, 1_000).await;
     issue_all(&t, (0..3).map(|i| award(5, i, 100)).collect()).await;
     let jwt = t.jwt(5);
-    let (status, body) = t
-        .post(
-            "/v1/withdrawals",
-            &jwt,
-            &json!({"request_id": "r1", "amount_cents": 250}),
-        )
-        .await;
+    let (status, body) = withdraw(&t, &jwt, "r1", 250).await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["forced_settled_count"], 3);
     assert_eq!(body["balance_cents"], 50);
@@ -190,32 +189,14 @@ async fn a_withdrawal_forces_settlement_of_pending_tokens() {
     assert_eq!(t.drain().await, 0);
     assert_eq!(ledger_awards(&t).await, (3, 300));
     // The same request again: the same withdrawal, 200. Another amount: a conflict.
-    let (status, again) = t
-        .post(
-            "/v1/withdrawals",
-            &jwt,
-            &json!({"request_id": "r1", "amount_cents": 250}),
-        )
-        .await;
+    let (status, again) = withdraw(&t, &jwt, "r1", 250).await;
     assert_eq!(status, 200);
     assert_eq!(again["withdrawal_id"], body["withdrawal_id"]);
-    let (status, conflict) = t
-        .post(
-            "/v1/withdrawals",
-            &jwt,
-            &json!({"request_id": "r1", "amount_cents": 10}),
-        )
-        .await;
+    let (status, conflict) = withdraw(&t, &jwt, "r1", 10).await;
     assert_eq!(status, 409);
     assert_eq!(conflict["error"]["code"], "idempotency_conflict");
     // More than the balance: 409 and nothing changes.
-    let (status, err) = t
-        .post(
-            "/v1/withdrawals",
-            &jwt,
-            &json!({"request_id": "r2", "amount_cents": 51}),
-        )
-        .await;
+    let (status, err) = withdraw(&t, &jwt, "r2", 51).await;
     assert_eq!(status, 409);
     assert_eq!(err["error"]["code"], "insufficient_balance");
     assert_eq!(t.sql_i64("SELECT COUNT(*) FROM withdrawals").await, 1);
@@ -252,19 +233,7 @@ async fn concurrent_withdrawals_never_overdraw_and_dedupe_by_request_id() {
     t.open_activity("cny2027", 100_000, 1_000).await;
     issue_all(&t, (0..10).map(|i| award(9, i, 100)).collect()).await; // 1000 cents
     let jwt = t.jwt(9);
-    let same = join_all((0..50).map(|_| {
-        let jwt = jwt.clone();
-        let t = &t;
-        async move {
-            t.post(
-                "/v1/withdrawals",
-                &jwt,
-                &json!({"request_id": "same", "amount_cents": 30}),
-            )
-            .await
-        }
-    }))
-    .await;
+    let same = join_all((0..50).map(|_| withdraw(&t, &jwt, "same", 30))).await;
     let ids: std::collections::HashSet<String> = same
         .iter()
         .map(|(s, b)| {
@@ -276,19 +245,8 @@ async fn concurrent_withdrawals_never_overdraw_and_dedupe_by_request_id() {
     assert_eq!(same.iter().filter(|(s, _)| *s == 201).count(), 1);
     assert_eq!(balances(&t).await[&9], 970);
 
-    let many = join_all((0..50).map(|i| {
-        let jwt = jwt.clone();
-        let t = &t;
-        async move {
-            t.post(
-                "/v1/withdrawals",
-                &jwt,
-                &json!({"request_id": format!("r{i}"), "amount_cents": 70}),
-            )
-            .await
-        }
-    }))
-    .await;
+    let request_ids: Vec<String> = (0..50).map(|i| format!("r{i}")).collect();
+    let many = join_all(request_ids.iter().map(|id| withdraw(&t, &jwt, id, 70))).await;
     let ok: i64 = many.iter().filter(|(s, _)| *s == 201).count() as i64;
     for (s, b) in &many {
         assert!(
@@ -315,20 +273,8 @@ async fn a_failed_payout_is_reversed_once() {
     t.open_activity("cny2027", 100_000, 1_000).await;
     issue_all(&t, vec![award(3, 1, 500)]).await;
     let jwt = t.jwt(3);
-    let (_, w) = t
-        .post(
-            "/v1/withdrawals",
-            &jwt,
-            &json!({"request_id": "p1", "amount_cents": 200}),
-        )
-        .await;
-    let (_, w2) = t
-        .post(
-            "/v1/withdrawals",
-            &jwt,
-            &json!({"request_id": "p2", "amount_cents": 100}),
-        )
-        .await;
+    let (_, w) = withdraw(&t, &jwt, "p1", 200).await;
+    let (_, w2) = withdraw(&t, &jwt, "p2", 100).await;
     let id = w["withdrawal_id"].as_str().unwrap();
     let id2 = w2["withdrawal_id"].as_str().unwrap();
     assert_eq!(balances(&t).await[&3], 200);
@@ -497,13 +443,7 @@ async fn the_ledger_shards_by_user_over_two_databases() {
         assert_eq!(rows, 20, "shard {shard} holds its users' awards");
         assert_eq!(odd_users, 0, "shard {shard} holds only its own users");
     }
-    let (status, w) = t
-        .post(
-            "/v1/withdrawals",
-            &t.jwt(3),
-            &json!({"request_id": "s", "amount_cents": 60}),
-        )
-        .await;
+    let (status, w) = withdraw(&t, &t.jwt(3), "s", 60).await;
     assert_eq!(status, 201, "{w}");
     let id = w["withdrawal_id"].as_str().unwrap();
     assert_eq!(
@@ -554,13 +494,7 @@ async fn only_the_payout_callers_may_post_payout_results() {
     .await;
     t.open_activity("cny2027", 100_000, 1_000).await;
     issue_all(&t, vec![award(4, 1, 500)]).await;
-    let (status, w) = t
-        .post(
-            "/v1/withdrawals",
-            &t.jwt(4),
-            &json!({"request_id": "r1", "amount_cents": 300}),
-        )
-        .await;
+    let (status, w) = withdraw(&t, &t.jwt(4), "r1", 300).await;
     assert_eq!(status, 201, "{w}");
     let path = format!(
         "/v1/withdrawals/{}/result",
