@@ -12,6 +12,13 @@ async fn withdraw(t: &TestApp, jwt: &str, request_id: &str, amount_cents: i64) -
     t.post("/v1/withdrawals", jwt, &body).await
 }
 
+/// The payout channel's verdict on a withdrawal, posted with `caller_key`.
+async fn payout(t: &TestApp, caller_key: &str, id: &str, status: &str) -> (u16, Value) {
+    let path = format!("/v1/withdrawals/{id}/result");
+    t.post(&path, caller_key, &json!({ "status": status }))
+        .await
+}
+
 async fn balances(t: &TestApp) -> HashMap<i64, i64> {
     let rows: Vec<(i64, i64)> = sqlx::query_as("SELECT user_id, balance_cents FROM accounts")
         .fetch_all(t.app.db.main())
@@ -279,13 +286,7 @@ async fn a_failed_payout_is_reversed_once() {
     let id2 = w2["withdrawal_id"].as_str().unwrap();
     assert_eq!(balances(&t).await[&3], 200);
     for _ in 0..2 {
-        let (status, body) = t
-            .post(
-                &format!("/v1/withdrawals/{id}/result"),
-                CALLER,
-                &json!({"status": "failed"}),
-            )
-            .await;
+        let (status, body) = payout(&t, CALLER, id, "failed").await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["status"], "failed");
     }
@@ -295,61 +296,16 @@ async fn a_failed_payout_is_reversed_once() {
             .await,
         1
     );
-    let (status, body) = t
-        .post(
-            &format!("/v1/withdrawals/{id}/result"),
-            CALLER,
-            &json!({"status": "paid"}),
-        )
-        .await;
+    let (status, body) = payout(&t, CALLER, id, "paid").await;
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["error"]["code"], "idempotency_conflict");
-    let (status, _) = t
-        .post(
-            &format!("/v1/withdrawals/{id2}/result"),
-            CALLER,
-            &json!({"status": "paid"}),
-        )
-        .await;
+    let (status, _) = payout(&t, CALLER, id2, "paid").await;
     assert_eq!(status, 200);
-    let (status, _) = t
-        .post(
-            &format!("/v1/withdrawals/{id2}/result"),
-            CALLER,
-            &json!({"status": "paid"}),
-        )
-        .await;
+    let (status, _) = payout(&t, CALLER, id2, "paid").await;
     assert_eq!(status, 200);
-    assert_eq!(
-        t.post(
-            &format!("/v1/withdrawals/{id2}/result"),
-            CALLER,
-            &json!({"status": "maybe"})
-        )
-        .await
-        .0,
-        400
-    );
-    assert_eq!(
-        t.post(
-            "/v1/withdrawals/wdnope/result",
-            CALLER,
-            &json!({"status": "paid"})
-        )
-        .await
-        .0,
-        404
-    );
-    assert_eq!(
-        t.post(
-            &format!("/v1/withdrawals/{id2}/result"),
-            &jwt,
-            &json!({"status": "paid"})
-        )
-        .await
-        .0,
-        401
-    );
+    assert_eq!(payout(&t, CALLER, id2, "maybe").await.0, 400);
+    assert_eq!(payout(&t, CALLER, "wdnope", "paid").await.0, 404);
+    assert_eq!(payout(&t, &jwt, id2, "paid").await.0, 401);
     assert_eq!(balances(&t).await[&3], 400);
     let wallet = t.wallet(3).await;
     assert_eq!(wallet["withdrawn_cents"], 100);
@@ -452,13 +408,7 @@ async fn the_ledger_shards_by_user_over_two_databases() {
             .0,
         200
     );
-    let (status, _) = t
-        .post(
-            &format!("/v1/withdrawals/{id}/result"),
-            CALLER,
-            &json!({"status": "failed"}),
-        )
-        .await;
+    let (status, _) = payout(&t, CALLER, id, "failed").await;
     assert_eq!(status, 200);
     for u in 1..=10 {
         assert_eq!(t.wallet(u).await["balance_cents"], 100);
@@ -496,11 +446,8 @@ async fn only_the_payout_callers_may_post_payout_results() {
     issue_all(&t, vec![award(4, 1, 500)]).await;
     let (status, w) = withdraw(&t, &t.jwt(4), "r1", 300).await;
     assert_eq!(status, 201, "{w}");
-    let path = format!(
-        "/v1/withdrawals/{}/result",
-        w["withdrawal_id"].as_str().unwrap()
-    );
-    let (status, body) = t.post(&path, CALLER, &json!({"status": "failed"})).await;
+    let id = w["withdrawal_id"].as_str().unwrap();
+    let (status, body) = payout(&t, CALLER, id, "failed").await;
     assert_eq!(status, 403, "{body}");
     assert_eq!(body["error"]["code"], "forbidden");
     assert_eq!(balances(&t).await[&4], 200, "nothing reversed");
@@ -509,7 +456,7 @@ async fn only_the_payout_callers_may_post_payout_results() {
             .await,
         1
     );
-    let (status, body) = t.post(&path, PAYMENTS, &json!({"status": "failed"})).await;
+    let (status, body) = payout(&t, PAYMENTS, id, "failed").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(balances(&t).await[&4], 500, "reversed by the payout caller");
     t.stop().await;
