@@ -172,7 +172,7 @@ pub async fn wallet_view(app: &App, user: UserId) -> ApiResult<WalletView> {
 /// Redis only: the account snapshot written with each settle mark, plus tokens still
 /// pending in Redis. Both are written by one script, so this view is exact as of Redis;
 /// it is marked degraded because it cannot see ledger changes Redis has not heard of.
-async fn degraded_view(app: &App, user: UserId) -> ApiResult<WalletView> {
+pub async fn degraded_view(app: &App, user: UserId) -> ApiResult<WalletView> {
     let mut conn = app.redis.conn();
     let (statuses, snapshot): (Vec<(String, String)>, HashMap<String, i64>) = redis::pipe()
         .atomic()

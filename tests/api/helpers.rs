@@ -39,6 +39,11 @@ pub struct TestApp {
     pub db_name: String,
     pub keys_dir: PathBuf,
     pub prefix: String,
+    /// What the instance was started with, so [`TestApp::restart`] can start it again.
+    env: Vec<(String, String)>,
+    redis_url: Option<String>,
+    worker: bool,
+    cron: bool,
 }
 
 #[derive(Default)]
@@ -53,6 +58,8 @@ pub struct Options {
     pub redis_url: Option<String>,
     /// Start without applying migrations (for a MySQL that is not there).
     pub skip_migrations: bool,
+    /// Run the cron scheduler too.
+    pub cron: bool,
 }
 
 pub async fn create_database() -> String {
@@ -146,7 +153,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         RunOptions {
             http: true,
             worker: options.worker,
-            cron: false,
+            cron: options.cron,
         },
     )
     .await
@@ -163,10 +170,43 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         db_name,
         keys_dir,
         prefix,
+        env: options.env,
+        redis_url: options.redis_url,
+        worker: options.worker,
+        cron: options.cron,
     }
 }
 
 impl TestApp {
+    /// Stops this instance and starts it again on the same database, Redis, key prefix
+    /// and keys, with `extra` settings on top of the first ones (a restart with a
+    /// changed configuration).
+    pub async fn restart(&mut self, extra: &[(&str, &str)]) {
+        if let Some(r) = self.running.take() {
+            r.stop().await;
+        }
+        self.env
+            .extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let mut settings = test_settings(&self.db_name, &self.prefix, &self.keys_dir, &self.env);
+        if let Some(url) = &self.redis_url {
+            settings.redis.url = redpacket_wallet::config::Secret::new(url.clone());
+        }
+        let app = App::build(settings, true).await.expect("app builds again");
+        let running = Running::start(
+            app.clone(),
+            RunOptions {
+                http: true,
+                worker: self.worker,
+                cron: self.cron,
+            },
+        )
+        .await
+        .expect("app starts again");
+        self.url = running.url();
+        self.app = app;
+        self.running = Some(running);
+    }
+
     /// Stops the server and removes what the test created (its database, its keys).
     pub async fn stop(mut self) {
         if let Some(r) = self.running.take() {

@@ -4,6 +4,7 @@ mod helpers;
 
 mod foundation;
 mod issuance;
+mod money_safety;
 mod operations;
 mod settlement;
 mod wallet;
