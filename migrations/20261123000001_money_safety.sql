@@ -42,6 +42,9 @@ CREATE TABLE budget_generations (
     leak_cents      BIGINT      NOT NULL DEFAULT 0,
     -- In doubt: what reconciliation released as provably never spent.
     released_cents  BIGINT      NOT NULL DEFAULT 0,
+    -- Set once every sub-stock of the generation is initialised in Redis; grants only
+    -- go to a ready generation, so a sub-stock missing from a ready one was lost.
+    ready           BOOLEAN     NOT NULL DEFAULT FALSE,
     opened_at       DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
     closed_at       DATETIME(3) NULL,
     PRIMARY KEY (activity_id, gen)

@@ -17,6 +17,8 @@ if [[ ! -f $CREDS ]]; then
   {
     echo "RPW_AUTH__ADMIN_KEY=admin-$(rand)"
     echo "RPW_AUTH__CALLER_KEYS=dev:caller-$(rand)"
+    # The dev caller may also post payout results, so the withdraw flow can be tried by hand.
+    echo "RPW_AUTH__PAYOUT_CALLERS=dev"
     echo "RPW_AUTH__JWT_SECRET=jwt-$(rand)"
   } >"$CREDS"
   chmod 600 "$CREDS"

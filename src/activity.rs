@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
-use crate::domain::{ActivityId, AwardType, Cents, SceneId, Stage};
+use crate::domain::{ActivityId, AwardType, Cents, SceneId, Stage, MAX_CENTS};
 use crate::error::{ApiError, ApiResult};
 use crate::http::{JsonBody, Operator};
 use crate::startup::AppState;
@@ -91,7 +91,20 @@ impl ActivityCache {
         .await?;
         let mut map: HashMap<String, CachedActivity> = HashMap::with_capacity(activities.len());
         for row in activities {
-            let activity = activity_from_row(&row)?;
+            // One bad row (a hand edit, a value out of range) must not keep every other
+            // activity from loading: it is logged and left out.
+            let activity = match activity_from_row(&row) {
+                Ok(a) => a,
+                Err(err) => {
+                    let id: String = row.try_get("id").unwrap_or_default();
+                    tracing::error!(
+                        activity = id,
+                        error = format!("{err:#}"),
+                        "activity row unreadable; left out of the cache"
+                    );
+                    continue;
+                }
+            };
             map.insert(
                 activity.id.clone(),
                 CachedActivity {
@@ -101,7 +114,16 @@ impl ActivityCache {
             );
         }
         for row in scenes {
-            let scene = scene_from_row(&row)?;
+            let scene = match scene_from_row(&row) {
+                Ok(s) => s,
+                Err(err) => {
+                    tracing::error!(
+                        error = format!("{err:#}"),
+                        "scene row unreadable; left out of the cache"
+                    );
+                    continue;
+                }
+            };
             if let Some(entry) = map.get_mut(&scene.activity_id) {
                 entry.scenes.insert(scene.id.clone(), scene);
             }
@@ -125,6 +147,11 @@ impl ActivityCache {
 
 fn activity_from_row(row: &sqlx::mysql::MySqlRow) -> anyhow::Result<Activity> {
     let stage: String = row.try_get("stage")?;
+    let budget: i64 = row.try_get("budget_cents")?;
+    let cap: i64 = row.try_get("max_award_cents")?;
+    for (field, value) in [("budget_cents", budget), ("max_award_cents", cap)] {
+        Cents::positive(value, field).map_err(|e| anyhow::anyhow!("stored {field}: {e}"))?;
+    }
     Ok(Activity {
         id: row.try_get("id")?,
         name: row.try_get("name")?,
@@ -176,6 +203,10 @@ pub fn router() -> Router<AppState> {
             "/v1/admin/activities/{id}/repair-leak",
             post(crate::reconcile::repair_leak_handler),
         )
+        .route(
+            "/v1/admin/activities/{id}/release-in-doubt",
+            post(crate::reconcile::release_in_doubt_handler),
+        )
 }
 
 #[derive(Debug, Deserialize)]
@@ -226,6 +257,9 @@ async fn create_activity(
     JsonBody(body): JsonBody<NewActivity>,
 ) -> ApiResult<(StatusCode, Json<Activity>)> {
     let activity = parse_new_activity(body)?;
+    // The activity and its first budget generation are created together; the budget
+    // itself stays in MySQL until grants move it to Redis.
+    let mut tx = app.db.main().begin().await?;
     let inserted = sqlx::query(
         "INSERT IGNORE INTO activities (id, name, stage, starts_at, ends_at, budget_cents, max_award_cents) VALUES (?, ?, ?, ?, ?, ?, ?)",
     )
@@ -236,9 +270,13 @@ async fn create_activity(
     .bind(activity.ends_at.naive_utc())
     .bind(activity.budget_cents)
     .bind(activity.max_award_cents)
-    .execute(app.db.main())
+    .execute(&mut *tx)
     .await?
     .rows_affected();
+    if inserted == 1 {
+        app.budget.open_first(&mut tx, &activity.id).await?;
+    }
+    tx.commit().await?;
     if inserted == 0 {
         let existing = load_activity(app.db.main(), &activity.id).await?;
         if existing == activity {
@@ -249,9 +287,6 @@ async fn create_activity(
             activity.id
         )));
     }
-    app.budget
-        .fund(&app.redis, &activity.id, activity.budget_cents)
-        .await?;
     app.refresh_activities().await?;
     Ok((StatusCode::CREATED, Json(activity)))
 }
@@ -261,8 +296,17 @@ pub struct ActivityView {
     #[serde(flatten)]
     pub activity: Activity,
     pub scenes: Vec<Scene>,
+    /// What may still be issued: ungranted + what the live sub-stocks hold.
     pub budget_remaining_cents: i64,
     pub budget_taken_cents: i64,
+    /// Moved to Redis by grants and not given back.
+    pub budget_granted_cents: i64,
+    /// Only MySQL holds it: budget - granted.
+    pub budget_ungranted_cents: i64,
+    /// Granted, then lost with Redis; frozen until `release-in-doubt`.
+    pub budget_in_doubt_cents: i64,
+    /// What the live sub-stocks hold now.
+    pub budget_available_cents: i64,
     pub issued_cents: i64,
     pub issued_count: i64,
     pub booked_cents: i64,
@@ -283,7 +327,11 @@ pub async fn activity_view(app: &crate::startup::App, id: &str) -> ApiResult<Act
     .map(scene_from_row)
     .collect::<anyhow::Result<_>>()?;
     scenes.sort_by(|a, b| a.id.cmp(&b.id));
-    let budget = app.budget.figures(&app.redis, id).await?;
+    let budget = app
+        .budget
+        .figures(&app.redis, &app.db, id)
+        .await
+        .map_err(ApiError::Internal)?;
     let issued = crate::reconcile::issued_totals(&app.redis, id).await?;
     let booked = crate::reconcile::booked_totals(&app.db, id, None).await?;
     Ok(ActivityView {
@@ -291,6 +339,10 @@ pub async fn activity_view(app: &crate::startup::App, id: &str) -> ApiResult<Act
         scenes,
         budget_remaining_cents: budget.remaining_cents,
         budget_taken_cents: budget.taken_cents,
+        budget_granted_cents: budget.granted_cents,
+        budget_ungranted_cents: budget.ungranted_cents,
+        budget_in_doubt_cents: budget.in_doubt_cents,
+        budget_available_cents: budget.available_cents,
         issued_cents: issued.cents,
         issued_count: issued.count,
         booked_cents: booked.cents,
@@ -324,21 +376,34 @@ async fn add_budget(
     let delta = Cents::positive(body.delta_cents, "delta_cents")?;
     let id =
         ActivityId::parse(&id).map_err(|_| ApiError::NotFound(format!("no activity `{id}`")))?;
-    let updated = sqlx::query("UPDATE activities SET budget_cents = budget_cents + ? WHERE id = ?")
-        .bind(delta.0)
-        .bind(id.as_str())
-        .execute(app.db.main())
-        .await?
-        .rows_affected();
-    if updated == 0 {
-        return Err(ApiError::NotFound(format!("no activity `{id}`")));
+    let current = load_activity(app.db.main(), id.as_str()).await?;
+    if current
+        .budget_cents
+        .checked_add(delta.0)
+        .is_none_or(|b| b > MAX_CENTS)
+    {
+        return Err(ApiError::InvalidRequest(format!(
+            "the budget would exceed the maximum of {MAX_CENTS} cents"
+        )));
     }
-    // MySQL holds the total; funding the sub-stocks up to it is idempotent, and the cache
-    // refresh repeats it, so a crash right here only delays the new budget.
-    let activity = load_activity(app.db.main(), id.as_str()).await?;
-    app.budget
-        .fund(&app.redis, id.as_str(), activity.budget_cents)
-        .await?;
+    // The bound is checked again in the statement: a concurrent add cannot pass it.
+    let updated = sqlx::query(
+        "UPDATE activities SET budget_cents = budget_cents + ? WHERE id = ? AND budget_cents <= ? - ?",
+    )
+    .bind(delta.0)
+    .bind(id.as_str())
+    .bind(MAX_CENTS)
+    .bind(delta.0)
+    .execute(app.db.main())
+    .await?
+    .rows_affected();
+    if updated == 0 {
+        return Err(ApiError::InvalidRequest(format!(
+            "the budget would exceed the maximum of {MAX_CENTS} cents"
+        )));
+    }
+    // MySQL holds the budget; grants move the new part to Redis as it is needed.
+    app.budget.forget_exhausted(id.as_str());
     app.refresh_activities().await?;
     Ok(Json(activity_view(&app, id.as_str()).await?))
 }

@@ -86,7 +86,8 @@ pub struct AuthSettings {
     pub admin_key: Secret,
     /// `name:key` pairs.
     pub caller_keys: Vec<Secret>,
-    /// Callers (by name) allowed to post payout results; empty: every caller.
+    /// Callers (by name) allowed to post payout results (the payout channel); empty:
+    /// nobody.
     pub payout_callers: Vec<String>,
     pub jwt_secret: Secret,
 }
@@ -114,6 +115,15 @@ pub struct IssueSettings {
     pub coalesce_max_batch: usize,
     /// ...and at most this many such batches in flight at once.
     pub coalesce_in_flight: usize,
+    /// A grant moves `max(per-award cap, budget / (sub_stocks * grant_slices))` cents
+    /// from MySQL to one sub-stock.
+    pub grant_slices: u32,
+    /// A drained budget generation's leak is settled only after this long (awards in
+    /// flight at the drain store their tokens within the request timeout).
+    pub in_flight_grace_ms: u64,
+    /// Budget in doubt after a Redis loss is released only after this long, so clients
+    /// had time to sync the tokens they hold.
+    pub in_doubt_grace_ms: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -138,6 +148,9 @@ pub struct WalletSettings {
     pub flows_max_limit: u32,
     /// Settled tokens older than this are trimmed from Redis; the ledger keeps them.
     pub settled_retention_secs: u64,
+    /// A trimmed token leaves a marker that answers retries; it goes this long after
+    /// its activity ended.
+    pub retry_grace_secs: u64,
     pub jwt_leeway_secs: u64,
 }
 
@@ -201,6 +214,9 @@ stats_flush_ms = 1000
 caller_per_s = 0
 coalesce_max_batch = 128
 coalesce_in_flight = 4
+grant_slices = 8
+in_flight_grace_ms = 30000
+in_doubt_grace_ms = 86400000
 
 [settle]
 enabled = true
@@ -216,6 +232,7 @@ retry_max_ms = 5000
 sync_max = 1000
 flows_max_limit = 100
 settled_retention_secs = 604800
+retry_grace_secs = 604800
 jwt_leeway_secs = 0
 
 [cron]

@@ -68,8 +68,19 @@ where
 }
 
 /// Books whatever is left in every partition, reclaiming entries of dead consumers.
-/// Bounded: at most `max_batches` batches per partition. Returns tokens newly booked.
+/// It draws from the instance's booking bucket, like the worker. Bounded: at most
+/// `max_batches` batches per partition, and it stops at `deadline` (the scheduled sweep
+/// passes half its lock's lifetime, so it never outlives the lock). A failing partition
+/// is logged and skipped; the others are still swept. Returns tokens newly booked.
 pub async fn settle_all(app: &Arc<App>, max_batches: usize) -> anyhow::Result<usize> {
+    settle_until(app, max_batches, None).await
+}
+
+pub async fn settle_until(
+    app: &Arc<App>,
+    max_batches: usize,
+    deadline: Option<tokio::time::Instant>,
+) -> anyhow::Result<usize> {
     let settings = &app.settings.settle;
     let mut worker = Worker::new(
         app.clone(),
@@ -79,16 +90,37 @@ pub async fn settle_all(app: &Arc<App>, max_batches: usize) -> anyhow::Result<us
             claim_idle: Duration::from_millis(settings.claim_idle_ms),
             stop_after_commit: false,
         },
-        None,
+        app.booking_limiter.clone(),
     );
     let mut booked = 0;
+    let mut failed = 0;
     for p in 0..app.redis.partitions() {
         for _ in 0..max_batches {
-            match worker.try_execute_batch(p).await? {
-                Outcome::Booked { newly_booked, .. } => booked += newly_booked,
-                _ => break,
+            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                return Ok(booked);
+            }
+            match worker.try_execute_batch(p).await {
+                Ok(Outcome::Booked { newly_booked, .. }) => booked += newly_booked,
+                Ok(_) => break,
+                Err(err) => {
+                    failed += 1;
+                    crate::metrics::booking_failure(p);
+                    tracing::warn!(
+                        partition = p,
+                        error = format!("{err:#}"),
+                        "sweep: booking batch failed; going on with the next partition"
+                    );
+                    break;
+                }
             }
         }
+    }
+    if failed > 0 {
+        tracing::warn!(
+            failed_partitions = failed,
+            booked,
+            "sweep done with failures"
+        );
     }
     Ok(booked)
 }
@@ -124,15 +156,21 @@ pub async fn mark_drained(app: &App) -> anyhow::Result<Vec<String>> {
     Ok(drained)
 }
 
-/// Trims settled tokens older than the retention from Redis; the ledger keeps them and
-/// the views read them from there. Returns how many were trimmed.
+/// Trims settled tokens older than the retention from Redis; the ledger keeps them (with
+/// the signed token) and the views read them from there. A trimmed token leaves a
+/// one-byte marker under its out_trade_no, so a late retry of the award is answered
+/// from the ledger instead of minting it again; markers go once their activity ended
+/// more than `wallet.retry_grace_secs` ago. Returns how many tokens were trimmed.
 pub async fn housekeeping(app: &App) -> anyhow::Result<usize> {
-    let cutoff = now_ms() - (app.settings.wallet.settled_retention_secs as i64) * 1000;
+    let now = now_ms();
+    let cutoff = now - (app.settings.wallet.settled_retention_secs as i64) * 1000;
+    let grace_ms = (app.settings.wallet.retry_grace_secs as i64) * 1000;
     let batch = app.settings.cron.housekeeping_batch;
     let mut trimmed = 0;
     let mut conn = app.redis.conn();
     for p in 0..app.redis.partitions() {
         let index = app.redis.settled_index_key(p);
+        let markers = app.redis.markers_key(p);
         loop {
             let members: Vec<String> = conn
                 .zrangebyscore_limit(&index, "-inf", cutoff, 0, batch as isize)
@@ -142,18 +180,18 @@ pub async fn housekeeping(app: &App) -> anyhow::Result<usize> {
             }
             let mut pipe = redis::pipe();
             for m in &members {
-                let Some((user, otn)) = m.split_once('|') else {
+                let Some((user, otn)) = parse_member(m) else {
                     continue;
                 };
-                let Ok(user) = user
-                    .parse::<i64>()
-                    .map_err(|_| ())
-                    .and_then(|u| crate::domain::UserId::parse(u).map_err(|_| ()))
-                else {
-                    continue;
-                };
-                pipe.hdel(app.redis.tokens_key(user), otn).ignore();
+                // The marker lives while the activity accepts awards, plus the grace.
+                let ends_ms = crate::domain::OutTradeNo::activity_of(otn)
+                    .and_then(|a| app.activities.get(a))
+                    .map(|c| c.activity.ends_at.timestamp_millis())
+                    .unwrap_or(now);
+                pipe.hset(app.redis.tokens_key(user), otn, crate::tokens::TRIMMED)
+                    .ignore();
                 pipe.hdel(app.redis.status_key(user), otn).ignore();
+                pipe.zadd(&markers, m, ends_ms.max(now) + grace_ms).ignore();
             }
             pipe.zrem(&index, &members).ignore();
             pipe.query_async::<()>(&mut conn).await?;
@@ -162,8 +200,34 @@ pub async fn housekeeping(app: &App) -> anyhow::Result<usize> {
                 break;
             }
         }
+        loop {
+            let expired: Vec<String> = conn
+                .zrangebyscore_limit(&markers, "-inf", now, 0, batch as isize)
+                .await?;
+            if expired.is_empty() {
+                break;
+            }
+            let mut pipe = redis::pipe();
+            for m in &expired {
+                if let Some((user, otn)) = parse_member(m) {
+                    pipe.hdel(app.redis.tokens_key(user), otn).ignore();
+                }
+            }
+            pipe.zrem(&markers, &expired).ignore();
+            pipe.query_async::<()>(&mut conn).await?;
+            if expired.len() < batch {
+                break;
+            }
+        }
     }
     Ok(trimmed)
+}
+
+/// `user|out_trade_no`, as the settled index and the marker index hold them.
+fn parse_member(member: &str) -> Option<(crate::domain::UserId, &str)> {
+    let (user, otn) = member.split_once('|')?;
+    let user = crate::domain::UserId::parse(user.parse().ok()?).ok()?;
+    Some((user, otn))
 }
 
 fn tick_now() -> i64 {
@@ -224,7 +288,9 @@ pub async fn start(app: Arc<App>) -> anyhow::Result<JobScheduler> {
 async fn run_job(app: Arc<App>, name: &'static str) -> anyhow::Result<()> {
     match name {
         "settle" => {
-            let booked = settle_all(&app, 1_000).await?;
+            let deadline = tokio::time::Instant::now()
+                + Duration::from_millis(app.settings.cron.lock_ttl_ms / 2);
+            let booked = settle_until(&app, 1_000, Some(deadline)).await?;
             let drained = mark_drained(&app).await?;
             tracing::info!(
                 job = name,

@@ -17,6 +17,11 @@ fn invalid(msg: impl Into<String>) -> Invalid {
     Invalid(msg.into())
 }
 
+/// The largest amount of money any one value may hold, in cents (10^13 cents: a hundred
+/// billion yuan). Far inside 2^53, so sums of a few thousand such values stay exact
+/// wherever they are added, Lua's doubles included.
+pub const MAX_CENTS: i64 = 10_000_000_000_000;
+
 /// An amount of money in cents. Never a float.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
@@ -27,13 +32,21 @@ pub struct Cents(pub i64);
 impl Cents {
     /// A strictly positive amount, as awards, budgets and withdrawals must be.
     pub fn positive(value: i64, field: &str) -> Result<Self, Invalid> {
-        if value > 0 {
+        if value > 0 && value <= MAX_CENTS {
             Ok(Self(value))
         } else {
             Err(invalid(format!(
-                "{field} must be a positive number of cents"
+                "{field} must be a positive number of cents, at most {MAX_CENTS}"
             )))
         }
+    }
+
+    /// `self + other`, refused past [`MAX_CENTS`] instead of wrapping.
+    pub fn checked_add(self, other: Cents) -> Option<Cents> {
+        self.0
+            .checked_add(other.0)
+            .filter(|sum| sum.abs() <= MAX_CENTS * 1_000)
+            .map(Cents)
     }
 }
 
@@ -173,7 +186,9 @@ impl FromStr for Stage {
     }
 }
 
-/// The award's idempotency key: `{user_id}_{scene_id}_{rain_id}_{award_type}_{stage}`.
+/// The award's idempotency key:
+/// `{user_id}_{activity_id}_{scene_id}_{rain_id}_{award_type}_{stage}`. Every part but the
+/// numbers is `[a-z0-9-]`, so the parts never run together.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(transparent)]
 pub struct OutTradeNo(String);
@@ -181,14 +196,16 @@ pub struct OutTradeNo(String);
 impl OutTradeNo {
     pub fn compose(
         user: UserId,
+        activity: &ActivityId,
         scene: &SceneId,
         rain_id: i64,
         award_type: &AwardType,
         stage: Stage,
     ) -> Self {
         Self(format!(
-            "{}_{}_{}_{}_{}",
+            "{}_{}_{}_{}_{}_{}",
             user,
+            activity,
             scene,
             rain_id,
             award_type,
@@ -197,6 +214,11 @@ impl OutTradeNo {
     }
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The activity part of a composed out_trade_no.
+    pub fn activity_of(otn: &str) -> Option<&str> {
+        otn.split('_').nth(1)
     }
 }
 
@@ -234,18 +256,22 @@ mod tests {
     fn out_trade_no_has_the_documented_shape() {
         let otn = OutTradeNo::compose(
             UserId::parse(42).unwrap(),
+            &ActivityId::parse("cny2027").unwrap(),
             &SceneId::parse("rain").unwrap(),
             7,
             &AwardType::parse("cash").unwrap(),
             Stage::Live,
         );
-        assert_eq!(otn.as_str(), "42_rain_7_cash_live");
+        assert_eq!(otn.as_str(), "42_cny2027_rain_7_cash_live");
+        assert_eq!(OutTradeNo::activity_of(otn.as_str()), Some("cny2027"));
     }
 
     #[test]
     fn money_and_users_are_positive() {
         assert!(Cents::positive(0, "amount_cents").is_err());
         assert!(Cents::positive(-5, "amount_cents").is_err());
+        assert!(Cents::positive(MAX_CENTS, "budget_cents").is_ok());
+        assert!(Cents::positive(MAX_CENTS + 1, "budget_cents").is_err());
         assert!(UserId::parse(0).is_err());
         assert_eq!(UserId::parse(42).unwrap().partition(16), 10);
     }

@@ -30,6 +30,8 @@ pub enum ApiError {
     AmountOverCap(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("the request body is over the configured limit")]
+    PayloadTooLarge,
     #[error("rate limited")]
     RateLimited { retry_after_secs: u64 },
     #[error("{0}")]
@@ -64,6 +66,7 @@ impl ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -83,6 +86,7 @@ impl ApiError {
             ApiError::AmountOverCap(_) => "amount_over_cap",
             ApiError::Conflict(_) => "conflict",
             ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::PayloadTooLarge => "payload_too_large",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }

@@ -33,6 +33,7 @@ pub mod startup;
 pub mod store;
 pub mod switches;
 pub mod token;
+pub mod tokens;
 pub mod wallet;
 pub mod withdraw;
 

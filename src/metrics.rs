@@ -86,3 +86,15 @@ pub fn tx_retry(op: &'static str) {
 pub fn rate_limited(kind: &'static str) {
     counter!("rpw_rate_limited_total", "limit" => kind).increment(1);
 }
+
+pub fn budget_generation_lost(activity: &str) {
+    counter!("rpw_budget_generations_lost_total", "activity" => activity.to_string()).increment(1);
+}
+
+pub fn booking_failure(partition: u32) {
+    counter!("rpw_booking_failures_total", "partition" => partition.to_string()).increment(1);
+}
+
+pub fn parked(partition: u32, entries: u64) {
+    counter!("rpw_parked_entries_total", "partition" => partition.to_string()).increment(entries);
+}

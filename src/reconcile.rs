@@ -48,6 +48,10 @@ pub async fn hour_counters(
             let Some((hour, what)) = field.split_once(':') else {
                 continue;
             };
+            // `g{gen}:…` fields count per budget generation (see `gen_counters`).
+            if hour.starts_with('g') {
+                continue;
+            }
             let h = hours.entry(hour.to_string()).or_default();
             match what {
                 "n" => h.issued.count += value,
@@ -59,6 +63,59 @@ pub async fn hour_counters(
         }
     }
     Ok(hours)
+}
+
+/// Per budget generation: issued and settled totals, summed over partitions (the
+/// `g{gen}:n|c|sn|sc` fields store.lua and mark.lua write beside the hourly ones).
+pub async fn gen_counters(
+    redis: &Redis,
+    activity: &str,
+) -> redis::RedisResult<BTreeMap<i64, HourCounters>> {
+    let mut pipe = redis::pipe();
+    for p in 0..redis.partitions() {
+        pipe.hgetall(redis.counters_key(p, activity));
+    }
+    let mut conn = redis.conn();
+    let maps: Vec<BTreeMap<String, i64>> = pipe.query_async(&mut conn).await?;
+    let mut gens: BTreeMap<i64, HourCounters> = BTreeMap::new();
+    for map in maps {
+        for (field, value) in map {
+            let Some((gen, what)) = field.split_once(':') else {
+                continue;
+            };
+            let Some(gen) = gen.strip_prefix('g').and_then(|g| g.parse::<i64>().ok()) else {
+                continue;
+            };
+            let g = gens.entry(gen).or_default();
+            match what {
+                "n" => g.issued.count += value,
+                "c" => g.issued.cents += value,
+                "sn" => g.settled.count += value,
+                "sc" => g.settled.cents += value,
+                _ => {}
+            }
+        }
+    }
+    Ok(gens)
+}
+
+/// Awards of `activity` in the ledger per budget generation, over every shard.
+pub async fn booked_by_gen(db: &Db, activity: &str) -> Result<BTreeMap<i64, Totals>, sqlx::Error> {
+    let mut out: BTreeMap<i64, Totals> = BTreeMap::new();
+    for pool in db.shards() {
+        let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+            "SELECT budget_gen, COUNT(*), CAST(COALESCE(SUM(amount_cents), 0) AS SIGNED) FROM ledger_entries WHERE activity_id = ? AND kind = 'award' GROUP BY budget_gen",
+        )
+        .bind(activity)
+        .fetch_all(pool)
+        .await?;
+        for (gen, count, cents) in rows {
+            let t = out.entry(gen).or_default();
+            t.count += count;
+            t.cents += cents;
+        }
+    }
+    Ok(out)
 }
 
 pub async fn issued_totals(redis: &Redis, activity: &str) -> redis::RedisResult<Totals> {
@@ -126,10 +183,13 @@ async fn measure(app: &App, activity: &str, hour: &str, kind: &str) -> ApiResult
         .ok_or_else(|| ApiError::InvalidRequest("hour must be YYYYMMDDHH".into()))?;
     let hours = hour_counters(&app.redis, activity).await?;
     let counters = hours.get(hour).copied().unwrap_or_default();
-    let issued_all = hours.values().fold(0, |acc, h| acc + h.issued.cents);
     let booked = booked_totals(&app.db, activity, Some((start, end))).await?;
-    let budget = app.budget.figures(&app.redis, activity).await?;
-    let leak = budget.taken_cents - issued_all;
+    let budget = app
+        .budget
+        .figures(&app.redis, &app.db, activity)
+        .await
+        .map_err(ApiError::Internal)?;
+    let leak = open_leak(app, activity).await?;
     let mut problems = Vec::new();
     if booked.count > counters.issued.count || booked.cents > counters.issued.cents {
         problems.push(format!(
@@ -148,6 +208,12 @@ async fn measure(app: &App, activity: &str, hour: &str, kind: &str) -> ApiResult
     } else if leak > 0 {
         problems.push(format!("budget leak: {leak} cents taken but never issued"));
     }
+    if budget.in_doubt_cents > 0 {
+        problems.push(format!(
+            "budget in doubt: {} cents granted before Redis lost data; release-in-doubt returns what was never spent",
+            budget.in_doubt_cents
+        ));
+    }
     Ok(Report {
         activity_id: activity.to_string(),
         hour_start: DateTime::from_timestamp_millis(start).unwrap_or_default(),
@@ -164,6 +230,40 @@ async fn measure(app: &App, activity: &str, hour: &str, kind: &str) -> ApiResult
         ok: problems.is_empty(),
         problems,
     })
+}
+
+/// Taken but not issued, over the generations still open to spending or awaiting their
+/// leak settlement (the live one's figure includes awards in flight, which is why a
+/// mismatch needs a second look).
+async fn open_leak(app: &App, activity: &str) -> ApiResult<i64> {
+    let gens: Vec<(i64, i64, i64, i32, String)> = sqlx::query_as(
+        "SELECT gen, granted_cents, returned_cents, sub_stocks, state FROM budget_generations WHERE activity_id = ? AND state IN ('live', 'closed')",
+    )
+    .bind(activity)
+    .fetch_all(app.db.main())
+    .await?;
+    if gens.is_empty() {
+        return Ok(0);
+    }
+    let counters = gen_counters(&app.redis, activity).await?;
+    let mut leak = 0;
+    for (gen, granted, returned, sub_stocks, state) in gens {
+        let mut available = 0;
+        if state == "live" {
+            let mut pipe = redis::pipe();
+            for i in 0..sub_stocks.max(0) as u32 {
+                pipe.cmd("HGET")
+                    .arg(app.redis.sub_stock_key(activity, gen, i))
+                    .arg("avail");
+            }
+            let mut conn = app.redis.conn();
+            let avails: Vec<Option<i64>> = pipe.query_async(&mut conn).await?;
+            available = avails.into_iter().flatten().sum();
+        }
+        let issued = counters.get(&gen).map(|c| c.issued.cents).unwrap_or(0);
+        leak += granted - returned - available - issued;
+    }
+    Ok(leak)
 }
 
 /// Reconciles one activity and hour, stores the report and returns it.
@@ -299,31 +399,15 @@ pub async fn list_handler(
     Ok(Json(serde_json::json!({ "reports": reports })))
 }
 
-/// Returns budget taken but never issued (a crash between taking budget and storing the
-/// token). Only while nothing can be in flight: the activity has ended or issuing is
-/// switched off; otherwise an award between its take and its store would look leaked.
-pub async fn repair_leak(app: &App, activity: &str) -> ApiResult<i64> {
-    let cached = app
-        .activities
+/// Returns budget taken but provably never a token (see [`crate::issue::budget::Budget::repair`]).
+pub async fn repair_leak(app: &App, activity: &str) -> ApiResult<crate::issue::budget::Repair> {
+    app.activities
         .get(activity)
         .ok_or_else(|| ApiError::NotFound(format!("no activity `{activity}`")))?;
-    let ended = cached.activity.ends_at <= Utc::now();
-    if !ended && !app.switches.issue_off() {
-        return Err(ApiError::Conflict(
-            "repair needs a quiet activity: wait for its end or switch issue_off on".into(),
-        ));
-    }
-    // In-flight requests admitted just before the switch finish within the request timeout.
-    let issued = issued_totals(&app.redis, activity).await?;
-    let budget = app.budget.figures(&app.redis, activity).await?;
-    let leak = budget.taken_cents - issued.cents;
-    if leak > 0 {
-        app.budget
-            .give_back_spread(&app.redis, activity, leak)
-            .await?;
-        tracing::warn!(activity, leak_cents = leak, "budget leak repaired");
-    }
-    Ok(leak.max(0))
+    app.budget
+        .repair(&app.redis, &app.db, activity)
+        .await
+        .map_err(ApiError::Internal)
 }
 
 pub async fn repair_leak_handler(
@@ -331,8 +415,85 @@ pub async fn repair_leak_handler(
     _op: Operator,
     Path(id): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let returned = repair_leak(&app, &id).await?;
-    Ok(Json(
-        serde_json::json!({ "activity_id": id, "returned_cents": returned }),
-    ))
+    let repair = repair_leak(&app, &id).await?;
+    Ok(Json(serde_json::json!({
+        "activity_id": id,
+        "repaired_cents": repair.repaired_cents,
+        "drained_cents": repair.drained_cents,
+        "settling_generations": repair.settling_generations,
+    })))
+}
+
+/// Releases in-doubt budget proven unspent (see
+/// [`crate::issue::budget::Budget::release_in_doubt`]).
+pub async fn release_in_doubt(
+    app: &App,
+    activity: &str,
+) -> ApiResult<crate::issue::budget::Release> {
+    app.activities
+        .get(activity)
+        .ok_or_else(|| ApiError::NotFound(format!("no activity `{activity}`")))?;
+    app.budget
+        .release_in_doubt(&app.redis, &app.db, activity)
+        .await
+        .map_err(ApiError::Internal)
+}
+
+pub async fn release_in_doubt_handler(
+    State(app): State<AppState>,
+    _op: Operator,
+    Path(id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let release = release_in_doubt(&app, &id).await?;
+    Ok(Json(serde_json::json!({
+        "activity_id": id,
+        "released_cents": release.released_cents,
+        "resolved_generations": release.resolved_generations,
+        "waiting_generations": release.waiting_generations,
+    })))
+}
+
+#[derive(Deserialize)]
+pub struct ParkedQuery {
+    limit: Option<u32>,
+}
+
+/// Settlement entries the worker could not book (see `settle::worker`), per partition,
+/// oldest first: what an operator fixes by hand. The tokens stay pending in Redis.
+pub async fn parked_handler(
+    State(app): State<AppState>,
+    _op: Operator,
+    Query(q): Query<ParkedQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000) as usize;
+    let mut pipe = redis::pipe();
+    for p in 0..app.redis.partitions() {
+        pipe.cmd("XRANGE")
+            .arg(app.redis.parked_key(p))
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit);
+    }
+    let mut conn = app.redis.conn();
+    let replies: Vec<redis::streams::StreamRangeReply> = pipe.query_async(&mut conn).await?;
+    let mut entries = Vec::new();
+    for (p, reply) in replies.into_iter().enumerate() {
+        for id in reply.ids {
+            let fields: BTreeMap<String, String> = id
+                .map
+                .iter()
+                .filter_map(|(k, v)| {
+                    redis::from_redis_value::<String>(v)
+                        .ok()
+                        .map(|v| (k.clone(), v))
+                })
+                .collect();
+            entries.push(serde_json::json!({"partition": p, "id": id.id, "fields": fields}));
+            if entries.len() >= limit {
+                break;
+            }
+        }
+    }
+    Ok(Json(serde_json::json!({ "entries": entries })))
 }

@@ -17,6 +17,7 @@ use crate::activity::ActivityCache;
 use crate::admission::Admission;
 use crate::config::Settings;
 use crate::http::auth::AuthKeys;
+use crate::issue::budget::BudgetSettings;
 use crate::issue::stats::StatsCounter;
 use crate::issue::{Budget, Issuer};
 use crate::keys::{KeyRing, Keys};
@@ -36,6 +37,9 @@ pub struct App {
     /// Single awards go through here, to be issued in batches under load.
     pub coalescer: crate::issue::coalesce::Coalescer,
     pub marker: Marker,
+    /// The booking bound of this instance (`settle.max_tps`): the worker and the cron
+    /// sweep draw from this one bucket. `None` when unbounded.
+    pub booking_limiter: Option<Arc<governor::DefaultDirectRateLimiter>>,
     pub stats: StatsCounter,
     pub switches: Switches,
     pub admission: Admission,
@@ -78,9 +82,16 @@ impl App {
                 settings.issue.coalesce_max_batch,
                 settings.issue.coalesce_in_flight,
             ),
-            budget: Budget::new(
-                settings.issue.sub_stocks,
-                Duration::from_millis(settings.issue.exhausted_recheck_ms),
+            budget: Budget::new(BudgetSettings {
+                sub_stocks: settings.issue.sub_stocks,
+                recheck: Duration::from_millis(settings.issue.exhausted_recheck_ms),
+                grant_slices: settings.issue.grant_slices,
+                in_flight_grace: Duration::from_millis(settings.issue.in_flight_grace_ms),
+                in_doubt_grace: Duration::from_millis(settings.issue.in_doubt_grace_ms),
+            }),
+            booking_limiter: crate::settle::worker::rate_limiter(
+                settings.settle.max_tps,
+                settings.settle.batch_size,
             ),
             admission: Admission::new(settings.issue.caller_per_s),
             issuer: Issuer::default(),
@@ -112,6 +123,20 @@ impl App {
                 "activity cache not loaded at start; will retry"
             );
         }
+        // A changed `issue.sub_stocks` moves each activity's budget into the new layout.
+        for cached in app.activities.all() {
+            if let Err(err) = app
+                .budget
+                .relayout(&app.redis, &app.db, &cached.activity.id)
+                .await
+            {
+                tracing::warn!(
+                    activity = cached.activity.id,
+                    error = format!("{err:#}"),
+                    "budget re-layout failed; will use the current layout"
+                );
+            }
+        }
         Ok(app)
     }
 
@@ -125,14 +150,35 @@ impl App {
             .context("loading redis scripts")
     }
 
-    /// Reloads the activity cache and funds the sub-stocks of activities whose budget
-    /// changed (funding is idempotent, so this also repairs a crash mid-funding).
+    /// Reloads the activity cache and the live budget generations, and keeps the
+    /// sub-stocks of activities not ended yet funded by grants. One activity failing to
+    /// refill does not keep the others from it.
     pub async fn refresh_activities(&self) -> anyhow::Result<()> {
-        let changed = self.activities.refresh(self.db.main()).await?;
-        for activity in changed {
-            self.budget
-                .fund(&self.redis, &activity.id, activity.budget_cents)
-                .await?;
+        self.activities.refresh(self.db.main()).await?;
+        self.budget.refresh_live(&self.redis, &self.db).await?;
+        let now = chrono::Utc::now();
+        for cached in self.activities.all() {
+            let a = &cached.activity;
+            if a.ends_at <= now {
+                continue;
+            }
+            if let Err(err) = self
+                .budget
+                .refill(
+                    &self.redis,
+                    &self.db,
+                    &a.id,
+                    a.budget_cents,
+                    a.max_award_cents,
+                )
+                .await
+            {
+                tracing::warn!(
+                    activity = a.id,
+                    error = format!("{err:#}"),
+                    "budget refill failed; will retry"
+                );
+            }
         }
         Ok(())
     }
@@ -269,11 +315,17 @@ pub fn router(app: Arc<App>) -> Router {
             "/v1/admin/reconciliation",
             axum::routing::get(crate::reconcile::list_handler),
         )
+        .route(
+            "/v1/admin/parked",
+            axum::routing::get(crate::reconcile::parked_handler),
+        )
+        .fallback(crate::http::not_found)
         .layer(DefaultBodyLimit::max(settings.body_limit_bytes))
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             Duration::from_millis(settings.request_timeout_ms),
         ))
+        .layer(axum::middleware::map_response(crate::http::envelope_errors))
         .layer(TraceLayer::new_for_http())
         .with_state(app)
 }

@@ -12,7 +12,9 @@
 //! | `P{p}:cnt:{activity}` | hash | per-hour issuance counters `{hour}:n`, `{hour}:c`, settled `{hour}:sn`, `{hour}:sc` |
 //! | `P{p}:settle` | stream | one entry per token to book |
 //! | `P{p}:settled` | zset | `user\|out_trade_no` by settle time, for trimming |
-//! | `P:bud:{activity.i}` | hash | budget sub-stock i: `avail`, `funded` (each in its own slot) |
+//! | `P:bud:{activity.gen.i}` | hash | budget sub-stock i of a generation: `avail`, `funded`, `rid`, grant ids (each in its own slot) |
+//! | `P{p}:parked` | stream | settlement entries no booking could take, for operators |
+//! | `P{p}:markers` | zset | `user\|out_trade_no` of trimmed tokens by the time their marker may go |
 //! | `P:stats:{activity}` | hash | shared issued counter (`n`, `c`) |
 //! | `P:switches` | hash | degradation switches |
 //! | `P:lock:{job}` | string | cron job lock (owner token, with expiry) |
@@ -111,8 +113,14 @@ impl Redis {
     pub fn settled_index_key(&self, partition: u32) -> String {
         format!("{}{{{}}}:settled", self.prefix, partition)
     }
-    pub fn sub_stock_key(&self, activity: &str, index: u32) -> String {
-        format!("{}:bud:{{{}.{}}}", self.prefix, activity, index)
+    pub fn sub_stock_key(&self, activity: &str, gen: i64, index: u32) -> String {
+        format!("{}:bud:{{{}.{}.{}}}", self.prefix, activity, gen, index)
+    }
+    pub fn parked_key(&self, partition: u32) -> String {
+        format!("{}{{{}}}:parked", self.prefix, partition)
+    }
+    pub fn markers_key(&self, partition: u32) -> String {
+        format!("{}{{{}}}:markers", self.prefix, partition)
     }
     pub fn stats_key(&self, activity: &str) -> String {
         format!("{}:stats:{}", self.prefix, activity)

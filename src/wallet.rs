@@ -18,7 +18,6 @@ use axum::routing::{get, post};
 use axum::Router;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
-use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use sqlx::{MySql, QueryBuilder, Row};
 
@@ -37,47 +36,12 @@ pub fn router() -> Router<AppState> {
         .route("/v1/wallet/tokens:sync", post(sync))
 }
 
-/// One entry of a user's status hash.
-pub struct StatusEntry {
-    pub pending: bool,
-    pub entry: AwardEntry,
-}
-
-/// Reads `p|amount|at_ms|activity|scene` (or `s|…` once settled), as store.lua writes it.
-pub fn parse_status(user: UserId, otn: &str, value: &str) -> Option<StatusEntry> {
-    let mut parts = value.split('|');
-    let pending = match parts.next()? {
-        "p" => true,
-        "s" => false,
-        _ => return None,
-    };
-    let amount_cents: i64 = parts.next()?.parse().ok()?;
-    let at_ms: i64 = parts.next()?.parse().ok()?;
-    let activity_id = parts.next()?.to_string();
-    let scene_id = parts.next()?.to_string();
-    Some(StatusEntry {
-        pending,
-        entry: AwardEntry {
-            user,
-            out_trade_no: otn.to_string(),
-            amount_cents,
-            activity_id,
-            scene_id,
-            at_ms,
-            stream_id: None,
-        },
-    })
-}
-
 async fn pending_candidates(app: &App, user: UserId) -> ApiResult<Vec<AwardEntry>> {
-    let mut conn = app.redis.conn();
-    let statuses: Vec<(String, String)> = conn.hgetall(app.redis.status_key(user)).await?;
-    Ok(statuses
-        .iter()
-        .filter_map(|(otn, v)| parse_status(user, otn, v))
-        .filter(|s| s.pending)
-        .map(|s| s.entry)
-        .collect())
+    Ok(crate::tokens::pending_of(&app.redis, user).await?)
+}
+
+fn overflow() -> ApiError {
+    ApiError::Internal(anyhow::anyhow!("wallet sums overflow"))
 }
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, Default)]
@@ -160,12 +124,20 @@ pub async fn wallet_view(app: &App, user: UserId) -> ApiResult<WalletView> {
         .iter()
         .filter(|c| !booked.contains(&c.out_trade_no))
     {
-        view.pending_cents += c.amount_cents;
+        view.pending_cents = view
+            .pending_cents
+            .checked_add(c.amount_cents)
+            .ok_or_else(overflow)?;
         view.pending_count += 1;
     }
-    view.balance_cents = view.booked_cents + view.pending_cents;
-    view.total_income_cents += view.pending_cents;
-    debug_assert_eq!(view.balance_cents, view.booked_cents + view.pending_cents);
+    view.balance_cents = view
+        .booked_cents
+        .checked_add(view.pending_cents)
+        .ok_or_else(overflow)?;
+    view.total_income_cents = view
+        .total_income_cents
+        .checked_add(view.pending_cents)
+        .ok_or_else(overflow)?;
     Ok(view)
 }
 
@@ -190,15 +162,24 @@ pub async fn degraded_view(app: &App, user: UserId) -> ApiResult<WalletView> {
     };
     for s in statuses
         .iter()
-        .filter_map(|(o, v)| parse_status(user, o, v))
+        .filter_map(|(o, v)| crate::tokens::parse_status(user, o, v))
     {
         if s.pending {
-            view.pending_cents += s.entry.amount_cents;
+            view.pending_cents = view
+                .pending_cents
+                .checked_add(s.entry.amount_cents)
+                .ok_or_else(overflow)?;
             view.pending_count += 1;
         }
     }
-    view.balance_cents = view.booked_cents + view.pending_cents;
-    view.total_income_cents += view.pending_cents;
+    view.balance_cents = view
+        .booked_cents
+        .checked_add(view.pending_cents)
+        .ok_or_else(overflow)?;
+    view.total_income_cents = view
+        .total_income_cents
+        .checked_add(view.pending_cents)
+        .ok_or_else(overflow)?;
     Ok(view)
 }
 
@@ -376,7 +357,7 @@ async fn flows(
 
 #[derive(Debug, Deserialize)]
 struct SyncBody {
-    tokens: Vec<String>,
+    tokens: crate::http::Bounded<String>,
 }
 
 /// Tokens as raw bytes, whichever format they came in.
@@ -386,7 +367,11 @@ impl<'de> Deserialize<'de> for SyncTokens {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let body = SyncBody::deserialize(d)?;
         Ok(SyncTokens(
-            body.tokens.iter().map(|t| token::from_base64(t)).collect(),
+            body.tokens
+                .0
+                .iter()
+                .map(|t| token::from_base64(t))
+                .collect(),
         ))
     }
 }
@@ -445,6 +430,7 @@ fn check_client_token(
     let expected = (|| {
         Some(OutTradeNo::compose(
             user,
+            &crate::domain::ActivityId::parse(&token.activity_id).ok()?,
             &crate::domain::SceneId::parse(&token.scene_id).ok()?,
             token.rain_id,
             &crate::domain::AwardType::parse(&token.award_type).ok()?,
@@ -537,8 +523,9 @@ async fn sync(
     if app.switches.sync_off() {
         return Err(ApiError::Unavailable("client sync is switched off".into()));
     }
-    let SyncTokens(tokens) = decode_body::<SyncTokens, pb::SyncRequest>(&headers, &body)?;
     let max = app.settings.wallet.sync_max;
+    crate::http::check_list_len(&headers, &body, 1, max)?;
+    let SyncTokens(tokens) = decode_body::<SyncTokens, pb::SyncRequest>(&headers, &body)?;
     if tokens.len() > max {
         return Err(ApiError::InvalidRequest(format!(
             "at most {max} tokens per sync"

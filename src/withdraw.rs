@@ -18,7 +18,7 @@ use sqlx::{MySql, Row};
 use crate::domain::{Cents, UserId};
 use crate::error::{ApiError, ApiResult};
 use crate::http::{Caller, JsonBody, User};
-use crate::settle::{book_in_tx, lock_accounts, Account, AwardEntry};
+use crate::settle::{book_in_tx, lock_accounts, Account, BookError};
 use crate::startup::{App, AppState};
 use crate::store::now_ms;
 
@@ -91,19 +91,6 @@ fn check_same(existing: Withdrawal, amount: i64) -> ApiResult<(StatusCode, Withd
     }
 }
 
-/// The user's pending tokens as the status hash records them.
-pub async fn pending_entries(app: &App, user: UserId) -> ApiResult<Vec<AwardEntry>> {
-    let mut conn = app.redis.conn();
-    let statuses: Vec<(String, String)> =
-        redis::AsyncCommands::hgetall(&mut conn, app.redis.status_key(user)).await?;
-    Ok(statuses
-        .iter()
-        .filter_map(|(otn, status)| crate::wallet::parse_status(user, otn, status))
-        .filter(|s| s.pending)
-        .map(|s| s.entry)
-        .collect())
-}
-
 fn new_withdrawal_id() -> String {
     format!("wd{:011x}{:08x}", now_ms(), rand::random::<u32>())
 }
@@ -116,27 +103,29 @@ pub async fn withdraw(
     amount: Cents,
 ) -> ApiResult<(StatusCode, Withdrawal)> {
     let pool = app.db.for_user(user);
-    let pending = pending_entries(app, user).await?;
     // Concurrent first bookings of one user can deadlock in InnoDB (creating the account
     // row); such a transaction rolled back whole, so it is retried, a bounded number of times.
     let mut attempt = 0;
-    let (status, created, account) = loop {
+    let (status, created, account, to_mark) = loop {
         attempt += 1;
-        match withdraw_tx(pool, user, request_id, amount, &pending).await {
-            Ok(Ok((status, created, Some(account)))) => break (status, created, account),
+        match withdraw_tx(app, pool, user, request_id, amount).await {
+            Ok(Ok((status, created, Some((account, to_mark))))) => {
+                break (status, created, account, to_mark)
+            }
             Ok(Ok((status, existing, None))) => return Ok((status, existing)),
             Ok(Err(err)) => return Err(err),
-            Err(err) if attempt < MAX_TX_ATTEMPTS && crate::settle::is_retryable(&err) => {
+            Err(err) if attempt < MAX_TX_ATTEMPTS && err.is_retryable() => {
                 crate::metrics::tx_retry("withdraw");
                 let jitter = rand::random::<u64>() % 10;
                 tokio::time::sleep(std::time::Duration::from_millis((5 << attempt) + jitter)).await;
             }
-            Err(err) => return Err(err.into()),
+            Err(BookError::Sql(err)) => return Err(err.into()),
+            Err(BookError::Redis(err)) => return Err(err.into()),
         }
     };
     // Redis catches up after the commit. If this fails the worker marks the tokens when
     // it reaches their stream entries; nothing is credited twice either way.
-    if let Err(err) = app.marker.mark(&app.redis, &pending, &[account]).await {
+    if let Err(err) = app.marker.mark(&app.redis, &to_mark, &[account]).await {
         tracing::warn!(error = %err, user = user.get(), "marking force-settled tokens failed; the worker will");
     }
     Ok((status, created))
@@ -144,20 +133,22 @@ pub async fn withdraw(
 
 const MAX_TX_ATTEMPTS: u32 = 6;
 
+type Committed = (Account, Vec<crate::settle::AwardEntry>);
+
 /// One attempt at the withdrawal transaction. Business outcomes are `Ok(..)`; the outer
 /// `Err` is a database error (the transaction rolled back). On success the account as
-/// committed comes back, for the Redis snapshot.
+/// committed comes back, for the Redis snapshot, with the tokens to mark settled.
 async fn withdraw_tx(
+    app: &App,
     pool: &sqlx::MySqlPool,
     user: UserId,
     request_id: &str,
     amount: Cents,
-    pending: &[AwardEntry],
-) -> Result<ApiResult<(StatusCode, Withdrawal, Option<Account>)>, sqlx::Error> {
+) -> Result<ApiResult<(StatusCode, Withdrawal, Option<Committed>)>, BookError> {
     let mut tx = pool.begin().await?;
-    // Booking locks the account row (and returns it as credited); with nothing pending
-    // the row is locked on its own.
-    let booked = book_in_tx(&mut tx, pending).await?;
+    // Booking locks the account row, then books every token of the user pending in
+    // Redis (read after the lock, so none booked by a concurrent booker is missed).
+    let booked = book_in_tx(&mut tx, &app.redis, &[], Some(user)).await?;
     let mut account: Account = match booked.accounts.iter().find(|a| a.user_id == user.get()) {
         Some(account) => *account,
         None => lock_accounts(&mut tx, &[user.get()])
@@ -227,7 +218,11 @@ async fn withdraw_tx(
         balance_cents: account.balance_cents,
         created_at,
     };
-    Ok(Ok((StatusCode::CREATED, created, Some(account))))
+    Ok(Ok((
+        StatusCode::CREATED,
+        created,
+        Some((account, booked.to_mark)),
+    )))
 }
 
 async fn create(
@@ -366,8 +361,9 @@ async fn result(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<PayoutResult>,
 ) -> ApiResult<Json<Withdrawal>> {
+    // Only the payout channel may post results; with no caller named, nobody may.
     let allowed = &app.settings.auth.payout_callers;
-    if !allowed.is_empty() && !allowed.contains(&caller) {
+    if !allowed.contains(&caller) {
         return Err(ApiError::Forbidden(format!(
             "caller `{caller}` may not post payout results"
         )));

@@ -340,12 +340,17 @@ impl Bench {
         mysql.shard_urls.clear();
         let db = Arc::new(Db::connect_lazy(&mysql)?);
         db.migrate().await?;
+        // Booking reads the users' pending tokens in Redis; the baseline's users have none.
+        let mut redis_settings = self.settings.redis.clone();
+        redis_settings.key_prefix = format!("{}-baseline", redis_settings.key_prefix);
+        let redis = Arc::new(redpacket_wallet::store::Redis::connect(&redis_settings).await?);
         let deadline = Instant::now() + self.plan.baseline;
         let started = Instant::now();
         let counter = Arc::new(AtomicI64::new(1));
         let mut tasks = Vec::new();
         for _ in 0..self.plan.concurrency_single {
             let db = db.clone();
+            let redis = redis.clone();
             let counter = counter.clone();
             tasks.push(tokio::spawn(async move {
                 let mut ok = 0u64;
@@ -353,14 +358,18 @@ impl Bench {
                     let user = counter.fetch_add(1, Ordering::Relaxed);
                     let entry = AwardEntry {
                         user: UserId::parse(user).expect("positive"),
-                        out_trade_no: format!("{user}_rain_1_cash_live"),
+                        out_trade_no: format!("{user}_{ACTIVITY}_rain_1_cash_live"),
                         amount_cents: 1 + user % 88,
                         activity_id: ACTIVITY.into(),
                         scene_id: "rain".into(),
                         at_ms: redpacket_wallet::store::now_ms(),
                         stream_id: None,
+                        budget_gen: 0,
                     };
-                    if redpacket_wallet::settle::book(&db, &[entry]).await.is_ok() {
+                    if redpacket_wallet::settle::book(&db, &redis, &[entry])
+                        .await
+                        .is_ok()
+                    {
                         ok += 1;
                     }
                 }

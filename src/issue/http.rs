@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{AwardRequest, Issued};
 use crate::error::{ApiError, ApiResult};
-use crate::http::{decode_body, reply, Caller, Format, Wire};
+use crate::http::{check_list_len, decode_body, reply, Bounded, Caller, Format, Wire};
 use crate::pb;
 use crate::startup::AppState;
 use crate::token;
@@ -92,13 +92,13 @@ async fn award(
 
 #[derive(Debug, Deserialize)]
 struct BatchRequest {
-    awards: Vec<AwardRequest>,
+    awards: Bounded<AwardRequest>,
 }
 
 impl From<pb::AwardBatchRequest> for BatchRequest {
     fn from(r: pb::AwardBatchRequest) -> Self {
         Self {
-            awards: r.awards.into_iter().map(Into::into).collect(),
+            awards: Bounded(r.awards.into_iter().map(Into::into).collect()),
         }
     }
 }
@@ -171,16 +171,18 @@ async fn award_batch(
     body: Bytes,
 ) -> ApiResult<Response> {
     let started = Instant::now();
+    let max = app.settings.issue.batch_max;
+    check_list_len(&headers, &body, 1, max)?;
     let request: BatchRequest =
         decode_body::<BatchRequest, pb::AwardBatchRequest>(&headers, &body)?;
-    let max = app.settings.issue.batch_max;
-    if request.awards.is_empty() || request.awards.len() > max {
+    let Bounded(awards) = request.awards;
+    if awards.is_empty() || awards.len() > max {
         return Err(ApiError::InvalidRequest(format!(
             "a batch holds 1 to {max} awards, this one {}",
-            request.awards.len()
+            awards.len()
         )));
     }
-    let results = app.issuer.issue(&app, &caller, request.awards).await;
+    let results = app.issuer.issue(&app, &caller, awards).await;
     for r in &results {
         r.as_ref().err().map(ApiError::log);
     }

@@ -169,7 +169,14 @@ pub fn validate(app: &App, req: &AwardRequest, now_ms: i64) -> Result<ValidAward
             amount.0, activity.max_award_cents
         )));
     }
-    let out_trade_no = OutTradeNo::compose(user, &scene_id, rain_id, &award_type, activity.stage);
+    let out_trade_no = OutTradeNo::compose(
+        user,
+        &activity_id,
+        &scene_id,
+        rain_id,
+        &award_type,
+        activity.stage,
+    );
     let draft = pb::RedPacketToken {
         app_id: req.app_id,
         user_id: user.get(),
@@ -184,6 +191,7 @@ pub fn validate(app: &App, req: &AwardRequest, now_ms: i64) -> Result<ValidAward
         stage: activity.stage.to_pb() as i32,
         key_id: String::new(),
         issued_at_ms: now_ms,
+        budget_gen: 0,
     };
     Ok(ValidAward {
         user,
@@ -192,6 +200,27 @@ pub fn validate(app: &App, req: &AwardRequest, now_ms: i64) -> Result<ValidAward
         amount,
         draft,
     })
+}
+
+/// What Redis holds under an award's out_trade_no, answered: the token itself, or, once
+/// trimmed, the signed token the ledger row keeps (the only MySQL read of the issuing
+/// path, and only for such a late retry).
+async fn resolve_held(app: &App, held: Vec<u8>, award: &ValidAward) -> Result<Issued, ApiError> {
+    if held != crate::tokens::TRIMMED {
+        return replay_or_conflict(held, award);
+    }
+    let row: Option<(Option<Vec<u8>>,)> =
+        sqlx::query_as("SELECT token FROM ledger_entries WHERE out_trade_no = ?")
+            .bind(award.out_trade_no.as_str())
+            .fetch_optional(app.db.for_user(award.user))
+            .await?;
+    match row {
+        Some((Some(token),)) => replay_or_conflict(token, award),
+        _ => Err(ApiError::IdempotencyConflict(format!(
+            "out_trade_no `{}` was issued and settled before; its token is no longer available",
+            award.out_trade_no
+        ))),
+    }
 }
 
 /// Compares a stored token with a request for the same out_trade_no.
@@ -337,47 +366,62 @@ impl Issuer {
         let mut fresh: Vec<usize> = Vec::with_capacity(awards.len());
         for (k, stored) in existing.into_iter().enumerate() {
             match stored {
-                Some(bytes) => out[k] = Some(replay_or_conflict(bytes, &awards[k].1)),
+                Some(bytes) => out[k] = Some(resolve_held(app, bytes, &awards[k].1).await),
                 None => fresh.push(k),
             }
         }
 
         // Step 3: budget. The awards' first takes go in one pipelined round trip, a few
-        // awards per call on random sub-stocks; awards it did not cover go through the
-        // sub-stock walk one by one.
+        // awards per call on random sub-stocks; awards it did not cover walk the
+        // sub-stocks, and those still uncovered share a grant (budget moved from MySQL).
         let mut taken: HashMap<usize, budget::Taken> = HashMap::with_capacity(fresh.len());
         let firsts: Vec<(usize, &str, i64)> = fresh
             .iter()
             .map(|&k| (k, awards[k].1.activity_id.as_str(), awards[k].1.amount.0))
             .collect();
-        match app.budget.take_batched(redis, &firsts).await {
+        match app.budget.take_batched(redis, &app.db, &firsts).await {
             Ok(got) => taken.extend(got),
             Err(err) => {
-                tracing::warn!(error = %err, "batched budget take failed; taking one by one")
+                tracing::warn!(
+                    error = format!("{err:#}"),
+                    "batched budget take failed; taking one by one"
+                )
             }
         }
-        for &k in &fresh {
-            if taken.contains_key(&k) {
-                continue;
-            }
-            let v = &awards[k].1;
-            match app.budget.take(redis, &v.activity_id, v.amount.0).await {
-                Ok(Some(t)) => {
-                    taken.insert(k, t);
+        let rest: Vec<(usize, &str, i64)> = firsts
+            .iter()
+            .filter(|(k, ..)| !taken.contains_key(k))
+            .copied()
+            .collect();
+        if !rest.is_empty() {
+            match app.budget.take_each(redis, &app.db, &rest).await {
+                Ok(got) => taken.extend(got),
+                Err(err) => {
+                    tracing::warn!(error = format!("{err:#}"), "budget take failed");
+                    for (k, ..) in &rest {
+                        if !taken.contains_key(k) {
+                            out[*k] = Some(Err(ApiError::Unavailable("budget unavailable".into())));
+                        }
+                    }
                 }
-                Ok(None) => out[k] = Some(Err(ApiError::BudgetExhausted)),
-                Err(err) => out[k] = Some(Err(ApiError::from(err))),
+            }
+            for (k, ..) in &rest {
+                if !taken.contains_key(k) && out[*k].is_none() {
+                    out[*k] = Some(Err(ApiError::BudgetExhausted));
+                }
             }
         }
 
-        // Step 4: mint.
+        // Step 4: mint, recording the budget generation the money came from.
         let mut minted: Vec<(usize, SignedAward)> = Vec::with_capacity(taken.len());
         let keys = app.keys.current();
         for &k in &fresh {
-            if !taken.contains_key(&k) {
+            let Some(t) = taken.get(&k) else {
                 continue;
-            }
-            match token::mint(&keys, awards[k].1.draft.clone()) {
+            };
+            let mut draft = awards[k].1.draft.clone();
+            draft.budget_gen = t.gen;
+            match token::mint(&keys, draft) {
                 Ok(award) => minted.push((k, award)),
                 Err(err) => {
                     // Nothing was stored: the budget goes back at once.
@@ -417,7 +461,7 @@ impl Issuer {
                                 if let Some(t) = taken.remove(&k) {
                                     give_back.push((v.activity_id.clone(), t));
                                 }
-                                replay_or_conflict(bytes, v)
+                                resolve_held(app, bytes, v).await
                             }
                             None => Ok(Issued {
                                 out_trade_no: v.out_trade_no.to_string(),
@@ -496,7 +540,7 @@ impl Issuer {
 
     /// The store.lua call for tokens of one partition.
     fn store_cmd(&self, redis: &Redis, partition: u32, tokens: &[ToStore<'_>]) -> redis::Cmd {
-        let mut keys: Vec<String> = Vec::with_capacity(1 + 2 * tokens.len() + 1);
+        let mut keys: Vec<String> = Vec::with_capacity(2 + 2 * tokens.len());
         keys.push(redis.stream_key(partition));
         for (_, user, ..) in tokens {
             keys.push(redis.tokens_key(*user));
@@ -522,7 +566,8 @@ impl Issuer {
                 .arg(&token.activity_id)
                 .arg(&token.scene_id)
                 .arg(token.issued_at_ms)
-                .arg(counters_at[token.activity_id.as_str()]);
+                .arg(counters_at[token.activity_id.as_str()])
+                .arg(token.budget_gen);
         }
         cmd
     }

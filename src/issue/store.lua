@@ -2,41 +2,46 @@
 -- hourly counters and a settlement stream entry. Every key is in the partition's slot.
 -- KEYS[1]: the partition's settlement stream
 -- then, for token i (1-based): KEYS[2i] its user's token hash (out_trade_no -> encoded
---   SignedToken), KEYS[2i+1] its user's status hash (out_trade_no -> "p|amount|at_ms|
---   activity|scene"); after those, the activities' counter hashes (per hour: n, c).
--- ARGV[1]: number of tokens n; then 8 values per token:
+--   SignedToken, or the trim marker once settled and trimmed), KEYS[2i+1] its user's
+--   status hash (out_trade_no -> "p|amount|at_ms|activity|scene|gen"); after those, the
+--   activities' counter hashes (per hour: n, c; per budget generation: g{gen}:n, g{gen}:c).
+-- ARGV[1]: number of tokens n; then 10 values per token:
 --   out_trade_no, token bytes, hour (YYYYMMDDHH), amount cents, user id, activity id,
---   scene id, issued at (ms), index in KEYS of its activity's counter hash.
--- Returns one value per token: false when stored now, or the token already held under
--- its out_trade_no (a concurrent duplicate won the race; the caller gives its budget
--- back).
+--   scene id, issued at (ms), index in KEYS of its activity's counter hash, budget gen.
+-- Returns one value per token: false when stored now, or what is already held under its
+-- out_trade_no (a concurrent duplicate won the race, or the token was trimmed: the
+-- caller gives its budget back). Amounts are at most 10^13 and a call carries at most
+-- 128 tokens, so the sums below stay exact in Lua's doubles.
 local n = tonumber(ARGV[1])
 local out = {}
 local counts = {}
 for i = 1, n do
-  local a = 2 + (i - 1) * 9
+  local a = 2 + (i - 1) * 10
   local otn, bytes, hour, amount = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   local user, activity, scene, at = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
   local counters = KEYS[tonumber(ARGV[a + 8])]
+  local gen = ARGV[a + 9]
   if redis.call('HSETNX', KEYS[2 * i], otn, bytes) == 0 then
     out[i] = redis.call('HGET', KEYS[2 * i], otn)
   else
     redis.call('HSET', KEYS[2 * i + 1], otn,
-      'p|' .. amount .. '|' .. at .. '|' .. activity .. '|' .. scene)
+      'p|' .. amount .. '|' .. at .. '|' .. activity .. '|' .. scene .. '|' .. gen)
     redis.call('XADD', KEYS[1], '*', 'u', user, 'o', otn, 'a', amount,
-      'act', activity, 'sc', scene, 't', at)
+      'act', activity, 'sc', scene, 't', at, 'g', gen)
     local slot = counts[counters]
     if not slot then
       slot = {}
       counts[counters] = slot
     end
-    local c = slot[hour]
-    if not c then
-      c = {0, 0}
-      slot[hour] = c
+    for _, field in ipairs({hour, 'g' .. gen}) do
+      local c = slot[field]
+      if not c then
+        c = {0, 0}
+        slot[field] = c
+      end
+      c[1] = c[1] + 1
+      c[2] = c[2] + tonumber(amount)
     end
-    c[1] = c[1] + 1
-    c[2] = c[2] + tonumber(amount)
     out[i] = false
   end
 end

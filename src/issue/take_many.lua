@@ -1,24 +1,28 @@
 -- Takes several awards' amounts from one budget sub-stock in one call.
--- KEYS[1]: the sub-stock hash (fields `avail`, `funded`)
+-- KEYS[1]: the sub-stock hash
 -- ARGV: the amounts in cents, each > 0
 -- Each amount is taken whole while `avail` covers it, in order; an amount it does not
 -- cover is skipped (its award tries other sub-stocks). `avail` never goes below zero.
--- Returns {avail_after_cents, taken_1, taken_2, ...} with taken_i 1 or 0.
+-- Returns {state, avail_after_cents, taken_1, taken_2, ...} with taken_i 1 or 0; nothing
+-- is taken unless state is 0 (see stock.lua). Amounts are at most 10^13 cents and a call
+-- carries at most 64 of them, so every sum stays exact in Lua's doubles.
+local state = stock_state(KEYS[1])
+if state ~= 0 then return {state, 0} end
 local avail = tonumber(redis.call('HGET', KEYS[1], 'avail') or '0')
-local out = {0}
+local out = {0, 0}
 local total = 0
 for i = 1, #ARGV do
   local amount = tonumber(ARGV[i])
   if amount > 0 and amount <= avail then
     avail = avail - amount
     total = total + amount
-    out[i + 1] = 1
+    out[i + 2] = 1
   else
-    out[i + 1] = 0
+    out[i + 2] = 0
   end
 end
 if total > 0 then
   avail = redis.call('HINCRBY', KEYS[1], 'avail', -total)
 end
-out[1] = avail
+out[2] = avail
 return out

@@ -7,6 +7,12 @@
 //! the insert of its ledger row, and `ledger_entries.out_trade_no` is unique. Account
 //! rows are locked first (in user id order, so two bookers cannot deadlock on them),
 //! which serialises bookers of the same user; the unique key backs that up.
+//!
+//! Invariant (exact Redis-only view): an account snapshot written to Redis never
+//! includes a token still marked pending there. The users' token statuses are read
+//! *after* their account rows are locked, when every earlier booker of theirs has
+//! committed; whatever of those is in the ledger is marked settled together with the
+//! snapshot (mark.lua), so the degraded view (snapshot + pending) counts each token once.
 
 pub mod worker;
 
@@ -17,6 +23,7 @@ use sqlx::{MySql, QueryBuilder, Row, Transaction};
 
 use crate::domain::UserId;
 use crate::store::{evalsha, hour_of, now_ms, Redis, SETTLE_GROUP};
+use crate::tokens::TRIMMED;
 
 /// One award to book.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,6 +37,8 @@ pub struct AwardEntry {
     pub at_ms: i64,
     /// The settlement stream entry this came from, if any.
     pub stream_id: Option<String>,
+    /// The budget generation its money was taken from.
+    pub budget_gen: i64,
 }
 
 /// An account row as locked and updated inside a booking transaction.
@@ -44,18 +53,47 @@ pub struct Account {
 
 #[derive(Debug, Default)]
 pub struct Booked {
-    /// Entries whose ledger row this transaction inserted (indices into the input).
-    pub newly_booked: Vec<usize>,
+    /// Entries whose ledger row this transaction inserted.
+    pub newly_booked: Vec<AwardEntry>,
     /// The accounts touched, as they will be after commit.
     pub accounts: Vec<Account>,
+    /// Every token to mark settled after the commit: the entries given (booked now or
+    /// before), the forced user's pending tokens, and the locked users' other pending
+    /// tokens the ledger already holds.
+    pub to_mark: Vec<AwardEntry>,
 }
 
-impl Booked {
-    pub fn credited_cents(&self, entries: &[AwardEntry]) -> i64 {
-        self.newly_booked
-            .iter()
-            .map(|&i| entries[i].amount_cents)
-            .sum()
+/// A booking failure: the transaction rolled back (MySQL) or could not read the
+/// users' tokens (Redis).
+#[derive(Debug, thiserror::Error)]
+pub enum BookError {
+    #[error("mysql: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+impl BookError {
+    /// Deadlocks and lock-wait timeouts roll the whole transaction back; it may be retried.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, BookError::Sql(err) if is_retryable(err))
+    }
+
+    /// The data itself cannot be booked (too long, out of range, not allowed): trying
+    /// again cannot help.
+    pub fn is_data_error(&self) -> bool {
+        let BookError::Sql(err) = self else {
+            return false;
+        };
+        err.as_database_error()
+            .and_then(|e| e.code())
+            .is_some_and(|state| {
+                state.starts_with("22") || (state.starts_with("23") && state != "23000")
+            })
+            || err
+                .as_database_error()
+                .and_then(|e| e.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
+                .is_some_and(|e| matches!(e.number(), 1048 | 1264 | 1366 | 1406 | 3819))
     }
 }
 
@@ -129,47 +167,81 @@ where
 }
 
 /// Books `entries` inside `tx`: inserts the ledger rows the ledger does not hold yet and
-/// credits each account by exactly what was inserted for it.
+/// credits each account by exactly what was inserted for it. With `force`, that user's
+/// pending tokens (read after the lock) are booked too: a withdrawal's forced settlement.
 pub async fn book_in_tx(
     tx: &mut Transaction<'_, MySql>,
+    redis: &Redis,
     entries: &[AwardEntry],
-) -> Result<Booked, sqlx::Error> {
-    if entries.is_empty() {
-        return Ok(Booked::default());
-    }
+    force: Option<UserId>,
+) -> Result<Booked, BookError> {
     let mut users: Vec<i64> = entries.iter().map(|e| e.user.get()).collect();
+    users.extend(force.map(UserId::get));
     users.sort_unstable();
     users.dedup();
+    if users.is_empty() {
+        return Ok(Booked::default());
+    }
     let mut accounts = lock_accounts(tx, &users).await?;
 
-    let otns: Vec<&str> = entries.iter().map(|e| e.out_trade_no.as_str()).collect();
-    let mut known = already_booked(&mut **tx, &otns).await?;
-    let mut newly_booked = Vec::new();
-    for (i, e) in entries.iter().enumerate() {
-        // `insert` also drops a second copy of one token inside the same batch.
-        if known.insert(e.out_trade_no.clone()) {
-            newly_booked.push(i);
+    // After the locks: every earlier booker of these users has committed.
+    let pending = crate::tokens::pending_of_users(redis, &users).await?;
+    let mut all: Vec<AwardEntry> = entries.to_vec();
+    let mut in_all: HashSet<String> = all.iter().map(|e| e.out_trade_no.clone()).collect();
+    let mut extras: Vec<AwardEntry> = Vec::new();
+    for candidate in pending {
+        if in_all.contains(&candidate.out_trade_no) {
+            continue;
+        }
+        if Some(candidate.user) == force {
+            in_all.insert(candidate.out_trade_no.clone());
+            all.push(candidate);
+        } else {
+            extras.push(candidate);
         }
     }
-    if !newly_booked.is_empty() {
+    let otns: Vec<&str> = all
+        .iter()
+        .chain(&extras)
+        .map(|e| e.out_trade_no.as_str())
+        .collect();
+    let mut known = already_booked(&mut **tx, &otns).await?;
+    let mut to_mark: Vec<AwardEntry> = extras
+        .into_iter()
+        .filter(|e| known.contains(&e.out_trade_no))
+        .collect();
+    let mut newly: Vec<AwardEntry> = Vec::new();
+    for e in &all {
+        // `insert` also drops a second copy of one token inside the same batch.
+        if known.insert(e.out_trade_no.clone()) {
+            newly.push(e.clone());
+        }
+    }
+    if !newly.is_empty() {
+        let tokens = crate::tokens::token_bytes(redis, &newly).await?;
         let mut insert = QueryBuilder::<MySql>::new(
-            "INSERT INTO ledger_entries (user_id, out_trade_no, kind, amount_cents, activity_id, scene_id, at_ms) ",
+            "INSERT INTO ledger_entries (user_id, out_trade_no, kind, amount_cents, activity_id, scene_id, at_ms, budget_gen, token) ",
         );
-        insert.push_values(newly_booked.iter().map(|&i| &entries[i]), |mut b, e| {
+        insert.push_values(newly.iter().zip(&tokens), |mut b, (e, token)| {
             b.push_bind(e.user.get())
                 .push_bind(&e.out_trade_no)
                 .push_bind("award")
                 .push_bind(e.amount_cents)
                 .push_bind(&e.activity_id)
                 .push_bind(&e.scene_id)
-                .push_bind(e.at_ms);
+                .push_bind(e.at_ms)
+                .push_bind(e.budget_gen)
+                .push_bind(token.as_deref().filter(|t| *t != TRIMMED));
         });
         insert.build().execute(&mut **tx).await?;
 
         let mut credit: BTreeMap<i64, i64> = BTreeMap::new();
-        for &i in &newly_booked {
-            debug_assert!(entries[i].amount_cents > 0, "awards are positive");
-            *credit.entry(entries[i].user.get()).or_default() += entries[i].amount_cents;
+        for e in &newly {
+            debug_assert!(e.amount_cents > 0, "awards are positive");
+            let c = credit.entry(e.user.get()).or_default();
+            *c = c
+                .checked_add(e.amount_cents)
+                .ok_or_else(|| sqlx::Error::Protocol("credit overflows a 64-bit balance".into()))?;
         }
         let mut update = QueryBuilder::<MySql>::new(
             "INSERT INTO accounts (user_id, balance_cents, total_income_cents) ",
@@ -190,27 +262,35 @@ pub async fn book_in_tx(
             }
         }
     }
+    to_mark.extend(all);
     Ok(Booked {
-        newly_booked,
+        newly_booked: newly,
         accounts: accounts.into_values().collect(),
+        to_mark,
     })
 }
 
 /// Books `entries` in one transaction per MySQL shard.
-pub async fn book(db: &crate::store::Db, entries: &[AwardEntry]) -> Result<Booked, sqlx::Error> {
-    let mut by_shard: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-    for (i, e) in entries.iter().enumerate() {
-        by_shard.entry(db.shard_index(e.user)).or_default().push(i);
+pub async fn book(
+    db: &crate::store::Db,
+    redis: &Redis,
+    entries: &[AwardEntry],
+) -> Result<Booked, BookError> {
+    let mut by_shard: BTreeMap<usize, Vec<AwardEntry>> = BTreeMap::new();
+    for e in entries {
+        by_shard
+            .entry(db.shard_index(e.user))
+            .or_default()
+            .push(e.clone());
     }
     let mut all = Booked::default();
-    for (shard, indices) in by_shard {
-        let part: Vec<AwardEntry> = indices.iter().map(|&i| entries[i].clone()).collect();
+    for (shard, part) in by_shard {
         let mut tx = db.shard(shard).begin().await?;
-        let booked = book_in_tx(&mut tx, &part).await?;
+        let booked = book_in_tx(&mut tx, redis, &part, None).await?;
         tx.commit().await?;
-        all.newly_booked
-            .extend(booked.newly_booked.iter().map(|&k| indices[k]));
+        all.newly_booked.extend(booked.newly_booked);
         all.accounts.extend(booked.accounts);
+        all.to_mark.extend(booked.to_mark);
     }
     Ok(all)
 }
@@ -275,6 +355,7 @@ impl Marker {
                 args.push(e.amount_cents.to_string());
                 args.push(e.user.to_string());
                 args.push(e.stream_id.clone().unwrap_or_default());
+                args.push(e.budget_gen.to_string());
             }
             for a in accs {
                 keys.push(redis.snapshot_key(UserId::parse(a.user_id).expect("filtered above")));

@@ -187,7 +187,14 @@ impl Worker {
         }
         self.own_pending.insert(partition);
         let started = Instant::now();
-        let booked = super::book(&self.app.db, &entries).await?;
+        let booked = match super::book(&self.app.db, &self.app.redis, &entries).await {
+            Ok(booked) => booked,
+            Err(err) if err.is_data_error() => {
+                // One entry may be unbookable; find it, park it, book the rest.
+                return self.book_one_by_one(partition, entries).await;
+            }
+            Err(err) => return Err(err.into()),
+        };
         crate::metrics::booking_batch_latency(started.elapsed().as_secs_f64());
         crate::metrics::booked(booked.newly_booked.len() as u64);
         if self.options.stop_after_commit {
@@ -197,7 +204,7 @@ impl Worker {
         }
         self.app
             .marker
-            .mark(&self.app.redis, &entries, &booked.accounts)
+            .mark(&self.app.redis, &booked.to_mark, &booked.accounts)
             .await?;
         Ok(Outcome::Booked {
             entries: entries.len(),
@@ -205,48 +212,144 @@ impl Worker {
         })
     }
 
-    /// Works `partitions` until `shutdown` flips: errors are retried with capped
-    /// exponential backoff; an idle round sleeps `settle.idle_sleep_ms`.
+    /// A batch failed on its data: each entry is booked alone, and one whose own
+    /// booking fails on its data is parked in the partition's parked stream (with the
+    /// error) and removed from the settlement stream, where an operator sees it
+    /// (`GET /v1/admin/parked`). Nothing is lost: the token stays pending in Redis.
+    async fn book_one_by_one(
+        &mut self,
+        partition: u32,
+        entries: Vec<AwardEntry>,
+    ) -> anyhow::Result<Outcome> {
+        let mut newly = 0;
+        let count = entries.len();
+        for entry in entries {
+            match super::book(&self.app.db, &self.app.redis, std::slice::from_ref(&entry)).await {
+                Ok(booked) => {
+                    newly += booked.newly_booked.len();
+                    crate::metrics::booked(booked.newly_booked.len() as u64);
+                    self.app
+                        .marker
+                        .mark(&self.app.redis, &booked.to_mark, &booked.accounts)
+                        .await?;
+                }
+                Err(err) if err.is_data_error() => {
+                    self.park(partition, &entry, &err.to_string()).await?;
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Ok(Outcome::Booked {
+            entries: count,
+            newly_booked: newly,
+        })
+    }
+
+    async fn park(&self, partition: u32, entry: &AwardEntry, error: &str) -> anyhow::Result<()> {
+        let redis = &self.app.redis;
+        let Some(id) = &entry.stream_id else {
+            return Ok(());
+        };
+        let mut conn = redis.conn();
+        let stream = redis.stream_key(partition);
+        let fields: Vec<(String, String)> = vec![
+            ("id".into(), id.clone()),
+            ("u".into(), entry.user.to_string()),
+            ("o".into(), entry.out_trade_no.clone()),
+            ("a".into(), entry.amount_cents.to_string()),
+            ("act".into(), entry.activity_id.clone()),
+            ("sc".into(), entry.scene_id.clone()),
+            ("t".into(), entry.at_ms.to_string()),
+            ("g".into(), entry.budget_gen.to_string()),
+            ("error".into(), error.chars().take(500).collect()),
+        ];
+        redis::pipe()
+            .atomic()
+            .cmd("XADD")
+            .arg(redis.parked_key(partition))
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(100_000)
+            .arg("*")
+            .arg(&fields)
+            .ignore()
+            .cmd("XACK")
+            .arg(&stream)
+            .arg(SETTLE_GROUP)
+            .arg(id)
+            .ignore()
+            .cmd("XDEL")
+            .arg(&stream)
+            .arg(id)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await?;
+        crate::metrics::parked(partition, 1);
+        tracing::error!(
+            partition,
+            entry = id,
+            out_trade_no = entry.out_trade_no,
+            error,
+            "settlement entry parked: it cannot be booked"
+        );
+        Ok(())
+    }
+
+    /// Works `partitions` until `shutdown` flips. A failing partition is retried with
+    /// its own capped exponential backoff while the others go on; an idle round sleeps
+    /// `settle.idle_sleep_ms`.
     pub async fn run(mut self, partitions: Vec<u32>, mut shutdown: watch::Receiver<bool>) {
         let settings = self.app.settings.settle.clone();
-        let mut backoff = Duration::from_millis(settings.retry_base_ms);
+        let base = Duration::from_millis(settings.retry_base_ms);
         let max_backoff = Duration::from_millis(settings.retry_max_ms);
         let idle = Duration::from_millis(settings.idle_sleep_ms);
+        // Per partition: the current backoff and the instant before which it is skipped.
+        let mut failing: HashMap<u32, (Duration, Instant)> = HashMap::new();
         while !*shutdown.borrow() {
             let mut busy = false;
-            let mut failed = false;
             for &p in &partitions {
                 if *shutdown.borrow() {
                     break;
                 }
+                if failing
+                    .get(&p)
+                    .is_some_and(|(_, until)| *until > Instant::now())
+                {
+                    continue;
+                }
                 match self.try_execute_batch(p).await {
                     Ok(Outcome::Booked { .. }) | Ok(Outcome::StoppedAfterCommit { .. }) => {
+                        failing.remove(&p);
                         busy = true
                     }
-                    Ok(Outcome::Empty) | Ok(Outcome::Paused) => {}
+                    Ok(Outcome::Empty) | Ok(Outcome::Paused) => {
+                        failing.remove(&p);
+                    }
                     Err(err) => {
-                        failed = true;
+                        let backoff = failing
+                            .get(&p)
+                            .map(|(b, _)| (*b * 2).min(max_backoff))
+                            .unwrap_or(base);
+                        failing.insert(p, (backoff, Instant::now() + backoff));
+                        crate::metrics::booking_failure(p);
                         tracing::warn!(
                             partition = p,
                             error = format!("{err:#}"),
                             retry_in_ms = backoff.as_millis() as u64,
                             "booking batch failed"
                         );
-                        break;
                     }
                 }
             }
-            let pause = if failed {
-                let pause = backoff;
-                backoff = (backoff * 2).min(max_backoff);
-                pause
-            } else {
-                backoff = Duration::from_millis(settings.retry_base_ms);
-                if busy {
-                    continue;
-                }
-                idle
-            };
+            if busy {
+                continue;
+            }
+            // Sleep until the next failing partition is due, at most an idle period.
+            let pause = failing
+                .values()
+                .map(|(_, until)| until.saturating_duration_since(Instant::now()))
+                .min()
+                .map_or(idle, |d| d.min(idle).max(Duration::from_millis(1)));
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 _ = shutdown.changed() => {}
@@ -265,6 +368,7 @@ fn parse_entry(id: &StreamId) -> Option<AwardEntry> {
         scene_id: id.get("sc")?,
         at_ms: id.get("t")?,
         stream_id: Some(id.id.clone()),
+        budget_gen: id.get("g").unwrap_or(0),
     })
 }
 
@@ -275,7 +379,7 @@ pub fn spawn(app: Arc<App>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task:
         .concurrency
         .min(app.redis.partitions() as usize)
         .max(1);
-    let limiter = rate_limiter(settings.max_tps, settings.batch_size);
+    let limiter = app.booking_limiter.clone();
     (0..tasks)
         .map(|t| {
             let partitions: Vec<u32> = (0..app.redis.partitions())

@@ -154,12 +154,19 @@ async fn budget_added_during_the_event_is_spread_and_shown() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["budget_cents"], 1_600);
     assert_eq!(body["budget_remaining_cents"], 1_600);
-    let figures = t.app.budget.figures(&t.app.redis, "cny2027").await.unwrap();
-    assert_eq!(figures.funded_cents, 1_600);
+    let figures = t
+        .app
+        .budget
+        .figures(&t.app.redis, &t.app.db, "cny2027")
+        .await
+        .unwrap();
+    assert_eq!(figures.budget_cents, 1_600);
+    assert_eq!(figures.remaining_cents, 1_600);
     assert_eq!(
-        figures.min_sub_stock_cents, 100,
-        "16 sub-stocks of 100 each"
+        figures.granted_cents, figures.available_cents,
+        "what was granted is in the sub-stocks"
     );
+    assert!(figures.granted_cents <= 1_600);
     let (status, again) = t.get("/v1/admin/activities/cny2027", Some(ADMIN)).await;
     assert_eq!(status, 200);
     assert_eq!(again["scenes"][0]["id"], "rain");

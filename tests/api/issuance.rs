@@ -9,18 +9,28 @@ use serde_json::{json, Value};
 
 use crate::helpers::*;
 
+/// What may still be issued, where it is: each sub-stock of the live generation, then
+/// the budget not granted to Redis yet.
 async fn budget_sub_stocks(t: &TestApp, activity: &str) -> Vec<i64> {
+    let gen = t.app.budget.live_gen(activity).expect("a live generation");
     let mut conn = t.app.redis.conn();
     let mut out = Vec::new();
-    for i in 0..t.app.settings.issue.sub_stocks {
+    for i in 0..gen.sub_stocks {
         let v: Option<i64> = redis::cmd("HGET")
-            .arg(t.app.redis.sub_stock_key(activity, i))
+            .arg(t.app.redis.sub_stock_key(activity, gen.gen, i))
             .arg("avail")
             .query_async(&mut conn)
             .await
             .unwrap();
         out.push(v.unwrap_or(0));
     }
+    let figures = t
+        .app
+        .budget
+        .figures(&t.app.redis, &t.app.db, activity)
+        .await
+        .unwrap();
+    out.push(figures.ungranted_cents);
     out
 }
 
@@ -44,7 +54,7 @@ async fn two_hundred_identical_awards_mint_one_token() {
         } else {
             assert_eq!(body["replayed"], true);
         }
-        assert_eq!(body["out_trade_no"], "42_rain_7_cash_live");
+        assert_eq!(body["out_trade_no"], "42_cny2027_rain_7_cash_live");
         tokens.insert(body["token"].as_str().unwrap().to_string());
     }
     assert_eq!(created, 1, "exactly one request minted");
@@ -53,7 +63,12 @@ async fn two_hundred_identical_awards_mint_one_token() {
         1,
         "every response carries the same token bytes"
     );
-    let figures = t.app.budget.figures(&t.app.redis, "cny2027").await.unwrap();
+    let figures = t
+        .app
+        .budget
+        .figures(&t.app.redis, &t.app.db, "cny2027")
+        .await
+        .unwrap();
     assert_eq!(figures.taken_cents, 88, "budget taken once");
     let issued = redpacket_wallet::reconcile::issued_totals(&t.app.redis, "cny2027")
         .await
@@ -166,7 +181,12 @@ async fn the_same_award_twice_in_one_millisecond_is_minted_once() {
             "round {rain}: exactly one of the two minted"
         );
     }
-    let figures = t.app.budget.figures(&t.app.redis, "cny2027").await.unwrap();
+    let figures = t
+        .app
+        .budget
+        .figures(&t.app.redis, &t.app.db, "cny2027")
+        .await
+        .unwrap();
     assert_eq!(
         figures.taken_cents,
         10 * rounds,
@@ -432,7 +452,7 @@ async fn a_token_verifies_offline_with_the_published_key() {
     let token = pb::RedPacketToken::decode(signed.payload.as_slice()).unwrap();
     assert_eq!(token.user_id, 42);
     assert_eq!(token.amount_cents, 88);
-    assert_eq!(token.out_trade_no, "42_rain_7_cash_live");
+    assert_eq!(token.out_trade_no, "42_cny2027_rain_7_cash_live");
     assert_eq!(token.stage, pb::Stage::Live as i32);
     assert_eq!(token.status, pb::TokenStatus::Pending as i32);
     let mut tampered = signed.payload.clone();
@@ -472,7 +492,7 @@ async fn protobuf_round_trips_for_single_and_batch() {
     assert_eq!(resp.status().as_u16(), 201);
     assert_eq!(resp.headers()["content-type"], "application/x-protobuf");
     let single = pb::AwardResponse::decode(resp.bytes().await.unwrap()).unwrap();
-    assert_eq!(single.out_trade_no, "42_rain_3_cash_live");
+    assert_eq!(single.out_trade_no, "42_cny2027_rain_3_cash_live");
     assert!(!single.replayed);
     t.app
         .keys
@@ -519,7 +539,7 @@ async fn protobuf_round_trips_for_single_and_batch() {
     match &results[2].result {
         Some(pb::award_result::Result::Ok(r)) => {
             assert!(!r.replayed);
-            assert_eq!(r.out_trade_no, "42_rain_4_cash_live");
+            assert_eq!(r.out_trade_no, "42_cny2027_rain_4_cash_live");
         }
         other => panic!("{other:?}"),
     }
@@ -547,7 +567,7 @@ async fn a_batch_answers_in_order_and_one_bad_item_fails_alone() {
             _ => {
                 assert_eq!(
                     r["out_trade_no"],
-                    format!("{}_rain_9_cash_live", i + 1),
+                    format!("{}_cny2027_rain_9_cash_live", i + 1),
                     "{r}"
                 );
                 assert_eq!(r["replayed"], false);
@@ -556,7 +576,12 @@ async fn a_batch_answers_in_order_and_one_bad_item_fails_alone() {
     }
     assert_eq!(results[300]["replayed"], true);
     assert_eq!(results[300]["token"], results[0]["token"]);
-    let figures = t.app.budget.figures(&t.app.redis, "cny2027").await.unwrap();
+    let figures = t
+        .app
+        .budget
+        .figures(&t.app.redis, &t.app.db, "cny2027")
+        .await
+        .unwrap();
     assert_eq!(figures.taken_cents, 298 * 2);
     t.stop().await;
 }
@@ -640,7 +665,12 @@ async fn script_calls_after_a_script_flush_run_exactly_once() {
     t.open_activity("cny2027", 1_000, 100).await;
     let (status, body) = t.post("/v1/awards", CALLER, &award(5, 1, 40)).await;
     assert_eq!(status, 201, "{body}");
-    let figures = t.app.budget.figures(&t.app.redis, "cny2027").await.unwrap();
+    let figures = t
+        .app
+        .budget
+        .figures(&t.app.redis, &t.app.db, "cny2027")
+        .await
+        .unwrap();
     assert_eq!(figures.taken_cents, 40);
     t.stop().await;
     drop(redis);

@@ -192,7 +192,11 @@ async fn invariant_6_a_flush_mid_activity_over_issues_nothing_and_loses_no_clien
             );
         }
     }
-    assert_eq!(in_ledger.len(), client_total, "nothing booked twice or extra");
+    assert_eq!(
+        in_ledger.len(),
+        client_total,
+        "nothing booked twice or extra"
+    );
     assert_eq!(booked, 50 * client_total as i64);
     assert!(booked <= budget, "issued {booked} within budget {budget}");
 
@@ -208,7 +212,11 @@ async fn invariant_6_a_flush_mid_activity_over_issues_nothing_and_loses_no_clien
         .await;
     assert_eq!(status, 200, "{body}");
     let released = body["released_cents"].as_i64().unwrap();
-    assert_eq!(released, in_doubt - 60 * 50, "the unspent part of what was lost");
+    assert_eq!(
+        released,
+        in_doubt - 60 * 50,
+        "the unspent part of what was lost"
+    );
     let (_, again) = t
         .post(
             "/v1/admin/activities/cny2027/release-in-doubt",
@@ -222,7 +230,9 @@ async fn invariant_6_a_flush_mid_activity_over_issues_nothing_and_loses_no_clien
     // What was released is issued again, up to the budget and not a cent more.
     let last: Vec<(i64, i64, i64)> = (0..200).map(|i| (7, 5_000 + i, 50)).collect();
     let (got, _) = issue_to_clients(&t, "cny2027", &last).await;
-    held.entry(7).or_default().extend(got.get(&7).cloned().unwrap_or_default());
+    held.entry(7)
+        .or_default()
+        .extend(got.get(&7).cloned().unwrap_or_default());
     t.drain().await;
     let (booked, _) = ledger_awards(&t, "cny2027").await;
     assert_eq!(booked, budget, "the whole budget, and no more");
@@ -323,10 +333,8 @@ async fn leak_repair_never_returns_budget_that_in_flight_awards_hold() {
             .await;
         t.app.switches.refresh(&t.app.redis).await.unwrap();
         let empty = json!({});
-        join_all((0..32).map(|_| {
-            t.post("/v1/admin/activities/cny2027/repair-leak", ADMIN, &empty)
-        }))
-        .await
+        join_all((0..32).map(|_| t.post("/v1/admin/activities/cny2027/repair-leak", ADMIN, &empty)))
+            .await
     };
     let ((status, body), repaired) = futures::join!(batch, repairs);
     assert_eq!(status, 200, "{body}");
@@ -404,12 +412,20 @@ async fn the_cron_sweep_books_within_the_booking_bound() {
     })
     .await;
     t.open_activity("cny2027", 1_000_000, 100).await;
-    t.put("/v1/admin/switches/booking_paused", ADMIN, &json!({"on": true}))
-        .await;
+    t.put(
+        "/v1/admin/switches/booking_paused",
+        ADMIN,
+        &json!({"on": true}),
+    )
+    .await;
     t.app.switches.refresh(&t.app.redis).await.unwrap();
     issue_all(&t, (0..3_000).map(|i| award(1 + i, 1, 1)).collect()).await;
-    t.put("/v1/admin/switches/booking_paused", ADMIN, &json!({"on": false}))
-        .await;
+    t.put(
+        "/v1/admin/switches/booking_paused",
+        ADMIN,
+        &json!({"on": false}),
+    )
+    .await;
     let started = Instant::now();
     t.app.switches.refresh(&t.app.redis).await.unwrap();
     tokio::time::sleep(Duration::from_millis(3_000)).await;
@@ -678,7 +694,10 @@ async fn a_poisoned_entry_is_parked_and_the_other_partitions_keep_booking() {
         if booked == 3 {
             break;
         }
-        assert!(Instant::now() < deadline, "partitions 1..3 booked {booked} of 3");
+        assert!(
+            Instant::now() < deadline,
+            "partitions 1..3 booked {booked} of 3"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -695,7 +714,9 @@ async fn a_poisoned_entry_is_parked_and_the_other_partitions_keep_booking() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The sweep goes past a failing partition too.
-    redpacket_wallet::cron::settle_all(&t.app, 10).await.unwrap();
+    redpacket_wallet::cron::settle_all(&t.app, 10)
+        .await
+        .unwrap();
     t.stop().await;
 }
 
@@ -707,7 +728,10 @@ async fn the_redis_only_view_never_counts_a_token_twice() {
     t.open_activity("cny2027", 100_000, 1_000).await;
     issue_all(&t, vec![award(8, 1, 100)]).await;
     let mut first = t.worker("first");
-    let p = t.app.redis.partition_of(redpacket_wallet::domain::UserId::parse(8).unwrap());
+    let p = t
+        .app
+        .redis
+        .partition_of(redpacket_wallet::domain::UserId::parse(8).unwrap());
     let options = redpacket_wallet::settle::worker::WorkerOptions {
         consumer: "crashing".into(),
         batch_size: 200,
@@ -718,9 +742,12 @@ async fn the_redis_only_view_never_counts_a_token_twice() {
     crashing.try_execute_batch(p).await.unwrap();
     issue_all(&t, vec![award(8, 2, 50)]).await;
     first.try_execute_batch(p).await.unwrap();
-    let view = redpacket_wallet::wallet::degraded_view(&t.app, redpacket_wallet::domain::UserId::parse(8).unwrap())
-        .await
-        .unwrap();
+    let view = redpacket_wallet::wallet::degraded_view(
+        &t.app,
+        redpacket_wallet::domain::UserId::parse(8).unwrap(),
+    )
+    .await
+    .unwrap();
     assert_eq!(view.balance_cents, 150, "{view:?}");
     assert_eq!(view.total_income_cents, 150, "{view:?}");
     t.stop().await;

@@ -202,7 +202,7 @@ async fn sync_rejects_foreign_forged_retired_and_garbage_tokens() {
         activity_id: "cny2027".into(),
         scene_id: "rain".into(),
         amount_cents: 5_000,
-        out_trade_no: "1_rain_99_cash_live".into(),
+        out_trade_no: "1_cny2027_rain_99_cash_live".into(),
         rain_id: 99,
         award_type: "cash".into(),
         stage: pb::Stage::Live as i32,
@@ -306,7 +306,7 @@ async fn flow_pages_hold_every_item_once_while_awards_arrive() {
     assert_eq!(status, 201);
     issue(&t, &(40..60).map(|i| award(user, i, 1)).collect::<Vec<_>>()).await;
     let expected: HashSet<String> = (0..60)
-        .map(|i| format!("{user}_rain_{i}_cash_live"))
+        .map(|i| format!("{user}_cny2027_rain_{i}_cash_live"))
         .chain(std::iter::once("withdraw".to_string()))
         .collect();
     let jwt = t.jwt(user);
