@@ -2,7 +2,8 @@
 -- binary collation on every key the service compares in Rust.
 
 -- Keys compared byte for byte in Rust (flow paging orders by out_trade_no) must sort
--- the same way in MySQL: ascii_bin, not a case-insensitive general collation.
+-- the same way in MySQL: ascii_bin, not a case-insensitive general collation. (A binary
+-- collation makes the driver see bytes: the code reads these columns as bytes.)
 ALTER TABLE ledger_entries
     MODIFY out_trade_no VARCHAR(160) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
     MODIFY activity_id  VARCHAR(32)  CHARACTER SET ascii COLLATE ascii_bin NULL,
@@ -30,7 +31,7 @@ ALTER TABLE activities
 -- lost with Redis (`in_doubt`, then `resolved` once reconciliation released what was
 -- provably never spent).
 CREATE TABLE budget_generations (
-    activity_id     VARCHAR(32) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+    activity_id     VARCHAR(32) NOT NULL,
     gen             BIGINT      NOT NULL,
     sub_stocks      INT         NOT NULL,
     state           VARCHAR(16) NOT NULL,
@@ -48,13 +49,13 @@ CREATE TABLE budget_generations (
     opened_at       DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
     closed_at       DATETIME(3) NULL,
     PRIMARY KEY (activity_id, gen)
-) ENGINE = InnoDB DEFAULT CHARSET = ascii COLLATE = ascii_bin;
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_general_ci;
 
 -- One chunk of budget moved from MySQL to one Redis sub-stock. Its id makes applying it
 -- idempotent (the sub-stock records the ids it applied).
 CREATE TABLE budget_grants (
     id           BIGINT      NOT NULL AUTO_INCREMENT,
-    activity_id  VARCHAR(32) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+    activity_id  VARCHAR(32) NOT NULL,
     gen          BIGINT      NOT NULL,
     sub_stock    INT         NOT NULL,
     cents        BIGINT      NOT NULL,
@@ -62,7 +63,7 @@ CREATE TABLE budget_grants (
     PRIMARY KEY (id),
     KEY grants_gen (activity_id, gen, sub_stock),
     CONSTRAINT budget_grants_positive CHECK (cents > 0)
-) ENGINE = InnoDB DEFAULT CHARSET = ascii COLLATE = ascii_bin;
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_general_ci;
 
 -- Activities created before grants existed kept their whole budget in Redis alone, with
 -- no durable record of what was spent: it all counts as granted and in doubt, in a

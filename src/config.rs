@@ -336,7 +336,7 @@ impl Settings {
             .auth
             .payout_callers
             .iter()
-            .find(|name| !callers.contains(name))
+            .find(|name| !name.is_empty() && !callers.contains(name))
         {
             return Err(invalid(
                 "auth.payout_callers",

@@ -113,10 +113,7 @@ pub async fn wallet_view(app: &App, user: UserId) -> ApiResult<WalletView> {
         view.booked_cents = row.try_get(0).map_err(ApiError::from)?;
         view.total_income_cents = row.try_get(1).map_err(ApiError::from)?;
         view.withdrawn_cents = row.try_get(2).map_err(ApiError::from)?;
-        if let Some(list) = row
-            .try_get::<Option<String>, _>(3)
-            .map_err(ApiError::from)?
-        {
+        if let Some(list) = crate::settle::text_opt(&row, 3).map_err(ApiError::from)? {
             booked.extend(list.split(',').map(str::to_string));
         }
     }
@@ -291,15 +288,15 @@ pub async fn flows_page(
     let mut seen: HashSet<String> = HashSet::new();
     for row in rows {
         let at_ms: i64 = row.try_get(5).map_err(ApiError::from)?;
-        let otn: String = row.try_get(0).map_err(ApiError::from)?;
+        let otn: String = crate::settle::text(&row, 0).map_err(ApiError::from)?;
         seen.insert(otn.clone());
         items.push(FlowItem {
             out_trade_no: otn,
             kind: row.try_get(1).map_err(ApiError::from)?,
             amount_cents: row.try_get(2).map_err(ApiError::from)?,
             status: "booked",
-            activity_id: row.try_get(3).map_err(ApiError::from)?,
-            scene_id: row.try_get(4).map_err(ApiError::from)?,
+            activity_id: crate::settle::text_opt(&row, 3).map_err(ApiError::from)?,
+            scene_id: crate::settle::text_opt(&row, 4).map_err(ApiError::from)?,
             at: rfc3339(at_ms),
             at_ms,
         });

@@ -121,6 +121,9 @@ impl StockState {
     }
 }
 
+/// Per sub-stock of one generation: skipped until this instant (seen empty).
+type SkipMarks = Vec<Option<Instant>>;
+
 pub struct BudgetSettings {
     /// Sub-stocks of every new generation.
     pub sub_stocks: u32,
@@ -146,10 +149,13 @@ pub struct Budget {
     /// Per activity: its live generation.
     live: RwLock<HashMap<String, Gen>>,
     /// Per activity and generation, per sub-stock: skipped until this instant.
-    exhausted: Mutex<HashMap<(String, i64), Vec<Option<Instant>>>>,
+    exhausted: Mutex<HashMap<(String, i64), SkipMarks>>,
     /// Activities whose whole budget was granted when last asked: no grant is asked for
     /// again until this instant.
     fully_granted: Mutex<HashMap<String, Instant>>,
+    /// Repairs, releases and re-layouts of this instance queue here before they ask
+    /// MySQL for the activity lock, so waiters never hold pool connections.
+    maintenance: tokio::sync::Mutex<()>,
 }
 
 fn script(body: &str) -> Script {
@@ -169,6 +175,7 @@ impl Budget {
             live: RwLock::new(HashMap::new()),
             exhausted: Mutex::new(HashMap::new()),
             fully_granted: Mutex::new(HashMap::new()),
+            maintenance: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -362,6 +369,7 @@ impl Budget {
         if state == StockState::Lost {
             tracing::error!(activity, gen = gen.gen, "a budget sub-stock was lost or rewound with Redis; its generation is frozen in doubt");
             crate::metrics::budget_generation_lost(activity);
+            let _queue = self.maintenance.lock().await;
             let lock = ActivityLock::take(db, activity).await?;
             let result = self.close_live(redis, db, activity, Some(gen.gen)).await;
             lock.release().await;
@@ -516,6 +524,7 @@ impl Budget {
         if gen.sub_stocks == self.settings.sub_stocks {
             return Ok(());
         }
+        let _queue = self.maintenance.lock().await;
         let lock = ActivityLock::take(db, activity).await?;
         let result = self.close_live(redis, db, activity, Some(gen.gen)).await;
         lock.release().await;
@@ -1066,6 +1075,7 @@ impl Budget {
     /// issued counters and the ledger. Serialized per activity; a second run finds
     /// nothing.
     pub async fn repair(&self, redis: &Redis, db: &Db, activity: &str) -> anyhow::Result<Repair> {
+        let _queue = self.maintenance.lock().await;
         let lock = ActivityLock::take(db, activity).await?;
         let result = self.repair_locked(redis, db, activity).await;
         lock.release().await;
@@ -1265,6 +1275,10 @@ struct ActivityLock {
 
 impl ActivityLock {
     async fn take(db: &Db, activity: &str) -> anyhow::Result<Self> {
+        Self::take_inner(db, activity).await
+    }
+
+    async fn take_inner(db: &Db, activity: &str) -> anyhow::Result<Self> {
         let mut conn = db.main().acquire().await?;
         let name = format!("rpw-budget-{activity}");
         let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, ?)")

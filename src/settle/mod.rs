@@ -143,6 +143,21 @@ pub async fn lock_accounts(
     Ok(accounts)
 }
 
+/// A text column under a binary collation (the ledger's keys), which the driver hands
+/// over as bytes.
+pub fn text(row: &sqlx::mysql::MySqlRow, index: usize) -> Result<String, sqlx::Error> {
+    let bytes: Vec<u8> = row.try_get(index)?;
+    String::from_utf8(bytes).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
+/// [`text`] of a nullable column.
+pub fn text_opt(row: &sqlx::mysql::MySqlRow, index: usize) -> Result<Option<String>, sqlx::Error> {
+    let bytes: Option<Vec<u8>> = row.try_get(index)?;
+    bytes
+        .map(|b| String::from_utf8(b).map_err(|e| sqlx::Error::Decode(Box::new(e))))
+        .transpose()
+}
+
 /// Which of `out_trade_nos` the ledger already holds.
 pub async fn already_booked<'e, E>(
     executor: E,
@@ -163,7 +178,7 @@ where
     }
     q.push(")");
     let rows = q.build().fetch_all(executor).await?;
-    rows.iter().map(|r| r.try_get::<String, _>(0)).collect()
+    rows.iter().map(|r| text(r, 0)).collect()
 }
 
 /// Books `entries` inside `tx`: inserts the ledger rows the ledger does not hold yet and

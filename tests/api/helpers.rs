@@ -92,6 +92,8 @@ pub fn test_settings(
         ("RPW_MYSQL__MAX_CONNECTIONS", "16".to_string()),
         ("RPW_AUTH__ADMIN_KEY", ADMIN.to_string()),
         ("RPW_AUTH__CALLER_KEYS", format!("upstream:{CALLER}")),
+        // The test caller plays the payout channel too, unless a test says otherwise.
+        ("RPW_AUTH__PAYOUT_CALLERS", "upstream".to_string()),
         ("RPW_AUTH__JWT_SECRET", JWT_SECRET.to_string()),
         ("RPW_KEYS__DIR", keys_dir.display().to_string()),
         ("RPW_SETTLE__MAX_TPS", "0".to_string()),
