@@ -72,6 +72,26 @@ enum Command {
         #[arg(long)]
         hour: Option<String>,
     },
+    /// Returns an activity's leaked budget (taken, never a token). Safe at any time:
+    /// it drains the live budget generation and settles drained ones once their
+    /// in-flight grace has passed; run it again after `issue.in_flight_grace_ms`.
+    RepairLeak {
+        #[arg(long)]
+        activity: String,
+    },
+    /// Releases budget frozen in doubt after a Redis loss, as far as the ledger and the
+    /// synced client tokens prove it unspent (only losses older than
+    /// `issue.in_doubt_grace_ms`).
+    ReleaseInDoubt {
+        #[arg(long)]
+        activity: String,
+    },
+    /// Prints an activity's budget figures: budget, granted, in doubt, ungranted,
+    /// available in Redis, remaining.
+    Budget {
+        #[arg(long)]
+        activity: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -207,6 +227,33 @@ async fn main() -> anyhow::Result<()> {
             if !report.ok {
                 std::process::exit(3);
             }
+        }
+        Command::RepairLeak { activity } => {
+            let app: Arc<App> = App::build(settings, false).await?;
+            let repair = app
+                .budget
+                .repair(&app.redis, &app.db, &activity)
+                .await
+                .context("repairing the budget leak")?;
+            println!("{}", serde_json::to_string_pretty(&repair)?);
+        }
+        Command::ReleaseInDoubt { activity } => {
+            let app: Arc<App> = App::build(settings, false).await?;
+            let release = app
+                .budget
+                .release_in_doubt(&app.redis, &app.db, &activity)
+                .await
+                .context("releasing in-doubt budget")?;
+            println!("{}", serde_json::to_string_pretty(&release)?);
+        }
+        Command::Budget { activity } => {
+            let app: Arc<App> = App::build(settings, false).await?;
+            let figures = app
+                .budget
+                .figures(&app.redis, &app.db, &activity)
+                .await
+                .context("reading the budget")?;
+            println!("{}", serde_json::to_string_pretty(&figures)?);
         }
     }
     Ok(())

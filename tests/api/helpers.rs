@@ -388,6 +388,7 @@ pub struct PrivateRedis {
     child: Option<std::process::Child>,
     pub port: u16,
     dir: PathBuf,
+    aof: bool,
 }
 
 pub fn free_port() -> u16 {
@@ -399,38 +400,65 @@ pub fn free_port() -> u16 {
 }
 
 impl PrivateRedis {
+    /// A Redis without persistence.
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// A Redis with the shipped persistence (AOF, `appendfsync everysec`), so a
+    /// `kill -9` and [`PrivateRedis::restart`] come back from its AOF, missing up to
+    /// the last second.
+    pub fn start_with_aof() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(aof: bool) -> Self {
         let port = free_port();
         let dir =
             std::env::temp_dir().join(format!("rpw-redis-{port}-{:08x}", rand::random::<u32>()));
         std::fs::create_dir_all(&dir).unwrap();
+        let mut redis = Self {
+            child: None,
+            port,
+            dir,
+            aof,
+        };
+        redis.spawn();
+        redis
+    }
+
+    fn spawn(&mut self) {
         let child = std::process::Command::new("redis-server")
             .args([
                 "--port",
-                &port.to_string(),
+                &self.port.to_string(),
                 "--bind",
                 "127.0.0.1",
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                if self.aof { "yes" } else { "no" },
+                "--appendfsync",
+                "everysec",
             ])
             .arg("--dir")
-            .arg(&dir)
+            .arg(&self.dir)
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server is installed by scripts/services.sh");
         for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        Self {
-            child: Some(child),
-            port,
-            dir,
-        }
+        self.child = Some(child);
+    }
+
+    /// `kill -9`, then a new process on the same port and data directory.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
     }
 
     pub fn url(&self) -> String {
