@@ -68,6 +68,10 @@ CREATE TABLE budget_grants (
 -- Activities created before grants existed kept their whole budget in Redis alone, with
 -- no durable record of what was spent: it all counts as granted and in doubt, in a
 -- generation 0 that reconciliation resolves from the ledger like any other lost one.
+-- Each gets a live generation 1, which issues budget added from now on; generation 0 is
+-- released once the activity has drained (every token it issued booked).
 INSERT INTO budget_generations (activity_id, gen, sub_stocks, state, granted_cents, closed_at)
     SELECT id, 0, 0, 'in_doubt', budget_cents, CURRENT_TIMESTAMP(3) FROM activities;
+INSERT INTO budget_generations (activity_id, gen, sub_stocks, state)
+    SELECT id, 1, 16, 'live' FROM activities;
 UPDATE activities SET granted_cents = budget_cents, in_doubt_cents = budget_cents;

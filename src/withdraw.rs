@@ -311,9 +311,20 @@ pub async fn settle_payout(app: &App, id: &str, status: &str) -> ApiResult<Withd
         )));
     }
     let mut snapshot = None;
+    let mut to_mark = Vec::new();
     if status == "failed" {
         let user = UserId::parse(current.user_id)?;
         let mut accounts = lock_accounts(&mut tx, &[user.get()]).await?;
+        // The snapshot written after the commit includes every token booked so far;
+        // those still pending in Redis are marked with it (see `settle`), so the
+        // Redis-only view never counts one twice.
+        let pending = crate::tokens::pending_of_users(&app.redis, &[user.get()]).await?;
+        let otns: Vec<&str> = pending.iter().map(|e| e.out_trade_no.as_str()).collect();
+        let booked = crate::settle::already_booked(&mut *tx, &otns).await?;
+        to_mark = pending
+            .into_iter()
+            .filter(|e| booked.contains(&e.out_trade_no))
+            .collect();
         sqlx::query(
             "UPDATE accounts SET balance_cents = balance_cents + ?, withdrawn_cents = withdrawn_cents - ?, version = version + 1 WHERE user_id = ?",
         )
@@ -345,7 +356,7 @@ pub async fn settle_payout(app: &App, id: &str, status: &str) -> ApiResult<Withd
         .await?;
     tx.commit().await?;
     if let Some(account) = snapshot {
-        if let Err(err) = app.marker.mark(&app.redis, &[], &[account]).await {
+        if let Err(err) = app.marker.mark(&app.redis, &to_mark, &[account]).await {
             tracing::warn!(error = %err, "updating the account snapshot after a reversal failed");
         }
     }

@@ -488,7 +488,9 @@ impl Budget {
             // What was drained or never applied cannot exceed what was granted.
             let returned = returned.min(granted);
             let state = if lost { "in_doubt" } else { "closed" };
-            sqlx::query("UPDATE budget_generations SET state = ?, returned_cents = ? WHERE activity_id = ? AND gen = ?")
+            // The in-flight grace counts from the drain, not from the closing decision:
+            // until the drain, the sub-stocks could still be spent.
+            sqlx::query("UPDATE budget_generations SET state = ?, returned_cents = ?, closed_at = CURRENT_TIMESTAMP(3) WHERE activity_id = ? AND gen = ?")
                 .bind(state)
                 .bind(returned)
                 .bind(activity)
@@ -1105,8 +1107,8 @@ impl Budget {
             out.drained_cents += self.close_live(redis, db, activity, None).await?;
         }
         let grace_ms = self.settings.in_flight_grace.as_millis() as i64;
-        let closed: Vec<(i64, i64, i64, bool)> = sqlx::query_as(
-            "SELECT gen, granted_cents, returned_cents, closed_at <= CURRENT_TIMESTAMP(3) - INTERVAL ? MICROSECOND FROM budget_generations WHERE activity_id = ? AND state = 'closed' ORDER BY gen",
+        let closed: Vec<(i64, i64, i64, bool, i32)> = sqlx::query_as(
+            "SELECT gen, granted_cents, returned_cents, closed_at <= CURRENT_TIMESTAMP(3) - INTERVAL ? MICROSECOND, sub_stocks FROM budget_generations WHERE activity_id = ? AND state = 'closed' ORDER BY gen",
         )
         .bind(grace_ms * 1000)
         .bind(activity)
@@ -1117,16 +1119,30 @@ impl Budget {
         }
         let counters = crate::reconcile::gen_counters(redis, activity).await?;
         let booked = crate::reconcile::booked_by_gen(db, activity).await?;
-        for (gen, granted, returned, settled_enough) in closed {
+        for (gen, granted, returned, settled_enough, sub_stocks) in closed {
             if !settled_enough {
                 out.settling_generations += 1;
                 continue;
             }
+            // The issued counters are only trusted if the Redis data they live in is the
+            // one the generation was drained in: its drained sub-stocks must still be
+            // there, under the same identity. Otherwise the generation is in doubt.
+            if !self
+                .drained_intact(redis, activity, gen, sub_stocks.max(0) as u32)
+                .await?
+            {
+                self.mark_in_doubt(db, activity, gen).await?;
+                continue;
+            }
+            let pending = counters
+                .get(&gen)
+                .map(|c| (c.issued.cents - c.settled.cents).max(0))
+                .unwrap_or(0);
             let issued = counters
                 .get(&gen)
                 .map(|c| c.issued.cents)
                 .unwrap_or(0)
-                .max(booked.get(&gen).map(|t| t.cents).unwrap_or(0));
+                .max(booked.get(&gen).map(|t| t.cents).unwrap_or(0) + pending);
             let taken = granted - returned;
             let leak = (taken - issued).max(0);
             if issued > taken {
@@ -1159,6 +1175,57 @@ impl Budget {
             tx.commit().await?;
         }
         Ok(out)
+    }
+
+    /// Whether every drained sub-stock of a closed generation is still in Redis under
+    /// the identity it was drained in (not flushed, restarted, failed over since).
+    async fn drained_intact(
+        &self,
+        redis: &Redis,
+        activity: &str,
+        gen: i64,
+        sub_stocks: u32,
+    ) -> anyhow::Result<bool> {
+        let mut pipe = redis::pipe();
+        for i in 0..sub_stocks {
+            // drain.lua on a drained sub-stock changes nothing and answers 0 only when it
+            // is still there under the identity it was drained in.
+            pipe.add_command(evalsha(
+                &self.drain,
+                &[&redis.sub_stock_key(activity, gen, i)],
+            ));
+        }
+        let answers: Vec<Vec<i64>> = query_scripted(redis, &pipe, &self.scripts()).await?;
+        Ok(answers.iter().all(|a| a.first() == Some(&0)))
+    }
+
+    /// Moves a drained generation whose Redis data was lost since to `in_doubt`.
+    async fn mark_in_doubt(&self, db: &Db, activity: &str, gen: i64) -> anyhow::Result<()> {
+        let mut tx = db.main().begin().await?;
+        lock_activity(&mut tx, activity).await?;
+        let row: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT granted_cents, returned_cents FROM budget_generations WHERE activity_id = ? AND gen = ? AND state = 'closed' FOR UPDATE",
+        )
+        .bind(activity)
+        .bind(gen)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some((granted, returned)) = row {
+            sqlx::query("UPDATE budget_generations SET state = 'in_doubt', closed_at = CURRENT_TIMESTAMP(3) WHERE activity_id = ? AND gen = ?")
+                .bind(activity)
+                .bind(gen)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("UPDATE activities SET in_doubt_cents = in_doubt_cents + ? WHERE id = ?")
+                .bind(granted - returned)
+                .bind(activity)
+                .execute(&mut *tx)
+                .await?;
+            tracing::error!(activity, gen, in_doubt_cents = granted - returned, "Redis lost data of a drained budget generation; its leak cannot be known, it is in doubt");
+            crate::metrics::budget_generation_lost(activity);
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Releases the part of lost (in-doubt) generations that is provably unspent: their
@@ -1205,6 +1272,20 @@ impl Budget {
             if !old_enough {
                 out.waiting_generations += 1;
                 continue;
+            }
+            // Generation 0 holds the budget of activities created before grants: its
+            // tokens carry no generation counters, so it is released only once the
+            // activity drained (every token it issued booked).
+            if gen == 0 {
+                let drained: Option<(bool,)> =
+                    sqlx::query_as("SELECT drained_at IS NOT NULL FROM activities WHERE id = ?")
+                        .bind(activity)
+                        .fetch_optional(db.main())
+                        .await?;
+                if drained != Some((true,)) {
+                    out.waiting_generations += 1;
+                    continue;
+                }
             }
             let amount = granted - returned;
             let pending = counters

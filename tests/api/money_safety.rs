@@ -322,6 +322,71 @@ async fn a_redis_restart_from_its_aof_never_spends_a_sub_stock_twice() {
     t.stop().await;
 }
 
+/// A drained generation awaiting its leak settlement when Redis is flushed: its issued
+/// counters are gone, so repair must not call its issued budget a leak; the generation
+/// is in doubt instead, and once clients synced and the ledger booked their awards,
+/// the release finds nothing unspent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repair_after_redis_lost_a_drained_generation_returns_nothing() {
+    let redis = PrivateRedis::start();
+    let t = spawn_app_with(Options {
+        redis_url: Some(redis.url()),
+        env: vec![
+            ("RPW_ISSUE__IN_FLIGHT_GRACE_MS".into(), "200".into()),
+            ("RPW_ISSUE__IN_DOUBT_GRACE_MS".into(), "0".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    t.open_activity("cny2027", 10_000, 100).await;
+    let awards: Vec<(i64, i64, i64)> = (0..30).map(|i| (500 + i, 1, 100)).collect();
+    let (held, _) = issue_to_clients(&t, "cny2027", &awards).await;
+    let (status, first) = t
+        .post(
+            "/v1/admin/activities/cny2027/repair-leak",
+            ADMIN,
+            &json!({}),
+        )
+        .await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["settling_generations"], 1, "{first}");
+    flushall(&redis).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, second) = t
+        .post(
+            "/v1/admin/activities/cny2027/repair-leak",
+            ADMIN,
+            &json!({}),
+        )
+        .await;
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(second["repaired_cents"], 0, "nothing leaked: {second}");
+    let view = activity(&t, "cny2027").await;
+    assert!(
+        view["budget_in_doubt_cents"].as_i64().unwrap() >= 3_000,
+        "{view}"
+    );
+    sync_all(&t, &held).await;
+    t.drain().await;
+    let (_, body) = t
+        .post(
+            "/v1/admin/activities/cny2027/release-in-doubt",
+            ADMIN,
+            &json!({}),
+        )
+        .await;
+    assert!(body["released_cents"].as_i64().is_some(), "{body}");
+    let (booked, _) = ledger_awards(&t, "cny2027").await;
+    assert_eq!(booked, 3_000);
+    let view = activity(&t, "cny2027").await;
+    assert_eq!(
+        view["budget_remaining_cents"].as_i64().unwrap() + booked,
+        10_000,
+        "every cent booked or still to issue, none created: {view}"
+    );
+    t.stop().await;
+}
+
 /// Item 2: two activities with a scene called `rain` issue two distinct awards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_activities_with_a_scene_of_the_same_name_award_twice() {
@@ -736,7 +801,9 @@ async fn a_list_over_the_limit_is_refused_before_it_is_decoded() {
         }
     }
     let grown_mib = (peak_rss_kib() - before) / 1024;
-    assert!(grown_mib < 40, "peak memory grew by {grown_mib} MiB");
+    // Decoding these bodies in full grew the peak by 80 to 350 MiB; tests running
+    // beside this one add a few MiB at most.
+    assert!(grown_mib < 64, "peak memory grew by {grown_mib} MiB");
     t.stop().await;
 }
 
