@@ -140,6 +140,9 @@ pub struct SettleSettings {
     pub claim_idle_ms: u64,
     pub retry_base_ms: u64,
     pub retry_max_ms: u64,
+    /// Fault injection for the chaos harness: after a batch's commit and before its
+    /// Redis mark, the process aborts with this probability (per mille). 0 in service.
+    pub crash_after_commit_permille: u32,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -227,6 +230,7 @@ idle_sleep_ms = 50
 claim_idle_ms = 30000
 retry_base_ms = 100
 retry_max_ms = 5000
+crash_after_commit_permille = 0
 
 [wallet]
 sync_max = 1000

@@ -202,6 +202,15 @@ impl Worker {
                 entries: entries.len(),
             });
         }
+        let crash = self.app.settings.settle.crash_after_commit_permille;
+        if crash > 0 && rand::random::<u32>() % 1000 < crash {
+            // The chaos harness's "kill -9 between commit and ack", from the inside.
+            tracing::error!(
+                partition,
+                "fault injection: aborting between commit and ack"
+            );
+            std::process::abort();
+        }
         self.app
             .marker
             .mark(&self.app.redis, &booked.to_mark, &booked.accounts)
