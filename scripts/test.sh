@@ -15,3 +15,5 @@ echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --all-targets -- "$@"
+echo "== scripts/chaos.sh --quick"
+scripts/chaos.sh --quick --json "$ROOT/.data/chaos-quick.json"

@@ -119,6 +119,21 @@ impl StockState {
             _ => StockState::Lost,
         }
     }
+
+    /// [`StockState::of`], logging which sub-stock was found lost and how.
+    fn seen(code: i64, activity: &str, gen: i64, stock: u32) -> Self {
+        let state = Self::of(code);
+        if state == StockState::Lost {
+            tracing::error!(
+                activity,
+                gen,
+                stock,
+                how = if code == 3 { "missing" } else { "another Redis identity" },
+                "budget sub-stock lost"
+            );
+        }
+        state
+    }
 }
 
 /// Per sub-stock of one generation: skipped until this instant (seen empty).
@@ -675,7 +690,10 @@ impl Budget {
         let answers: Vec<Vec<i64>> = query_scripted(redis, &pipe, &self.scripts()).await?;
         let worst = answers
             .iter()
-            .map(|a| StockState::of(a.first().copied().unwrap_or(3)))
+            .zip(grants)
+            .map(|(a, (stock, ..))| {
+                StockState::seen(a.first().copied().unwrap_or(3), activity, gen.gen, *stock)
+            })
             .find(|s| *s != StockState::Spendable);
         match worst {
             Some(state) => {
@@ -738,7 +756,8 @@ impl Budget {
             pipe.add_command(cmd);
             let answers: Vec<Vec<i64>> = query_scripted(redis, &pipe, &self.scripts()).await?;
             let answer = answers.into_iter().next().unwrap_or_default();
-            let state = StockState::of(answer.first().copied().unwrap_or(3));
+            let state =
+                StockState::seen(answer.first().copied().unwrap_or(3), activity, gen.gen, stock);
             if state != StockState::Spendable {
                 self.on_unspendable(redis, db, activity, gen, state).await?;
                 continue;
@@ -809,7 +828,7 @@ impl Budget {
             if answer.len() < 2 {
                 anyhow::bail!("take_many.lua answered too little");
             }
-            let state = StockState::of(answer[0]);
+            let state = StockState::seen(answer[0], activity, gen.gen, i);
             if state != StockState::Spendable {
                 let entry = unspendable.entry(activity).or_insert((gen, state));
                 if state == StockState::Lost {
@@ -925,6 +944,7 @@ impl Budget {
         for i in self.candidates(activity, gen) {
             let key = redis.sub_stock_key(activity, gen.gen, i);
             let (state, taken, avail) = self.take_one(&mut conn, &key, amount, "all").await?;
+            let state = StockState::seen(state, activity, gen.gen, i);
             if state != StockState::Spendable {
                 return Ok(Walk::Unspendable(state));
             }
@@ -955,6 +975,7 @@ impl Budget {
         for &i in &seen_some {
             let key = redis.sub_stock_key(activity, gen.gen, i);
             let (state, taken, avail) = self.take_one(&mut conn, &key, need, "upto").await?;
+            let state = StockState::seen(state, activity, gen.gen, i);
             if state != StockState::Spendable {
                 self.give_back(redis, activity, &got).await?;
                 return Ok(Walk::Unspendable(state));
@@ -980,7 +1001,7 @@ impl Budget {
         key: &str,
         amount: i64,
         mode: &str,
-    ) -> redis::RedisResult<(StockState, i64, i64)> {
+    ) -> redis::RedisResult<(i64, i64, i64)> {
         let (state, taken, avail): (i64, i64, i64) = self
             .take
             .key(key)
@@ -988,7 +1009,7 @@ impl Budget {
             .arg(mode)
             .invoke_async(conn)
             .await?;
-        Ok((StockState::of(state), taken, avail))
+        Ok((state, taken, avail))
     }
 
     /// Returns what `taken` took, to sub-stocks that may still be spent. What a drained
