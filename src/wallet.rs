@@ -244,11 +244,11 @@ fn rfc3339(ms: i64) -> String {
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-fn encode_cursor(at_ms: i64, otn: &str) -> String {
+pub fn encode_cursor(at_ms: i64, otn: &str) -> String {
     B64.encode(format!("{at_ms}|{otn}"))
 }
 
-fn decode_cursor(cursor: &str) -> Option<(i64, String)> {
+pub fn decode_cursor(cursor: &str) -> Option<(i64, String)> {
     let text = String::from_utf8(B64.decode(cursor).ok()?).ok()?;
     let (at, otn) = text.split_once('|')?;
     Some((at.parse().ok()?, otn.to_string()))

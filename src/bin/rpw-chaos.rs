@@ -304,6 +304,8 @@ struct Load {
     awards_sent: AtomicU64,
     withdrawals_sent: AtomicU64,
     unanswered: AtomicU64,
+    /// The paths of requests never answered (the first few).
+    unanswered_paths: Mutex<Vec<String>>,
     storm: AtomicBool,
     users: i64,
     max_award: i64,
@@ -358,6 +360,10 @@ impl Load {
             tokio::time::sleep(Duration::from_millis(rng.random_range(20..150))).await;
         }
         self.unanswered.fetch_add(1, Ordering::Relaxed);
+        let mut paths = self.unanswered_paths.lock().unwrap();
+        if paths.len() < 5 {
+            paths.push(format!("{method} {path}"));
+        }
         Answer::GaveUp
     }
 
@@ -862,6 +868,7 @@ impl Run<'_> {
             awards_sent: AtomicU64::new(0),
             withdrawals_sent: AtomicU64::new(0),
             unanswered: AtomicU64::new(0),
+            unanswered_paths: Mutex::new(Vec::new()),
             storm: AtomicBool::new(false),
             users: 200,
             max_award: 500,
@@ -941,8 +948,9 @@ impl Run<'_> {
         outcome.withdrawals = load.told.lock().unwrap().withdrawals.len() as u64;
         if load.unanswered.load(Ordering::Relaxed) > 0 {
             outcome.violations.push(format!(
-                "{} requests were never answered within their patience",
-                load.unanswered.load(Ordering::Relaxed)
+                "{} requests were never answered within their patience: {:?}",
+                load.unanswered.load(Ordering::Relaxed),
+                load.unanswered_paths.lock().unwrap()
             ));
         }
         outcome.ok = outcome.violations.is_empty();
