@@ -522,7 +522,7 @@ impl Load {
                         "/v1/wallet",
                         &jwt,
                         None,
-                        Duration::from_secs(5),
+                        Duration::from_secs(60),
                     )
                     .await;
             } else if roll < 0.75 {
@@ -594,7 +594,7 @@ impl Load {
                             "/v1/wallet/tokens:sync",
                             &jwt,
                             Some(&body),
-                            Duration::from_secs(10),
+                            Duration::from_secs(60),
                         )
                         .await;
                 }
