@@ -49,7 +49,10 @@ fn auth() -> &'static AuthKeys {
         let settings = Settings::load_with(
             None,
             [
-                ("RPW_AUTH__JWT_SECRET".to_string(), "props-secret".to_string()),
+                (
+                    "RPW_AUTH__JWT_SECRET".to_string(),
+                    "props-secret".to_string(),
+                ),
                 ("RPW_AUTH__ADMIN_KEY".to_string(), "props-admin".to_string()),
             ],
         )
@@ -87,7 +90,8 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
         Just(serde_json::Value::Null),
         any::<bool>().prop_map(serde_json::Value::from),
         any::<i64>().prop_map(serde_json::Value::from),
-        any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(serde_json::Value::Null, serde_json::Value::Number)),
+        any::<f64>().prop_map(|f| serde_json::Number::from_f64(f)
+            .map_or(serde_json::Value::Null, serde_json::Value::Number)),
         ".{0,40}".prop_map(serde_json::Value::from),
     ];
     leaf.prop_recursive(3, 32, 8, |inner| {

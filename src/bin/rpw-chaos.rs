@@ -817,7 +817,11 @@ impl Run<'_> {
         let serve_ports: Vec<u16> = procs.iter().filter_map(|p| p.port).collect();
 
         // The activity: a budget the load runs past, so the last cents are fought over.
-        let budget: i64 = if self.args.quick { 1_000_000 } else { 2_500_000 };
+        let budget: i64 = if self.args.quick {
+            1_000_000
+        } else {
+            2_500_000
+        };
         let now = chrono::Utc::now();
         let body = json!({"id": ACTIVITY, "name": "chaos", "stage": "live",
             "starts_at": (now - chrono::Duration::seconds(60)).to_rfc3339(),
@@ -1203,13 +1207,16 @@ impl Run<'_> {
         // released what was in doubt and proven unspent (the grace is 0 here).
         let base = format!("http://127.0.0.1:{}", load.ports.lock().unwrap()[0]);
         let release = client
-            .post(format!("{base}/v1/admin/activities/{ACTIVITY}/release-in-doubt"))
+            .post(format!(
+                "{base}/v1/admin/activities/{ACTIVITY}/release-in-doubt"
+            ))
             .bearer_auth(ADMIN)
             .json(&json!({}))
             .send()
             .await?;
         if !release.status().is_success() {
-            out.violations.push(format!("release-in-doubt answered {}", release.status()));
+            out.violations
+                .push(format!("release-in-doubt answered {}", release.status()));
         }
         // Leaks (budget taken, never a token: a grant whose answer a MariaDB crash cut
         // off, an award whose process died between take and store) are named by repair:

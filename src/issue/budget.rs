@@ -128,7 +128,11 @@ impl StockState {
                 activity,
                 gen,
                 stock,
-                how = if code == 3 { "missing" } else { "another Redis identity" },
+                how = if code == 3 {
+                    "missing"
+                } else {
+                    "another Redis identity"
+                },
                 "budget sub-stock lost"
             );
         }
@@ -756,8 +760,12 @@ impl Budget {
             pipe.add_command(cmd);
             let answers: Vec<Vec<i64>> = query_scripted(redis, &pipe, &self.scripts()).await?;
             let answer = answers.into_iter().next().unwrap_or_default();
-            let state =
-                StockState::seen(answer.first().copied().unwrap_or(3), activity, gen.gen, stock);
+            let state = StockState::seen(
+                answer.first().copied().unwrap_or(3),
+                activity,
+                gen.gen,
+                stock,
+            );
             if state != StockState::Spendable {
                 self.on_unspendable(redis, db, activity, gen, state).await?;
                 continue;
