@@ -30,7 +30,7 @@ if [[ -n $PLOT && ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]]; then
 fi
 
 echo "[bench] building (release)" >&2
-cargo build --release --bins -q
+cargo build --release --workspace --bins -q
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 BIN="$TARGET_DIR/release/redpacket-wallet"
 BENCH="$TARGET_DIR/release/rpw-bench"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The fault harness: seeded crash, loss and outage schedules under bursty load, with a
-# report to the cent (src/bin/rpw-chaos.rs).
+# report to the cent (bench/src/bin/rpw-chaos.rs).
 #
 #   scripts/chaos.sh --quick                 # every scenario once, short load (in scripts/test.sh)
 #   scripts/chaos.sh --seed 7 --scenario redis-loss
@@ -14,6 +14,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
-cargo build --release --quiet --bin redpacket-wallet --bin rpw-chaos
+cargo build --release --quiet -p redpacket-wallet --bin redpacket-wallet
+cargo build --release --quiet -p rpw-bench --bin rpw-chaos
 exec "$TARGET/release/rpw-chaos" --bin "$TARGET/release/redpacket-wallet" \
   --redis-port "${RPW_CHAOS_REDIS_PORT:-6390}" --mysql-port "${RPW_CHAOS_MYSQL_PORT:-3310}" "$@"

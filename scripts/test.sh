@@ -11,9 +11,9 @@ export RPW_TEST_MYSQL_URL="${RPW_TEST_MYSQL_URL:-$RPW_MYSQL__URL}"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
-echo "== cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets -- -D warnings
+echo "== cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"
-cargo test --all-targets -- "$@"
+cargo test --workspace --all-targets -- "$@"
 echo "== scripts/chaos.sh --quick"
 scripts/chaos.sh --quick --json "$ROOT/.data/chaos-quick.json"
