@@ -36,33 +36,7 @@ pub async fn hour_counters(
     redis: &Redis,
     activity: &str,
 ) -> redis::RedisResult<BTreeMap<String, HourCounters>> {
-    let mut pipe = redis::pipe();
-    for p in 0..redis.partitions() {
-        pipe.hgetall(redis.counters_key(p, activity));
-    }
-    let mut conn = redis.conn();
-    let maps: Vec<BTreeMap<String, i64>> = pipe.query_async(&mut conn).await?;
-    let mut hours: BTreeMap<String, HourCounters> = BTreeMap::new();
-    for map in maps {
-        for (field, value) in map {
-            let Some((hour, what)) = field.split_once(':') else {
-                continue;
-            };
-            // `g{gen}:…` fields count per budget generation (see `gen_counters`).
-            if hour.starts_with('g') {
-                continue;
-            }
-            let h = hours.entry(hour.to_string()).or_default();
-            match what {
-                "n" => h.issued.count += value,
-                "c" => h.issued.cents += value,
-                "sn" => h.settled.count += value,
-                "sc" => h.settled.cents += value,
-                _ => {}
-            }
-        }
-    }
-    Ok(hours)
+    Ok(counters(redis, activity).await?.0)
 }
 
 /// Per budget generation: issued and settled totals, summed over partitions (the
@@ -71,32 +45,45 @@ pub async fn gen_counters(
     redis: &Redis,
     activity: &str,
 ) -> redis::RedisResult<BTreeMap<i64, HourCounters>> {
+    Ok(counters(redis, activity).await?.1)
+}
+
+/// Every counter of `activity` over the partitions, in one round trip: per hour
+/// (`YYYYMMDDHH:…`) and per budget generation (`g{gen}:…`).
+async fn counters(
+    redis: &Redis,
+    activity: &str,
+) -> redis::RedisResult<(BTreeMap<String, HourCounters>, BTreeMap<i64, HourCounters>)> {
     let mut pipe = redis::pipe();
     for p in 0..redis.partitions() {
         pipe.hgetall(redis.counters_key(p, activity));
     }
     let mut conn = redis.conn();
     let maps: Vec<BTreeMap<String, i64>> = pipe.query_async(&mut conn).await?;
+    let mut hours: BTreeMap<String, HourCounters> = BTreeMap::new();
     let mut gens: BTreeMap<i64, HourCounters> = BTreeMap::new();
     for map in maps {
         for (field, value) in map {
-            let Some((gen, what)) = field.split_once(':') else {
+            let Some((when, what)) = field.split_once(':') else {
                 continue;
             };
-            let Some(gen) = gen.strip_prefix('g').and_then(|g| g.parse::<i64>().ok()) else {
-                continue;
+            let counter = match when.strip_prefix('g') {
+                Some(gen) => match gen.parse::<i64>() {
+                    Ok(gen) => gens.entry(gen).or_default(),
+                    Err(_) => continue,
+                },
+                None => hours.entry(when.to_string()).or_default(),
             };
-            let g = gens.entry(gen).or_default();
             match what {
-                "n" => g.issued.count += value,
-                "c" => g.issued.cents += value,
-                "sn" => g.settled.count += value,
-                "sc" => g.settled.cents += value,
+                "n" => counter.issued.count += value,
+                "c" => counter.issued.cents += value,
+                "sn" => counter.settled.count += value,
+                "sc" => counter.settled.cents += value,
                 _ => {}
             }
         }
     }
-    Ok(gens)
+    Ok((hours, gens))
 }
 
 /// Awards of `activity` in the ledger per budget generation, over every shard.
@@ -181,7 +168,7 @@ pub struct Report {
 async fn measure(app: &App, activity: &str, hour: &str, kind: &str) -> ApiResult<Report> {
     let (start, end) = hour_window(hour)
         .ok_or_else(|| ApiError::InvalidRequest("hour must be YYYYMMDDHH".into()))?;
-    let hours = hour_counters(&app.redis, activity).await?;
+    let (hours, gens) = counters(&app.redis, activity).await?;
     let counters = hours.get(hour).copied().unwrap_or_default();
     let booked = booked_totals(&app.db, activity, Some((start, end))).await?;
     let budget = app
@@ -189,7 +176,7 @@ async fn measure(app: &App, activity: &str, hour: &str, kind: &str) -> ApiResult
         .figures(&app.redis, &app.db, activity)
         .await
         .map_err(ApiError::Internal)?;
-    let leak = open_leak(app, activity).await?;
+    let leak = open_leak(app, activity, &gens, budget.available_cents).await?;
     let mut problems = Vec::new();
     if booked.count > counters.issued.count || booked.cents > counters.issued.cents {
         problems.push(format!(
@@ -235,32 +222,23 @@ async fn measure(app: &App, activity: &str, hour: &str, kind: &str) -> ApiResult
 /// Taken but not issued, over the generations still open to spending or awaiting their
 /// leak settlement (the live one's figure includes awards in flight, which is why a
 /// mismatch needs a second look).
-async fn open_leak(app: &App, activity: &str) -> ApiResult<i64> {
-    let gens: Vec<(i64, i64, i64, i32, String)> = sqlx::query_as(
-        "SELECT gen, granted_cents, returned_cents, sub_stocks, state FROM budget_generations WHERE activity_id = ? AND state IN ('live', 'closed')",
+async fn open_leak(
+    app: &App,
+    activity: &str,
+    gens: &BTreeMap<i64, HourCounters>,
+    live_available: i64,
+) -> ApiResult<i64> {
+    let open: Vec<(i64, i64, i64, String)> = sqlx::query_as(
+        "SELECT gen, granted_cents, returned_cents, state FROM budget_generations WHERE activity_id = ? AND state IN ('live', 'closed')",
     )
     .bind(activity)
     .fetch_all(app.db.main())
     .await?;
-    if gens.is_empty() {
-        return Ok(0);
-    }
-    let counters = gen_counters(&app.redis, activity).await?;
     let mut leak = 0;
-    for (gen, granted, returned, sub_stocks, state) in gens {
-        let mut available = 0;
-        if state == "live" {
-            let mut pipe = redis::pipe();
-            for i in 0..sub_stocks.max(0) as u32 {
-                pipe.cmd("HGET")
-                    .arg(app.redis.sub_stock_key(activity, gen, i))
-                    .arg("avail");
-            }
-            let mut conn = app.redis.conn();
-            let avails: Vec<Option<i64>> = pipe.query_async(&mut conn).await?;
-            available = avails.into_iter().flatten().sum();
-        }
-        let issued = counters.get(&gen).map(|c| c.issued.cents).unwrap_or(0);
+    for (gen, granted, returned, state) in open {
+        // Only the live generation's sub-stocks still hold budget; a closed one was drained.
+        let available = if state == "live" { live_available } else { 0 };
+        let issued = gens.get(&gen).map(|c| c.issued.cents).unwrap_or(0);
         leak += granted - returned - available - issued;
     }
     Ok(leak)

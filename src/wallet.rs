@@ -117,14 +117,21 @@ pub async fn wallet_view(app: &App, user: UserId) -> ApiResult<WalletView> {
             booked.extend(list.split(',').map(str::to_string));
         }
     }
-    for c in candidates
-        .iter()
-        .filter(|c| !booked.contains(&c.out_trade_no))
-    {
-        view.pending_cents = view
-            .pending_cents
-            .checked_add(c.amount_cents)
-            .ok_or_else(overflow)?;
+    add_pending(
+        &mut view,
+        candidates
+            .iter()
+            .filter(|c| !booked.contains(&c.out_trade_no))
+            .map(|c| c.amount_cents),
+    )?;
+    Ok(view)
+}
+
+/// The merge both views share: pending tokens added to the booked figures, in checked
+/// arithmetic (`balance = booked + pending`; income counts pending awards too).
+fn add_pending(view: &mut WalletView, pending: impl Iterator<Item = i64>) -> ApiResult<()> {
+    for cents in pending {
+        view.pending_cents = view.pending_cents.checked_add(cents).ok_or_else(overflow)?;
         view.pending_count += 1;
     }
     view.balance_cents = view
@@ -135,12 +142,14 @@ pub async fn wallet_view(app: &App, user: UserId) -> ApiResult<WalletView> {
         .total_income_cents
         .checked_add(view.pending_cents)
         .ok_or_else(overflow)?;
-    Ok(view)
+    Ok(())
 }
 
 /// Redis only: the account snapshot written with each settle mark, plus tokens still
-/// pending in Redis. Both are written by one script, so this view is exact as of Redis;
-/// it is marked degraded because it cannot see ledger changes Redis has not heard of.
+/// pending in Redis. Both are written by one script, and a snapshot never includes a
+/// token still pending (see `settle`), so this view counts every token once as of
+/// Redis; it is marked degraded because it cannot see ledger changes Redis has not
+/// heard of.
 pub async fn degraded_view(app: &App, user: UserId) -> ApiResult<WalletView> {
     let mut conn = app.redis.conn();
     let (statuses, snapshot): (Vec<(String, String)>, HashMap<String, i64>) = redis::pipe()
@@ -157,26 +166,14 @@ pub async fn degraded_view(app: &App, user: UserId) -> ApiResult<WalletView> {
         degraded: true,
         ..Default::default()
     };
-    for s in statuses
-        .iter()
-        .filter_map(|(o, v)| crate::tokens::parse_status(user, o, v))
-    {
-        if s.pending {
-            view.pending_cents = view
-                .pending_cents
-                .checked_add(s.entry.amount_cents)
-                .ok_or_else(overflow)?;
-            view.pending_count += 1;
-        }
-    }
-    view.balance_cents = view
-        .booked_cents
-        .checked_add(view.pending_cents)
-        .ok_or_else(overflow)?;
-    view.total_income_cents = view
-        .total_income_cents
-        .checked_add(view.pending_cents)
-        .ok_or_else(overflow)?;
+    add_pending(
+        &mut view,
+        statuses
+            .iter()
+            .filter_map(|(o, v)| crate::tokens::parse_status(user, o, v))
+            .filter(|s| s.pending)
+            .map(|s| s.entry.amount_cents),
+    )?;
     Ok(view)
 }
 

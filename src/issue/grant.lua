@@ -12,21 +12,4 @@ if redis.call('HSETNX', KEYS[1], 'g:' .. ARGV[1], ARGV[2]) == 1 then
   redis.call('HINCRBY', KEYS[1], 'avail', ARGV[2])
   redis.call('HINCRBY', KEYS[1], 'funded', ARGV[2])
 end
-local avail = tonumber(redis.call('HGET', KEYS[1], 'avail') or '0')
-local out = {0, 0}
-local total = 0
-for i = 3, #ARGV do
-  local amount = tonumber(ARGV[i])
-  if amount > 0 and amount <= avail then
-    avail = avail - amount
-    total = total + amount
-    out[i] = 1
-  else
-    out[i] = 0
-  end
-end
-if total > 0 then
-  avail = redis.call('HINCRBY', KEYS[1], 'avail', -total)
-end
-out[2] = avail
-return out
+return take_amounts(KEYS[1], 3)

@@ -8,21 +8,4 @@
 -- carries at most 64 of them, so every sum stays exact in Lua's doubles.
 local state = stock_state(KEYS[1])
 if state ~= 0 then return {state, 0} end
-local avail = tonumber(redis.call('HGET', KEYS[1], 'avail') or '0')
-local out = {0, 0}
-local total = 0
-for i = 1, #ARGV do
-  local amount = tonumber(ARGV[i])
-  if amount > 0 and amount <= avail then
-    avail = avail - amount
-    total = total + amount
-    out[i + 2] = 1
-  else
-    out[i + 2] = 0
-  end
-end
-if total > 0 then
-  avail = redis.call('HINCRBY', KEYS[1], 'avail', -total)
-end
-out[2] = avail
-return out
+return take_amounts(KEYS[1], 1)
