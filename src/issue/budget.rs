@@ -169,6 +169,10 @@ pub struct Budget {
     live: RwLock<HashMap<String, Gen>>,
     /// Per activity and generation, per sub-stock: skipped until this instant.
     exhausted: Mutex<HashMap<(String, i64), SkipMarks>>,
+    /// Per activity: when its sub-stocks last got money (a grant applied, cents given
+    /// back, marks forgotten). A sub-stock read empty before that instant is not marked
+    /// exhausted: the read is older than the money.
+    refunded_at: Mutex<HashMap<String, Instant>>,
     /// Activities whose whole budget was granted when last asked: no grant is asked for
     /// again until this instant.
     fully_granted: Mutex<HashMap<String, Instant>>,
@@ -193,6 +197,7 @@ impl Budget {
             give_back: script(include_str!("give_back.lua")),
             live: RwLock::new(HashMap::new()),
             exhausted: Mutex::new(HashMap::new()),
+            refunded_at: Mutex::new(HashMap::new()),
             fully_granted: Mutex::new(HashMap::new()),
             maintenance: tokio::sync::Mutex::new(()),
         }
@@ -225,7 +230,13 @@ impl Budget {
         };
     }
 
+    /// One grant: `max(per-award cap, budget / (sub_stocks * grant_slices))`.
+    fn chunk(&self, budget: i64, cap: i64, gen: Gen) -> i64 {
+        cap.max(budget / i64::from(gen.sub_stocks * self.settings.grant_slices.max(1)))
+    }
+
     pub fn forget_exhausted(&self, activity: &str) {
+        self.note_refunded(activity);
         self.exhausted
             .lock()
             .expect("exhausted map poisoned")
@@ -267,7 +278,25 @@ impl Budget {
         order
     }
 
-    fn mark_exhausted(&self, activity: &str, gen: Gen, i: u32) {
+    fn note_refunded(&self, activity: &str) {
+        self.refunded_at
+            .lock()
+            .expect("refunded map poisoned")
+            .insert(activity.to_string(), Instant::now());
+    }
+
+    /// Marks sub-stock `i` as seen empty by a read that started at `read_at`, unless
+    /// money came to the activity's sub-stocks since (the read is stale).
+    fn mark_exhausted(&self, activity: &str, gen: Gen, i: u32, read_at: Instant) {
+        let stale = self
+            .refunded_at
+            .lock()
+            .expect("refunded map poisoned")
+            .get(activity)
+            .is_some_and(|at| *at >= read_at);
+        if stale {
+            return;
+        }
         let mut map = self.exhausted.lock().expect("exhausted map poisoned");
         let marks = map
             .entry((activity.to_string(), gen.gen))
@@ -571,7 +600,7 @@ impl Budget {
         activity: &str,
         gen: Gen,
         wants: &[(u32, i64)],
-    ) -> anyhow::Result<Vec<(u32, i64, i64)>> {
+    ) -> anyhow::Result<(Vec<(u32, i64, i64)>, bool)> {
         let mut tx = db.main().begin().await?;
         let (budget, granted, cap) = lock_activity(&mut tx, activity).await?;
         let live: Option<(bool,)> = sqlx::query_as(
@@ -583,9 +612,9 @@ impl Budget {
         .await?;
         if live != Some((true,)) {
             tx.rollback().await?;
-            return Ok(Vec::new());
+            return Ok((Vec::new(), false));
         }
-        let chunk = cap.max(budget / i64::from(gen.sub_stocks * self.settings.grant_slices.max(1)));
+        let chunk = self.chunk(budget, cap, gen);
         let mut ungranted = budget - granted;
         let mut made = Vec::new();
         let mut total = 0;
@@ -624,10 +653,10 @@ impl Budget {
             granted + total <= budget,
             "granted never exceeds the budget"
         );
-        if ungranted <= 0 {
-            self.mark_fully_granted(activity);
-        }
-        Ok(made)
+        // Whether nothing is left to grant. The caller marks the activity fully
+        // granted only once its grants are applied: until then an award must not be
+        // refused while this money is on its way to a sub-stock.
+        Ok((made, ungranted <= 0))
     }
 
     /// Keeps the live generation funded: every sub-stock under half a chunk gets a new
@@ -646,7 +675,7 @@ impl Budget {
         if self.is_fully_granted(activity) {
             return Ok(());
         }
-        let chunk = cap.max(budget / i64::from(gen.sub_stocks * self.settings.grant_slices.max(1)));
+        let chunk = self.chunk(budget, cap, gen);
         let low = (chunk / 2).max(1);
         let mut pipe = redis::pipe();
         for i in 0..gen.sub_stocks {
@@ -665,8 +694,11 @@ impl Budget {
         if wants.is_empty() {
             return Ok(());
         }
-        let grants = self.grant_tx(db, activity, gen, &wants).await?;
+        let (grants, fully) = self.grant_tx(db, activity, gen, &wants).await?;
         self.apply(redis, db, activity, gen, &grants).await?;
+        if fully {
+            self.mark_fully_granted(activity);
+        }
         Ok(())
     }
 
@@ -703,16 +735,17 @@ impl Budget {
             Some(state) => {
                 self.on_unspendable(redis, db, activity, gen, state).await?;
             }
-            None => self.forget_exhausted_gen(activity, gen),
+            None => self.forget_exhausted_gen(activity, gen.gen),
         }
         Ok(())
     }
 
-    fn forget_exhausted_gen(&self, activity: &str, gen: Gen) {
+    fn forget_exhausted_gen(&self, activity: &str, gen: i64) {
+        self.note_refunded(activity);
         self.exhausted
             .lock()
             .expect("exhausted map poisoned")
-            .remove(&(activity.to_string(), gen.gen));
+            .remove(&(activity.to_string(), gen));
     }
 
     /// Grants enough for `awards` (index, amount) plus a chunk to one sub-stock and takes
@@ -742,8 +775,11 @@ impl Budget {
                 .iter()
                 .try_fold(0_i64, |acc, (_, a)| acc.checked_add(*a))
                 .context("award amounts overflow")?;
-            let grants = self.grant_tx(db, activity, gen, &[(stock, need)]).await?;
+            let (grants, fully) = self.grant_tx(db, activity, gen, &[(stock, need)]).await?;
             let Some(&(_, id, cents)) = grants.first() else {
+                if fully {
+                    self.mark_fully_granted(activity);
+                }
                 // Fully granted, or the generation changed: reload and try once more.
                 self.reload(redis, db, activity).await?;
                 continue;
@@ -770,7 +806,10 @@ impl Budget {
                 self.on_unspendable(redis, db, activity, gen, state).await?;
                 continue;
             }
-            self.forget_exhausted_gen(activity, gen);
+            self.forget_exhausted_gen(activity, gen.gen);
+            if fully {
+                self.mark_fully_granted(activity);
+            }
             return Ok(awards
                 .iter()
                 .zip(answer.iter().skip(2))
@@ -829,6 +868,7 @@ impl Budget {
         if calls.is_empty() {
             return Ok(Vec::new());
         }
+        let read_at = Instant::now();
         let answers: Vec<Vec<i64>> = query_scripted(redis, &pipe, &self.scripts()).await?;
         let mut covered = Vec::with_capacity(awards.len());
         let mut unspendable: HashMap<&str, (Gen, StockState)> = HashMap::new();
@@ -848,7 +888,7 @@ impl Budget {
                 anyhow::bail!("take_many.lua answered the wrong number of awards");
             }
             if answer[1] == 0 {
-                self.mark_exhausted(activity, gen, i);
+                self.mark_exhausted(activity, gen, i, read_at);
             }
             for (&(k, amount), &taken) in chunk.iter().zip(&answer[2..]) {
                 if taken == 1 {
@@ -882,21 +922,7 @@ impl Budget {
         amount: i64,
     ) -> anyhow::Result<Option<Taken>> {
         debug_assert!(amount > 0);
-        for _ in 0..2 {
-            let Some(gen) = self.live_gen(activity) else {
-                break;
-            };
-            match self.walk(redis, activity, gen, amount).await? {
-                Walk::Taken(t) => return Ok(Some(t)),
-                Walk::Short => break,
-                Walk::Unspendable(state) => {
-                    self.on_unspendable(redis, db, activity, gen, state).await?;
-                }
-            }
-        }
-        let mut got = self
-            .grant_and_take(redis, db, activity, &[(0, amount)])
-            .await?;
+        let mut got = self.take_each(redis, db, &[(0, activity, amount)]).await?;
         Ok(got.pop().map(|(_, t)| t))
     }
 
@@ -911,33 +937,51 @@ impl Budget {
         let mut covered = Vec::with_capacity(awards.len());
         let mut short: HashMap<&str, Vec<(usize, i64)>> = HashMap::new();
         for &(k, activity, amount) in awards {
-            let mut done = false;
-            for _ in 0..2 {
-                let Some(gen) = self.live_gen(activity) else {
-                    break;
-                };
-                match self.walk(redis, activity, gen, amount).await? {
-                    Walk::Taken(t) => {
-                        covered.push((k, t));
-                        done = true;
-                        break;
-                    }
-                    Walk::Short => break,
-                    Walk::Unspendable(state) => {
-                        self.on_unspendable(redis, db, activity, gen, state).await?;
-                    }
-                }
-            }
-            if !done {
-                short.entry(activity).or_default().push((k, amount));
+            match self.walk_live(redis, db, activity, amount).await? {
+                Some(t) => covered.push((k, t)),
+                None => short.entry(activity).or_default().push((k, amount)),
             }
         }
         for (activity, group) in short {
             for chunk in group.chunks(TAKE_CHUNK) {
-                covered.extend(self.grant_and_take(redis, db, activity, chunk).await?);
+                let granted = self.grant_and_take(redis, db, activity, chunk).await?;
+                let done: HashSet<usize> = granted.iter().map(|(k, _)| *k).collect();
+                covered.extend(granted);
+                // No grant covered these (the budget is fully granted, or another
+                // instance's grant landed meanwhile): what the sub-stocks hold now is
+                // tried once more before the award is refused.
+                for &(k, amount) in chunk.iter().filter(|(k, _)| !done.contains(k)) {
+                    if let Some(t) = self.walk_live(redis, db, activity, amount).await? {
+                        covered.push((k, t));
+                    }
+                }
             }
         }
         Ok(covered)
+    }
+
+    /// Walks the live generation's sub-stocks for `amount`; a drained or lost
+    /// generation met on the way is handled and the walk tried once on the next.
+    async fn walk_live(
+        &self,
+        redis: &Redis,
+        db: &Db,
+        activity: &str,
+        amount: i64,
+    ) -> anyhow::Result<Option<Taken>> {
+        for _ in 0..2 {
+            let Some(gen) = self.live_gen(activity) else {
+                break;
+            };
+            match self.walk(redis, activity, gen, amount).await? {
+                Walk::Taken(t) => return Ok(Some(t)),
+                Walk::Short => break,
+                Walk::Unspendable(state) => {
+                    self.on_unspendable(redis, db, activity, gen, state).await?;
+                }
+            }
+        }
+        Ok(None)
     }
 
     async fn walk(
@@ -951,6 +995,7 @@ impl Budget {
         let mut seen_some = Vec::new();
         for i in self.candidates(activity, gen) {
             let key = redis.sub_stock_key(activity, gen.gen, i);
+            let read_at = Instant::now();
             let (state, taken, avail) = self.take_one(&mut conn, &key, amount, "all").await?;
             let state = StockState::seen(state, activity, gen.gen, i);
             if state != StockState::Spendable {
@@ -958,7 +1003,7 @@ impl Budget {
             }
             if taken == amount {
                 if avail == 0 {
-                    self.mark_exhausted(activity, gen, i);
+                    self.mark_exhausted(activity, gen, i, read_at);
                 }
                 return Ok(Walk::Taken(Taken {
                     gen: gen.gen,
@@ -966,7 +1011,7 @@ impl Budget {
                 }));
             }
             if avail == 0 {
-                self.mark_exhausted(activity, gen, i);
+                self.mark_exhausted(activity, gen, i, read_at);
             } else {
                 seen_some.push(i);
             }
@@ -982,6 +1027,7 @@ impl Budget {
         let mut need = amount;
         for &i in &seen_some {
             let key = redis.sub_stock_key(activity, gen.gen, i);
+            let read_at = Instant::now();
             let (state, taken, avail) = self.take_one(&mut conn, &key, need, "upto").await?;
             let state = StockState::seen(state, activity, gen.gen, i);
             if state != StockState::Spendable {
@@ -989,7 +1035,7 @@ impl Budget {
                 return Ok(Walk::Unspendable(state));
             }
             if avail == 0 {
-                self.mark_exhausted(activity, gen, i);
+                self.mark_exhausted(activity, gen, i, read_at);
             }
             if taken > 0 {
                 got.parts.push((i, taken));
@@ -1041,10 +1087,7 @@ impl Budget {
             pipe.add_command(cmd);
         }
         let _: Vec<i64> = query_scripted(redis, &pipe, &self.scripts()).await?;
-        self.exhausted
-            .lock()
-            .expect("exhausted map poisoned")
-            .remove(&(activity.to_string(), taken.gen));
+        self.forget_exhausted_gen(activity, taken.gen);
         Ok(())
     }
 
@@ -1385,10 +1428,6 @@ struct ActivityLock {
 
 impl ActivityLock {
     async fn take(db: &Db, activity: &str) -> anyhow::Result<Self> {
-        Self::take_inner(db, activity).await
-    }
-
-    async fn take_inner(db: &Db, activity: &str) -> anyhow::Result<Self> {
         let mut conn = db.main().acquire().await?;
         let name = format!("rpw-budget-{activity}");
         let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, ?)")
