@@ -28,8 +28,6 @@ pub enum ApiError {
     ActivityClosed(String),
     #[error("{0}")]
     AmountOverCap(String),
-    #[error("{0}")]
-    Conflict(String),
     #[error("the request body is over the configured limit")]
     PayloadTooLarge,
     #[error("rate limited")]
@@ -60,8 +58,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::IdempotencyConflict(_)
             | ApiError::BudgetExhausted
-            | ApiError::InsufficientBalance
-            | ApiError::Conflict(_) => StatusCode::CONFLICT,
+            | ApiError::InsufficientBalance => StatusCode::CONFLICT,
             ApiError::ActivityClosed(_) | ApiError::AmountOverCap(_) => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
@@ -84,7 +81,6 @@ impl ApiError {
             ApiError::InsufficientBalance => "insufficient_balance",
             ApiError::ActivityClosed(_) => "activity_closed",
             ApiError::AmountOverCap(_) => "amount_over_cap",
-            ApiError::Conflict(_) => "conflict",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::PayloadTooLarge => "payload_too_large",
             ApiError::Unavailable(_) => "unavailable",
