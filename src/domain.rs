@@ -27,9 +27,15 @@ pub const MAX_CENTS: i64 = 10_000_000_000_000;
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
 )]
 #[serde(transparent)]
-pub struct Cents(pub i64);
+pub struct Cents(i64);
 
 impl Cents {
+    pub const ZERO: Cents = Cents(0);
+
+    pub fn get(self) -> i64 {
+        self.0
+    }
+
     /// A strictly positive amount, as awards, budgets and withdrawals must be.
     pub fn positive(value: i64, field: &str) -> Result<Self, Invalid> {
         if value > 0 && value <= MAX_CENTS {
@@ -45,8 +51,13 @@ impl Cents {
     pub fn checked_add(self, other: Cents) -> Option<Cents> {
         self.0
             .checked_add(other.0)
-            .filter(|sum| sum.abs() <= MAX_CENTS * 1_000)
+            .filter(|sum| *sum <= MAX_CENTS)
             .map(Cents)
+    }
+
+    /// `self - other`, refused below zero.
+    pub fn checked_sub(self, other: Cents) -> Option<Cents> {
+        self.0.checked_sub(other.0).filter(|d| *d >= 0).map(Cents)
     }
 }
 
@@ -164,14 +175,6 @@ impl Stage {
             Stage::Live => pb::Stage::Live,
         }
     }
-    pub fn from_pb(value: i32) -> Option<Self> {
-        match pb::Stage::try_from(value).ok()? {
-            pb::Stage::Test => Some(Stage::Test),
-            pb::Stage::Gray => Some(Stage::Gray),
-            pb::Stage::Live => Some(Stage::Live),
-            pb::Stage::Unspecified => None,
-        }
-    }
 }
 
 impl FromStr for Stage {
@@ -228,6 +231,73 @@ impl fmt::Display for OutTradeNo {
     }
 }
 
+/// A caller's idempotency key for a withdrawal: 1-64 printable ASCII characters
+/// without spaces.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct RequestId(String);
+
+impl RequestId {
+    pub fn parse(value: &str) -> Result<Self, Invalid> {
+        let ok = (1..=64).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_graphic());
+        if ok {
+            Ok(Self(value.to_string()))
+        } else {
+            Err(invalid(
+                "request_id must be 1-64 printable characters without spaces",
+            ))
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where a withdrawal stands: `submitted` until the payout channel answers, then `paid`
+/// (final) or `failed` (the money went back with a reversal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WithdrawalStatus {
+    Submitted,
+    Paid,
+    Failed,
+}
+
+impl WithdrawalStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WithdrawalStatus::Submitted => "submitted",
+            WithdrawalStatus::Paid => "paid",
+            WithdrawalStatus::Failed => "failed",
+        }
+    }
+
+    /// A verdict of the payout channel: `paid` or `failed`.
+    pub fn parse_verdict(value: &str) -> Result<Self, Invalid> {
+        match value {
+            "paid" => Ok(WithdrawalStatus::Paid),
+            "failed" => Ok(WithdrawalStatus::Failed),
+            _ => Err(invalid("status must be paid or failed")),
+        }
+    }
+}
+
+impl FromStr for WithdrawalStatus {
+    type Err = Invalid;
+    fn from_str(s: &str) -> Result<Self, Invalid> {
+        match s {
+            "submitted" => Ok(WithdrawalStatus::Submitted),
+            other => Self::parse_verdict(other),
+        }
+    }
+}
+
 /// A rain id is the wave number inside a scene; zero is allowed, negatives are not.
 pub fn parse_rain_id(value: i64) -> Result<i64, Invalid> {
     if value >= 0 {
@@ -274,5 +344,28 @@ mod tests {
         assert!(Cents::positive(MAX_CENTS + 1, "budget_cents").is_err());
         assert!(UserId::parse(0).is_err());
         assert_eq!(UserId::parse(42).unwrap().partition(16), 10);
+    }
+
+    #[test]
+    fn money_arithmetic_is_checked() {
+        let a = Cents::positive(MAX_CENTS - 1, "a").unwrap();
+        let one = Cents::positive(1, "b").unwrap();
+        assert_eq!(a.checked_add(one).map(Cents::get), Some(MAX_CENTS));
+        assert_eq!(a.checked_add(one).unwrap().checked_add(one), None);
+        assert_eq!(one.checked_sub(a), None);
+        assert_eq!(one.checked_sub(one), Some(Cents::ZERO));
+    }
+
+    #[test]
+    fn request_ids_and_withdrawal_statuses() {
+        assert!(RequestId::parse("r-1").is_ok());
+        assert!(RequestId::parse("").is_err());
+        assert!(RequestId::parse(" r").is_err());
+        assert!(RequestId::parse("a b").is_err());
+        assert!(RequestId::parse(&"r".repeat(65)).is_err());
+        assert_eq!("paid".parse(), Ok(WithdrawalStatus::Paid));
+        assert_eq!("submitted".parse(), Ok(WithdrawalStatus::Submitted));
+        assert!(WithdrawalStatus::parse_verdict("submitted").is_err());
+        assert!("PAID".parse::<WithdrawalStatus>().is_err());
     }
 }

@@ -1,15 +1,14 @@
-//! The one error type every handler returns, with the stable codes of API.md.
+//! The service's error: every capability returns it, with the stable codes of API.md.
+//! The HTTP edge maps it to a status and the JSON envelope in one place
+//! (`http::error`); nothing here knows about HTTP.
 //!
-//! Rule: library code returns typed errors where a caller must tell cases apart and
-//! `anyhow::Error` for "a dependency failed"; both become an [`ApiError`] at the HTTP edge.
-//! A 5xx never shows its cause to the client; it is logged once, here, with its chain.
-
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
-use serde::Serialize;
+//! Dependency failures are split by what they mean for the caller: an outage (Redis or
+//! MySQL unreachable, timing out, failing over, refusing writes while loading) is
+//! [`Error::Unavailable`], worth a retry; any other fault (a script error, an
+//! unreadable row, a broken invariant) is [`Error::Internal`].
 
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub enum Error {
     #[error("{0}")]
     InvalidRequest(String),
     #[error("missing or wrong credential")]
@@ -38,124 +37,137 @@ pub enum ApiError {
     Internal(#[from] anyhow::Error),
 }
 
-#[derive(Serialize)]
-struct Envelope<'a> {
-    error: Body<'a>,
-}
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-#[derive(Serialize)]
-struct Body<'a> {
-    code: &'a str,
-    message: String,
-}
-
-impl ApiError {
-    pub fn status(&self) -> StatusCode {
-        match self {
-            ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::IdempotencyConflict(_)
-            | ApiError::BudgetExhausted
-            | ApiError::InsufficientBalance => StatusCode::CONFLICT,
-            ApiError::ActivityClosed(_) | ApiError::AmountOverCap(_) => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
-            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
-
+impl Error {
     /// The stable, machine-readable code of API.md.
     pub fn code(&self) -> &'static str {
         match self {
-            ApiError::InvalidRequest(_) => "invalid_request",
-            ApiError::Unauthorized => "unauthorized",
-            ApiError::Forbidden(_) => "forbidden",
-            ApiError::NotFound(_) => "not_found",
-            ApiError::IdempotencyConflict(_) => "idempotency_conflict",
-            ApiError::BudgetExhausted => "budget_exhausted",
-            ApiError::InsufficientBalance => "insufficient_balance",
-            ApiError::ActivityClosed(_) => "activity_closed",
-            ApiError::AmountOverCap(_) => "amount_over_cap",
-            ApiError::RateLimited { .. } => "rate_limited",
-            ApiError::PayloadTooLarge => "payload_too_large",
-            ApiError::Unavailable(_) => "unavailable",
-            ApiError::Internal(_) => "internal",
+            Error::InvalidRequest(_) => "invalid_request",
+            Error::Unauthorized => "unauthorized",
+            Error::Forbidden(_) => "forbidden",
+            Error::NotFound(_) => "not_found",
+            Error::IdempotencyConflict(_) => "idempotency_conflict",
+            Error::BudgetExhausted => "budget_exhausted",
+            Error::InsufficientBalance => "insufficient_balance",
+            Error::ActivityClosed(_) => "activity_closed",
+            Error::AmountOverCap(_) => "amount_over_cap",
+            Error::RateLimited { .. } => "rate_limited",
+            Error::PayloadTooLarge => "payload_too_large",
+            Error::Unavailable(_) => "unavailable",
+            Error::Internal(_) => "internal",
         }
     }
 
     /// The message shown to the client: internal causes are hidden.
     pub fn public_message(&self) -> String {
         match self {
-            ApiError::Internal(_) => "internal error".to_string(),
+            Error::Internal(_) => "internal error".to_string(),
             other => other.to_string(),
         }
     }
 
-    /// Logs a server-side failure once, with its chain. Client errors are not logged.
-    pub fn log(&self) {
-        if let ApiError::Internal(err) = self {
-            tracing::error!(error.chain = format!("{err:#}"), "request failed");
+    /// The same code and message, for answering a batch duplicate with its first's
+    /// error (errors are not `Clone`: they may carry an `anyhow` chain).
+    pub fn duplicate(&self) -> Error {
+        match self {
+            Error::InvalidRequest(m) => Error::InvalidRequest(m.clone()),
+            Error::Unauthorized => Error::Unauthorized,
+            Error::Forbidden(m) => Error::Forbidden(m.clone()),
+            Error::NotFound(m) => Error::NotFound(m.clone()),
+            Error::IdempotencyConflict(m) => Error::IdempotencyConflict(m.clone()),
+            Error::BudgetExhausted => Error::BudgetExhausted,
+            Error::InsufficientBalance => Error::InsufficientBalance,
+            Error::ActivityClosed(m) => Error::ActivityClosed(m.clone()),
+            Error::AmountOverCap(m) => Error::AmountOverCap(m.clone()),
+            Error::PayloadTooLarge => Error::PayloadTooLarge,
+            Error::RateLimited { retry_after_secs } => Error::RateLimited {
+                retry_after_secs: *retry_after_secs,
+            },
+            Error::Unavailable(m) => Error::Unavailable(m.clone()),
+            Error::Internal(e) => Error::Internal(anyhow::anyhow!("{e:#}")),
         }
     }
-}
 
-impl From<crate::domain::Invalid> for ApiError {
-    fn from(err: crate::domain::Invalid) -> Self {
-        ApiError::InvalidRequest(err.0)
+    pub fn internal(msg: impl std::fmt::Display) -> Error {
+        Error::Internal(anyhow::anyhow!("{msg}"))
     }
 }
 
-impl From<sqlx::Error> for ApiError {
+impl From<crate::domain::Invalid> for Error {
+    fn from(err: crate::domain::Invalid) -> Self {
+        Error::InvalidRequest(err.0)
+    }
+}
+
+/// MySQL unreachable, timing out, out of connections or shutting down; a deadlock or
+/// lock-wait timeout (the transaction rolled back whole, a retry may pass).
+pub fn is_mysql_outage(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db
+            .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+            .is_some_and(|e| matches!(e.number(), 1040 | 1053 | 1205 | 1213 | 2006 | 2013)),
+        _ => false,
+    }
+}
+
+/// Redis unreachable, timing out, loading, failing over or read-only.
+pub fn is_redis_outage(err: &redis::RedisError) -> bool {
+    err.is_io_error()
+        || err.is_timeout()
+        || err.is_connection_dropped()
+        || err.is_connection_refusal()
+        || matches!(
+            err.kind(),
+            redis::ErrorKind::BusyLoadingError
+                | redis::ErrorKind::TryAgain
+                | redis::ErrorKind::ClusterDown
+                | redis::ErrorKind::MasterDown
+                | redis::ErrorKind::ReadOnly
+        )
+        || matches!(
+            err.code(),
+            Some("OOM" | "LOADING" | "MASTERDOWN" | "READONLY")
+        )
+}
+
+impl From<sqlx::Error> for Error {
     fn from(err: sqlx::Error) -> Self {
         crate::metrics::dependency_error("mysql");
-        tracing::warn!(error = %err, "mysql error");
-        ApiError::Unavailable(format!("database unavailable: {}", short_kind(&err)))
+        if is_mysql_outage(&err) {
+            // The one log line of an outage answer (the edge logs only 500s).
+            tracing::warn!(error = %err, "mysql unavailable");
+            Error::Unavailable("database unavailable".into())
+        } else {
+            Error::Internal(anyhow::Error::new(err).context("mysql"))
+        }
     }
 }
 
-impl From<redis::RedisError> for ApiError {
+impl From<redis::RedisError> for Error {
     fn from(err: redis::RedisError) -> Self {
         crate::metrics::dependency_error("redis");
-        tracing::warn!(error = %err, "redis error");
-        ApiError::Unavailable("redis unavailable".to_string())
-    }
-}
-
-fn short_kind(err: &sqlx::Error) -> &'static str {
-    match err {
-        sqlx::Error::PoolTimedOut => "pool timed out",
-        sqlx::Error::Io(_) => "connection failed",
-        sqlx::Error::Database(_) => "database error",
-        _ => "error",
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        self.log();
-        if let ApiError::Unavailable(msg) = &self {
-            tracing::warn!(error.message = %msg, "request answered unavailable");
+        if is_redis_outage(&err) {
+            tracing::warn!(error = %err, "redis unavailable");
+            Error::Unavailable("redis unavailable".into())
+        } else {
+            Error::Internal(anyhow::Error::new(err).context("redis"))
         }
-        let body = Envelope {
-            error: Body {
-                code: self.code(),
-                message: self.public_message(),
-            },
-        };
-        let mut response = (self.status(), axum::Json(body)).into_response();
-        if let ApiError::RateLimited { retry_after_secs } = self {
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(retry_after_secs.max(1)),
-            );
-        }
-        response
     }
 }
 
-pub type ApiResult<T> = Result<T, ApiError>;
+impl From<crate::ledger::LedgerError> for Error {
+    fn from(err: crate::ledger::LedgerError) -> Self {
+        use crate::ledger::LedgerError;
+        match err {
+            LedgerError::Sql(e) => e.into(),
+            LedgerError::Redis(e) => e.into(),
+            LedgerError::Overflow(what) => Error::internal(what),
+        }
+    }
+}

@@ -6,32 +6,31 @@
 //! ledger at a bounded rate; views merge the ledger with the pending tokens exactly; a
 //! withdrawal books the user's pending tokens first.
 //!
-//! # Layout
-//! - [`config`], [`domain`], [`error`]: settings, value types, the API error.
-//! - [`keys`], [`token`]: signing keys and award tokens.
-//! - [`store`]: Redis and MySQL connections and the Redis key layout.
-//! - [`activity`]: activities and scenes, the operator API and the in-process cache.
-//! - [`issue`]: the hot path, awards to tokens (budget sub-stocks, store script).
-//! - [`settle`]: booking into the ledger; [`settle::worker`] drains the streams.
-//! - [`wallet`]: balance and flow views, client sync. [`withdraw`]: withdrawals, payouts.
-//! - [`reconcile`], [`cron`], [`switches`], [`admission`], [`metrics`]: operations.
-//! - [`http`], [`startup`]: the HTTP edge and assembling the application.
+//! # Where things happen
+//! - An award is **minted** in [`issue`] (validation, budget in [`issue::budget`],
+//!   signing with [`token`]) and stored by [`tokens`], the owner of the Redis token record.
+//! - It is **booked** by [`settle`] (the worker and the sweep) through [`ledger`], the one
+//!   writer of `ledger_entries` and `accounts`.
+//! - Views **merge** ledger and pending tokens in [`wallet`]; client sync restores tokens.
+//! - Money is **withdrawn** in [`withdraw`] (forced settlement, debit, payout verdicts).
+//! - [`activity`]: activities, scenes and their cache. [`ops`]: reconciliation, cron,
+//!   switches.
+//! - [`http`]: the only axum code, one router per capability. [`app`]: the wiring.
+//! - [`domain`], [`error`], [`config`], [`keys`], [`store`], [`metrics`]: shared parts.
 
 pub mod activity;
-pub mod admission;
+pub mod app;
 pub mod config;
-pub mod cron;
 pub mod domain;
 pub mod error;
 pub mod http;
 pub mod issue;
 pub mod keys;
+pub mod ledger;
 pub mod metrics;
-pub mod reconcile;
+pub mod ops;
 pub mod settle;
-pub mod startup;
 pub mod store;
-pub mod switches;
 pub mod token;
 pub mod tokens;
 pub mod wallet;

@@ -5,12 +5,12 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use redpacket_wallet::app::{shutdown_signal, App, RunOptions, Running};
 use redpacket_wallet::config::Settings;
 use redpacket_wallet::domain::UserId;
 use redpacket_wallet::http::auth::AuthKeys;
-use redpacket_wallet::startup::{shutdown_signal, App, RunOptions, Running};
+use redpacket_wallet::keys;
 use redpacket_wallet::store::Db;
-use redpacket_wallet::{cron, keys, reconcile};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -210,8 +210,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Settle { all } => {
             anyhow::ensure!(all, "say --all: the sweep books every partition");
             let app = App::build(settings, false).await?;
-            let booked = cron::settle_all(&app, usize::MAX).await?;
-            let drained = cron::mark_drained(&app).await?;
+            let max = app.settings.settle.sweep_max_batches;
+            let booked = redpacket_wallet::settle::settle_all(&app.settler, max).await?;
+            let drained = app.reconciler.mark_drained().await?;
             println!("booked {booked} tokens; drained activities: {drained:?}");
         }
         Command::Reconcile { activity, hour } => {
@@ -219,7 +220,9 @@ async fn main() -> anyhow::Result<()> {
             let hour = hour.unwrap_or_else(|| {
                 redpacket_wallet::store::hour_of(redpacket_wallet::store::now_ms())
             });
-            let report = reconcile::reconcile(&app, &activity, &hour, "manual")
+            let report = app
+                .reconciler
+                .reconcile(&activity, &hour, "manual")
                 .await
                 .map_err(|e| anyhow::anyhow!("{}: {}", e.code(), e))
                 .context("reconciling")?;
@@ -241,7 +244,7 @@ async fn main() -> anyhow::Result<()> {
             let app: Arc<App> = App::build(settings, false).await?;
             let release = app
                 .budget
-                .release_in_doubt(&app.redis, &app.db, &activity)
+                .release_in_doubt(&app.db, &activity)
                 .await
                 .context("releasing in-doubt budget")?;
             println!("{}", serde_json::to_string_pretty(&release)?);

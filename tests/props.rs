@@ -11,11 +11,11 @@ use redpacket_wallet::activity::NewActivity;
 use redpacket_wallet::config::Settings;
 use redpacket_wallet::domain::{ActivityId, AwardType, OutTradeNo, SceneId, Stage, UserId};
 use redpacket_wallet::http::auth::AuthKeys;
+use redpacket_wallet::http::withdrawals::WithdrawRequest;
 use redpacket_wallet::http::{check_list_len, decode_body, parse_json};
 use redpacket_wallet::issue::AwardRequest;
 use redpacket_wallet::keys::KeyRing;
 use redpacket_wallet::pb;
-use redpacket_wallet::withdraw::WithdrawRequest;
 
 fn ring() -> &'static KeyRing {
     static RING: OnceLock<KeyRing> = OnceLock::new();

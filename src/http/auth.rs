@@ -10,10 +10,10 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use ring::digest::{digest, SHA256};
 use serde::{Deserialize, Serialize};
 
+use super::AppState;
 use crate::config::AuthSettings;
 use crate::domain::UserId;
-use crate::error::ApiError;
-use crate::startup::AppState;
+use crate::error::Error;
 
 pub struct AuthKeys {
     admin: Option<Vec<u8>>,
@@ -102,17 +102,17 @@ impl AuthKeys {
     }
 }
 
-fn bearer(parts: &Parts) -> Result<&str, ApiError> {
+fn bearer(parts: &Parts) -> Result<&str, Error> {
     let value = parts
         .headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .ok_or(ApiError::Unauthorized)?;
+        .ok_or(Error::Unauthorized)?;
     value
         .strip_prefix("Bearer ")
         .map(str::trim)
         .filter(|t| !t.is_empty())
-        .ok_or(ApiError::Unauthorized)
+        .ok_or(Error::Unauthorized)
 }
 
 /// An operator, authenticated by the admin key.
@@ -125,32 +125,32 @@ pub struct Caller(pub String);
 pub struct User(pub UserId);
 
 impl FromRequestParts<AppState> for Operator {
-    type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, ApiError> {
+    type Rejection = Error;
+    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, Error> {
         if app.auth.is_admin(bearer(parts)?) {
             Ok(Operator)
         } else {
-            Err(ApiError::Unauthorized)
+            Err(Error::Unauthorized)
         }
     }
 }
 
 impl FromRequestParts<AppState> for Caller {
-    type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, ApiError> {
+    type Rejection = Error;
+    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, Error> {
         app.auth
             .caller(bearer(parts)?)
             .map(|name| Caller(name.to_string()))
-            .ok_or(ApiError::Unauthorized)
+            .ok_or(Error::Unauthorized)
     }
 }
 
 impl FromRequestParts<AppState> for User {
-    type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, ApiError> {
+    type Rejection = Error;
+    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, Error> {
         app.auth
             .user(bearer(parts)?)
             .map(User)
-            .ok_or(ApiError::Unauthorized)
+            .ok_or(Error::Unauthorized)
     }
 }

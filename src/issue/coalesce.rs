@@ -11,11 +11,10 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use super::{AwardRequest, Issued};
-use crate::error::ApiError;
-use crate::startup::App;
+use super::{AwardRequest, Issued, Issuer};
+use crate::error::Error;
 
-type Reply = oneshot::Sender<Result<Issued, ApiError>>;
+type Reply = oneshot::Sender<Result<Issued, Error>>;
 
 struct Pending {
     caller: String,
@@ -27,16 +26,13 @@ pub struct Coalescer {
     queue: mpsc::Sender<Pending>,
 }
 
-/// Requests waiting for a batch; beyond this, callers wait for room (bounded by the
-/// request timeout).
-const QUEUE: usize = 4096;
-
 impl Coalescer {
     /// Starts the collector task; it ends when every `Coalescer` clone is dropped. At
-    /// most `max_batch` awards go into one batch, and at most `in_flight` batches are
-    /// issued at once.
-    pub fn start(app: std::sync::Weak<App>, max_batch: usize, in_flight: usize) -> Self {
-        let (queue, mut rx) = mpsc::channel::<Pending>(QUEUE);
+    /// most `max_batch` awards go into one batch, at most `in_flight` batches are
+    /// issued at once, and at most `queue` requests wait for a batch (beyond that,
+    /// callers wait for room, bounded by the request timeout).
+    pub fn start(issuer: Arc<Issuer>, max_batch: usize, in_flight: usize, queue: usize) -> Self {
+        let (queue, mut rx) = mpsc::channel::<Pending>(queue.max(1));
         let in_flight = Arc::new(Semaphore::new(in_flight));
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
@@ -50,9 +46,9 @@ impl Coalescer {
                         Err(_) => break,
                     }
                 }
-                let Some(app) = app.upgrade() else { break };
+                let issuer = issuer.clone();
                 tokio::spawn(async move {
-                    issue_batch(&app, batch).await;
+                    issue_batch(&issuer, batch).await;
                     drop(permit);
                 });
             }
@@ -61,7 +57,7 @@ impl Coalescer {
     }
 
     /// Issues one award through the next batch.
-    pub async fn issue(&self, caller: String, request: AwardRequest) -> Result<Issued, ApiError> {
+    pub async fn issue(&self, caller: String, request: AwardRequest) -> Result<Issued, Error> {
         let (reply, answer) = oneshot::channel();
         self.queue
             .send(Pending {
@@ -70,16 +66,16 @@ impl Coalescer {
                 reply,
             })
             .await
-            .map_err(|_| ApiError::Unavailable("the issuer is shutting down".into()))?;
-        answer.await.map_err(|_| {
-            ApiError::Internal(anyhow::anyhow!("the issuing batch dropped an award"))
-        })?
+            .map_err(|_| Error::Unavailable("the issuer is shutting down".into()))?;
+        answer
+            .await
+            .map_err(|_| Error::Internal(anyhow::anyhow!("the issuing batch dropped an award")))?
     }
 }
 
 /// Issues a coalesced batch, one `Issuer::issue` call per caller (admission counts per
 /// caller), and answers every request.
-async fn issue_batch(app: &App, batch: Vec<Pending>) {
+async fn issue_batch(issuer: &Issuer, batch: Vec<Pending>) {
     let mut by_caller: Vec<(String, Vec<Pending>)> = Vec::new();
     for p in batch {
         match by_caller.iter_mut().find(|(c, _)| *c == p.caller) {
@@ -90,7 +86,7 @@ async fn issue_batch(app: &App, batch: Vec<Pending>) {
     for (caller, group) in by_caller {
         let (requests, replies): (Vec<AwardRequest>, Vec<Reply>) =
             group.into_iter().map(|p| (p.request, p.reply)).unzip();
-        let results = app.issuer.issue(app, &caller, requests).await;
+        let results = issuer.issue(&caller, requests).await;
         debug_assert_eq!(results.len(), replies.len(), "one result per award");
         for (result, reply) in results.into_iter().zip(replies) {
             // A caller that gave up (timeout, disconnect) no longer listens; its award

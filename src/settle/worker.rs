@@ -9,20 +9,18 @@
 
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU32;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use redis::streams::{
     StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply,
 };
 use redis::AsyncCommands;
 use tokio::sync::watch;
 
-use super::AwardEntry;
-use crate::domain::UserId;
-use crate::startup::App;
+use super::Settler;
 use crate::store::{ensure_group, SETTLE_GROUP};
+use crate::tokens::status::{entry_fields, parse_entry};
+use crate::tokens::AwardEntry;
 
 /// What one call of [`Worker::try_execute_batch`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,55 +50,38 @@ pub struct WorkerOptions {
 }
 
 pub struct Worker {
-    app: Arc<App>,
+    settler: Settler,
     options: WorkerOptions,
-    limiter: Option<Arc<DefaultDirectRateLimiter>>,
     /// Partitions where this consumer may hold read-but-unbooked entries (after an
     /// error); they are re-read from the consumer's own pending list first.
     own_pending: HashSet<u32>,
     last_claim: HashMap<u32, Instant>,
 }
 
-/// A token bucket of `max_tps` permits per second shared by an instance's tasks;
-/// `None` when unbounded.
-pub fn rate_limiter(max_tps: u32, batch_size: usize) -> Option<Arc<DefaultDirectRateLimiter>> {
-    let rate = NonZeroU32::new(max_tps)?;
-    // The burst is one batch (or one second, if smaller), so the measured rate follows
-    // the configured one within a batch.
-    let burst = NonZeroU32::new((batch_size as u32).min(max_tps).max(1)).expect("positive");
-    Some(Arc::new(RateLimiter::direct(
-        Quota::per_second(rate).allow_burst(burst),
-    )))
-}
-
 impl Worker {
-    pub fn new(
-        app: Arc<App>,
-        options: WorkerOptions,
-        limiter: Option<Arc<DefaultDirectRateLimiter>>,
-    ) -> Self {
+    /// A worker drawing from the settler's booking bucket.
+    pub fn new(settler: Settler, options: WorkerOptions) -> Self {
         Self {
-            app,
+            settler,
             options,
-            limiter,
             own_pending: HashSet::new(),
             last_claim: HashMap::new(),
         }
     }
 
     fn read_count(&self) -> usize {
-        match &self.limiter {
+        match &self.settler.limiter {
             // Never ask the bucket for more than it can ever hold.
-            Some(_) if self.app.settings.settle.max_tps > 0 => self
+            Some(_) if self.settler.settings.max_tps > 0 => self
                 .options
                 .batch_size
-                .min(self.app.settings.settle.max_tps as usize),
+                .min(self.settler.settings.max_tps as usize),
             _ => self.options.batch_size,
         }
     }
 
     async fn read(&mut self, partition: u32) -> anyhow::Result<Vec<StreamId>> {
-        let redis = &self.app.redis;
+        let redis = &self.settler.redis;
         let stream = redis.stream_key(partition);
         let mut conn = redis.conn();
         let count = self.read_count();
@@ -156,7 +137,7 @@ impl Worker {
 
     /// Reads, books and acknowledges one batch of `partition`.
     pub async fn try_execute_batch(&mut self, partition: u32) -> anyhow::Result<Outcome> {
-        if self.app.switches.booking_paused() {
+        if self.settler.switches.booking_paused() {
             return Ok(Outcome::Paused);
         }
         let ids = self.read(partition).await?;
@@ -175,11 +156,13 @@ impl Worker {
             // Only store.lua and sync write these streams; an unreadable entry cannot
             // be booked by anyone, so it is logged loudly and acknowledged.
             tracing::error!(partition, entries = ?malformed, "malformed settlement entries acknowledged without booking");
-            let mut conn = self.app.redis.conn();
-            let stream = self.app.redis.stream_key(partition);
+            let mut conn = self.settler.redis.conn();
+            let stream = self.settler.redis.stream_key(partition);
             let _: () = conn.xack(&stream, SETTLE_GROUP, &malformed).await?;
         }
-        if let (Some(limiter), Some(n)) = (&self.limiter, NonZeroU32::new(entries.len() as u32)) {
+        if let (Some(limiter), Some(n)) =
+            (&self.settler.limiter, NonZeroU32::new(entries.len() as u32))
+        {
             limiter
                 .until_n_ready(n)
                 .await
@@ -187,7 +170,7 @@ impl Worker {
         }
         self.own_pending.insert(partition);
         let started = Instant::now();
-        let booked = match super::book(&self.app.db, &self.app.redis, &entries).await {
+        let booked = match self.settler.ledger.book(&entries).await {
             Ok(booked) => booked,
             Err(err) if err.is_data_error() => {
                 // One entry may be unbookable; find it, park it, book the rest.
@@ -202,7 +185,7 @@ impl Worker {
                 entries: entries.len(),
             });
         }
-        let crash = self.app.settings.settle.crash_after_commit_permille;
+        let crash = self.settler.settings.crash_after_commit_permille;
         if crash > 0 && rand::random::<u32>() % 1000 < crash {
             // The chaos harness's "kill -9 between commit and ack", from the inside.
             tracing::error!(
@@ -211,9 +194,9 @@ impl Worker {
             );
             std::process::abort();
         }
-        self.app
-            .marker
-            .mark(&self.app.redis, &booked.to_mark, &booked.accounts)
+        self.settler
+            .tokens
+            .mark(&booked.to_mark, &booked.snapshots())
             .await?;
         Ok(Outcome::Booked {
             entries: entries.len(),
@@ -233,13 +216,13 @@ impl Worker {
         let mut newly = 0;
         let count = entries.len();
         for entry in entries {
-            match super::book(&self.app.db, &self.app.redis, std::slice::from_ref(&entry)).await {
+            match self.settler.ledger.book(std::slice::from_ref(&entry)).await {
                 Ok(booked) => {
                     newly += booked.newly_booked.len();
                     crate::metrics::booked(booked.newly_booked.len() as u64);
-                    self.app
-                        .marker
-                        .mark(&self.app.redis, &booked.to_mark, &booked.accounts)
+                    self.settler
+                        .tokens
+                        .mark(&booked.to_mark, &booked.snapshots())
                         .await?;
                 }
                 Err(err) if err.is_data_error() => {
@@ -255,23 +238,15 @@ impl Worker {
     }
 
     async fn park(&self, partition: u32, entry: &AwardEntry, error: &str) -> anyhow::Result<()> {
-        let redis = &self.app.redis;
+        let redis = &self.settler.redis;
         let Some(id) = &entry.stream_id else {
             return Ok(());
         };
         let mut conn = redis.conn();
         let stream = redis.stream_key(partition);
-        let fields: Vec<(String, String)> = vec![
-            ("id".into(), id.clone()),
-            ("u".into(), entry.user.to_string()),
-            ("o".into(), entry.out_trade_no.clone()),
-            ("a".into(), entry.amount_cents.to_string()),
-            ("act".into(), entry.activity_id.clone()),
-            ("sc".into(), entry.scene_id.clone()),
-            ("t".into(), entry.at_ms.to_string()),
-            ("g".into(), entry.budget_gen.to_string()),
-            ("error".into(), error.chars().take(500).collect()),
-        ];
+        let mut fields = vec![("id", id.clone())];
+        fields.extend(entry_fields(entry));
+        fields.push(("error", error.chars().take(500).collect()));
         redis::pipe()
             .atomic()
             .cmd("XADD")
@@ -308,7 +283,7 @@ impl Worker {
     /// its own capped exponential backoff while the others go on; an idle round sleeps
     /// `settle.idle_sleep_ms`.
     pub async fn run(mut self, partitions: Vec<u32>, mut shutdown: watch::Receiver<bool>) {
-        let settings = self.app.settings.settle.clone();
+        let settings = self.settler.settings.clone();
         let base = Duration::from_millis(settings.retry_base_ms);
         let max_backoff = Duration::from_millis(settings.retry_max_ms);
         let idle = Duration::from_millis(settings.idle_sleep_ms);
@@ -367,44 +342,29 @@ impl Worker {
     }
 }
 
-fn parse_entry(id: &StreamId) -> Option<AwardEntry> {
-    let user: i64 = id.get("u")?;
-    Some(AwardEntry {
-        user: UserId::parse(user).ok()?,
-        out_trade_no: id.get("o")?,
-        amount_cents: id.get::<i64>("a").filter(|a| *a > 0)?,
-        activity_id: id.get("act")?,
-        scene_id: id.get("sc")?,
-        at_ms: id.get("t")?,
-        stream_id: Some(id.id.clone()),
-        budget_gen: id.get("g").unwrap_or(0),
-    })
-}
-
 /// Starts the worker tasks of one instance; they stop when `shutdown` flips.
-pub fn spawn(app: Arc<App>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
-    let settings = &app.settings.settle;
-    let tasks = settings
-        .concurrency
-        .min(app.redis.partitions() as usize)
-        .max(1);
-    let limiter = app.booking_limiter.clone();
+pub fn spawn(
+    settler: &Settler,
+    shutdown: watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let settings = &settler.settings;
+    let partitions = settler.redis.partitions();
+    let tasks = settings.concurrency.min(partitions as usize).max(1);
     (0..tasks)
         .map(|t| {
-            let partitions: Vec<u32> = (0..app.redis.partitions())
+            let mine: Vec<u32> = (0..partitions)
                 .filter(|p| *p as usize % tasks == t)
                 .collect();
             let worker = Worker::new(
-                app.clone(),
+                settler.clone(),
                 WorkerOptions {
-                    consumer: format!("{}-{t}", app.instance_id),
+                    consumer: format!("{}-{t}", settler.instance_id),
                     batch_size: settings.batch_size,
                     claim_idle: Duration::from_millis(settings.claim_idle_ms),
                     stop_after_commit: false,
                 },
-                limiter.clone(),
             );
-            tokio::spawn(worker.run(partitions, shutdown.clone()))
+            tokio::spawn(worker.run(mine, shutdown.clone()))
         })
         .collect()
 }

@@ -5,10 +5,10 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use redpacket_wallet::app::{App, RunOptions, Running};
 use redpacket_wallet::config::Settings;
 use redpacket_wallet::domain::UserId;
 use redpacket_wallet::settle::worker::{Outcome, Worker, WorkerOptions};
-use redpacket_wallet::startup::{App, RunOptions, Running};
 use serde_json::{json, Value};
 
 pub const ADMIN: &str = "test-admin-key-0001";
@@ -328,14 +328,13 @@ impl TestApp {
 
     pub fn worker(&self, consumer: &str) -> Worker {
         Worker::new(
-            self.app.clone(),
+            self.app.settler.clone(),
             WorkerOptions {
                 consumer: consumer.to_string(),
                 batch_size: 200,
                 claim_idle: std::time::Duration::from_millis(60_000),
                 stop_after_commit: false,
             },
-            None,
         )
     }
 

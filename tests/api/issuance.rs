@@ -70,9 +70,7 @@ async fn two_hundred_identical_awards_mint_one_token() {
         .await
         .unwrap();
     assert_eq!(figures.taken_cents, 88, "budget taken once");
-    let issued = redpacket_wallet::reconcile::issued_totals(&t.app.redis, "cny2027")
-        .await
-        .unwrap();
+    let issued = t.app.tokens.issued_totals("cny2027").await.unwrap();
     assert_eq!((issued.count, issued.cents), (1, 88));
     t.stop().await;
 }
@@ -144,9 +142,7 @@ async fn concurrent_batches_against_a_tight_budget_never_over_issue() {
     }
     let stocks = budget_sub_stocks(&t, "cny2027").await;
     assert!(stocks.iter().all(|s| *s == 0), "{stocks:?}");
-    let issued = redpacket_wallet::reconcile::issued_totals(&t.app.redis, "cny2027")
-        .await
-        .unwrap();
+    let issued = t.app.tokens.issued_totals("cny2027").await.unwrap();
     assert_eq!(issued.cents, issued_cents);
     assert_eq!(issued_cents, budget);
     t.stop().await;
@@ -167,10 +163,8 @@ async fn the_same_award_twice_in_one_millisecond_is_minted_once() {
         let (a, b) = futures::join!(
             t.app
                 .issuer
-                .issue_at(&t.app, "upstream", vec![request.clone()], now),
-            t.app
-                .issuer
-                .issue_at(&t.app, "upstream", vec![request], now),
+                .issue_at("upstream", vec![request.clone()], now),
+            t.app.issuer.issue_at("upstream", vec![request], now),
         );
         let a = a.into_iter().next().unwrap().unwrap();
         let b = b.into_iter().next().unwrap().unwrap();
@@ -192,9 +186,7 @@ async fn the_same_award_twice_in_one_millisecond_is_minted_once() {
         10 * rounds,
         "each award's budget taken once"
     );
-    let issued = redpacket_wallet::reconcile::issued_totals(&t.app.redis, "cny2027")
-        .await
-        .unwrap();
+    let issued = t.app.tokens.issued_totals("cny2027").await.unwrap();
     assert_eq!((issued.count, issued.cents), (rounds, 10 * rounds));
     t.stop().await;
 }

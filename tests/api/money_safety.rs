@@ -434,7 +434,7 @@ async fn a_retry_after_the_token_was_trimmed_is_a_replay_not_a_new_award() {
     assert_eq!(status, 201, "{first}");
     t.drain().await;
     tokio::time::sleep(Duration::from_millis(5)).await;
-    let trimmed = redpacket_wallet::cron::housekeeping(&t.app).await.unwrap();
+    let trimmed = t.app.jobs.housekeeping().await.unwrap();
     assert_eq!(trimmed, 1);
 
     let (status, again) = t.post("/v1/awards", CALLER, &award(42, 7, 88)).await;
@@ -867,7 +867,7 @@ async fn a_poisoned_entry_is_parked_and_the_other_partitions_keep_booking() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The sweep goes past a failing partition too.
-    redpacket_wallet::cron::settle_all(&t.app, 10)
+    redpacket_wallet::settle::settle_all(&t.app.settler, 10)
         .await
         .unwrap();
     t.stop().await;
@@ -891,16 +891,17 @@ async fn the_redis_only_view_never_counts_a_token_twice() {
         claim_idle: Duration::from_secs(60),
         stop_after_commit: true,
     };
-    let mut crashing = redpacket_wallet::settle::worker::Worker::new(t.app.clone(), options, None);
+    let mut crashing =
+        redpacket_wallet::settle::worker::Worker::new(t.app.settler.clone(), options);
     crashing.try_execute_batch(p).await.unwrap();
     issue_all(&t, vec![award(8, 2, 50)]).await;
     first.try_execute_batch(p).await.unwrap();
-    let view = redpacket_wallet::wallet::degraded_view(
-        &t.app,
-        redpacket_wallet::domain::UserId::parse(8).unwrap(),
-    )
-    .await
-    .unwrap();
+    let view = t
+        .app
+        .wallet
+        .degraded_view(redpacket_wallet::domain::UserId::parse(8).unwrap())
+        .await
+        .unwrap();
     assert_eq!(view.balance_cents, 150, "{view:?}");
     assert_eq!(view.total_income_cents, 150, "{view:?}");
     t.stop().await;

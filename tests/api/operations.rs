@@ -17,7 +17,10 @@ async fn reconciliation_reports_a_ledger_row_altered_behind_our_back() {
     t.open_activity("cny2027", 1_000_000, 1_000).await;
     issue_all(&t, (0..20).map(|i| award(1 + i % 3, i, 50)).collect()).await;
     t.drain().await;
-    let clean = redpacket_wallet::reconcile::reconcile(&t.app, "cny2027", &this_hour(), "manual")
+    let clean = t
+        .app
+        .reconciler
+        .reconcile("cny2027", &this_hour(), "manual")
         .await
         .unwrap();
     assert!(clean.ok, "{clean:?}");
@@ -31,7 +34,10 @@ async fn reconciliation_reports_a_ledger_row_altered_behind_our_back() {
     .execute(t.app.db.main())
     .await
     .unwrap();
-    let report = redpacket_wallet::reconcile::reconcile(&t.app, "cny2027", &this_hour(), "manual")
+    let report = t
+        .app
+        .reconciler
+        .reconcile("cny2027", &this_hour(), "manual")
         .await
         .unwrap();
     assert!(!report.ok);
@@ -84,7 +90,10 @@ async fn a_budget_leak_is_shown_then_repaired_exactly_once() {
         .unwrap()
         .unwrap();
     assert_eq!(taken.total(), 333);
-    let report = redpacket_wallet::reconcile::reconcile(&t.app, "cny2027", &this_hour(), "manual")
+    let report = t
+        .app
+        .reconciler
+        .reconcile("cny2027", &this_hour(), "manual")
         .await
         .unwrap();
     assert_eq!(report.leak_cents, 333);
@@ -138,7 +147,7 @@ async fn two_scheduler_instances_run_each_tick_once() {
     // A second instance of the same deployment: same database, same key prefix.
     let keys = temp_keys_dir();
     let settings = test_settings(&t.db_name, &t.prefix, &keys, &[]);
-    let other = redpacket_wallet::startup::App::build(settings, false)
+    let other = redpacket_wallet::app::App::build(settings, false)
         .await
         .unwrap();
     let list = format!("{}:probe-ticks", t.prefix);
@@ -146,11 +155,12 @@ async fn two_scheduler_instances_run_each_tick_once() {
     for app in [t.app.clone(), other.clone()] {
         let scheduler = tokio_cron_scheduler::JobScheduler::new().await.unwrap();
         let list = list.clone();
-        let job = redpacket_wallet::cron::guarded_job(
-            app,
-            "probe",
-            "* * * * * *",
-            move |app: Arc<redpacket_wallet::startup::App>| {
+        let probe = app.clone();
+        let job = app
+            .jobs
+            .lock
+            .job("probe", "* * * * * *", move || {
+                let app: Arc<redpacket_wallet::app::App> = probe.clone();
                 let list = list.clone();
                 async move {
                     let mut conn = app.redis.conn();
@@ -163,9 +173,8 @@ async fn two_scheduler_instances_run_each_tick_once() {
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     Ok(())
                 }
-            },
-        )
-        .unwrap();
+            })
+            .unwrap();
         scheduler.add(job).await.unwrap();
         scheduler.start().await.unwrap();
         schedulers.push(scheduler);
@@ -190,17 +199,14 @@ async fn the_settle_job_drains_an_ended_activity() {
         .await;
     t.scene("cny2027", "rain", "cash").await;
     issue_all(&t, (0..10).map(|i| award(1 + i, 1, 10)).collect()).await;
-    assert!(redpacket_wallet::cron::mark_drained(&t.app)
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(t.app.reconciler.mark_drained().await.unwrap().is_empty());
     tokio::time::sleep(std::time::Duration::from_millis(2_200)).await;
-    let booked = redpacket_wallet::cron::settle_all(&t.app, 100)
+    let booked = redpacket_wallet::settle::settle_all(&t.app.settler, 100)
         .await
         .unwrap();
     assert_eq!(booked, 10);
     assert_eq!(
-        redpacket_wallet::cron::mark_drained(&t.app).await.unwrap(),
+        t.app.reconciler.mark_drained().await.unwrap(),
         vec!["cny2027".to_string()]
     );
     assert_eq!(
@@ -347,12 +353,10 @@ async fn each_switch_does_what_it_says_and_turns_back() {
     t.put("/v1/admin/switches/issue_off", ADMIN, &json!({"on": true}))
         .await;
     let keys = temp_keys_dir();
-    let other = redpacket_wallet::startup::App::build(
-        test_settings(&t.db_name, &t.prefix, &keys, &[]),
-        false,
-    )
-    .await
-    .unwrap();
+    let other =
+        redpacket_wallet::app::App::build(test_settings(&t.db_name, &t.prefix, &keys, &[]), false)
+            .await
+            .unwrap();
     assert!(other.switches.issue_off());
     t.put("/v1/admin/switches/issue_off", ADMIN, &json!({"on": false}))
         .await;

@@ -58,14 +58,13 @@ async fn a_crash_between_commit_and_ack_credits_each_token_once() {
 
     let worker = |consumer: &str, claim_idle_ms: u64, stop_after_commit: bool| {
         Worker::new(
-            t.app.clone(),
+            t.app.settler.clone(),
             WorkerOptions {
                 consumer: consumer.into(),
                 batch_size: 500,
                 claim_idle: std::time::Duration::from_millis(claim_idle_ms),
                 stop_after_commit,
             },
-            None,
         )
     };
     let mut crashing = worker("doomed", 3_600_000, true);
@@ -335,9 +334,7 @@ async fn mysql_stopped_mid_drain_loses_and_doubles_nothing() {
     mariadb.stop();
     let (booked_before, _) = {
         // MySQL is down: count what Redis says was settled.
-        let hours = redpacket_wallet::reconcile::hour_counters(&t.app.redis, "cny2027")
-            .await
-            .unwrap();
+        let hours = t.app.tokens.counters("cny2027").await.unwrap().hours;
         let settled: i64 = hours.values().map(|h| h.settled.count).sum();
         (settled, ())
     };

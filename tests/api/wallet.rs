@@ -363,7 +363,7 @@ async fn trimmed_settled_tokens_leave_the_views_exact() {
     t.drain().await;
     issue(&t, &(30..35).map(|i| award(4, i, 10)).collect::<Vec<_>>()).await;
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    let trimmed = redpacket_wallet::cron::housekeeping(&t.app).await.unwrap();
+    let trimmed = t.app.jobs.housekeeping().await.unwrap();
     assert_eq!(trimmed, 30);
     let mut conn = t.app.redis.conn();
     let held: std::collections::HashMap<String, Vec<u8>> = redis::cmd("HGETALL")

@@ -15,12 +15,12 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use prost::Message;
+use redpacket_wallet::app::App;
 use redpacket_wallet::config::Settings;
 use redpacket_wallet::domain::UserId;
 use redpacket_wallet::pb;
-use redpacket_wallet::settle::AwardEntry;
-use redpacket_wallet::startup::App;
 use redpacket_wallet::store::Db;
+use redpacket_wallet::tokens::AwardEntry;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
@@ -197,7 +197,7 @@ impl Bench {
     }
 
     async fn sample(&self) -> anyhow::Result<Sample> {
-        let issued = redpacket_wallet::reconcile::issued_totals(&self.app.redis, ACTIVITY).await?;
+        let issued = self.app.tokens.issued_totals(ACTIVITY).await?;
         let booked: (i64,) =
             sqlx::query_as("SELECT COUNT(*) FROM ledger_entries WHERE kind = 'award'")
                 .fetch_one(self.app.db.main())
@@ -344,13 +344,16 @@ impl Bench {
         let mut redis_settings = self.settings.redis.clone();
         redis_settings.key_prefix = format!("{}-baseline", redis_settings.key_prefix);
         let redis = Arc::new(redpacket_wallet::store::Redis::connect(&redis_settings).await?);
+        let ledger = redpacket_wallet::ledger::Ledger::new(
+            db.clone(),
+            redpacket_wallet::tokens::Tokens::new(redis.clone()),
+        );
         let deadline = Instant::now() + self.plan.baseline;
         let started = Instant::now();
         let counter = Arc::new(AtomicI64::new(1));
         let mut tasks = Vec::new();
         for _ in 0..self.plan.concurrency_single {
-            let db = db.clone();
-            let redis = redis.clone();
+            let ledger = ledger.clone();
             let counter = counter.clone();
             tasks.push(tokio::spawn(async move {
                 let mut ok = 0u64;
@@ -366,10 +369,7 @@ impl Bench {
                         stream_id: None,
                         budget_gen: 0,
                     };
-                    if redpacket_wallet::settle::book(&db, &redis, &[entry])
-                        .await
-                        .is_ok()
-                    {
+                    if ledger.book(&[entry]).await.is_ok() {
                         ok += 1;
                     }
                 }
@@ -517,7 +517,7 @@ impl Bench {
         let before = self.sample().await?.booked;
         let (tx, rx) = watch::channel(false);
         let started = Instant::now();
-        let tasks = redpacket_wallet::settle::worker::spawn(worker_app, rx);
+        let tasks = redpacket_wallet::settle::worker::spawn(&worker_app.settler, rx);
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
             if started.elapsed() >= window {

@@ -113,8 +113,11 @@ pub struct IssueSettings {
     pub caller_per_s: u32,
     /// Concurrent single awards are issued together: at most this many per batch...
     pub coalesce_max_batch: usize,
-    /// ...and at most this many such batches in flight at once.
+    /// ...and at most this many such batches in flight at once...
     pub coalesce_in_flight: usize,
+    /// ...while at most this many single awards wait for a batch (then callers wait
+    /// for room, within the request timeout).
+    pub coalesce_queue: usize,
     /// A grant moves `max(per-award cap, budget / (sub_stocks * grant_slices))` cents
     /// from MySQL to one sub-stock.
     pub grant_slices: u32,
@@ -140,6 +143,9 @@ pub struct SettleSettings {
     pub claim_idle_ms: u64,
     pub retry_base_ms: u64,
     pub retry_max_ms: u64,
+    /// The sweep (cron `settle` and `redpacket-wallet settle --all`) books at most this
+    /// many batches per partition per run.
+    pub sweep_max_batches: usize,
     /// Fault injection for the chaos harness: after a batch's commit and before its
     /// Redis mark, the process aborts with this probability (per mille). 0 in service.
     pub crash_after_commit_permille: u32,
@@ -165,7 +171,10 @@ pub struct CronSettings {
     pub reconcile_live: String,
     pub housekeeping: String,
     pub lock_ttl_ms: u64,
+    /// Housekeeping trims this many tokens per round trip...
     pub housekeeping_batch: usize,
+    /// ...and at most this many round trips per partition per run.
+    pub housekeeping_max_rounds: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -217,6 +226,7 @@ stats_flush_ms = 1000
 caller_per_s = 0
 coalesce_max_batch = 128
 coalesce_in_flight = 4
+coalesce_queue = 4096
 grant_slices = 8
 in_flight_grace_ms = 30000
 in_doubt_grace_ms = 86400000
@@ -230,6 +240,7 @@ idle_sleep_ms = 50
 claim_idle_ms = 30000
 retry_base_ms = 100
 retry_max_ms = 5000
+sweep_max_batches = 1000
 crash_after_commit_permille = 0
 
 [wallet]
@@ -246,6 +257,7 @@ reconcile_live = "30 * * * * *"
 housekeeping = "0 */10 * * * *"
 lock_ttl_ms = 60000
 housekeeping_batch = 1000
+housekeeping_max_rounds = 1000
 "#;
 
 impl Settings {
@@ -353,6 +365,19 @@ impl Settings {
         if self.issue.coalesce_in_flight == 0 {
             return Err(invalid("issue.coalesce_in_flight", "must be positive"));
         }
+        for (key, value) in [
+            ("issue.coalesce_queue", self.issue.coalesce_queue),
+            ("settle.sweep_max_batches", self.settle.sweep_max_batches),
+            ("cron.housekeeping_batch", self.cron.housekeeping_batch),
+            (
+                "cron.housekeeping_max_rounds",
+                self.cron.housekeeping_max_rounds,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be positive"));
+            }
+        }
         if self.mysql.min_connections > self.mysql.max_connections {
             return Err(invalid(
                 "mysql.min_connections",
@@ -387,85 +412,4 @@ impl Settings {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    #[test]
-    fn environment_overrides_defaults() {
-        let s = Settings::load_with(
-            None,
-            env(&[
-                ("RPW_HTTP__ADDR", "127.0.0.1:9999"),
-                ("RPW_SETTLE__MAX_TPS", "250"),
-                (
-                    "RPW_AUTH__CALLER_KEYS",
-                    "rain:secret-key-1,cards:secret-key-2",
-                ),
-            ]),
-        )
-        .unwrap();
-        assert_eq!(s.http.addr.port(), 9999);
-        assert_eq!(s.settle.max_tps, 250);
-        let callers = s.caller_keys();
-        assert_eq!(callers.len(), 2);
-        assert_eq!(callers[1].0, "cards");
-        assert_eq!(callers[1].1.expose(), "secret-key-2");
-    }
-
-    #[test]
-    fn a_bad_value_names_its_key() {
-        let err = Settings::load_with(None, env(&[("RPW_SETTLE__MAX_TPS", "fast")]))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("settle.max_tps"), "{err}");
-        let err = Settings::load_with(None, env(&[("RPW_REDIS__PARTITIONS", "0")]))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("redis.partitions"), "{err}");
-        let err = Settings::load_with(
-            None,
-            env(&[
-                ("RPW_AUTH__CALLER_KEYS", "upstream:k1"),
-                ("RPW_AUTH__PAYOUT_CALLERS", "paymnets"),
-            ]),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            err.contains("auth.payout_callers") && err.contains("paymnets"),
-            "{err}"
-        );
-        let err = Settings::load_with(
-            None,
-            env(&[
-                ("RPW_MYSQL__MAX_CONNECTIONS", "4"),
-                ("RPW_MYSQL__MIN_CONNECTIONS", "5"),
-            ]),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("mysql.min_connections"), "{err}");
-    }
-
-    #[test]
-    fn secrets_never_show_in_debug_output() {
-        let s = Settings::load_with(
-            None,
-            env(&[
-                ("RPW_AUTH__ADMIN_KEY", "very-secret-admin"),
-                ("RPW_AUTH__JWT_SECRET", "very-secret-jwt"),
-                ("RPW_MYSQL__URL", "mysql://u:very-secret-pw@127.0.0.1/db"),
-            ]),
-        )
-        .unwrap();
-        let printed = format!("{s:?}");
-        assert!(!printed.contains("very-secret"), "{printed}");
-    }
-}
+mod tests;

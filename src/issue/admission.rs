@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
-use crate::error::ApiError;
-use crate::startup::App;
+use crate::activity::CachedActivity;
+use crate::error::Error;
 
 /// A scene's bucket, with the rate it was made for (rebuilt when the rate changes).
 type SceneBuckets = HashMap<(String, String), (u32, Arc<DefaultDirectRateLimiter>)>;
@@ -28,11 +28,11 @@ fn bucket(per_s: NonZeroU32) -> Arc<DefaultDirectRateLimiter> {
     Arc::new(RateLimiter::direct(Quota::per_second(per_s)))
 }
 
-fn check(limiter: &DefaultDirectRateLimiter, kind: &'static str) -> Result<(), ApiError> {
+fn check(limiter: &DefaultDirectRateLimiter, kind: &'static str) -> Result<(), Error> {
     limiter.check().map_err(|not_until| {
         crate::metrics::rate_limited(kind);
         let wait = not_until.wait_time_from(DefaultClock::default().now());
-        ApiError::RateLimited {
+        Error::RateLimited {
             retry_after_secs: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
         }
     })
@@ -50,17 +50,17 @@ impl Admission {
 
     pub fn admit(
         &self,
-        app: &App,
+        cached: Option<&CachedActivity>,
         caller: &str,
         activity: &str,
         scene: &str,
-    ) -> Result<(), ApiError> {
-        if let Some(cached) = app.activities.get(activity) {
+    ) -> Result<(), Error> {
+        if let Some(cached) = cached {
             if let Some(s) = cached.scenes.get(scene) {
                 if let Some(fraction) = s.admission_fraction {
                     if rand::random::<f64>() >= fraction {
                         crate::metrics::rate_limited("admission_fraction");
-                        return Err(ApiError::RateLimited {
+                        return Err(Error::RateLimited {
                             retry_after_secs: 1,
                         });
                     }

@@ -1,186 +1,219 @@
-//! Building the application: connections, keys, caches, background tasks and the router.
+//! The wiring: connects Redis and MySQL, builds every capability with what it uses,
+//! and runs them (HTTP server, accounting worker, cron, background refreshes). Only this
+//! module and the HTTP edge see all the capabilities.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::extract::DefaultBodyLimit;
-use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
 
-use crate::activity::ActivityCache;
-use crate::admission::Admission;
+use crate::activity::{Activities, ActivityCache};
 use crate::config::Settings;
 use crate::http::auth::AuthKeys;
-use crate::issue::budget::BudgetSettings;
-use crate::issue::stats::StatsCounter;
-use crate::issue::{Budget, Issuer};
+use crate::issue::budget::{Budget, BudgetSettings};
+use crate::issue::coalesce::Coalescer;
+use crate::issue::{Admission, Issuer, StatsCounter};
 use crate::keys::{KeyRing, Keys};
-use crate::settle::Marker;
+use crate::ledger::Ledger;
+use crate::ops::cron::{JobLock, Jobs};
+use crate::ops::reconcile::Reconciler;
+use crate::ops::switches::Switches;
+use crate::settle::Settler;
 use crate::store::{load_scripts, Db, Redis};
-use crate::switches::Switches;
+use crate::tokens::Tokens;
+use crate::wallet::Wallet;
+use crate::withdraw::Withdrawals;
 
-/// Everything a request or a background task needs; shared as `Arc<App>`.
+/// The assembled application: shared connections and every capability.
 pub struct App {
     pub settings: Settings,
-    pub redis: Redis,
-    pub db: Db,
-    pub keys: Keys,
-    pub activities: ActivityCache,
-    pub budget: Budget,
-    pub issuer: Issuer,
+    pub redis: Arc<Redis>,
+    pub db: Arc<Db>,
+    pub keys: Arc<Keys>,
+    pub tokens: Tokens,
+    pub ledger: Ledger,
+    pub budget: Arc<Budget>,
+    pub activities: Activities,
+    pub issuer: Arc<Issuer>,
     /// Single awards go through here, to be issued in batches under load.
-    pub coalescer: crate::issue::coalesce::Coalescer,
-    pub marker: Marker,
-    /// The booking bound of this instance (`settle.max_tps`): the worker and the cron
-    /// sweep draw from this one bucket. `None` when unbounded.
-    pub booking_limiter: Option<Arc<governor::DefaultDirectRateLimiter>>,
-    pub stats: StatsCounter,
-    pub switches: Switches,
-    pub admission: Admission,
+    pub coalescer: Coalescer,
+    pub wallet: Wallet,
+    pub withdrawals: Withdrawals,
+    pub settler: Settler,
+    pub reconciler: Reconciler,
+    pub jobs: Jobs,
+    pub switches: Arc<Switches>,
+    pub stats: Arc<StatsCounter>,
     pub auth: AuthKeys,
     pub metrics: PrometheusHandle,
     /// Names this process in consumer groups and locks.
     pub instance_id: String,
 }
 
-pub type AppState = Arc<App>;
-
 impl App {
-    /// Connects and loads everything. MySQL is connected lazily; with `migrate` the
+    /// Connects and builds everything. MySQL is connected lazily; with `migrate` the
     /// schema is brought up to date first.
     pub async fn build(settings: Settings, migrate: bool) -> anyhow::Result<Arc<Self>> {
         let metrics = crate::metrics::install();
-        let redis = Redis::connect(&settings.redis).await?;
-        let db = Db::connect_lazy(&settings.mysql)?;
+        let redis = Arc::new(Redis::connect(&settings.redis).await?);
+        let db = Arc::new(Db::connect_lazy(&settings.mysql)?);
         if migrate {
             db.migrate().await?;
         }
-        let keys = match load_shared_keys(&db, &settings).await {
+        let ring = match load_shared_keys(&db, &settings).await {
             Ok(ring) => ring,
             Err(err) => {
                 tracing::warn!(error = format!("{err:#}"), "could not sync signing keys with mysql; using the keys directory alone until the next key refresh");
                 KeyRing::load(&settings.keys.dir, &[])?
             }
         };
-        if keys.active_key_id().is_none() {
+        if ring.active_key_id().is_none() {
             tracing::warn!(dir = %settings.keys.dir.display(), "no active signing key: awards will fail until `keys generate` is run");
         }
+        let keys = Arc::new(Keys::new(ring));
         let auth = AuthKeys::new(
             &settings.auth,
             settings.caller_keys(),
             settings.wallet.jwt_leeway_secs,
         );
-        let app = Arc::new_cyclic(|weak| App {
-            coalescer: crate::issue::coalesce::Coalescer::start(
-                weak.clone(),
-                settings.issue.coalesce_max_batch,
-                settings.issue.coalesce_in_flight,
-            ),
-            budget: Budget::new(BudgetSettings {
-                sub_stocks: settings.issue.sub_stocks,
-                recheck: Duration::from_millis(settings.issue.exhausted_recheck_ms),
-                grant_slices: settings.issue.grant_slices,
-                in_flight_grace: Duration::from_millis(settings.issue.in_flight_grace_ms),
-                in_doubt_grace: Duration::from_millis(settings.issue.in_doubt_grace_ms),
-            }),
-            booking_limiter: crate::settle::worker::rate_limiter(
+        let instance_id = format!(
+            "{}-{}-{:06x}",
+            hostname(),
+            std::process::id(),
+            rand::random::<u32>() & 0xff_ffff
+        );
+        let tokens = Tokens::new(redis.clone());
+        let ledger = Ledger::new(db.clone(), tokens.clone());
+        let issue = &settings.issue;
+        let budget = Arc::new(Budget::new(
+            BudgetSettings {
+                sub_stocks: issue.sub_stocks,
+                recheck: Duration::from_millis(issue.exhausted_recheck_ms),
+                grant_slices: issue.grant_slices,
+                in_flight_grace: Duration::from_millis(issue.in_flight_grace_ms),
+                in_doubt_grace: Duration::from_millis(issue.in_doubt_grace_ms),
+            },
+            tokens.clone(),
+            ledger.clone(),
+        ));
+        let cache = Arc::new(ActivityCache::default());
+        let switches = Arc::new(Switches::default());
+        let stats = Arc::new(StatsCounter::default());
+        let activities = Activities::new(
+            db.clone(),
+            redis.clone(),
+            cache.clone(),
+            budget.clone(),
+            tokens.clone(),
+            ledger.clone(),
+        );
+        let issuer = Arc::new(Issuer {
+            redis: redis.clone(),
+            db: db.clone(),
+            tokens: tokens.clone(),
+            ledger: ledger.clone(),
+            budget: budget.clone(),
+            keys: keys.clone(),
+            activities: cache.clone(),
+            switches: switches.clone(),
+            admission: Admission::new(issue.caller_per_s),
+            stats: stats.clone(),
+        });
+        let coalescer = Coalescer::start(
+            issuer.clone(),
+            issue.coalesce_max_batch,
+            issue.coalesce_in_flight,
+            issue.coalesce_queue,
+        );
+        let wallet = Wallet {
+            tokens: tokens.clone(),
+            ledger: ledger.clone(),
+            switches: switches.clone(),
+            keys: keys.clone(),
+            activities: cache.clone(),
+        };
+        let withdrawals = Withdrawals::new(db.clone(), ledger.clone(), tokens.clone());
+        let settler = Settler {
+            redis: redis.clone(),
+            ledger: ledger.clone(),
+            tokens: tokens.clone(),
+            switches: switches.clone(),
+            limiter: crate::settle::rate_limiter(
                 settings.settle.max_tps,
                 settings.settle.batch_size,
             ),
-            admission: Admission::new(settings.issue.caller_per_s),
-            issuer: Issuer::default(),
-            marker: Marker::default(),
-            stats: StatsCounter::default(),
-            switches: Switches::default(),
-            activities: ActivityCache::default(),
-            instance_id: format!(
-                "{}-{}-{:06x}",
-                hostname(),
-                std::process::id(),
-                rand::random::<u32>() & 0xff_ffff
-            ),
+            settings: settings.settle.clone(),
+            instance_id: instance_id.clone(),
+        };
+        let reconciler = Reconciler {
+            redis: redis.clone(),
+            db: db.clone(),
+            tokens: tokens.clone(),
+            ledger: ledger.clone(),
+            budget: budget.clone(),
+            activities: cache.clone(),
+        };
+        let jobs = Jobs {
+            lock: JobLock {
+                redis: redis.clone(),
+                ttl_ms: settings.cron.lock_ttl_ms,
+                instance_id: instance_id.clone(),
+            },
+            settler: settler.clone(),
+            reconciler: reconciler.clone(),
+            tokens: tokens.clone(),
+            activities: cache.clone(),
+            cron: settings.cron.clone(),
+            wallet: settings.wallet.clone(),
+        };
+        let app = Arc::new(App {
             settings,
             redis,
             db,
-            keys: Keys::new(keys),
+            keys,
+            tokens,
+            ledger,
+            budget,
+            activities,
+            issuer,
+            coalescer,
+            wallet,
+            withdrawals,
+            settler,
+            reconciler,
+            jobs,
+            switches,
+            stats,
             auth,
             metrics,
+            instance_id,
         });
         app.load_scripts().await?;
         app.redis.ensure_groups().await?;
         app.switches.refresh(&app.redis).await?;
         // MySQL may be down at start: the instance still comes up (readiness says so)
         // and the background refresh fills the cache once MySQL answers.
-        if let Err(err) = app.refresh_activities().await {
+        if let Err(err) = app.activities.refresh().await {
             tracing::warn!(
                 error = format!("{err:#}"),
                 "activity cache not loaded at start; will retry"
             );
         }
         // A changed `issue.sub_stocks` moves each activity's budget into the new layout.
-        for cached in app.activities.all() {
-            if let Err(err) = app
-                .budget
-                .relayout(&app.redis, &app.db, &cached.activity.id)
-                .await
-            {
-                tracing::warn!(
-                    activity = cached.activity.id,
-                    error = format!("{err:#}"),
-                    "budget re-layout failed; will use the current layout"
-                );
-            }
-        }
+        app.activities.relayout_all().await;
         Ok(app)
     }
 
     pub async fn load_scripts(&self) -> anyhow::Result<()> {
-        let mut conn = self.redis.conn();
         let mut scripts: Vec<&redis::Script> = self.budget.scripts().to_vec();
-        scripts.extend(self.issuer.scripts());
-        scripts.push(self.marker.script());
-        load_scripts(&mut conn, &scripts)
+        scripts.extend(self.tokens.scripts());
+        load_scripts(&mut self.redis.conn(), &scripts)
             .await
             .context("loading redis scripts")
-    }
-
-    /// Reloads the activity cache and the live budget generations, and keeps the
-    /// sub-stocks of activities not ended yet funded by grants. One activity failing to
-    /// refill does not keep the others from it.
-    pub async fn refresh_activities(&self) -> anyhow::Result<()> {
-        self.activities.refresh(self.db.main()).await?;
-        self.budget.refresh_live(&self.redis, &self.db).await?;
-        let now = chrono::Utc::now();
-        for cached in self.activities.all() {
-            let a = &cached.activity;
-            if a.ends_at <= now {
-                continue;
-            }
-            if let Err(err) = self
-                .budget
-                .refill(
-                    &self.redis,
-                    &self.db,
-                    &a.id,
-                    a.budget_cents,
-                    a.max_award_cents,
-                )
-                .await
-            {
-                tracing::warn!(
-                    activity = a.id,
-                    error = format!("{err:#}"),
-                    "budget refill failed; will retry"
-                );
-            }
-        }
-        Ok(())
     }
 
     /// Refreshes gauges that are read on demand (the settlement backlog).
@@ -189,8 +222,7 @@ impl App {
         for p in 0..self.redis.partitions() {
             pipe.xlen(self.redis.stream_key(p));
         }
-        let mut conn = self.redis.conn();
-        if let Ok(lengths) = pipe.query_async::<Vec<u64>>(&mut conn).await {
+        if let Ok(lengths) = pipe.query_async::<Vec<u64>>(&mut self.redis.conn()).await {
             for (p, len) in lengths.into_iter().enumerate() {
                 crate::metrics::backlog(p as u32, len);
             }
@@ -212,6 +244,15 @@ impl App {
         Ok(())
     }
 
+    fn activity_ids(&self) -> Vec<String> {
+        self.activities
+            .cache()
+            .all()
+            .iter()
+            .map(|a| a.activity.id.clone())
+            .collect()
+    }
+
     /// Cache refresh, stats flush, switch polling and key reloads, until `shutdown`
     /// flips.
     pub fn spawn_background(
@@ -220,23 +261,24 @@ impl App {
     ) -> JoinHandle<()> {
         let app = self.clone();
         tokio::spawn(async move {
-            let mut cache_tick =
-                tokio::time::interval(Duration::from_millis(app.settings.issue.cache_refresh_ms));
-            let mut stats_tick =
-                tokio::time::interval(Duration::from_millis(app.settings.issue.stats_flush_ms));
+            let every = |ms: u64| {
+                let mut tick = tokio::time::interval(Duration::from_millis(ms));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick
+            };
+            let mut cache_tick = every(app.settings.issue.cache_refresh_ms);
+            let mut stats_tick = every(app.settings.issue.stats_flush_ms);
             // A zero period turns key reloads off (the branch below is then disabled).
             let reload_keys = app.settings.keys.refresh_ms > 0;
             let keys_every = Duration::from_millis(app.settings.keys.refresh_ms.max(1));
             let mut keys_tick =
                 tokio::time::interval_at(tokio::time::Instant::now() + keys_every, keys_every);
-            cache_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             keys_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = shutdown.changed() => break,
                     _ = cache_tick.tick() => {
-                        if let Err(err) = app.refresh_activities().await {
+                        if let Err(err) = app.activities.refresh().await {
                             tracing::warn!(error = format!("{err:#}"), "activity cache refresh failed; serving the last snapshot");
                         }
                         if let Err(err) = app.switches.refresh(&app.redis).await {
@@ -249,20 +291,13 @@ impl App {
                         }
                     }
                     _ = stats_tick.tick() => {
-                        let ids: Vec<String> = app.activities.all().iter().map(|a| a.activity.id.clone()).collect();
-                        if let Err(err) = app.stats.flush(&app.redis, &ids).await {
+                        if let Err(err) = app.stats.flush(&app.redis, &app.activity_ids()).await {
                             tracing::warn!(error = %err, "stats flush failed; will retry");
                         }
                     }
                 }
             }
-            let ids: Vec<String> = app
-                .activities
-                .all()
-                .iter()
-                .map(|a| a.activity.id.clone())
-                .collect();
-            let _ = app.stats.flush(&app.redis, &ids).await;
+            let _ = app.stats.flush(&app.redis, &app.activity_ids()).await;
         })
     }
 }
@@ -301,35 +336,6 @@ async fn load_shared_keys(db: &Db, settings: &Settings) -> anyhow::Result<KeyRin
     Ok(ring)
 }
 
-/// The whole HTTP surface, one router per capability.
-pub fn router(app: Arc<App>) -> Router {
-    let settings = &app.settings.http;
-    Router::new()
-        .merge(crate::http::router())
-        .merge(crate::activity::router())
-        .merge(crate::issue::http::router())
-        .merge(crate::wallet::router())
-        .merge(crate::withdraw::router())
-        .merge(crate::switches::router())
-        .route(
-            "/v1/admin/reconciliation",
-            axum::routing::get(crate::reconcile::list_handler),
-        )
-        .route(
-            "/v1/admin/parked",
-            axum::routing::get(crate::reconcile::parked_handler),
-        )
-        .fallback(crate::http::not_found)
-        .layer(DefaultBodyLimit::max(settings.body_limit_bytes))
-        .layer(TimeoutLayer::with_status_code(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            Duration::from_millis(settings.request_timeout_ms),
-        ))
-        .layer(axum::middleware::map_response(crate::http::envelope_errors))
-        .layer(TraceLayer::new_for_http())
-        .with_state(app)
-}
-
 /// A running instance: HTTP server, background tasks and (optionally) the worker.
 pub struct Running {
     pub addr: SocketAddr,
@@ -356,7 +362,7 @@ impl Running {
                 .await
                 .with_context(|| format!("binding http.addr {addr}"))?;
             addr = listener.local_addr()?;
-            let router = router(app.clone());
+            let router = crate::http::router(app.clone());
             let mut stop = rx.clone();
             let mut stop_deadline = rx.clone();
             let grace = Duration::from_millis(app.settings.http.shutdown_timeout_ms);
@@ -375,10 +381,10 @@ impl Running {
             }));
         }
         if options.worker && app.settings.settle.enabled {
-            tasks.extend(crate::settle::worker::spawn(app.clone(), rx.clone()));
+            tasks.extend(crate::settle::worker::spawn(&app.settler, rx.clone()));
         }
         let scheduler = if options.cron {
-            Some(crate::cron::start(app.clone()).await?)
+            Some(app.jobs.start().await?)
         } else {
             None
         };

@@ -10,11 +10,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use super::{AwardRequest, Issued};
-use crate::error::{ApiError, ApiResult};
-use crate::http::{check_list_len, decode_body, reply, Bounded, Caller, Format, Wire};
+use super::wire::{check_list_len, decode_body, reply, Bounded, Format, Wire};
+use super::{AppState, Caller};
+use crate::error::{Error, Result};
+use crate::issue::{AwardRequest, Issued};
 use crate::pb;
-use crate::startup::AppState;
 use crate::token;
 
 pub fn router() -> Router<AppState> {
@@ -72,7 +72,7 @@ async fn award(
     Caller(caller): Caller,
     headers: HeaderMap,
     body: Bytes,
-) -> ApiResult<Response> {
+) -> Result<Response> {
     let started = Instant::now();
     let request: AwardRequest = decode_body::<AwardRequest, pb::AwardRequest>(&headers, &body)?;
     let result = app.coalescer.issue(caller, request).await;
@@ -116,7 +116,7 @@ struct ErrorItem {
     message: String,
 }
 
-struct BatchReply(Vec<Result<Issued, ApiError>>);
+struct BatchReply(Vec<Result<Issued>>);
 
 impl Serialize for BatchReply {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -169,7 +169,7 @@ async fn award_batch(
     Caller(caller): Caller,
     headers: HeaderMap,
     body: Bytes,
-) -> ApiResult<Response> {
+) -> Result<Response> {
     let started = Instant::now();
     let max = app.settings.issue.batch_max;
     check_list_len(&headers, &body, 1, max)?;
@@ -177,14 +177,14 @@ async fn award_batch(
         decode_body::<BatchRequest, pb::AwardBatchRequest>(&headers, &body)?;
     let Bounded(awards) = request.awards;
     if awards.is_empty() || awards.len() > max {
-        return Err(ApiError::InvalidRequest(format!(
+        return Err(Error::InvalidRequest(format!(
             "a batch holds 1 to {max} awards, this one {}",
             awards.len()
         )));
     }
-    let results = app.issuer.issue(&app, &caller, awards).await;
+    let results = app.issuer.issue(&caller, awards).await;
     for r in &results {
-        r.as_ref().err().map(ApiError::log);
+        r.as_ref().err().map(super::error::log);
     }
     crate::metrics::award_latency(started.elapsed().as_secs_f64(), "batch");
     Ok(reply(
@@ -202,8 +202,8 @@ struct StatsBody {
 }
 
 async fn stats(State(app): State<AppState>, Path(id): Path<String>) -> Response {
-    if app.activities.get(&id).is_none() {
-        return ApiError::NotFound(format!("no activity `{id}`")).into_response();
+    if app.activities.cache().get(&id).is_none() {
+        return Error::NotFound(format!("no activity `{id}`")).into_response();
     }
     let (count, cents) = app.stats.totals(&id);
     Json(StatsBody {

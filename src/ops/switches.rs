@@ -11,15 +11,10 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use axum::extract::{Path, State};
-use axum::routing::{get, put};
-use axum::{Json, Router};
 use redis::AsyncCommands;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::error::{ApiError, ApiResult};
-use crate::http::{JsonBody, Operator};
-use crate::startup::AppState;
+use crate::error::{Error, Result};
 use crate::store::Redis;
 
 pub const SWITCHES: [(&str, &str); 4] = [
@@ -82,10 +77,10 @@ impl Switches {
         Ok(())
     }
 
-    pub async fn set(&self, redis: &Redis, name: &str, on: bool) -> ApiResult<()> {
+    pub async fn set(&self, redis: &Redis, name: &str, on: bool) -> Result<()> {
         let flag = self
             .flag(name)
-            .ok_or_else(|| ApiError::NotFound(format!("no switch `{name}`")))?;
+            .ok_or_else(|| Error::NotFound(format!("no switch `{name}`")))?;
         let mut conn = redis.conn();
         let _: () = conn
             .hset(redis.switches_key(), name, if on { "1" } else { "0" })
@@ -112,29 +107,4 @@ pub struct SwitchView {
     pub name: &'static str,
     pub on: bool,
     pub effect: &'static str,
-}
-
-#[derive(Deserialize)]
-struct SetSwitch {
-    on: bool,
-}
-
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/admin/switches", get(list))
-        .route("/v1/admin/switches/{name}", put(set))
-}
-
-async fn list(State(app): State<AppState>, _op: Operator) -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "switches": app.switches.list() }))
-}
-
-async fn set(
-    State(app): State<AppState>,
-    _op: Operator,
-    Path(name): Path<String>,
-    JsonBody(body): JsonBody<SetSwitch>,
-) -> ApiResult<Json<serde_json::Value>> {
-    app.switches.set(&app.redis, &name, body.on).await?;
-    Ok(Json(serde_json::json!({ "switches": app.switches.list() })))
 }

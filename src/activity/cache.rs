@@ -1,0 +1,148 @@
+//! The in-process activity cache the issuing path reads (refreshed on a timer, never a
+//! MySQL read per award), and the decoding of activity and scene rows.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use sqlx::Row;
+
+use super::{Activity, Scene};
+use crate::domain::Cents;
+
+/// One activity with its scenes, as the cache holds it.
+#[derive(Debug, Clone)]
+pub struct CachedActivity {
+    pub activity: Activity,
+    pub scenes: HashMap<String, Scene>,
+}
+
+/// Activity and scene settings in process memory. Readers take a cheap `Arc` snapshot;
+/// a refresh swaps the whole map, so a reader never sees half an update.
+#[derive(Default)]
+pub struct ActivityCache {
+    snapshot: RwLock<Arc<HashMap<String, Arc<CachedActivity>>>>,
+}
+
+impl ActivityCache {
+    pub fn get(&self, id: &str) -> Option<Arc<CachedActivity>> {
+        self.snapshot
+            .read()
+            .expect("activity cache lock poisoned")
+            .get(id)
+            .cloned()
+    }
+
+    pub fn all(&self) -> Vec<Arc<CachedActivity>> {
+        self.snapshot
+            .read()
+            .expect("activity cache lock poisoned")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Reloads every activity and scene from MySQL and returns the activities whose
+    /// budget differs from the previous snapshot (their sub-stocks need funding).
+    pub async fn refresh(&self, pool: &sqlx::MySqlPool) -> anyhow::Result<Vec<Activity>> {
+        let activities = sqlx::query(
+            "SELECT id, name, stage, starts_at, ends_at, budget_cents, max_award_cents FROM activities",
+        )
+        .fetch_all(pool)
+        .await?;
+        let scenes = sqlx::query(
+            "SELECT activity_id, id, name, award_type, rate_limit_per_s, admission_fraction FROM scenes",
+        )
+        .fetch_all(pool)
+        .await?;
+        let mut map: HashMap<String, CachedActivity> = HashMap::with_capacity(activities.len());
+        for row in activities {
+            // One bad row (a hand edit, a value out of range) must not keep every other
+            // activity from loading: it is logged and left out.
+            let activity = match activity_from_row(&row) {
+                Ok(a) => a,
+                Err(err) => {
+                    let id: String = row.try_get("id").unwrap_or_default();
+                    tracing::error!(
+                        activity = id,
+                        error = format!("{err:#}"),
+                        "activity row unreadable; left out of the cache"
+                    );
+                    continue;
+                }
+            };
+            map.insert(
+                activity.id.clone(),
+                CachedActivity {
+                    activity,
+                    scenes: HashMap::new(),
+                },
+            );
+        }
+        for row in scenes {
+            let scene = match scene_from_row(&row) {
+                Ok(s) => s,
+                Err(err) => {
+                    tracing::error!(
+                        error = format!("{err:#}"),
+                        "scene row unreadable; left out of the cache"
+                    );
+                    continue;
+                }
+            };
+            if let Some(entry) = map.get_mut(&scene.activity_id) {
+                entry.scenes.insert(scene.id.clone(), scene);
+            }
+        }
+        let fresh: HashMap<String, Arc<CachedActivity>> =
+            map.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
+        let mut guard = self.snapshot.write().expect("activity cache lock poisoned");
+        let changed = fresh
+            .values()
+            .filter(|new| {
+                guard
+                    .get(&new.activity.id)
+                    .is_none_or(|old| old.activity.budget_cents != new.activity.budget_cents)
+            })
+            .map(|a| a.activity.clone())
+            .collect();
+        *guard = Arc::new(fresh);
+        Ok(changed)
+    }
+}
+
+pub(super) fn activity_from_row(row: &sqlx::mysql::MySqlRow) -> anyhow::Result<Activity> {
+    let stage: String = row.try_get("stage")?;
+    let budget: i64 = row.try_get("budget_cents")?;
+    let cap: i64 = row.try_get("max_award_cents")?;
+    for (field, value) in [("budget_cents", budget), ("max_award_cents", cap)] {
+        Cents::positive(value, field).map_err(|e| anyhow::anyhow!("stored {field}: {e}"))?;
+    }
+    Ok(Activity {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        stage: stage
+            .parse()
+            .map_err(|e| anyhow::anyhow!("stored stage: {e}"))?,
+        starts_at: row
+            .try_get::<chrono::NaiveDateTime, _>("starts_at")?
+            .and_utc(),
+        ends_at: row
+            .try_get::<chrono::NaiveDateTime, _>("ends_at")?
+            .and_utc(),
+        budget_cents: row.try_get("budget_cents")?,
+        max_award_cents: row.try_get("max_award_cents")?,
+    })
+}
+
+pub(super) fn scene_from_row(row: &sqlx::mysql::MySqlRow) -> anyhow::Result<Scene> {
+    Ok(Scene {
+        activity_id: row.try_get("activity_id")?,
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        award_type: row.try_get("award_type")?,
+        rate_limit_per_s: row
+            .try_get::<Option<i32>, _>("rate_limit_per_s")?
+            .map(|v| v.max(0) as u32),
+        admission_fraction: row.try_get("admission_fraction")?,
+    })
+}

@@ -1,0 +1,333 @@
+//! Activities and scenes: their rules, the MySQL rows, the in-process cache the issuing
+//! path reads, and the operator's view of one activity (settings, budget, issued,
+//! booked and pending).
+
+mod cache;
+mod repo;
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{ActivityId, AwardType, Cents, SceneId, Stage, MAX_CENTS};
+use crate::error::{Error, Result};
+use crate::issue::budget::Budget;
+use crate::ledger::Ledger;
+use crate::store::{Db, Redis};
+use crate::tokens::Tokens;
+
+pub use cache::{ActivityCache, CachedActivity};
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Activity {
+    pub id: String,
+    pub name: String,
+    pub stage: Stage,
+    pub starts_at: DateTime<Utc>,
+    pub ends_at: DateTime<Utc>,
+    pub budget_cents: i64,
+    pub max_award_cents: i64,
+}
+
+impl Activity {
+    pub fn is_open_at(&self, now: DateTime<Utc>) -> bool {
+        self.starts_at <= now && now < self.ends_at
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Scene {
+    pub activity_id: String,
+    pub id: String,
+    pub name: String,
+    pub award_type: String,
+    pub rate_limit_per_s: Option<u32>,
+    pub admission_fraction: Option<f64>,
+}
+
+/// The activities capability. Cheap to clone.
+#[derive(Clone)]
+pub struct Activities {
+    db: Arc<Db>,
+    redis: Arc<Redis>,
+    cache: Arc<ActivityCache>,
+    budget: Arc<Budget>,
+    tokens: Tokens,
+    ledger: Ledger,
+}
+
+/// Whether a create was new or a repeat of an identical one.
+pub enum Created<T> {
+    New(T),
+    Existing(T),
+}
+
+impl Activities {
+    pub fn new(
+        db: Arc<Db>,
+        redis: Arc<Redis>,
+        cache: Arc<ActivityCache>,
+        budget: Arc<Budget>,
+        tokens: Tokens,
+        ledger: Ledger,
+    ) -> Self {
+        Self {
+            db,
+            redis,
+            cache,
+            budget,
+            tokens,
+            ledger,
+        }
+    }
+
+    pub fn cache(&self) -> &Arc<ActivityCache> {
+        &self.cache
+    }
+
+    /// Reloads the cache and the live budget generations, and keeps the sub-stocks of
+    /// activities not ended yet funded by grants. One activity failing to refill does
+    /// not keep the others from it.
+    pub async fn refresh(&self) -> anyhow::Result<()> {
+        self.cache.refresh(self.db.main()).await?;
+        self.budget.refresh_live(&self.redis, &self.db).await?;
+        let now = Utc::now();
+        for cached in self.cache.all() {
+            let a = &cached.activity;
+            if a.ends_at <= now {
+                continue;
+            }
+            if let Err(err) = self
+                .budget
+                .refill(
+                    &self.redis,
+                    &self.db,
+                    &a.id,
+                    a.budget_cents,
+                    a.max_award_cents,
+                )
+                .await
+            {
+                tracing::warn!(
+                    activity = a.id,
+                    error = format!("{err:#}"),
+                    "budget refill failed; will retry"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves each activity's budget into the configured sub-stock layout, if it changed.
+    pub async fn relayout_all(&self) {
+        for cached in self.cache.all() {
+            if let Err(err) = self
+                .budget
+                .relayout(&self.redis, &self.db, &cached.activity.id)
+                .await
+            {
+                tracing::warn!(
+                    activity = cached.activity.id,
+                    error = format!("{err:#}"),
+                    "budget re-layout failed; will use the current layout"
+                );
+            }
+        }
+    }
+
+    pub async fn load(&self, id: &str) -> Result<Activity> {
+        repo::load_activity(self.db.main(), id).await
+    }
+
+    /// Creates an activity and its first budget generation; an identical repeat is
+    /// answered with the existing one, a different one is a conflict.
+    pub async fn create(&self, body: NewActivity) -> Result<Created<Activity>> {
+        let activity = parse_new_activity(body)?;
+        let inserted = repo::insert_activity(&self.db, &self.budget, &activity).await?;
+        if !inserted {
+            let existing = self.load(&activity.id).await?;
+            if existing == activity {
+                return Ok(Created::Existing(existing));
+            }
+            return Err(Error::IdempotencyConflict(format!(
+                "activity `{}` exists with other settings",
+                activity.id
+            )));
+        }
+        self.refresh().await?;
+        Ok(Created::New(activity))
+    }
+
+    /// Raises an activity's budget by `delta`. MySQL holds the budget; grants move the
+    /// new part to Redis as it is needed.
+    pub async fn add_budget(&self, id: &ActivityId, delta: Cents) -> Result<ActivityView> {
+        let current = self.load(id.as_str()).await?;
+        let too_much = || {
+            Error::InvalidRequest(format!(
+                "the budget would exceed the maximum of {MAX_CENTS} cents"
+            ))
+        };
+        Cents::positive(current.budget_cents, "budget_cents")
+            .ok()
+            .and_then(|b| b.checked_add(delta))
+            .ok_or_else(too_much)?;
+        if !repo::add_budget(self.db.main(), id.as_str(), delta).await? {
+            return Err(too_much());
+        }
+        self.budget.forget_exhausted(id.as_str());
+        self.refresh().await?;
+        self.view(id.as_str()).await
+    }
+
+    pub async fn create_scene(&self, activity_id: &ActivityId, body: NewScene) -> Result<Scene> {
+        let scene = parse_new_scene(activity_id, body)?;
+        self.load(activity_id.as_str()).await?;
+        if !repo::insert_scene(self.db.main(), &scene).await? {
+            return Err(Error::IdempotencyConflict(format!(
+                "scene `{}` already exists in activity `{}`",
+                scene.id, scene.activity_id
+            )));
+        }
+        self.refresh().await?;
+        Ok(scene)
+    }
+
+    /// The operator's view: settings, scenes, budget figures, issued and booked totals.
+    pub async fn view(&self, id: &str) -> Result<ActivityView> {
+        let activity = self.load(id).await?;
+        let scenes = repo::scenes_of(self.db.main(), id).await?;
+        let budget = self
+            .budget
+            .figures(&self.redis, &self.db, id)
+            .await
+            .map_err(Error::Internal)?;
+        let issued = self.tokens.issued_totals(id).await?;
+        let booked = self.ledger.totals(id, None).await?;
+        Ok(ActivityView {
+            activity,
+            scenes,
+            budget_remaining_cents: budget.remaining_cents,
+            budget_taken_cents: budget.taken_cents,
+            budget_granted_cents: budget.granted_cents,
+            budget_ungranted_cents: budget.ungranted_cents,
+            budget_in_doubt_cents: budget.in_doubt_cents,
+            budget_available_cents: budget.available_cents,
+            issued_cents: issued.cents,
+            issued_count: issued.count,
+            booked_cents: booked.cents,
+            booked_count: booked.count,
+            pending_cents: issued.cents - booked.cents,
+            pending_count: issued.count - booked.count,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct NewActivity {
+    pub id: String,
+    pub name: String,
+    pub stage: String,
+    pub starts_at: DateTime<Utc>,
+    pub ends_at: DateTime<Utc>,
+    pub budget_cents: i64,
+    pub max_award_cents: i64,
+}
+
+/// Checks every rule before anything is written.
+fn parse_new_activity(body: NewActivity) -> Result<Activity> {
+    let id = ActivityId::parse(&body.id)?;
+    let name = body.name.trim();
+    if name.is_empty() || name.len() > 128 {
+        return Err(Error::InvalidRequest(
+            "name must be 1-128 characters".into(),
+        ));
+    }
+    let stage: Stage = body.stage.parse()?;
+    if body.ends_at <= body.starts_at {
+        return Err(Error::InvalidRequest(
+            "ends_at must be after starts_at".into(),
+        ));
+    }
+    let budget = Cents::positive(body.budget_cents, "budget_cents")?;
+    let cap = Cents::positive(body.max_award_cents, "max_award_cents")?;
+    // Times are stored with millisecond precision; truncate now so what we return is
+    // exactly what a later read gives back.
+    let ms = |t: DateTime<Utc>| DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t);
+    Ok(Activity {
+        id: id.as_str().to_string(),
+        name: name.to_string(),
+        stage,
+        starts_at: ms(body.starts_at),
+        ends_at: ms(body.ends_at),
+        budget_cents: budget.get(),
+        max_award_cents: cap.get(),
+    })
+}
+
+#[derive(Debug, Serialize)]
+pub struct ActivityView {
+    #[serde(flatten)]
+    pub activity: Activity,
+    pub scenes: Vec<Scene>,
+    /// What may still be issued: ungranted + what the live sub-stocks hold.
+    pub budget_remaining_cents: i64,
+    pub budget_taken_cents: i64,
+    /// Moved to Redis by grants and not given back.
+    pub budget_granted_cents: i64,
+    /// Only MySQL holds it: budget - granted.
+    pub budget_ungranted_cents: i64,
+    /// Granted, then lost with Redis; frozen until `release-in-doubt`.
+    pub budget_in_doubt_cents: i64,
+    /// What the live sub-stocks hold now.
+    pub budget_available_cents: i64,
+    pub issued_cents: i64,
+    pub issued_count: i64,
+    pub booked_cents: i64,
+    pub booked_count: i64,
+    pub pending_cents: i64,
+    pub pending_count: i64,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct NewScene {
+    pub id: String,
+    pub name: String,
+    pub award_type: String,
+    #[serde(default)]
+    pub rate_limit_per_s: Option<u32>,
+    #[serde(default)]
+    pub admission_fraction: Option<f64>,
+}
+
+/// Checks every rule of a new scene before anything is written.
+fn parse_new_scene(activity_id: &ActivityId, body: NewScene) -> Result<Scene> {
+    let scene_id = SceneId::parse(&body.id)?;
+    let award_type = AwardType::parse(&body.award_type)?;
+    let name = body.name.trim();
+    if name.is_empty() || name.len() > 128 {
+        return Err(Error::InvalidRequest(
+            "name must be 1-128 characters".into(),
+        ));
+    }
+    if let Some(f) = body.admission_fraction {
+        if !(0.0..=1.0).contains(&f) {
+            return Err(Error::InvalidRequest(
+                "admission_fraction must be between 0.0 and 1.0".into(),
+            ));
+        }
+    }
+    if body.rate_limit_per_s == Some(0) || body.rate_limit_per_s.is_some_and(|r| r > 10_000_000) {
+        return Err(Error::InvalidRequest(
+            "rate_limit_per_s must be 1..=10000000".into(),
+        ));
+    }
+    Ok(Scene {
+        activity_id: activity_id.as_str().to_string(),
+        id: scene_id.as_str().to_string(),
+        name: name.to_string(),
+        award_type: award_type.as_str().to_string(),
+        rate_limit_per_s: body.rate_limit_per_s,
+        admission_fraction: body.admission_fraction,
+    })
+}

@@ -1,0 +1,169 @@
+//! The operator API under `/v1/admin`: activities, scenes and budgets, leak repair and
+//! in-doubt release, reconciliation reports, parked settlement entries and the
+//! degradation switches.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::wire::JsonBody;
+use super::{AppState, Operator};
+use crate::activity::{Activity, ActivityView, Created, NewActivity, NewScene, Scene};
+use crate::domain::{ActivityId, Cents};
+use crate::error::{Error, Result};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/admin/activities", post(create_activity))
+        .route("/v1/admin/activities/{id}", get(get_activity))
+        .route("/v1/admin/activities/{id}/budget", post(add_budget))
+        .route("/v1/admin/activities/{id}/scenes", post(create_scene))
+        .route("/v1/admin/activities/{id}/repair-leak", post(repair_leak))
+        .route(
+            "/v1/admin/activities/{id}/release-in-doubt",
+            post(release_in_doubt),
+        )
+        .route("/v1/admin/reconciliation", get(reports))
+        .route("/v1/admin/parked", get(parked))
+        .route("/v1/admin/switches", get(switches))
+        .route("/v1/admin/switches/{name}", put(set_switch))
+}
+
+/// An activity id from the path: one that cannot exist is not found.
+fn activity_id(id: &str) -> Result<ActivityId> {
+    ActivityId::parse(id).map_err(|_| Error::NotFound(format!("no activity `{id}`")))
+}
+
+async fn create_activity(
+    State(app): State<AppState>,
+    _op: Operator,
+    JsonBody(body): JsonBody<NewActivity>,
+) -> Result<(StatusCode, Json<Activity>)> {
+    Ok(match app.activities.create(body).await? {
+        Created::New(a) => (StatusCode::CREATED, Json(a)),
+        Created::Existing(a) => (StatusCode::OK, Json(a)),
+    })
+}
+
+async fn get_activity(
+    State(app): State<AppState>,
+    _op: Operator,
+    Path(id): Path<String>,
+) -> Result<Json<ActivityView>> {
+    let id = activity_id(&id)?;
+    Ok(Json(app.activities.view(id.as_str()).await?))
+}
+
+#[derive(Debug, Deserialize)]
+struct BudgetDelta {
+    delta_cents: i64,
+}
+
+async fn add_budget(
+    State(app): State<AppState>,
+    _op: Operator,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<BudgetDelta>,
+) -> Result<Json<ActivityView>> {
+    let delta = Cents::positive(body.delta_cents, "delta_cents")?;
+    let id = activity_id(&id)?;
+    Ok(Json(app.activities.add_budget(&id, delta).await?))
+}
+
+async fn create_scene(
+    State(app): State<AppState>,
+    _op: Operator,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<NewScene>,
+) -> Result<(StatusCode, Json<Scene>)> {
+    let id = activity_id(&id)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(app.activities.create_scene(&id, body).await?),
+    ))
+}
+
+async fn repair_leak(
+    State(app): State<AppState>,
+    _op: Operator,
+    Path(id): Path<String>,
+) -> Result<Json<Value>> {
+    let repair = app.reconciler.repair_leak(&id).await?;
+    Ok(Json(json!({
+        "activity_id": id,
+        "repaired_cents": repair.repaired_cents,
+        "drained_cents": repair.drained_cents,
+        "settling_generations": repair.settling_generations,
+    })))
+}
+
+async fn release_in_doubt(
+    State(app): State<AppState>,
+    _op: Operator,
+    Path(id): Path<String>,
+) -> Result<Json<Value>> {
+    let release = app.reconciler.release_in_doubt(&id).await?;
+    Ok(Json(json!({
+        "activity_id": id,
+        "released_cents": release.released_cents,
+        "resolved_generations": release.resolved_generations,
+        "waiting_generations": release.waiting_generations,
+    })))
+}
+
+#[derive(Deserialize)]
+struct ReportQuery {
+    activity_id: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn reports(
+    State(app): State<AppState>,
+    _op: Operator,
+    Query(q): Query<ReportQuery>,
+) -> Result<Json<Value>> {
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let reports = app
+        .reconciler
+        .reports(q.activity_id.as_deref(), limit)
+        .await?;
+    Ok(Json(json!({ "reports": reports })))
+}
+
+#[derive(Deserialize)]
+struct ParkedQuery {
+    limit: Option<u32>,
+}
+
+async fn parked(
+    State(app): State<AppState>,
+    _op: Operator,
+    Query(q): Query<ParkedQuery>,
+) -> Result<Json<Value>> {
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000) as usize;
+    Ok(Json(
+        json!({ "entries": app.reconciler.parked(limit).await? }),
+    ))
+}
+
+async fn switches(State(app): State<AppState>, _op: Operator) -> Json<Value> {
+    Json(json!({ "switches": app.switches.list() }))
+}
+
+#[derive(Deserialize)]
+struct SetSwitch {
+    on: bool,
+}
+
+async fn set_switch(
+    State(app): State<AppState>,
+    _op: Operator,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<SetSwitch>,
+) -> Result<Json<Value>> {
+    app.switches.set(&app.redis, &name, body.on).await?;
+    Ok(Json(json!({ "switches": app.switches.list() })))
+}

@@ -1,0 +1,70 @@
+//! The one place a service [`Error`] becomes an HTTP answer: its status, the JSON
+//! envelope of API.md and `Retry-After`. A 500 is logged here, once, with its chain;
+//! an outage (503) was logged where it was recognised (`error.rs`); client errors are
+//! not logged.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::error::Error;
+
+#[derive(Serialize)]
+struct Envelope<'a> {
+    error: Body<'a>,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    code: &'a str,
+    message: String,
+}
+
+pub fn status(err: &Error) -> StatusCode {
+    match err {
+        Error::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+        Error::Unauthorized => StatusCode::UNAUTHORIZED,
+        Error::Forbidden(_) => StatusCode::FORBIDDEN,
+        Error::NotFound(_) => StatusCode::NOT_FOUND,
+        Error::IdempotencyConflict(_) | Error::BudgetExhausted | Error::InsufficientBalance => {
+            StatusCode::CONFLICT
+        }
+        Error::ActivityClosed(_) | Error::AmountOverCap(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+        Error::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// Logs a fault once, with its chain (a batch logs its items' faults this way too).
+pub fn log(err: &Error) {
+    if let Error::Internal(cause) = err {
+        tracing::error!(error.chain = format!("{cause:#}"), "request failed");
+    }
+}
+
+/// The envelope body of `err`, as JSON.
+pub fn envelope(err: &Error) -> serde_json::Value {
+    serde_json::to_value(Envelope {
+        error: Body {
+            code: err.code(),
+            message: err.public_message(),
+        },
+    })
+    .unwrap_or_default()
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        log(&self);
+        let mut response = (status(&self), axum::Json(envelope(&self))).into_response();
+        if let Error::RateLimited { retry_after_secs } = self {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after_secs.max(1)),
+            );
+        }
+        response
+    }
+}

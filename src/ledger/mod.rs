@@ -1,0 +1,300 @@
+//! The ledger: the one writer of `ledger_entries` and `accounts`, in MySQL.
+//!
+//! - [`Ledger::book`] / [`Ledger::book_in_tx`]: awards into the ledger, crediting
+//!   accounts (the worker, the sweep, forced settlement before a withdrawal).
+//! - [`Ledger::debit`] and [`Ledger::reverse`]: a withdrawal and its reversal.
+//! - [`read`]: what views, reconciliation and the issuing path read back.
+//!
+//! Invariant (no double credit): a token's amount enters a balance only together with
+//! the insert of its ledger row, and `ledger_entries.out_trade_no` is unique. Account
+//! rows are locked first (in user id order, so two bookers cannot deadlock on them),
+//! which serialises bookers of the same user; the unique key backs that up.
+//!
+//! Invariant (exact Redis-only view): an account snapshot written to Redis never
+//! includes a token still marked pending there. The users' token statuses are read
+//! *after* their account rows are locked, when every earlier booker of theirs has
+//! committed; whatever of those is in the ledger is marked settled together with the
+//! snapshot (mark.lua), so the degraded view (snapshot + pending) counts each token once.
+
+mod book;
+pub mod read;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use sqlx::{MySql, QueryBuilder, Row, Transaction};
+
+use crate::domain::{Cents, UserId};
+use crate::store::Db;
+use crate::tokens::{AwardEntry, Snapshot, Tokens};
+
+pub use crate::tokens::Totals;
+pub use read::{AccountRow, FlowRow};
+
+/// The ledger over every MySQL shard. Cheap to clone.
+#[derive(Clone)]
+pub struct Ledger {
+    db: Arc<Db>,
+    tokens: Tokens,
+}
+
+/// An account row as locked and updated inside a transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Account {
+    pub user: UserId,
+    pub balance_cents: i64,
+    pub total_income_cents: i64,
+    pub withdrawn_cents: i64,
+    pub version: i64,
+}
+
+impl Account {
+    /// The snapshot the Redis-only view reads after this account's commit.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            user: self.user,
+            version: self.version,
+            balance_cents: self.balance_cents,
+            total_income_cents: self.total_income_cents,
+            withdrawn_cents: self.withdrawn_cents,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Booked {
+    /// Entries whose ledger row this transaction inserted.
+    pub newly_booked: Vec<AwardEntry>,
+    /// The accounts touched, as they will be after commit.
+    pub accounts: Vec<Account>,
+    /// Every token to mark settled after the commit: the entries given (booked now or
+    /// before), the forced user's pending tokens, and the locked users' other pending
+    /// tokens the ledger already holds.
+    pub to_mark: Vec<AwardEntry>,
+}
+
+impl Booked {
+    pub fn snapshots(&self) -> Vec<Snapshot> {
+        self.accounts.iter().map(Account::snapshot).collect()
+    }
+}
+
+/// A ledger failure: the transaction rolled back (MySQL) or could not read the users'
+/// tokens (Redis).
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("mysql: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("{0}")]
+    Overflow(&'static str),
+}
+
+impl LedgerError {
+    /// Deadlocks and lock-wait timeouts roll the whole transaction back; it may be retried.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, LedgerError::Sql(err) if is_retryable(err))
+    }
+
+    /// The data itself cannot be booked (too long, out of range, not allowed): trying
+    /// again cannot help.
+    pub fn is_data_error(&self) -> bool {
+        match self {
+            LedgerError::Sql(err) => is_data_error(err),
+            LedgerError::Overflow(_) => true,
+            LedgerError::Redis(_) => false,
+        }
+    }
+}
+
+/// Deadlocks and lock-wait timeouts roll the whole transaction back; it may be retried.
+pub fn is_retryable(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .and_then(|e| e.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
+        .is_some_and(|e| matches!(e.number(), 1213 | 1205))
+}
+
+/// Data exceptions and constraint failures other than a duplicate key.
+fn is_data_error(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|state| {
+            state.starts_with("22") || (state.starts_with("23") && state != "23000")
+        })
+        || err
+            .as_database_error()
+            .and_then(|e| e.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
+            .is_some_and(|e| matches!(e.number(), 1048 | 1264 | 1366 | 1406 | 3819))
+}
+
+/// A text column under a binary collation (the ledger's keys), which the driver hands
+/// over as bytes.
+pub fn text(row: &sqlx::mysql::MySqlRow, index: usize) -> Result<String, sqlx::Error> {
+    let bytes: Vec<u8> = row.try_get(index)?;
+    String::from_utf8(bytes).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
+/// [`text`] of a nullable column.
+pub fn text_opt(row: &sqlx::mysql::MySqlRow, index: usize) -> Result<Option<String>, sqlx::Error> {
+    let bytes: Option<Vec<u8>> = row.try_get(index)?;
+    bytes
+        .map(|b| String::from_utf8(b).map_err(|e| sqlx::Error::Decode(Box::new(e))))
+        .transpose()
+}
+
+impl Ledger {
+    pub fn new(db: Arc<Db>, tokens: Tokens) -> Self {
+        Self { db, tokens }
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Creates (if needed) and locks the account rows of `users`, in user id order.
+    pub async fn lock_accounts(
+        tx: &mut Transaction<'_, MySql>,
+        users: &[UserId],
+    ) -> Result<BTreeMap<UserId, Account>, sqlx::Error> {
+        let mut accounts = BTreeMap::new();
+        if users.is_empty() {
+            return Ok(accounts);
+        }
+        // ON DUPLICATE KEY UPDATE takes an exclusive lock on an existing row, where INSERT
+        // IGNORE would take a shared one that the FOR UPDATE below must then upgrade: two
+        // bookers of one user holding shared locks would deadlock on that upgrade.
+        let mut insert = QueryBuilder::<MySql>::new("INSERT INTO accounts (user_id) ");
+        insert.push_values(users, |mut b, u| {
+            b.push_bind(u.get());
+        });
+        insert.push(" ON DUPLICATE KEY UPDATE user_id = user_id");
+        insert.build().execute(&mut **tx).await?;
+        let mut select = QueryBuilder::<MySql>::new(
+            "SELECT user_id, balance_cents, total_income_cents, withdrawn_cents, version FROM accounts WHERE user_id IN (",
+        );
+        let mut list = select.separated(", ");
+        for u in users {
+            list.push_bind(u.get());
+        }
+        select.push(") ORDER BY user_id FOR UPDATE");
+        for row in select.build().fetch_all(&mut **tx).await? {
+            let user =
+                UserId::parse(row.try_get(0)?).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+            let account = Account {
+                user,
+                balance_cents: row.try_get(1)?,
+                total_income_cents: row.try_get(2)?,
+                withdrawn_cents: row.try_get(3)?,
+                version: row.try_get(4)?,
+            };
+            accounts.insert(user, account);
+        }
+        Ok(accounts)
+    }
+
+    /// Which of `out_trade_nos` the ledger already holds.
+    pub async fn already_booked<'e, E>(
+        executor: E,
+        out_trade_nos: &[&str],
+    ) -> Result<HashSet<String>, sqlx::Error>
+    where
+        E: sqlx::Executor<'e, Database = MySql>,
+    {
+        if out_trade_nos.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let mut q = QueryBuilder::<MySql>::new(
+            "SELECT out_trade_no FROM ledger_entries WHERE out_trade_no IN (",
+        );
+        let mut list = q.separated(", ");
+        for otn in out_trade_nos {
+            list.push_bind(*otn);
+        }
+        q.push(")");
+        let rows = q.build().fetch_all(executor).await?;
+        rows.iter().map(|r| text(r, 0)).collect()
+    }
+
+    /// Debits a withdrawal from a locked account: the balance, the withdrawn total and
+    /// a `withdraw` ledger row (`wd_{id}`). The caller checked the balance under the lock;
+    /// the table's CHECK constraint backs that up.
+    pub async fn debit(
+        tx: &mut Transaction<'_, MySql>,
+        account: &mut Account,
+        amount: Cents,
+        withdrawal_id: &str,
+        at_ms: i64,
+    ) -> Result<(), LedgerError> {
+        let cents = amount.get();
+        let balance = account
+            .balance_cents
+            .checked_sub(cents)
+            .filter(|b| *b >= 0)
+            .ok_or(LedgerError::Overflow(
+                "a debit never makes a balance negative",
+            ))?;
+        let withdrawn = account
+            .withdrawn_cents
+            .checked_add(cents)
+            .ok_or(LedgerError::Overflow("withdrawn total overflows"))?;
+        sqlx::query(
+            "UPDATE accounts SET balance_cents = balance_cents - ?, withdrawn_cents = withdrawn_cents + ?, version = version + 1 WHERE user_id = ?",
+        )
+        .bind(cents)
+        .bind(cents)
+        .bind(account.user.get())
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO ledger_entries (user_id, out_trade_no, kind, amount_cents, at_ms) VALUES (?, ?, 'withdraw', ?, ?)",
+        )
+        .bind(account.user.get())
+        .bind(format!("wd_{withdrawal_id}"))
+        .bind(-cents)
+        .bind(at_ms)
+        .execute(&mut **tx)
+        .await?;
+        account.balance_cents = balance;
+        account.withdrawn_cents = withdrawn;
+        account.version += 1;
+        Ok(())
+    }
+
+    /// Gives a failed withdrawal's money back to a locked account, with a `reversal`
+    /// ledger row (`rv_{id}`).
+    pub async fn reverse(
+        tx: &mut Transaction<'_, MySql>,
+        account: &mut Account,
+        amount: Cents,
+        withdrawal_id: &str,
+        at_ms: i64,
+    ) -> Result<(), LedgerError> {
+        let cents = amount.get();
+        let balance = account
+            .balance_cents
+            .checked_add(cents)
+            .ok_or(LedgerError::Overflow("balance overflows"))?;
+        sqlx::query(
+            "UPDATE accounts SET balance_cents = balance_cents + ?, withdrawn_cents = withdrawn_cents - ?, version = version + 1 WHERE user_id = ?",
+        )
+        .bind(cents)
+        .bind(cents)
+        .bind(account.user.get())
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO ledger_entries (user_id, out_trade_no, kind, amount_cents, at_ms) VALUES (?, ?, 'reversal', ?, ?)",
+        )
+        .bind(account.user.get())
+        .bind(format!("rv_{withdrawal_id}"))
+        .bind(cents)
+        .bind(at_ms)
+        .execute(&mut **tx)
+        .await?;
+        account.balance_cents = balance;
+        account.withdrawn_cents -= cents;
+        account.version += 1;
+        Ok(())
+    }
+}

@@ -1,0 +1,5 @@
+//! Operations: reconciliation and budget repairs, scheduled jobs, degradation switches.
+
+pub mod cron;
+pub mod reconcile;
+pub mod switches;

@@ -1,0 +1,354 @@
+//! Reconciliation: per activity and hour, issued (the counters store.lua writes with
+//! every token) against booked (the ledger) against settled (the marks written after
+//! each commit), and budget taken against issued (leaks). Reports go to MySQL.
+//!
+//! A mismatch must survive a second look a moment later before it is reported, so a
+//! batch caught between its commit and its Redis mark is not called a mismatch.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
+use serde::Serialize;
+use sqlx::Row;
+
+use crate::activity::ActivityCache;
+use crate::error::{Error, Result};
+use crate::issue::budget::{Budget, Release, Repair};
+use crate::ledger::Ledger;
+use crate::store::{Db, Redis};
+use crate::tokens::{Counters, Tokens, Totals};
+
+/// The reconciliation capability, with the operators' budget repairs. Cheap to clone.
+#[derive(Clone)]
+pub struct Reconciler {
+    pub redis: Arc<Redis>,
+    pub db: Arc<Db>,
+    pub tokens: Tokens,
+    pub ledger: Ledger,
+    pub budget: Arc<Budget>,
+    pub activities: Arc<ActivityCache>,
+}
+
+/// The hour `YYYYMMDDHH` as a [start, end) window in ms.
+pub fn hour_window(hour: &str) -> Option<(i64, i64)> {
+    let start = NaiveDateTime::parse_from_str(&format!("{hour}0000"), "%Y%m%d%H%M%S").ok()?;
+    let start = Utc.from_utc_datetime(&start).timestamp_millis();
+    Some((start, start + 3_600_000))
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Report {
+    pub activity_id: String,
+    pub hour_start: DateTime<Utc>,
+    pub kind: String,
+    pub issued: Totals,
+    pub booked: Totals,
+    pub settled: Totals,
+    pub pending: Totals,
+    pub budget_taken_cents: i64,
+    pub leak_cents: i64,
+    pub ok: bool,
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StoredReport {
+    pub id: i64,
+    pub activity_id: String,
+    pub hour_start: DateTime<Utc>,
+    pub kind: String,
+    pub issued_count: i64,
+    pub issued_cents: i64,
+    pub booked_count: i64,
+    pub booked_cents: i64,
+    pub settled_count: i64,
+    pub settled_cents: i64,
+    pub pending_count: i64,
+    pub pending_cents: i64,
+    pub budget_taken_cents: i64,
+    pub leak_cents: i64,
+    pub ok: bool,
+    pub problems: String,
+    pub created_at: DateTime<Utc>,
+}
+
+impl Reconciler {
+    async fn measure(&self, activity: &str, hour: &str, kind: &str) -> Result<Report> {
+        let (start, end) = hour_window(hour)
+            .ok_or_else(|| Error::InvalidRequest("hour must be YYYYMMDDHH".into()))?;
+        let all = self.tokens.counters(activity).await?;
+        let counters = all.hours.get(hour).copied().unwrap_or_default();
+        let booked = self.ledger.totals(activity, Some((start, end))).await?;
+        let budget = self
+            .budget
+            .figures(&self.redis, &self.db, activity)
+            .await
+            .map_err(Error::Internal)?;
+        let leak = self
+            .open_leak(activity, &all.gens, budget.available_cents)
+            .await?;
+        let mut problems = Vec::new();
+        if booked.count > counters.issued.count || booked.cents > counters.issued.cents {
+            problems.push(format!(
+                "ledger holds more than was issued: booked {} cents in {} rows, issued {} cents in {} tokens",
+                booked.cents, booked.count, counters.issued.cents, counters.issued.count
+            ));
+        }
+        if booked != counters.settled {
+            problems.push(format!(
+                "ledger and settle marks disagree: ledger {} cents in {} rows, marked settled {} cents in {} tokens",
+                booked.cents, booked.count, counters.settled.cents, counters.settled.count
+            ));
+        }
+        if leak < 0 {
+            problems.push(format!("more issued than budget taken, by {} cents", -leak));
+        } else if leak > 0 {
+            problems.push(format!("budget leak: {leak} cents taken but never issued"));
+        }
+        if budget.in_doubt_cents > 0 {
+            problems.push(format!(
+                "budget in doubt: {} cents granted before Redis lost data; release-in-doubt returns what was never spent",
+                budget.in_doubt_cents
+            ));
+        }
+        Ok(Report {
+            activity_id: activity.to_string(),
+            hour_start: DateTime::from_timestamp_millis(start).unwrap_or_default(),
+            kind: kind.to_string(),
+            issued: counters.issued,
+            booked,
+            settled: counters.settled,
+            pending: Totals {
+                count: counters.issued.count - booked.count,
+                cents: counters.issued.cents - booked.cents,
+            },
+            budget_taken_cents: budget.taken_cents,
+            leak_cents: leak,
+            ok: problems.is_empty(),
+            problems,
+        })
+    }
+
+    /// Taken but not issued, over the generations still open to spending or awaiting their
+    /// leak settlement (the live one's figure includes awards in flight, which is why a
+    /// mismatch needs a second look).
+    async fn open_leak(
+        &self,
+        activity: &str,
+        gens: &BTreeMap<i64, Counters>,
+        live_available: i64,
+    ) -> Result<i64> {
+        let open: Vec<(i64, i64, i64, String)> = sqlx::query_as(
+            "SELECT gen, granted_cents, returned_cents, state FROM budget_generations WHERE activity_id = ? AND state IN ('live', 'closed')",
+        )
+        .bind(activity)
+        .fetch_all(self.db.main())
+        .await?;
+        let mut leak = 0;
+        for (gen, granted, returned, state) in open {
+            // Only the live generation's sub-stocks still hold budget; a closed one was drained.
+            let available = if state == "live" { live_available } else { 0 };
+            let issued = gens.get(&gen).map(|c| c.issued.cents).unwrap_or(0);
+            leak += granted - returned - available - issued;
+        }
+        Ok(leak)
+    }
+
+    /// Reconciles one activity and hour, stores the report and returns it.
+    pub async fn reconcile(&self, activity: &str, hour: &str, kind: &str) -> Result<Report> {
+        let mut report = self.measure(activity, hour, kind).await?;
+        if !report.ok {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let second = self.measure(activity, hour, kind).await?;
+            // Keep only problems seen both times.
+            report = Report {
+                problems: second
+                    .problems
+                    .iter()
+                    .filter(|p| {
+                        report
+                            .problems
+                            .iter()
+                            .any(|q| q.split(':').next() == p.split(':').next())
+                    })
+                    .cloned()
+                    .collect(),
+                ..second
+            };
+            report.ok = report.problems.is_empty();
+        }
+        if !report.ok {
+            crate::metrics::reconciliation_mismatch(activity);
+            tracing::error!(activity, hour, problems = ?report.problems, "reconciliation mismatch");
+        }
+        sqlx::query(
+            "INSERT INTO reconciliation_reports (activity_id, hour_start, kind, issued_count, issued_cents, booked_count, booked_cents, settled_count, settled_cents, pending_count, pending_cents, budget_taken_cents, leak_cents, ok, problems) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(activity)
+        .bind(report.hour_start.naive_utc())
+        .bind(kind)
+        .bind(report.issued.count)
+        .bind(report.issued.cents)
+        .bind(report.booked.count)
+        .bind(report.booked.cents)
+        .bind(report.settled.count)
+        .bind(report.settled.cents)
+        .bind(report.pending.count)
+        .bind(report.pending.cents)
+        .bind(report.budget_taken_cents)
+        .bind(report.leak_cents)
+        .bind(report.ok)
+        .bind(report.problems.join("; "))
+        .execute(self.db.main())
+        .await?;
+        Ok(report)
+    }
+
+    /// Reconciles `hour` for every activity whose window overlaps it.
+    pub async fn reconcile_hour(&self, hour: &str, kind: &str) -> Result<Vec<Report>> {
+        let (start, end) = hour_window(hour)
+            .ok_or_else(|| Error::InvalidRequest("hour must be YYYYMMDDHH".into()))?;
+        let mut reports = Vec::new();
+        for cached in self.activities.all() {
+            let a = &cached.activity;
+            if a.starts_at.timestamp_millis() < end
+                && a.ends_at.timestamp_millis() + 3_600_000 > start
+            {
+                reports.push(self.reconcile(&a.id, hour, kind).await?);
+            }
+        }
+        Ok(reports)
+    }
+
+    /// The latest stored reports, newest first; of one activity when given.
+    pub async fn reports(&self, activity: Option<&str>, limit: u32) -> Result<Vec<StoredReport>> {
+        let rows = sqlx::query(
+            "SELECT id, activity_id, hour_start, kind, issued_count, issued_cents, booked_count, booked_cents, settled_count, settled_cents, pending_count, pending_cents, budget_taken_cents, leak_cents, ok, problems, created_at FROM reconciliation_reports WHERE (? IS NULL OR activity_id = ?) ORDER BY id DESC LIMIT ?",
+        )
+        .bind(activity)
+        .bind(activity)
+        .bind(limit)
+        .fetch_all(self.db.main())
+        .await?;
+        let reports = rows
+            .iter()
+            .map(|r| -> Result<StoredReport, sqlx::Error> {
+                Ok(StoredReport {
+                    id: r.try_get(0)?,
+                    activity_id: r.try_get(1)?,
+                    hour_start: r.try_get::<NaiveDateTime, _>(2)?.and_utc(),
+                    kind: r.try_get(3)?,
+                    issued_count: r.try_get(4)?,
+                    issued_cents: r.try_get(5)?,
+                    booked_count: r.try_get(6)?,
+                    booked_cents: r.try_get(7)?,
+                    settled_count: r.try_get(8)?,
+                    settled_cents: r.try_get(9)?,
+                    pending_count: r.try_get(10)?,
+                    pending_cents: r.try_get(11)?,
+                    budget_taken_cents: r.try_get(12)?,
+                    leak_cents: r.try_get(13)?,
+                    ok: r.try_get(14)?,
+                    problems: r.try_get(15)?,
+                    created_at: r.try_get::<NaiveDateTime, _>(16)?.and_utc(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(reports)
+    }
+
+    /// After an activity's end: once every issued token is booked, records it as
+    /// drained.
+    pub async fn mark_drained(&self) -> anyhow::Result<Vec<String>> {
+        let mut drained = Vec::new();
+        let now = Utc::now();
+        for cached in self.activities.all() {
+            let a = &cached.activity;
+            if a.ends_at > now {
+                continue;
+            }
+            let issued = self.tokens.issued_totals(&a.id).await?;
+            let booked = self.ledger.totals(&a.id, None).await?;
+            if issued == booked {
+                let changed = sqlx::query("UPDATE activities SET drained_at = CURRENT_TIMESTAMP(3) WHERE id = ? AND drained_at IS NULL")
+                    .bind(&a.id)
+                    .execute(self.db.main())
+                    .await?
+                    .rows_affected();
+                if changed > 0 {
+                    tracing::info!(
+                        activity = a.id,
+                        tokens = booked.count,
+                        cents = booked.cents,
+                        "activity drained"
+                    );
+                    drained.push(a.id.clone());
+                }
+            }
+        }
+        Ok(drained)
+    }
+
+    fn known(&self, activity: &str) -> Result<()> {
+        self.activities
+            .get(activity)
+            .map(|_| ())
+            .ok_or_else(|| Error::NotFound(format!("no activity `{activity}`")))
+    }
+
+    /// Returns budget taken but provably never a token (see [`Budget::repair`]).
+    pub async fn repair_leak(&self, activity: &str) -> Result<Repair> {
+        self.known(activity)?;
+        self.budget
+            .repair(&self.redis, &self.db, activity)
+            .await
+            .map_err(Error::Internal)
+    }
+
+    /// Releases in-doubt budget proven unspent (see [`Budget::release_in_doubt`]).
+    pub async fn release_in_doubt(&self, activity: &str) -> Result<Release> {
+        self.known(activity)?;
+        self.budget
+            .release_in_doubt(&self.db, activity)
+            .await
+            .map_err(Error::Internal)
+    }
+
+    /// Settlement entries the worker could not book (see `settle::worker`), per
+    /// partition, oldest first: what an operator fixes by hand. The tokens stay pending
+    /// in Redis.
+    pub async fn parked(&self, limit: usize) -> Result<Vec<serde_json::Value>> {
+        let mut pipe = redis::pipe();
+        for p in 0..self.redis.partitions() {
+            pipe.cmd("XRANGE")
+                .arg(self.redis.parked_key(p))
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(limit);
+        }
+        let replies: Vec<redis::streams::StreamRangeReply> =
+            pipe.query_async(&mut self.redis.conn()).await?;
+        let mut entries = Vec::new();
+        for (p, reply) in replies.into_iter().enumerate() {
+            for id in reply.ids {
+                let fields: BTreeMap<String, String> = id
+                    .map
+                    .iter()
+                    .filter_map(|(k, v)| {
+                        redis::from_redis_value::<String>(v)
+                            .ok()
+                            .map(|v| (k.clone(), v))
+                    })
+                    .collect();
+                entries.push(serde_json::json!({"partition": p, "id": id.id, "fields": fields}));
+                if entries.len() >= limit {
+                    return Ok(entries);
+                }
+            }
+        }
+        Ok(entries)
+    }
+}

@@ -1,0 +1,232 @@
+//! The codecs of the token record: the status value beside each token and the
+//! settlement stream entry that carries a token to the accounting worker.
+//!
+//! A status is `p|amount|at_ms|activity|scene|gen` while pending and the same with `s`
+//! once booked and marked (mark.lua). Entries written before budget generations have no
+//! `gen` part: generation 0. Ids are `[a-z0-9-]` and out_trade_nos never hold `|`, so
+//! the parts never run together.
+
+use redis::streams::StreamId;
+
+use crate::domain::UserId;
+
+/// One award known to Redis, as the status hash or a stream entry describes it: what the
+/// ledger needs to book it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AwardEntry {
+    pub user: UserId,
+    pub out_trade_no: String,
+    pub amount_cents: i64,
+    pub activity_id: String,
+    pub scene_id: String,
+    /// The token's issue time; the ledger orders flows by it.
+    pub at_ms: i64,
+    /// The settlement stream entry this came from, if any.
+    pub stream_id: Option<String>,
+    /// The budget generation its money was taken from.
+    pub budget_gen: i64,
+}
+
+/// One entry of a user's status hash.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusEntry {
+    pub pending: bool,
+    pub entry: AwardEntry,
+}
+
+/// The status value of a freshly stored token (what store.lua writes).
+pub fn pending_status(e: &AwardEntry) -> String {
+    format!(
+        "p|{}|{}|{}|{}|{}",
+        e.amount_cents, e.at_ms, e.activity_id, e.scene_id, e.budget_gen
+    )
+}
+
+/// Reads a status value (see the module comment); `None` for anything else.
+pub fn parse_status(user: UserId, otn: &str, value: &str) -> Option<StatusEntry> {
+    let mut parts = value.split('|');
+    let pending = match parts.next()? {
+        "p" => true,
+        "s" => false,
+        _ => return None,
+    };
+    let amount_cents: i64 = parts.next()?.parse().ok().filter(|a| *a > 0)?;
+    let at_ms: i64 = parts.next()?.parse().ok()?;
+    let activity_id = parts.next()?.to_string();
+    let scene_id = parts.next()?.to_string();
+    let budget_gen: i64 = match parts.next() {
+        Some(g) => g.parse().ok()?,
+        None => 0,
+    };
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(StatusEntry {
+        pending,
+        entry: AwardEntry {
+            user,
+            out_trade_no: otn.to_string(),
+            amount_cents,
+            activity_id,
+            scene_id,
+            at_ms,
+            stream_id: None,
+            budget_gen,
+        },
+    })
+}
+
+/// The pending entries among a user's raw status hash.
+pub fn pending_in(
+    user: UserId,
+    statuses: &[(String, String)],
+) -> impl Iterator<Item = AwardEntry> + '_ {
+    statuses
+        .iter()
+        .filter_map(move |(otn, v)| parse_status(user, otn, v))
+        .filter(|s| s.pending)
+        .map(|s| s.entry)
+}
+
+/// The fields of a settlement stream entry (what store.lua's XADD writes), with `extra`
+/// fields after them (a parked entry's original id and error).
+pub fn entry_fields(e: &AwardEntry) -> Vec<(&'static str, String)> {
+    vec![
+        ("u", e.user.to_string()),
+        ("o", e.out_trade_no.clone()),
+        ("a", e.amount_cents.to_string()),
+        ("act", e.activity_id.clone()),
+        ("sc", e.scene_id.clone()),
+        ("t", e.at_ms.to_string()),
+        ("g", e.budget_gen.to_string()),
+    ]
+}
+
+/// Reads a settlement stream entry; `None` when it is not one.
+pub fn parse_entry(id: &StreamId) -> Option<AwardEntry> {
+    let user: i64 = id.get("u")?;
+    Some(AwardEntry {
+        user: UserId::parse(user).ok()?,
+        out_trade_no: id.get("o")?,
+        amount_cents: id.get::<i64>("a").filter(|a| *a > 0)?,
+        activity_id: id.get("act")?,
+        scene_id: id.get("sc")?,
+        at_ms: id.get("t")?,
+        stream_id: Some(id.id.clone()),
+        budget_gen: id.get("g").unwrap_or(0),
+    })
+}
+
+/// `user|out_trade_no`, as the settled index and the marker index hold their members.
+pub fn index_member(user: UserId, otn: &str) -> String {
+    format!("{user}|{otn}")
+}
+
+/// Reads an index member written by [`index_member`] (or mark.lua).
+pub fn parse_member(member: &str) -> Option<(UserId, &str)> {
+    let (user, otn) = member.split_once('|')?;
+    let user = UserId::parse(user.parse().ok()?).ok()?;
+    Some((user, otn))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn entry() -> AwardEntry {
+        AwardEntry {
+            user: UserId::parse(42).unwrap(),
+            out_trade_no: "42_cny_rain_7_cash_live".into(),
+            amount_cents: 188,
+            activity_id: "cny".into(),
+            scene_id: "rain".into(),
+            at_ms: 1_700_000_000_123,
+            stream_id: None,
+            budget_gen: 3,
+        }
+    }
+
+    #[test]
+    fn a_status_reads_back_what_was_written() {
+        let e = entry();
+        let parsed = parse_status(e.user, &e.out_trade_no, &pending_status(&e)).unwrap();
+        assert!(parsed.pending);
+        assert_eq!(parsed.entry, e);
+        let settled = format!("s{}", &pending_status(&e)[1..]);
+        let parsed = parse_status(e.user, &e.out_trade_no, &settled).unwrap();
+        assert!(!parsed.pending);
+        assert_eq!(parsed.entry, e);
+    }
+
+    #[test]
+    fn a_status_without_generation_is_generation_zero() {
+        let e = entry();
+        let parsed = parse_status(e.user, "o", "p|5|10|cny|rain").unwrap();
+        assert_eq!(parsed.entry.budget_gen, 0);
+        assert_eq!(parsed.entry.amount_cents, 5);
+    }
+
+    #[test]
+    fn anything_else_is_not_a_status() {
+        let u = entry().user;
+        for bad in [
+            "",
+            "x|5|10|a|s|1",
+            "p|five|10|a|s|1",
+            "p|0|10|a|s|1",
+            "p|-5|10|a|s|1",
+            "p|5|10|a",
+            "p|5|10|a|s|g",
+            "p|5|10|a|s|1|extra",
+        ] {
+            assert_eq!(parse_status(u, "o", bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_pending_entries_are_pending() {
+        let e = entry();
+        let statuses = vec![
+            ("a".to_string(), "p|1|1|x|y|1".to_string()),
+            ("b".to_string(), "s|2|2|x|y|1".to_string()),
+            ("c".to_string(), "garbage".to_string()),
+            ("d".to_string(), "p|4|4|x|y".to_string()),
+        ];
+        let pending: Vec<_> = pending_in(e.user, &statuses)
+            .map(|e| (e.out_trade_no, e.amount_cents))
+            .collect();
+        assert_eq!(pending, vec![("a".into(), 1), ("d".into(), 4)]);
+    }
+
+    #[test]
+    fn a_stream_entry_reads_back_what_was_written() {
+        let e = entry();
+        let map: HashMap<String, redis::Value> = entry_fields(&e)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), redis::Value::BulkString(v.into_bytes())))
+            .collect();
+        let id = StreamId {
+            id: "1-1".into(),
+            map,
+        };
+        let parsed = parse_entry(&id).unwrap();
+        assert_eq!(
+            parsed,
+            AwardEntry {
+                stream_id: Some("1-1".into()),
+                ..e
+            }
+        );
+    }
+
+    #[test]
+    fn index_members_round_trip() {
+        let e = entry();
+        let m = index_member(e.user, &e.out_trade_no);
+        assert_eq!(parse_member(&m), Some((e.user, e.out_trade_no.as_str())));
+        assert_eq!(parse_member("nope"), None);
+        assert_eq!(parse_member("0|x"), None);
+    }
+}

@@ -1,0 +1,110 @@
+//! Storing tokens: store.lua, one call per partition and [`STORE_CHUNK`] tokens, all in
+//! one pipeline.
+
+use std::collections::HashMap;
+
+use super::Tokens;
+use crate::domain::UserId;
+use crate::pb;
+use crate::store::{hour_of, query_scripted};
+
+/// Tokens stored per store.lua call at most, so one call never holds Redis for long.
+pub const STORE_CHUNK: usize = 128;
+
+/// A token on its way to store.lua: its place in the caller's list, its user, the
+/// token and its encoded bytes.
+pub type ToStore<'a> = (usize, UserId, &'a pb::RedPacketToken, &'a [u8]);
+
+impl Tokens {
+    /// Stores every token: `None` where the token was stored now, what is already held
+    /// under its out_trade_no otherwise (a concurrent duplicate won the race, or the
+    /// token was trimmed), in the order given.
+    pub async fn store<'a>(
+        &self,
+        tokens: impl Iterator<Item = (UserId, &'a pb::RedPacketToken, &'a [u8])>,
+    ) -> redis::RedisResult<Vec<Option<Vec<u8>>>> {
+        let redis = &self.redis;
+        let mut by_partition: HashMap<u32, Vec<ToStore<'_>>> = HashMap::new();
+        let mut count = 0;
+        for (i, (user, token, bytes)) in tokens.enumerate() {
+            by_partition
+                .entry(redis.partition_of(user))
+                .or_default()
+                .push((i, user, token, bytes));
+            count = i + 1;
+        }
+        let mut pipe = redis::pipe();
+        let mut order: Vec<&[ToStore<'_>]> = Vec::new();
+        for (partition, group) in &by_partition {
+            for chunk in group.chunks(STORE_CHUNK) {
+                pipe.add_command(self.store_cmd(*partition, chunk));
+                order.push(chunk);
+            }
+        }
+        let answers: Vec<Vec<Option<Vec<u8>>>> =
+            query_scripted(redis, &pipe, &self.scripts()).await?;
+        let mut out: Vec<Option<Vec<u8>>> = vec![None; count];
+        for (chunk, answer) in order.into_iter().zip(answers) {
+            if answer.len() != chunk.len() {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::TypeError,
+                    "store.lua answered the wrong number of tokens",
+                )));
+            }
+            for (&(i, ..), held) in chunk.iter().zip(answer) {
+                out[i] = held;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The store.lua call for tokens of one partition.
+    fn store_cmd(&self, partition: u32, tokens: &[ToStore<'_>]) -> redis::Cmd {
+        let redis = &self.redis;
+        let mut keys: Vec<String> = Vec::with_capacity(2 + 2 * tokens.len());
+        keys.push(redis.stream_key(partition));
+        for (_, user, ..) in tokens {
+            keys.push(redis.tokens_key(*user));
+            keys.push(redis.status_key(*user));
+        }
+        let mut counters_at: HashMap<&str, usize> = HashMap::new();
+        for (_, _, token, _) in tokens {
+            let next = keys.len() + 1;
+            counters_at.entry(&token.activity_id).or_insert_with(|| {
+                keys.push(redis.counters_key(partition, &token.activity_id));
+                next
+            });
+        }
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.scripts.store.get_hash())
+            .arg(keys.len())
+            .arg(&keys);
+        cmd.arg(tokens.len());
+        for (_, _, token, bytes) in tokens {
+            cmd.arg(&token.out_trade_no)
+                .arg(*bytes)
+                .arg(hour_of(token.issued_at_ms))
+                .arg(token.amount_cents)
+                .arg(token.user_id)
+                .arg(&token.activity_id)
+                .arg(&token.scene_id)
+                .arg(token.issued_at_ms)
+                .arg(counters_at[token.activity_id.as_str()])
+                .arg(token.budget_gen);
+        }
+        cmd
+    }
+
+    /// Stores tokens verified elsewhere (client sync); returns which were stored now
+    /// (true) or already held (false).
+    pub async fn restore(
+        &self,
+        tokens: &[(UserId, pb::RedPacketToken, Vec<u8>)],
+    ) -> redis::RedisResult<Vec<bool>> {
+        let result = self
+            .store(tokens.iter().map(|(u, t, b)| (*u, t, b.as_slice())))
+            .await?;
+        // `None`: stored now. A token already there (even these very bytes) was known.
+        Ok(result.iter().map(Option::is_none).collect())
+    }
+}

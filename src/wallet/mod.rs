@@ -1,0 +1,168 @@
+//! The user's wallet: exact balances merged from the ledger and pending tokens
+//! ([`Wallet::view`]), the flow list ([`flows`]), and client sync ([`sync`]: the
+//! client's copy of its tokens restores the server's).
+//!
+//! Exactness (DESIGN.md "View"): read the user's token statuses from Redis first, then in
+//! ONE MySQL statement the account row and which of the not-yet-settled tokens the
+//! ledger already holds. A token reaches the ledger only after it is in Redis, and is
+//! marked settled only after the commit, so in this order no token is counted twice
+//! (it is either pending-and-not-in-ledger or in the booked balance) and none is dropped.
+
+pub mod flows;
+pub mod sync;
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::activity::ActivityCache;
+use crate::domain::UserId;
+use crate::error::{Error, Result};
+use crate::keys::Keys;
+use crate::ledger::Ledger;
+use crate::ops::switches::Switches;
+use crate::tokens::Tokens;
+
+pub use flows::{decode_cursor, encode_cursor, FlowItem, FlowsPage};
+pub use sync::{Rejected, SyncResult};
+
+/// The wallet capability. Cheap to clone.
+#[derive(Clone)]
+pub struct Wallet {
+    pub tokens: Tokens,
+    pub ledger: Ledger,
+    pub switches: Arc<Switches>,
+    pub keys: Arc<Keys>,
+    pub activities: Arc<ActivityCache>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, Default)]
+pub struct WalletView {
+    pub user_id: i64,
+    pub balance_cents: i64,
+    pub booked_cents: i64,
+    pub pending_cents: i64,
+    pub pending_count: i64,
+    pub total_income_cents: i64,
+    pub withdrawn_cents: i64,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub degraded: bool,
+}
+
+fn overflow() -> Error {
+    Error::internal("wallet sums overflow")
+}
+
+/// The merge both views share: pending tokens added to the booked figures, in checked
+/// arithmetic (`balance = booked + pending`; income counts pending awards too).
+pub fn add_pending(view: &mut WalletView, pending: impl Iterator<Item = i64>) -> Result<()> {
+    for cents in pending {
+        view.pending_cents = view.pending_cents.checked_add(cents).ok_or_else(overflow)?;
+        view.pending_count += 1;
+    }
+    view.balance_cents = view
+        .booked_cents
+        .checked_add(view.pending_cents)
+        .ok_or_else(overflow)?;
+    view.total_income_cents = view
+        .total_income_cents
+        .checked_add(view.pending_cents)
+        .ok_or_else(overflow)?;
+    Ok(())
+}
+
+impl Wallet {
+    /// The exact merge (see the module comment). When MySQL fails and the
+    /// `views_fallback` switch is on, the Redis-only view answers instead.
+    pub async fn view(&self, user: UserId) -> Result<WalletView> {
+        let candidates = self.tokens.pending_of(user).await?;
+        let otns: Vec<&str> = candidates.iter().map(|c| c.out_trade_no.as_str()).collect();
+        let account = match self.ledger.account_with(user, &otns).await {
+            Ok(account) => account,
+            Err(err) if self.switches.views_fallback() => {
+                tracing::warn!(error = %err, "mysql unavailable; serving the wallet from redis");
+                crate::metrics::dependency_error("mysql");
+                return self.degraded_view(user).await;
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let mut view = WalletView {
+            user_id: user.get(),
+            booked_cents: account.balance_cents,
+            total_income_cents: account.total_income_cents,
+            withdrawn_cents: account.withdrawn_cents,
+            ..Default::default()
+        };
+        add_pending(
+            &mut view,
+            candidates
+                .iter()
+                .filter(|c| !account.booked.contains(&c.out_trade_no))
+                .map(|c| c.amount_cents),
+        )?;
+        Ok(view)
+    }
+
+    /// Redis only: the account snapshot written with each settle mark, plus tokens
+    /// still pending in Redis. Both are written by one script, and a snapshot never
+    /// includes a token still pending (see `ledger`), so this view counts every token
+    /// once as of Redis; it is marked degraded because it cannot see ledger changes
+    /// Redis has not heard of.
+    pub async fn degraded_view(&self, user: UserId) -> Result<WalletView> {
+        let record = self.tokens.redis_record(user).await?;
+        let field = |k: &str| record.snapshot.get(k).copied().unwrap_or(0);
+        let mut view = WalletView {
+            user_id: user.get(),
+            booked_cents: field("b"),
+            total_income_cents: field("i"),
+            withdrawn_cents: field("w"),
+            degraded: true,
+            ..Default::default()
+        };
+        add_pending(&mut view, record.pending.iter().map(|e| e.amount_cents))?;
+        Ok(view)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_adds_to_balance_and_income() {
+        let mut view = WalletView {
+            booked_cents: 100,
+            total_income_cents: 150,
+            withdrawn_cents: 50,
+            ..Default::default()
+        };
+        add_pending(&mut view, [7, 3].into_iter()).unwrap();
+        assert_eq!(view.pending_cents, 10);
+        assert_eq!(view.pending_count, 2);
+        assert_eq!(view.balance_cents, 110);
+        assert_eq!(view.total_income_cents, 160);
+        assert_eq!(view.withdrawn_cents, 50);
+    }
+
+    #[test]
+    fn nothing_pending_is_the_booked_balance() {
+        let mut view = WalletView {
+            booked_cents: 42,
+            total_income_cents: 42,
+            ..Default::default()
+        };
+        add_pending(&mut view, std::iter::empty()).unwrap();
+        assert_eq!((view.balance_cents, view.pending_count), (42, 0));
+    }
+
+    #[test]
+    fn an_overflowing_merge_is_an_error_not_a_wrap() {
+        let mut view = WalletView {
+            booked_cents: i64::MAX - 1,
+            ..Default::default()
+        };
+        assert!(add_pending(&mut view, [5].into_iter()).is_err());
+        let mut view = WalletView::default();
+        assert!(add_pending(&mut view, [i64::MAX, 1].into_iter()).is_err());
+    }
+}

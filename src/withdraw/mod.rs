@@ -1,0 +1,230 @@
+//! Withdrawals: forced settlement, then debit, in one MySQL transaction; and the payout
+//! channel's verdict. This module owns the `withdrawals` rows ([`repo`]); the money
+//! moves through the ledger.
+//!
+//! Invariants: a balance never goes negative (checked under the account lock, and by
+//! the table's CHECK constraint); a `(user, request_id)` debits at most once (checked
+//! under the account lock, and by a unique key); the user's pending tokens are booked
+//! with the worker's own booking code, so a token raced by both is credited once.
+
+mod repo;
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::domain::{Cents, RequestId, UserId, WithdrawalStatus};
+use crate::error::{Error, Result};
+use crate::ledger::{Account, Ledger, LedgerError};
+use crate::store::{now_ms, Db};
+use crate::tokens::{AwardEntry, Tokens};
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Withdrawal {
+    pub withdrawal_id: String,
+    pub user_id: i64,
+    pub request_id: String,
+    pub amount_cents: i64,
+    pub status: WithdrawalStatus,
+    pub forced_settled_count: i64,
+    pub balance_cents: i64,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// A withdrawal as answered: newly created, or the one a repeated request made before.
+pub enum Outcome {
+    Created(Withdrawal),
+    Existing(Withdrawal),
+}
+
+/// The withdrawal capability. Cheap to clone.
+#[derive(Clone)]
+pub struct Withdrawals {
+    db: Arc<Db>,
+    ledger: Ledger,
+    tokens: Tokens,
+}
+
+/// Transaction attempts at most when InnoDB rolls one back (deadlock, lock wait).
+const MAX_TX_ATTEMPTS: u32 = 6;
+
+/// What a committed withdrawal leaves for Redis: the account and the tokens to mark.
+type Committed = (Account, Vec<AwardEntry>);
+
+fn new_withdrawal_id() -> String {
+    format!("wd{:011x}{:08x}", now_ms(), rand::random::<u32>())
+}
+
+fn check_same(existing: Withdrawal, amount: Cents) -> Result<Outcome> {
+    if existing.amount_cents == amount.get() {
+        Ok(Outcome::Existing(existing))
+    } else {
+        Err(Error::IdempotencyConflict(format!(
+            "request_id `{}` was used for {} cents",
+            existing.request_id, existing.amount_cents
+        )))
+    }
+}
+
+impl Withdrawals {
+    pub fn new(db: Arc<Db>, ledger: Ledger, tokens: Tokens) -> Self {
+        Self { db, ledger, tokens }
+    }
+
+    /// Books the user's pending tokens and debits `amount`, or changes nothing.
+    pub async fn withdraw(
+        &self,
+        user: UserId,
+        request_id: &RequestId,
+        amount: Cents,
+    ) -> Result<Outcome> {
+        // Concurrent first bookings of one user can deadlock in InnoDB (creating the
+        // account row); such a transaction rolled back whole, so it is retried, a
+        // bounded number of times.
+        let mut attempt = 0;
+        let (created, (account, to_mark)) = loop {
+            attempt += 1;
+            match self.withdraw_tx(user, request_id, amount).await {
+                Ok(Ok((Outcome::Created(w), Some(committed)))) => break (w, committed),
+                Ok(Ok((outcome, _))) => return Ok(outcome),
+                Ok(Err(err)) => return Err(err),
+                Err(err) if attempt < MAX_TX_ATTEMPTS && err.is_retryable() => {
+                    crate::metrics::tx_retry("withdraw");
+                    let jitter = rand::random::<u64>() % 10;
+                    tokio::time::sleep(std::time::Duration::from_millis((5 << attempt) + jitter))
+                        .await;
+                }
+                Err(err) => return Err(err.into()),
+            }
+        };
+        // Redis catches up after the commit. If this fails the worker marks the tokens
+        // when it reaches their stream entries; nothing is credited twice either way.
+        if let Err(err) = self.tokens.mark(&to_mark, &[account.snapshot()]).await {
+            tracing::warn!(error = %err, user = user.get(), "marking force-settled tokens failed; the worker will");
+        }
+        Ok(Outcome::Created(created))
+    }
+
+    /// One attempt at the withdrawal transaction. Business outcomes are `Ok(..)`; the
+    /// outer `Err` is a database error (the transaction rolled back). On success the
+    /// account as committed comes back, for the Redis snapshot, with the tokens to mark.
+    async fn withdraw_tx(
+        &self,
+        user: UserId,
+        request_id: &RequestId,
+        amount: Cents,
+    ) -> Result<Result<(Outcome, Option<Committed>)>, LedgerError> {
+        let mut tx = self.db.for_user(user).begin().await?;
+        // Booking locks the account row, then books every token of the user pending in
+        // Redis (read after the lock, so none booked by a concurrent booker is missed).
+        let booked = self.ledger.book_in_tx(&mut tx, &[], Some(user)).await?;
+        let mut account = match booked.accounts.iter().find(|a| a.user == user) {
+            Some(account) => *account,
+            None => Ledger::lock_accounts(&mut tx, &[user])
+                .await?
+                .remove(&user)
+                .ok_or(sqlx::Error::RowNotFound)?,
+        };
+        // Checked under the account lock: a concurrent twin has committed by now.
+        // Rolling back also undoes this attempt's forced booking; the twin's booking
+        // stands. (The unique key on (user_id, request_id) backs this check up.)
+        if let Some(existing) = repo::find_by_request(&mut *tx, user, request_id).await? {
+            tx.rollback().await?;
+            return Ok(check_same(existing, amount).map(|o| (o, None)));
+        }
+        if account.balance_cents < amount.get() {
+            // Rolling back undoes the forced booking too: an error changes nothing.
+            tx.rollback().await?;
+            return Ok(Err(Error::InsufficientBalance));
+        }
+        let id = new_withdrawal_id();
+        let at = now_ms();
+        Ledger::debit(&mut tx, &mut account, amount, &id, at).await?;
+        let created = Withdrawal {
+            withdrawal_id: id,
+            user_id: user.get(),
+            request_id: request_id.to_string(),
+            amount_cents: amount.get(),
+            status: WithdrawalStatus::Submitted,
+            forced_settled_count: booked.newly_booked.len() as i64,
+            balance_cents: account.balance_cents,
+            created_at: chrono::DateTime::from_timestamp_millis(at).unwrap_or_default(),
+        };
+        repo::insert(&mut *tx, &created).await?;
+        tx.commit().await?;
+        Ok(Ok((
+            Outcome::Created(created),
+            Some((account, booked.to_mark)),
+        )))
+    }
+
+    /// The withdrawal `id` and the shard holding it.
+    pub async fn find(&self, id: &str) -> Result<Option<(usize, Withdrawal)>> {
+        for (i, pool) in self.db.shards().iter().enumerate() {
+            if let Some(w) = repo::find_by_id(pool, id).await? {
+                return Ok(Some((i, w)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The payout channel's verdict. `paid` is final; `failed` gives the money back with
+    /// a reversal entry. Repeating a verdict changes nothing; changing one is refused.
+    pub async fn settle_payout(&self, id: &str, verdict: WithdrawalStatus) -> Result<Withdrawal> {
+        if verdict == WithdrawalStatus::Submitted {
+            return Err(Error::InvalidRequest(
+                "status must be paid or failed".into(),
+            ));
+        }
+        let (shard, _) = self
+            .find(id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("no withdrawal `{id}`")))?;
+        let mut tx = self.db.shard(shard).begin().await?;
+        let current = repo::lock_by_id(&mut *tx, id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("no withdrawal `{id}`")))?;
+        if current.status == verdict {
+            tx.rollback().await?;
+            return Ok(current);
+        }
+        if current.status != WithdrawalStatus::Submitted {
+            tx.rollback().await?;
+            return Err(Error::IdempotencyConflict(format!(
+                "withdrawal `{id}` is already {}",
+                current.status.as_str()
+            )));
+        }
+        let mut snapshot = None;
+        let mut to_mark = Vec::new();
+        if verdict == WithdrawalStatus::Failed {
+            let user = UserId::parse(current.user_id)?;
+            let amount = Cents::positive(current.amount_cents, "amount_cents")?;
+            let mut accounts = Ledger::lock_accounts(&mut tx, &[user]).await?;
+            // The snapshot written after the commit includes every token booked so far;
+            // those still pending in Redis are marked with it (see `ledger`), so the
+            // Redis-only view never counts one twice.
+            let pending = self.tokens.pending_of_users(&[user]).await?;
+            let otns: Vec<&str> = pending.iter().map(|e| e.out_trade_no.as_str()).collect();
+            let booked = Ledger::already_booked(&mut *tx, &otns).await?;
+            to_mark = pending
+                .into_iter()
+                .filter(|e| booked.contains(&e.out_trade_no))
+                .collect();
+            let account = accounts.get_mut(&user).ok_or(sqlx::Error::RowNotFound)?;
+            Ledger::reverse(&mut tx, account, amount, id, now_ms()).await?;
+            snapshot = Some(account.snapshot());
+        }
+        repo::set_status(&mut *tx, id, verdict).await?;
+        tx.commit().await?;
+        if let Some(snapshot) = snapshot {
+            if let Err(err) = self.tokens.mark(&to_mark, &[snapshot]).await {
+                tracing::warn!(error = %err, "updating the account snapshot after a reversal failed");
+            }
+        }
+        Ok(Withdrawal {
+            status: verdict,
+            ..current
+        })
+    }
+}
