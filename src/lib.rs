@@ -7,19 +7,20 @@
 //! withdrawal books the user's pending tokens first.
 //!
 //! # Where things happen
-//! - An award is **minted** in [`issue`] (validation, budget in [`issue::budget`],
+//! - An award is **minted** in [`issue`] (validation, the budget from [`budget`],
 //!   signing with [`token`]) and stored by [`tokens`], the owner of the Redis token record.
 //! - It is **booked** by [`settle`] (the worker and the sweep) through [`ledger`], the one
 //!   writer of `ledger_entries` and `accounts`.
 //! - Views **merge** ledger and pending tokens in [`wallet`]; client sync restores tokens.
 //! - Money is **withdrawn** in [`withdraw`] (forced settlement, debit, payout verdicts).
-//! - [`activity`]: activities, scenes and their cache. [`ops`]: reconciliation, cron,
-//!   switches.
+//! - [`activity`]: activities, scenes and their cache. [`ops`]: reconciliation and
+//!   cron. [`switches`]: the degradation switches every capability reads.
 //! - [`http`]: the only axum code, one router per capability. [`app`]: the wiring.
 //! - [`domain`], [`error`], [`config`], [`keys`], [`store`], [`metrics`]: shared parts.
 
 pub mod activity;
 pub mod app;
+pub mod budget;
 pub mod config;
 pub mod domain;
 pub mod error;
@@ -31,6 +32,7 @@ pub mod metrics;
 pub mod ops;
 pub mod settle;
 pub mod store;
+pub mod switches;
 pub mod token;
 pub mod tokens;
 pub mod wallet;

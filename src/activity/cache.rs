@@ -41,9 +41,10 @@ impl ActivityCache {
             .collect()
     }
 
-    /// Reloads every activity and scene from MySQL and returns the activities whose
-    /// budget differs from the previous snapshot (their sub-stocks need funding).
-    pub async fn refresh(&self, pool: &sqlx::MySqlPool) -> anyhow::Result<Vec<Activity>> {
+    /// Reloads every activity and scene from MySQL and swaps the snapshot whole. (The
+    /// budget is not funded from here: grants follow the budget in MySQL, see
+    /// `Activities::refresh`.)
+    pub async fn refresh(&self, pool: &sqlx::MySqlPool) -> anyhow::Result<()> {
         let activities = sqlx::query(
             "SELECT id, name, stage, starts_at, ends_at, budget_cents, max_award_cents FROM activities",
         )
@@ -95,18 +96,8 @@ impl ActivityCache {
         }
         let fresh: HashMap<String, Arc<CachedActivity>> =
             map.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
-        let mut guard = self.snapshot.write().expect("activity cache lock poisoned");
-        let changed = fresh
-            .values()
-            .filter(|new| {
-                guard
-                    .get(&new.activity.id)
-                    .is_none_or(|old| old.activity.budget_cents != new.activity.budget_cents)
-            })
-            .map(|a| a.activity.clone())
-            .collect();
-        *guard = Arc::new(fresh);
-        Ok(changed)
+        *self.snapshot.write().expect("activity cache lock poisoned") = Arc::new(fresh);
+        Ok(())
     }
 }
 

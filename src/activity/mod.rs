@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::{ActivityId, AwardType, Cents, SceneId, Stage, MAX_CENTS};
 use crate::error::{Error, Result};
-use crate::issue::budget::Budget;
+use crate::budget::Budget;
 use crate::ledger::Ledger;
 use crate::store::{Db, Redis};
 use crate::tokens::Tokens;

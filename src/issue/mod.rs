@@ -17,7 +17,6 @@
 //! pipelined Redis round trip for the whole batch.
 
 pub mod admission;
-pub mod budget;
 pub mod coalesce;
 pub mod stats;
 mod validate;
@@ -26,18 +25,18 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::activity::ActivityCache;
+use crate::budget::{self, Budget};
 use crate::domain::UserId;
 use crate::error::{Error, Result};
 use crate::keys::Keys;
 use crate::ledger::Ledger;
 use crate::metrics;
-use crate::ops::switches::Switches;
+use crate::switches::Switches;
 use crate::store::{now_ms, Db, Redis};
 use crate::token::{self, SignedAward};
 use crate::tokens::{Tokens, TRIMMED};
 
 pub use admission::Admission;
-pub use budget::Budget;
 pub use stats::StatsCounter;
 pub use validate::{same_award, validate, AwardRequest, ValidAward};
 

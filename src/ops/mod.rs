@@ -1,5 +1,4 @@
-//! Operations: reconciliation and budget repairs, scheduled jobs, degradation switches.
+//! Operations: reconciliation and budget repairs, and the scheduled jobs.
 
 pub mod cron;
 pub mod reconcile;
-pub mod switches;

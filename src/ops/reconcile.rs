@@ -15,7 +15,7 @@ use sqlx::Row;
 
 use crate::activity::ActivityCache;
 use crate::error::{Error, Result};
-use crate::issue::budget::{Budget, Release, Repair};
+use crate::budget::{Budget, Release, Repair};
 use crate::ledger::Ledger;
 use crate::store::{Db, Redis};
 use crate::tokens::{Counters, Tokens, Totals};

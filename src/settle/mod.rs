@@ -13,7 +13,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::config::SettleSettings;
 use crate::ledger::Ledger;
-use crate::ops::switches::Switches;
+use crate::switches::Switches;
 use crate::store::Redis;
 use crate::tokens::Tokens;
 

@@ -20,7 +20,7 @@ use crate::domain::UserId;
 use crate::error::{Error, Result};
 use crate::keys::Keys;
 use crate::ledger::Ledger;
-use crate::ops::switches::Switches;
+use crate::switches::Switches;
 use crate::tokens::Tokens;
 
 pub use flows::{decode_cursor, encode_cursor, FlowItem, FlowsPage};

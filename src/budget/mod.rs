@@ -245,7 +245,7 @@ impl Budget {
 
     /// One grant: `max(per-award cap, budget / (sub_stocks * grant_slices))`.
     pub(super) fn chunk(&self, budget: i64, cap: i64, gen: Gen) -> i64 {
-        cap.max(budget / i64::from(gen.sub_stocks * self.settings.grant_slices.max(1)))
+        grant_chunk(budget, cap, gen.sub_stocks, self.settings.grant_slices)
     }
 
     pub fn forget_exhausted(&self, activity: &str) {
@@ -320,6 +320,14 @@ impl Budget {
     }
 }
 
+/// The size of one grant: a slice of the budget per sub-stock
+/// (`budget / (sub_stocks * slices)`), never less than the per-award cap so that one
+/// grant always covers any single award.
+pub fn grant_chunk(budget: i64, cap: i64, sub_stocks: u32, slices: u32) -> i64 {
+    let parts = i64::from(sub_stocks.max(1)).saturating_mul(i64::from(slices.max(1)));
+    cap.max(budget / parts)
+}
+
 /// Locks the activity row for the transaction; returns (budget, granted, cap).
 async fn lock_activity(
     tx: &mut Transaction<'_, MySql>,
@@ -376,5 +384,29 @@ impl Drop for ActivityLock {
         if let Some(conn) = self.conn.take() {
             drop(conn.detach());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::grant_chunk;
+
+    #[test]
+    fn a_grant_is_a_slice_of_the_budget_per_sub_stock() {
+        // 1,000,000 cents over 16 sub-stocks in 8 slices: 7,812 cents a grant.
+        assert_eq!(grant_chunk(1_000_000, 100, 16, 8), 7_812);
+        // Sixteen sub-stocks times eight grants never pass the budget.
+        assert!(grant_chunk(1_000_000, 100, 16, 8) * 16 * 8 <= 1_000_000);
+    }
+
+    #[test]
+    fn a_grant_always_covers_one_award() {
+        assert_eq!(grant_chunk(1_000, 500, 16, 8), 500);
+        assert_eq!(grant_chunk(0, 1, 16, 8), 1);
+    }
+
+    #[test]
+    fn zero_settings_do_not_divide_by_zero() {
+        assert_eq!(grant_chunk(1_000, 1, 0, 0), 1_000);
     }
 }
