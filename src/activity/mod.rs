@@ -10,9 +10,9 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::budget::Budget;
 use crate::domain::{ActivityId, AwardType, Cents, SceneId, Stage, MAX_CENTS};
 use crate::error::{Error, Result};
-use crate::budget::Budget;
 use crate::ledger::Ledger;
 use crate::store::{Db, Redis};
 use crate::tokens::Tokens;

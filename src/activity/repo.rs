@@ -4,9 +4,9 @@ use sqlx::MySqlPool;
 
 use super::cache::{activity_from_row, scene_from_row};
 use super::{Activity, Scene};
+use crate::budget::Budget;
 use crate::domain::{Cents, MAX_CENTS};
 use crate::error::{Error, Result};
-use crate::budget::Budget;
 use crate::store::Db;
 
 pub async fn load_activity(pool: &MySqlPool, id: &str) -> Result<Activity> {

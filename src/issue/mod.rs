@@ -31,8 +31,8 @@ use crate::error::{Error, Result};
 use crate::keys::Keys;
 use crate::ledger::Ledger;
 use crate::metrics;
-use crate::switches::Switches;
 use crate::store::{now_ms, Db, Redis};
+use crate::switches::Switches;
 use crate::token::{self, SignedAward};
 use crate::tokens::{Tokens, TRIMMED};
 

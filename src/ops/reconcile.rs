@@ -14,8 +14,8 @@ use serde::Serialize;
 use sqlx::Row;
 
 use crate::activity::ActivityCache;
-use crate::error::{Error, Result};
 use crate::budget::{Budget, Release, Repair};
+use crate::error::{Error, Result};
 use crate::ledger::Ledger;
 use crate::store::{Db, Redis};
 use crate::tokens::{Counters, Tokens, Totals};

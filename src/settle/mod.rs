@@ -13,8 +13,8 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::config::SettleSettings;
 use crate::ledger::Ledger;
-use crate::switches::Switches;
 use crate::store::Redis;
+use crate::switches::Switches;
 use crate::tokens::Tokens;
 
 pub use sweep::{settle_all, settle_until};

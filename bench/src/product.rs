@@ -1,0 +1,285 @@
+//! The bench's one door into the redpacket-wallet library. Every other file of the bench
+//! talks to the service over HTTP (`api.rs`) or through this adapter, so when the
+//! library's modules move, only this file needs re-pointing.
+//!
+//! What still needs the library, and why the HTTP API cannot do it:
+//! - the service's own settings (credentials, Redis prefix, MySQL URL, worker settings);
+//! - user JWTs (the secret is the service's);
+//! - the signing ceiling (a local measurement of the service's minting code);
+//! - the sampler's issued/booked/backlog figures (read beside the server, not through it,
+//!   so sampling every 250 ms does not add HTTP load to the server under test);
+//! - the synchronous baseline (the service's booking code against a separate database);
+//! - the bounded and unbounded drains (the service's settlement worker, in-process);
+//! - the reconciliation report (the operator API only lists stored reports);
+//! - removing the run's Redis keys and databases.
+
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context};
+use redpacket_wallet::app::App;
+use redpacket_wallet::config::{Secret, Settings};
+use redpacket_wallet::domain::UserId;
+use redpacket_wallet::keys::KeyRing;
+use redpacket_wallet::store::{Db, Redis};
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// The wire types (proto/), part of the stable contract.
+pub use redpacket_wallet::pb;
+
+/// The service as the bench reaches it in-process: the same settings, Redis and MySQL.
+pub struct Product {
+    app: Arc<App>,
+}
+
+impl Product {
+    /// Loads the settings as the server does (config files, then `RPW_*` variables) and
+    /// connects to its Redis and MySQL.
+    pub async fn connect() -> anyhow::Result<Self> {
+        let settings = Settings::load(None)?;
+        let app = App::build(settings, false).await?;
+        Ok(Self { app })
+    }
+
+    /// The operator credential (`Authorization: Bearer` on `/v1/admin/*`).
+    pub fn admin_key(&self) -> String {
+        self.app.settings.auth.admin_key.expose().to_string()
+    }
+
+    /// The first configured caller's key (`/v1/awards*`).
+    pub fn caller_key(&self) -> anyhow::Result<String> {
+        self.app
+            .settings
+            .caller_keys()
+            .first()
+            .map(|(_, key)| key.expose().to_string())
+            .context("RPW_AUTH__CALLER_KEYS must name a caller")
+    }
+
+    /// A user JWT (`/v1/wallet*`, `/v1/withdrawals`) valid for `ttl_secs`.
+    pub fn user_jwt(&self, user: i64, ttl_secs: u64) -> anyhow::Result<String> {
+        let user = UserId::parse(user).map_err(|e| anyhow!(e.0))?;
+        self.app.auth.issue_user_jwt(user, ttl_secs)
+    }
+
+    /// The service's active signing key, to measure how fast it mints.
+    pub fn signer(&self) -> Signer {
+        Signer {
+            ring: self.app.keys.current(),
+        }
+    }
+
+    /// Tokens issued for `activity`, from the counters issuance writes with every token.
+    pub async fn issued_count(&self, activity: &str) -> anyhow::Result<i64> {
+        Ok(self.app.tokens.issued_totals(activity).await?.count)
+    }
+
+    /// Award rows in the main ledger database. The same count the bench has always
+    /// sampled; cheaper than the library's per-activity totals (no sum, no filter), so
+    /// the sampler's load on MariaDB stays what it was.
+    pub async fn booked_count(&self) -> anyhow::Result<i64> {
+        let (booked,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM ledger_entries WHERE kind = 'award'")
+                .fetch_one(self.app.db.main())
+                .await?;
+        Ok(booked)
+    }
+
+    /// Settlement entries waiting in the streams, over every partition.
+    pub async fn backlog(&self) -> anyhow::Result<i64> {
+        let redis = &self.app.redis;
+        let mut pipe = redis::pipe();
+        for p in 0..redis.partitions() {
+            pipe.xlen(redis.stream_key(p));
+        }
+        let mut conn = redis.conn();
+        let lens: Vec<i64> = pipe.query_async(&mut conn).await?;
+        Ok(lens.iter().sum())
+    }
+
+    /// A settlement worker on this Redis and MySQL, built but not started, booking at
+    /// most `max_tps` tokens a second (0: unbounded).
+    pub async fn drain_worker(&self, max_tps: u32) -> anyhow::Result<DrainWorker> {
+        let mut settings = self.app.settings.clone();
+        settings.settle.max_tps = max_tps;
+        settings.settle.enabled = true;
+        Ok(DrainWorker {
+            app: App::build(settings, false).await?,
+        })
+    }
+
+    /// The booking code against `mysql_url` (a separate, empty database, migrated here)
+    /// and a Redis prefix of its own, for the synchronous baseline.
+    pub async fn sync_ledger(&self, mysql_url: &str) -> anyhow::Result<SyncLedger> {
+        let mut mysql = self.app.settings.mysql.clone();
+        mysql.url = Secret::new(mysql_url.to_string());
+        mysql.shard_urls.clear();
+        let db = Db::connect_lazy(&mysql)?;
+        db.migrate().await?;
+        // Booking reads the users' pending tokens in Redis; the baseline's users have none.
+        let mut redis_settings = self.app.settings.redis.clone();
+        redis_settings.key_prefix = format!("{}-baseline", redis_settings.key_prefix);
+        let redis = Redis::connect(&redis_settings).await?;
+        let tokens = redpacket_wallet::tokens::Tokens::new(Arc::new(redis));
+        Ok(SyncLedger {
+            ledger: redpacket_wallet::ledger::Ledger::new(Arc::new(db), tokens),
+        })
+    }
+
+    /// The service's reconciliation of `activity` for one hour (`YYYYMMDDHH`, UTC): the
+    /// report is stored as the cron's are, with kind `bench`.
+    pub async fn reconcile(&self, activity: &str, hour: &str) -> anyhow::Result<Reconciliation> {
+        let report = self
+            .app
+            .reconciler
+            .reconcile(activity, hour, "bench")
+            .await
+            .map_err(|e| anyhow!("reconciling {activity} {hour}: {}: {e}", e.code()))?;
+        Ok(Reconciliation {
+            hour: hour.to_string(),
+            ok: report.ok,
+            problems: report.problems,
+            issued_cents: report.issued.cents,
+            booked_cents: report.booked.cents,
+            pending_cents: report.pending.cents,
+            budget_taken_cents: report.budget_taken_cents,
+            leak_cents: report.leak_cents,
+        })
+    }
+
+    /// The hours (as the service's counters name them) from `from_ms` to `to_ms`.
+    pub fn hours(from_ms: i64, to_ms: i64) -> Vec<String> {
+        const HOUR_MS: i64 = 3_600_000;
+        let mut hours: Vec<String> = Vec::new();
+        let mut at = from_ms;
+        loop {
+            let hour = redpacket_wallet::store::hour_of(at);
+            if hours.last() != Some(&hour) {
+                hours.push(hour);
+            }
+            if at >= to_ms {
+                return hours;
+            }
+            at = (at + HOUR_MS).min(to_ms);
+        }
+    }
+
+    /// Wall-clock milliseconds, as the service stamps tokens.
+    pub fn now_ms() -> i64 {
+        redpacket_wallet::store::now_ms()
+    }
+
+    /// Removes the run's Redis keys (the baseline's prefix included) and drops both
+    /// databases: a bench run leaves nothing behind.
+    pub async fn remove_data(&self, baseline_mysql_url: &str) -> anyhow::Result<()> {
+        let redis = &self.app.redis;
+        let mut conn = redis.conn();
+        let pattern = format!("{}*", redis.prefix());
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            if !keys.is_empty() {
+                redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query_async::<()>(&mut conn)
+                    .await?;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        use sqlx::migrate::MigrateDatabase;
+        self.app.db.main().close().await;
+        sqlx::MySql::drop_database(self.app.settings.mysql.url.expose()).await?;
+        sqlx::MySql::drop_database(baseline_mysql_url).await?;
+        Ok(())
+    }
+}
+
+/// The service's minting code with its active key.
+pub struct Signer {
+    ring: Arc<KeyRing>,
+}
+
+impl Signer {
+    /// Signs `token` as issuance does; returns the encoded `SignedToken`.
+    pub fn mint(&self, token: pb::RedPacketToken) -> anyhow::Result<Vec<u8>> {
+        Ok(redpacket_wallet::token::mint(&self.ring, token)?.bytes)
+    }
+}
+
+/// A settlement worker ready to start.
+pub struct DrainWorker {
+    app: Arc<App>,
+}
+
+impl DrainWorker {
+    pub fn start(self) -> RunningDrain {
+        let (stop, shutdown) = watch::channel(false);
+        let tasks = redpacket_wallet::settle::worker::spawn(&self.app.settler, shutdown);
+        RunningDrain { stop, tasks }
+    }
+}
+
+/// A settlement worker booking the backlog until stopped.
+pub struct RunningDrain {
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningDrain {
+    /// Asks the worker to stop and waits for its tasks (each finishes its batch).
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// The service's booking code on the baseline's own database: one transaction per call.
+#[derive(Clone)]
+pub struct SyncLedger {
+    ledger: redpacket_wallet::ledger::Ledger,
+}
+
+impl SyncLedger {
+    /// Books `award` under `out_trade_no` in its own transaction (account row + ledger row).
+    pub async fn book(&self, award: &pb::AwardRequest, out_trade_no: String) -> anyhow::Result<()> {
+        let entry = redpacket_wallet::tokens::AwardEntry {
+            user: UserId::parse(award.user_id).map_err(|e| anyhow!(e.0))?,
+            out_trade_no,
+            amount_cents: award.amount_cents,
+            activity_id: award.activity_id.clone(),
+            scene_id: award.scene_id.clone(),
+            at_ms: redpacket_wallet::store::now_ms(),
+            stream_id: None,
+            budget_gen: 0,
+        };
+        self.ledger.book(&[entry]).await?;
+        Ok(())
+    }
+}
+
+/// The service's reconciliation report for one activity and hour, as the bench keeps it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Reconciliation {
+    pub hour: String,
+    pub ok: bool,
+    pub problems: Vec<String>,
+    pub issued_cents: i64,
+    pub booked_cents: i64,
+    pub pending_cents: i64,
+    pub budget_taken_cents: i64,
+    /// Budget taken but never issued, over the activity's open generations (not per hour).
+    pub leak_cents: i64,
+}

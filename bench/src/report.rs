@@ -1,0 +1,332 @@
+//! The run's summary: typed figures per scenario (written by `--json`), the targets
+//! table printed at the end, and the conservation verdict.
+
+use std::fmt;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::product::Reconciliation;
+
+/// Rates and latencies are reported to two decimals.
+pub fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// Everything a run measured. Field names are the JSON's.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub quick: bool,
+    pub ceiling: Ceiling,
+    pub sync_baseline: SyncBaseline,
+    pub rain_single: RainSingle,
+    pub rain_batch: RainBatch,
+    pub withdraw: Withdraw,
+    pub view: View,
+    pub drain: Drain,
+    pub conservation: Conservation,
+}
+
+/// The physical ceiling: Ed25519 signatures per second on one core.
+#[derive(Debug, Serialize)]
+pub struct Ceiling {
+    pub cores: usize,
+    pub sign_per_s_per_core: f64,
+}
+
+/// One MySQL transaction per award, with the service's booking code.
+#[derive(Debug, Serialize)]
+pub struct SyncBaseline {
+    pub awards_per_s: f64,
+    pub errors: u64,
+}
+
+/// `POST /v1/awards`, one award per request.
+#[derive(Debug, Serialize)]
+pub struct RainSingle {
+    pub awards_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub errors: u64,
+}
+
+/// `POST /v1/awards:batch`; the latency is per request.
+#[derive(Debug, Serialize)]
+pub struct RainBatch {
+    pub awards_per_s: f64,
+    pub p99_ms: f64,
+    pub errors: u64,
+}
+
+/// `POST /v1/withdrawals` by users holding pending tokens (forced settlement).
+#[derive(Debug, Serialize)]
+pub struct Withdraw {
+    pub pending_per_user: i64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+/// `GET /v1/wallet` during the backlog.
+#[derive(Debug, Serialize)]
+pub struct View {
+    pub requests_per_s: f64,
+    pub p99_ms: f64,
+}
+
+/// The settlement worker draining the backlog, bounded then unbounded.
+#[derive(Debug, Serialize)]
+pub struct Drain {
+    pub configured_tps: u32,
+    pub measured_tps: f64,
+    pub unbounded_tps: f64,
+    pub backlog_at_start: i64,
+}
+
+/// Money conserved, as the service's operator API, wallets and reconciliation say.
+#[derive(Debug, Serialize)]
+pub struct Conservation {
+    pub ok: bool,
+    pub issued_cents: i64,
+    pub booked_cents: i64,
+    pub pending_cents: i64,
+    pub withdrawn_cents: i64,
+    pub issued_count: i64,
+    pub booked_count: i64,
+    /// Settlement entries left in the streams.
+    pub backlog: i64,
+    pub budget_taken_cents: i64,
+    pub leak_cents: i64,
+    /// Wallets of the withdraw scenario's users checked one by one.
+    pub wallets_checked: usize,
+    /// The service's reconciliation of every hour the run touched.
+    pub reconciliation: Vec<Reconciliation>,
+    pub problems: Vec<String>,
+}
+
+/// One line of the table.
+#[derive(Debug, Serialize)]
+pub struct Row {
+    pub scenario: &'static str,
+    pub rate_per_s: Option<f64>,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub errors: Option<u64>,
+    pub targets: Vec<Target>,
+    pub note: Option<String>,
+}
+
+/// A figure against the target the design set for it.
+#[derive(Debug, Serialize)]
+pub struct Target {
+    /// What the value is: `x ceiling`, `ms p99`, ...
+    pub measure: &'static str,
+    pub value: f64,
+    pub bound: Bound,
+    pub met: bool,
+    #[serde(skip)]
+    decimals: usize,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Bound {
+    AtLeast(f64),
+    AtMost(f64),
+    /// Within plus or minus this much of zero.
+    Within(f64),
+}
+
+impl Target {
+    fn new(measure: &'static str, value: f64, bound: Bound, decimals: usize) -> Self {
+        let met = match bound {
+            Bound::AtLeast(b) => value >= b,
+            Bound::AtMost(b) => value <= b,
+            Bound::Within(b) => value.abs() <= b,
+        };
+        Self {
+            measure,
+            value: round2(value),
+            bound,
+            met,
+            decimals,
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let verdict = if self.met { "met" } else { "MISSED" };
+        let (d, v, m) = (self.decimals, self.value, self.measure);
+        match self.bound {
+            Bound::AtLeast(b) => write!(f, "{v:.d$} {m} (target >= {b}) {verdict}"),
+            Bound::AtMost(b) => write!(f, "{v:.d$} {m} (target <= {b}) {verdict}"),
+            Bound::Within(b) => write!(f, "{v:+.d$} {m} (target within ±{b}) {verdict}"),
+        }
+    }
+}
+
+fn row(scenario: &'static str) -> Row {
+    Row {
+        scenario,
+        rate_per_s: None,
+        p50_ms: None,
+        p99_ms: None,
+        errors: None,
+        targets: Vec::new(),
+        note: None,
+    }
+}
+
+impl Summary {
+    /// The table: one row per scenario with its targets.
+    pub fn rows(&self) -> Vec<Row> {
+        use Bound::{AtLeast, AtMost, Within};
+        let ceiling = self.ceiling.cores as f64 * self.ceiling.sign_per_s_per_core;
+        let baseline = self.sync_baseline.awards_per_s.max(1e-9);
+        let (single, batch, drain) = (&self.rain_single, &self.rain_batch, &self.drain);
+        let drift_percent =
+            (drain.measured_tps / f64::from(drain.configured_tps.max(1)) - 1.0) * 100.0;
+        vec![
+            Row {
+                rate_per_s: Some(single.awards_per_s),
+                p50_ms: Some(single.p50_ms),
+                p99_ms: Some(single.p99_ms),
+                errors: Some(single.errors),
+                targets: vec![
+                    Target::new("x ceiling", single.awards_per_s / ceiling, AtLeast(0.25), 2),
+                    Target::new(
+                        "x baseline",
+                        single.awards_per_s / baseline,
+                        AtLeast(3.0),
+                        1,
+                    ),
+                    Target::new("ms p99", single.p99_ms, AtMost(20.0), 2),
+                ],
+                ..row("rain_single")
+            },
+            Row {
+                rate_per_s: Some(batch.awards_per_s),
+                p99_ms: Some(batch.p99_ms),
+                errors: Some(batch.errors),
+                targets: vec![
+                    Target::new("x ceiling", batch.awards_per_s / ceiling, AtLeast(0.5), 2),
+                    Target::new("x baseline", batch.awards_per_s / baseline, AtLeast(6.0), 1),
+                ],
+                ..row("rain_batch")
+            },
+            Row {
+                rate_per_s: Some(self.sync_baseline.awards_per_s),
+                errors: Some(self.sync_baseline.errors),
+                ..row("sync_baseline")
+            },
+            Row {
+                rate_per_s: Some(drain.measured_tps),
+                targets: vec![Target::new(
+                    "% off configured",
+                    drift_percent,
+                    Within(10.0),
+                    1,
+                )],
+                note: Some(format!(
+                    "configured {}, backlog at start {}",
+                    drain.configured_tps, drain.backlog_at_start
+                )),
+                ..row("drain (bounded)")
+            },
+            Row {
+                rate_per_s: Some(drain.unbounded_tps),
+                targets: vec![Target::new(
+                    "x baseline",
+                    drain.unbounded_tps / baseline,
+                    AtLeast(4.0),
+                    1,
+                )],
+                ..row("drain (unbound)")
+            },
+            Row {
+                p50_ms: Some(self.withdraw.p50_ms),
+                p99_ms: Some(self.withdraw.p99_ms),
+                targets: vec![Target::new("ms p99", self.withdraw.p99_ms, AtMost(50.0), 2)],
+                note: Some(format!(
+                    "{} pending tokens each",
+                    self.withdraw.pending_per_user
+                )),
+                ..row("withdraw")
+            },
+            Row {
+                rate_per_s: Some(self.view.requests_per_s),
+                p99_ms: Some(self.view.p99_ms),
+                targets: vec![
+                    Target::new("/s", self.view.requests_per_s, AtLeast(8000.0), 0),
+                    Target::new("ms p99", self.view.p99_ms, AtMost(20.0), 2),
+                ],
+                ..row("view")
+            },
+            Row {
+                rate_per_s: Some(self.ceiling.sign_per_s_per_core),
+                note: Some("signatures/s/core".into()),
+                ..row("ceiling")
+            },
+        ]
+    }
+
+    /// The table and the conservation verdict, on standard output.
+    pub fn print(&self) {
+        let run = if self.quick { "quick" } else { "full" };
+        println!(
+            "\nredpacket-wallet benchmark ({run} run, {} cores)",
+            self.ceiling.cores
+        );
+        println!(
+            "{:<16} {:>14} {:>9} {:>9}  against target",
+            "scenario", "rate /s", "p50 ms", "p99 ms"
+        );
+        let cell = |v: Option<f64>, d: usize| v.map(|v| format!("{v:.d$}")).unwrap_or_default();
+        for r in self.rows() {
+            let mut notes: Vec<String> = r.targets.iter().map(|t| t.to_string()).collect();
+            notes.extend(r.errors.map(|e| format!("errors {e}")));
+            notes.extend(r.note.clone());
+            println!(
+                "{:<16} {:>14} {:>9} {:>9}  {}",
+                r.scenario,
+                cell(r.rate_per_s, 0),
+                cell(r.p50_ms, 2),
+                cell(r.p99_ms, 2),
+                notes.join(", ")
+            );
+        }
+        let c = &self.conservation;
+        let hours_ok = c.reconciliation.iter().filter(|r| r.ok).count();
+        println!(
+            "conservation: {} (issued {} = booked {} + pending {} cents; withdrawn {}; budget taken {}; leak {}; backlog {}; reconciliation {}/{} hours ok; {} wallets checked) {:?}",
+            if c.ok { "ok" } else { "FAILED" },
+            c.issued_cents,
+            c.booked_cents,
+            c.pending_cents,
+            c.withdrawn_cents,
+            c.budget_taken_cents,
+            c.leak_cents,
+            c.backlog,
+            hours_ok,
+            c.reconciliation.len(),
+            c.wallets_checked,
+            c.problems
+        );
+    }
+
+    /// The summary and the table as JSON.
+    pub fn write_json(&self, path: &Path) -> anyhow::Result<()> {
+        #[derive(Serialize)]
+        struct WithTable<'a> {
+            #[serde(flatten)]
+            summary: &'a Summary,
+            table: Vec<Row>,
+        }
+        let out = WithTable {
+            summary: self,
+            table: self.rows(),
+        };
+        std::fs::write(path, serde_json::to_string_pretty(&out)?)?;
+        Ok(())
+    }
+}
