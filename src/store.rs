@@ -23,7 +23,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use sqlx::MySqlPool;
 
@@ -32,17 +33,91 @@ use crate::domain::UserId;
 
 pub const SETTLE_GROUP: &str = "settle";
 
+/// A connection to a single Redis node or to a Redis Cluster. Commands and pipelines
+/// sent through it must stay within one hash slot on a cluster ([`query_scripted`] and
+/// [`Redis::query`] split a pipeline by slot).
+#[derive(Clone)]
+pub enum RedisConn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_command(cmd),
+            RedisConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipe: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_commands(pipe, offset, count),
+            RedisConn::Cluster(c) => c.req_packed_commands(pipe, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConn::Single(c) => c.get_db(),
+            RedisConn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 pub struct Redis {
-    conns: Vec<ConnectionManager>,
+    conns: Vec<RedisConn>,
     next: AtomicUsize,
     prefix: String,
     partitions: u32,
+    cluster: bool,
 }
 
 impl Redis {
+    /// Connects to `redis.cluster_urls` when given (a Redis Cluster), else to
+    /// `redis.url` (one node).
     pub async fn connect(settings: &RedisSettings) -> anyhow::Result<Self> {
-        let client = redis::Client::open(settings.url.expose()).context("redis.url")?;
         let timeout = Duration::from_millis(settings.command_timeout_ms);
+        if !settings.cluster_urls.is_empty() {
+            let nodes: Vec<String> = settings
+                .cluster_urls
+                .iter()
+                .map(|u| u.expose().to_string())
+                .collect();
+            let client = redis::cluster::ClusterClient::builder(nodes)
+                .connection_timeout(timeout)
+                .response_timeout(timeout)
+                .retries(settings.cluster_retries)
+                .build()
+                .context("redis.cluster_urls")?;
+            let mut conns = Vec::with_capacity(settings.connections);
+            for _ in 0..settings.connections {
+                let conn = tokio::time::timeout(
+                    timeout.max(Duration::from_secs(5)),
+                    client.get_async_connection(),
+                )
+                .await
+                .context("connecting to the redis cluster timed out")?
+                .context("connecting to the redis cluster")?;
+                conns.push(RedisConn::Cluster(conn));
+            }
+            return Ok(Self {
+                conns,
+                next: AtomicUsize::new(0),
+                prefix: settings.key_prefix.clone(),
+                partitions: settings.partitions,
+                cluster: true,
+            });
+        }
+        let client = redis::Client::open(settings.url.expose()).context("redis.url")?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(timeout)
             .set_connection_timeout(timeout)
@@ -57,20 +132,35 @@ impl Redis {
             .await
             .context("connecting to redis timed out")?
             .context("connecting to redis")?;
-            conns.push(conn);
+            conns.push(RedisConn::Single(conn));
         }
         Ok(Self {
             conns,
             next: AtomicUsize::new(0),
             prefix: settings.key_prefix.clone(),
             partitions: settings.partitions,
+            cluster: false,
         })
     }
 
     /// A multiplexed connection; calls are spread over the configured number.
-    pub fn conn(&self) -> ConnectionManager {
+    pub fn conn(&self) -> RedisConn {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
         self.conns[i].clone()
+    }
+
+    /// Whether this is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster
+    }
+
+    /// Runs a pipeline of plain commands; on a cluster it is split by hash slot (see
+    /// [`query_scripted`]).
+    pub async fn query<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> redis::RedisResult<T> {
+        query_scripted(self, pipe, &[]).await
     }
 
     pub fn partitions(&self) -> u32 {
@@ -148,7 +238,7 @@ impl Redis {
     }
 }
 
-pub async fn ensure_group(conn: &mut ConnectionManager, stream: &str) -> anyhow::Result<()> {
+pub async fn ensure_group(conn: &mut RedisConn, stream: &str) -> anyhow::Result<()> {
     let created: redis::RedisResult<String> = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(stream)
@@ -174,7 +264,7 @@ pub fn evalsha(script: &redis::Script, keys: &[&str]) -> redis::Cmd {
 }
 
 pub async fn load_scripts(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     scripts: &[&redis::Script],
 ) -> redis::RedisResult<()> {
     for script in scripts {
@@ -183,21 +273,53 @@ pub async fn load_scripts(
     Ok(())
 }
 
-/// Runs a pipeline of EVALSHA calls. A call answered NOSCRIPT (Redis restarted or
-/// flushed its script cache) did not run: the scripts are loaded and exactly those calls
-/// are sent again (a few times at most, should the cache be flushed once more in
-/// between), so no call ever runs twice and each answer means what it says.
+/// Runs a pipeline of commands (EVALSHA calls of `scripts`, or plain commands). A call
+/// answered NOSCRIPT (Redis restarted, failed over or flushed its script cache) did not
+/// run: the scripts are loaded and exactly those calls are sent again (a few times at
+/// most, should the cache be flushed once more in between), so no call ever runs twice
+/// and each answer means what it says.
+///
+/// On a cluster the pipeline is split into one pipeline per hash slot (each command's
+/// first key names its slot), sent concurrently; the answers come back in the order of
+/// the commands. Every command must therefore touch one slot only.
 pub async fn query_scripted<T: redis::FromRedisValue>(
     redis: &Redis,
     pipe: &redis::Pipeline,
     scripts: &[&redis::Script],
 ) -> redis::RedisResult<T> {
-    use redis::aio::ConnectionLike;
-    const ATTEMPTS: usize = 3;
     if pipe.is_empty() {
         return redis::from_owned_redis_value(redis::Value::Array(Vec::new()));
     }
-    let mut conn = redis.conn();
+    let values = if redis.is_cluster() {
+        let groups = split_by_slot(pipe);
+        if groups.len() == 1 {
+            run_scripted(redis.conn(), pipe, scripts).await?
+        } else {
+            let runs = groups
+                .iter()
+                .map(|(_, part)| run_scripted(redis.conn(), part, scripts));
+            let answers = futures::future::try_join_all(runs).await?;
+            let mut values = vec![redis::Value::Nil; pipe.len()];
+            for ((indices, _), answer) in groups.iter().zip(answers) {
+                for (&i, v) in indices.iter().zip(answer) {
+                    values[i] = v;
+                }
+            }
+            values
+        }
+    } else {
+        run_scripted(redis.conn(), pipe, scripts).await?
+    };
+    redis::from_owned_redis_value(redis::Value::Array(values).extract_error()?)
+}
+
+/// One pipeline on one connection, with the NOSCRIPT retry of [`query_scripted`].
+async fn run_scripted(
+    mut conn: RedisConn,
+    pipe: &redis::Pipeline,
+    scripts: &[&redis::Script],
+) -> redis::RedisResult<Vec<redis::Value>> {
+    const ATTEMPTS: usize = 3;
     let mut values = conn.req_packed_commands(pipe, 0, pipe.len()).await?;
     let commands: Vec<&redis::Cmd> = pipe.cmd_iter().collect();
     for _ in 1..ATTEMPTS {
@@ -207,7 +329,7 @@ pub async fn query_scripted<T: redis::FromRedisValue>(
             .filter(|(_, v)| matches!(v, redis::Value::ServerError(e) if e.code() == "NOSCRIPT"))
             .map(|(i, _)| i)
             .collect();
-        if not_run.is_empty() {
+        if not_run.is_empty() || scripts.is_empty() {
             break;
         }
         load_scripts(&mut conn, scripts).await?;
@@ -220,7 +342,62 @@ pub async fn query_scripted<T: redis::FromRedisValue>(
             values[i] = answer;
         }
     }
-    redis::from_owned_redis_value(redis::Value::Array(values).extract_error()?)
+    Ok(values)
+}
+
+/// The hash tag a key's slot is computed from: the part between the first `{` and the
+/// next `}` when not empty, else the whole key.
+pub fn slot_tag(key: &[u8]) -> &[u8] {
+    if let Some(open) = key.iter().position(|&b| b == b'{') {
+        if let Some(len) = key[open + 1..].iter().position(|&b| b == b'}') {
+            if len > 0 {
+                return &key[open + 1..open + 1 + len];
+            }
+        }
+    }
+    key
+}
+
+/// The first key of a command: after the script and key count for EVAL/EVALSHA, the
+/// first argument otherwise.
+fn first_key(cmd: &redis::Cmd) -> Option<Vec<u8>> {
+    let args: Vec<&[u8]> = cmd
+        .args_iter()
+        .filter_map(|a| match a {
+            redis::Arg::Simple(bytes) => Some(bytes),
+            redis::Arg::Cursor => None,
+        })
+        .collect();
+    let name = args.first()?.to_ascii_uppercase();
+    let at = if name == b"EVALSHA" || name == b"EVAL" {
+        3
+    } else {
+        1
+    };
+    args.get(at).map(|k| k.to_vec())
+}
+
+/// The commands of `pipe` grouped by hash slot tag, in order, each group a pipeline of
+/// its own with the indices of its commands.
+fn split_by_slot(pipe: &redis::Pipeline) -> Vec<(Vec<usize>, redis::Pipeline)> {
+    let mut groups: Vec<(Vec<u8>, Vec<usize>, redis::Pipeline)> = Vec::new();
+    for (i, cmd) in pipe.cmd_iter().enumerate() {
+        let tag = first_key(cmd)
+            .map(|k| slot_tag(&k).to_vec())
+            .unwrap_or_default();
+        match groups.iter_mut().find(|(t, ..)| *t == tag) {
+            Some((_, indices, part)) => {
+                indices.push(i);
+                part.add_command(cmd.clone());
+            }
+            None => {
+                let mut part = redis::pipe();
+                part.add_command(cmd.clone());
+                groups.push((tag, vec![i], part));
+            }
+        }
+    }
+    groups.into_iter().map(|(_, i, p)| (i, p)).collect()
 }
 
 /// The MySQL databases: shard 0 holds activities, scenes, reports and keys, and the
@@ -315,4 +492,35 @@ pub fn hour_of(ms: i64) -> String {
         .unwrap_or_default()
         .format("%Y%m%d%H")
         .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_tags_follow_the_cluster_rule() {
+        assert_eq!(slot_tag(b"rpw{7}:tok:42"), b"7");
+        assert_eq!(slot_tag(b"rpw:bud:{cny.1.3}"), b"cny.1.3");
+        assert_eq!(slot_tag(b"rpw:switches"), b"rpw:switches");
+        assert_eq!(slot_tag(b"a{}b{c}"), b"a{}b{c}");
+        assert_eq!(slot_tag(b"a{b"), b"a{b");
+    }
+
+    #[test]
+    fn a_pipeline_splits_by_slot_and_keeps_its_order() {
+        let mut pipe = redis::pipe();
+        pipe.hget("p{1}:tok:1", "a")
+            .hget("p{2}:tok:2", "b")
+            .cmd("EVALSHA")
+            .arg("sha")
+            .arg(1)
+            .arg("p{1}:settle")
+            .xlen("p{2}:settle")
+            .get("p:switches");
+        let groups = split_by_slot(&pipe);
+        let indices: Vec<Vec<usize>> = groups.iter().map(|(i, _)| i.clone()).collect();
+        assert_eq!(indices, vec![vec![0, 2], vec![1, 3], vec![4]]);
+        assert_eq!(groups[0].1.len(), 2);
+    }
 }

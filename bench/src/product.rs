@@ -93,8 +93,7 @@ impl Product {
         for p in 0..redis.partitions() {
             pipe.xlen(redis.stream_key(p));
         }
-        let mut conn = redis.conn();
-        let lens: Vec<i64> = pipe.query_async(&mut conn).await?;
+        let lens: Vec<i64> = redis.query(&pipe).await?;
         Ok(lens.iter().sum())
     }
 

@@ -223,7 +223,7 @@ impl App {
         for p in 0..self.redis.partitions() {
             pipe.xlen(self.redis.stream_key(p));
         }
-        if let Ok(lengths) = pipe.query_async::<Vec<u64>>(&mut self.redis.conn()).await {
+        if let Ok(lengths) = self.redis.query::<Vec<u64>>(&pipe).await {
             for (p, len) in lengths.into_iter().enumerate() {
                 crate::metrics::backlog(p as u32, len);
             }

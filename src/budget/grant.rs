@@ -96,8 +96,7 @@ impl Budget {
                 .arg(redis.sub_stock_key(activity, gen.gen, i))
                 .arg("avail");
         }
-        let mut conn = redis.conn();
-        let avails: Vec<Option<i64>> = pipe.query_async(&mut conn).await?;
+        let avails: Vec<Option<i64>> = redis.query(&pipe).await?;
         let wants: Vec<(u32, i64)> = avails
             .iter()
             .enumerate()

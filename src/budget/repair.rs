@@ -33,8 +33,7 @@ impl Budget {
                     .arg(redis.sub_stock_key(activity, gen, i))
                     .arg("avail");
             }
-            let mut conn = redis.conn();
-            let avails: Vec<Option<i64>> = pipe.query_async(&mut conn).await?;
+            let avails: Vec<Option<i64>> = redis.query(&pipe).await?;
             for a in avails.into_iter().flatten() {
                 available = available
                     .checked_add(a)

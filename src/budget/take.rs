@@ -226,7 +226,7 @@ impl Budget {
 
     pub(super) async fn take_one(
         &self,
-        conn: &mut redis::aio::ConnectionManager,
+        conn: &mut crate::store::RedisConn,
         key: &str,
         amount: i64,
         mode: &str,

@@ -57,6 +57,12 @@ pub struct HttpSettings {
 #[derive(Clone, Debug, Deserialize)]
 pub struct RedisSettings {
     pub url: Secret,
+    /// Seed nodes of a Redis Cluster; when given, the service runs on the cluster and
+    /// `url` is not used.
+    pub cluster_urls: Vec<Secret>,
+    /// How often a cluster command is retried on MOVED, TRYAGAIN or a failing node
+    /// (a failover in progress) before it fails.
+    pub cluster_retries: u32,
     /// Every key the service writes starts with this, so several deployments (or tests)
     /// can share one Redis without seeing each other.
     pub key_prefix: String,
@@ -195,7 +201,9 @@ shutdown_timeout_ms = 10000
 [redis]
 url = "redis://127.0.0.1:6379"
 key_prefix = "rpw"
-partitions = 16
+partitions = 64
+cluster_urls = []
+cluster_retries = 6
 connections = 4
 command_timeout_ms = 3000
 
@@ -289,6 +297,7 @@ impl Settings {
                     .with_list_parse_key("auth.caller_keys")
                     .with_list_parse_key("auth.payout_callers")
                     .with_list_parse_key("mysql.shard_urls")
+                    .with_list_parse_key("redis.cluster_urls")
                     .try_parsing(true)
                     .source(Some(env)),
             )

@@ -93,14 +93,18 @@ impl StatsCounter {
                     (format!("{}:n", self.instance), *n),
                     (format!("{}:c", self.instance), *c),
                 ],
-            )
-            .ignore();
+            );
         }
         for activity in activities {
             pipe.hgetall(redis.stats_key(activity));
         }
-        let mut conn = redis.conn();
-        let read: Vec<HashMap<String, i64>> = pipe.query_async(&mut conn).await?;
+        // One answer per command: the writes' first, then the reads.
+        let answers: Vec<redis::Value> = redis.query(&pipe).await?;
+        let read = answers
+            .into_iter()
+            .skip(mine.len())
+            .map(redis::from_owned_redis_value::<HashMap<String, i64>>)
+            .collect::<redis::RedisResult<Vec<_>>>()?;
         let mut totals = self.totals.write().expect("stats lock");
         for (activity, fields) in activities.iter().zip(read) {
             let sum = |suffix: &str| -> i64 {

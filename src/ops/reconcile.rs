@@ -329,8 +329,7 @@ impl Reconciler {
                 .arg("COUNT")
                 .arg(limit);
         }
-        let replies: Vec<redis::streams::StreamRangeReply> =
-            pipe.query_async(&mut self.redis.conn()).await?;
+        let replies: Vec<redis::streams::StreamRangeReply> = self.redis.query(&pipe).await?;
         let mut entries = Vec::new();
         for (p, reply) in replies.into_iter().enumerate() {
             for id in reply.ids {

@@ -72,7 +72,7 @@ impl Tokens {
         for p in 0..redis.partitions() {
             pipe.hgetall(redis.counters_key(p, activity));
         }
-        let maps: Vec<BTreeMap<String, i64>> = pipe.query_async(&mut redis.conn()).await?;
+        let maps: Vec<BTreeMap<String, i64>> = redis.query(&pipe).await?;
         let mut out = ActivityCounters::default();
         for map in maps {
             out.add(map);

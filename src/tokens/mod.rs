@@ -83,7 +83,7 @@ impl Tokens {
         for (user, otn) in keys {
             pipe.hget(self.redis.tokens_key(*user), *otn);
         }
-        pipe.query_async(&mut self.redis.conn()).await
+        self.redis.query(&pipe).await
     }
 
     /// The token bytes Redis holds for `entries`, in order (`None`: not held).
@@ -129,7 +129,7 @@ impl Tokens {
         for user in users {
             pipe.hgetall(self.redis.status_key(*user));
         }
-        let maps: Vec<Vec<(String, String)>> = pipe.query_async(&mut self.redis.conn()).await?;
+        let maps: Vec<Vec<(String, String)>> = self.redis.query(&pipe).await?;
         let mut out = Vec::new();
         for (user, statuses) in users.iter().zip(&maps) {
             out.extend(status::pending_in(*user, statuses));
