@@ -5,6 +5,8 @@
 #   scripts/services.sh start mysql|redis   # only one of them
 #   scripts/services.sh stop     # stop only the private instances this script started
 #   scripts/services.sh status
+#   scripts/services.sh cluster  # a local Redis Cluster: 3 masters, one replica each
+#   scripts/services.sh stop cluster
 #
 # A server already answering at the configured port is used as it is. Otherwise the
 # Debian packages are installed when missing and private instances are started with
@@ -18,6 +20,8 @@ MYSQL_PORT="${RPW_MYSQL_PORT:-3306}"
 MYSQL_USER="${RPW_MYSQL_USER:-rpw}"
 MYSQL_PASSWORD="${RPW_MYSQL_PASSWORD:-rpw}"
 MYSQL_DB="${RPW_MYSQL_DB:-rpw}"
+CLUSTER_PORT="${RPW_CLUSTER_BASE_PORT:-7000}"
+CLUSTER_NODES=6
 
 log() { printf '[services] %s\n' "$*" >&2; }
 
@@ -134,10 +138,73 @@ SQL
   wait_for mariadb mysql_answers || exit 1
 }
 
+cluster_ports() {
+  local i
+  for ((i = 0; i < CLUSTER_NODES; i++)); do echo $((CLUSTER_PORT + i)); done
+}
+
+node_answers() {
+  redis-cli -h 127.0.0.1 -p "$1" PING 2>/dev/null | grep -q PONG
+}
+
+cluster_ok() {
+  local port
+  for port in $(cluster_ports); do
+    redis-cli -h 127.0.0.1 -p "$port" CLUSTER INFO 2>/dev/null | grep -q 'cluster_state:ok' || return 1
+  done
+  # Every master has its replica.
+  [[ $(redis-cli -h 127.0.0.1 -p "$CLUSTER_PORT" CLUSTER NODES 2>/dev/null | grep -c slave) -ge 3 ]]
+}
+
+# Three masters with one replica each on 127.0.0.1:$CLUSTER_PORT.., data under
+# .data/cluster/<port>, from the Debian redis-server package alone. Idempotent: nodes
+# already answering are kept, a cluster already formed is used as it is.
+start_cluster() {
+  apt_install redis-server
+  local port dir
+  for port in $(cluster_ports); do
+    if node_answers "$port"; then continue; fi
+    dir="$DATA/cluster/$port"
+    mkdir -p "$dir"
+    log "redis cluster: starting node 127.0.0.1:$port (data in $dir)"
+    redis-server "$ROOT/config/redis.conf" --port "$port" --dir "$dir" \
+      --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" \
+      --cluster-enabled yes --cluster-config-file nodes.conf \
+      --cluster-node-timeout "${RPW_CLUSTER_NODE_TIMEOUT_MS:-2000}" \
+      --cluster-replica-validity-factor 0 --appendonly yes
+  done
+  for port in $(cluster_ports); do
+    wait_for "redis cluster node $port" "node_answers $port" || { tail -20 "$DATA/cluster/$port/redis.log" >&2; exit 1; }
+  done
+  if ! cluster_ok; then
+    local known
+    known="$(redis-cli -h 127.0.0.1 -p "$CLUSTER_PORT" CLUSTER INFO 2>/dev/null | grep -c 'cluster_known_nodes:6' || true)"
+    if [[ $known -eq 0 ]]; then
+      log "redis cluster: creating 3 masters with one replica each"
+      local nodes=()
+      for port in $(cluster_ports); do nodes+=("127.0.0.1:$port"); done
+      redis-cli --cluster create "${nodes[@]}" --cluster-replicas 1 --cluster-yes >"$DATA/cluster/create.log" 2>&1 \
+        || { tail -20 "$DATA/cluster/create.log" >&2; exit 1; }
+    fi
+    wait_for "redis cluster" cluster_ok 120 || { redis-cli -p "$CLUSTER_PORT" CLUSTER INFO >&2; exit 1; }
+  fi
+  log "redis cluster: ok on 127.0.0.1:$CLUSTER_PORT-$((CLUSTER_PORT + CLUSTER_NODES - 1))"
+}
+
+cluster_urls() {
+  local port urls=()
+  for port in $(cluster_ports); do urls+=("redis://127.0.0.1:$port"); done
+  (IFS=,; echo "${urls[*]}")
+}
+
 stop_private() {
   local pidfile files=()
   [[ $1 == all || $1 == redis ]] && files+=("$DATA/redis/redis.pid")
   [[ $1 == all || $1 == mysql ]] && files+=("$DATA/mysql/mariadb.pid")
+  if [[ $1 == all || $1 == cluster ]]; then
+    local port
+    for port in $(cluster_ports); do files+=("$DATA/cluster/$port/redis.pid"); done
+  fi
   for pidfile in "${files[@]}"; do
     if [[ -f $pidfile ]]; then
       local pid
@@ -161,10 +228,15 @@ case "${1:-start}" in
     echo "RPW_REDIS__URL=redis://127.0.0.1:$REDIS_PORT"
     echo "RPW_MYSQL__URL=mysql://$MYSQL_USER:$MYSQL_PASSWORD@127.0.0.1:$MYSQL_PORT/$MYSQL_DB"
     ;;
+  cluster)
+    start_cluster
+    echo "RPW_REDIS__CLUSTER_URLS=$(cluster_urls)"
+    ;;
   stop) stop_private "$WHICH" ;;
   status)
     redis_answers && log "redis answers on $REDIS_PORT" || log "redis down on $REDIS_PORT"
     mysql_answers && log "mariadb answers on $MYSQL_PORT" || log "mariadb down on $MYSQL_PORT"
+    cluster_ok && log "redis cluster ok on $CLUSTER_PORT.." || log "no redis cluster on $CLUSTER_PORT.."
     ;;
-  *) echo "usage: $0 [start|stop|status]" >&2; exit 2 ;;
+  *) echo "usage: $0 [start|stop|status|cluster] [redis|mysql|cluster]" >&2; exit 2 ;;
 esac

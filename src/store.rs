@@ -313,13 +313,59 @@ pub async fn query_scripted<T: redis::FromRedisValue>(
     redis::from_owned_redis_value(redis::Value::Array(values).extract_error()?)
 }
 
+/// The sources of the service's scripts by SHA1, so a call answered NOSCRIPT can be
+/// sent again as EVAL (which also caches the script on that node).
+static SOURCES: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, String>>> =
+    std::sync::OnceLock::new();
+
+/// A Lua script of the service: a [`redis::Script`] whose source is remembered for
+/// the NOSCRIPT fallback of [`query_scripted`].
+pub fn script(source: &str) -> redis::Script {
+    let script = redis::Script::new(source);
+    SOURCES
+        .get_or_init(Default::default)
+        .lock()
+        .expect("script registry poisoned")
+        .insert(script.get_hash().to_string(), source.to_string());
+    script
+}
+
 /// One pipeline on one connection, with the NOSCRIPT retry of [`query_scripted`].
+///
+/// A single node answers each command apart, so exactly the calls answered NOSCRIPT are
+/// sent again after the scripts are loaded. A cluster answers a pipeline whole: one
+/// NOSCRIPT fails it all. That happens on a node that has never seen the caller's
+/// scripts (a replica promoted by a failover): scripts are always loaded as a set (the
+/// caller's `scripts`), so such a node has none of them and no call of the pipeline
+/// ran. The set is loaded on the node serving the pipeline's slot and the pipeline is
+/// sent again.
 async fn run_scripted(
     mut conn: RedisConn,
     pipe: &redis::Pipeline,
     scripts: &[&redis::Script],
 ) -> redis::RedisResult<Vec<redis::Value>> {
     const ATTEMPTS: usize = 3;
+    if let RedisConn::Cluster(cluster) = &mut conn {
+        let mut attempt = 1;
+        loop {
+            match cluster.req_packed_commands(pipe, 0, pipe.len()).await {
+                Err(err)
+                    if err.kind() == redis::ErrorKind::NoScriptError
+                        && attempt < ATTEMPTS
+                        && !scripts.is_empty() =>
+                {
+                    attempt += 1;
+                    let slot = pipe
+                        .cmd_iter()
+                        .find_map(first_key)
+                        .map(|k| key_slot(&k))
+                        .unwrap_or(0);
+                    load_on_slot(cluster, slot, scripts).await?;
+                }
+                other => return other,
+            }
+        }
+    }
     let mut values = conn.req_packed_commands(pipe, 0, pipe.len()).await?;
     let commands: Vec<&redis::Cmd> = pipe.cmd_iter().collect();
     for _ in 1..ATTEMPTS {
@@ -343,6 +389,58 @@ async fn run_scripted(
         }
     }
     Ok(values)
+}
+
+/// Loads `scripts` on the master serving `slot`.
+async fn load_on_slot(
+    cluster: &mut ClusterConnection,
+    slot: u16,
+    scripts: &[&redis::Script],
+) -> redis::RedisResult<()> {
+    use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+    let sources = SOURCES.get_or_init(Default::default);
+    for script in scripts {
+        let source = sources
+            .lock()
+            .expect("script registry poisoned")
+            .get(script.get_hash())
+            .cloned();
+        let Some(source) = source else {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::ClientError,
+                "a script not made with store::script cannot be loaded on one node",
+            )));
+        };
+        let mut load = redis::cmd("SCRIPT");
+        load.arg("LOAD").arg(source);
+        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
+            slot,
+            SlotAddr::Master,
+        )));
+        cluster.route_command(&load, route).await?;
+    }
+    Ok(())
+}
+
+/// CRC16/XMODEM, the checksum Redis Cluster computes slots with.
+fn crc16(bytes: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &b in bytes {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+/// The cluster slot of a key (its hash tag's, when it has one).
+pub fn key_slot(key: &[u8]) -> u16 {
+    crc16(slot_tag(key)) % 16_384
 }
 
 /// The hash tag a key's slot is computed from: the part between the first `{` and the
@@ -505,6 +603,17 @@ mod tests {
         assert_eq!(slot_tag(b"rpw:switches"), b"rpw:switches");
         assert_eq!(slot_tag(b"a{}b{c}"), b"a{}b{c}");
         assert_eq!(slot_tag(b"a{b"), b"a{b");
+    }
+
+    #[test]
+    fn slots_are_the_clusters() {
+        // The reference values of the Redis Cluster specification and CLUSTER KEYSLOT.
+        assert_eq!(crc16(b"123456789"), 0x31c3);
+        assert_eq!(key_slot(b"foo"), 12_182);
+        assert_eq!(
+            key_slot(b"{user1000}.following"),
+            key_slot(b"{user1000}.followers")
+        );
     }
 
     #[test]

@@ -193,7 +193,7 @@ pub struct Budget {
 }
 
 fn script(body: &str) -> Script {
-    Script::new(&format!("{}\n{}", include_str!("stock.lua"), body))
+    crate::store::script(&format!("{}\n{}", include_str!("stock.lua"), body))
 }
 
 impl Budget {

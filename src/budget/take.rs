@@ -166,12 +166,11 @@ impl Budget {
         gen: Gen,
         amount: i64,
     ) -> anyhow::Result<Walk> {
-        let mut conn = redis.conn();
         let mut seen_some = Vec::new();
         for i in self.candidates(activity, gen) {
             let key = redis.sub_stock_key(activity, gen.gen, i);
             let read_at = Instant::now();
-            let (state, taken, avail) = self.take_one(&mut conn, &key, amount, "all").await?;
+            let (state, taken, avail) = self.take_one(redis, &key, amount, "all").await?;
             let state = StockState::seen(state, activity, gen.gen, i);
             if state != StockState::Spendable {
                 return Ok(Walk::Unspendable(state));
@@ -203,7 +202,7 @@ impl Budget {
         for &i in &seen_some {
             let key = redis.sub_stock_key(activity, gen.gen, i);
             let read_at = Instant::now();
-            let (state, taken, avail) = self.take_one(&mut conn, &key, need, "upto").await?;
+            let (state, taken, avail) = self.take_one(redis, &key, need, "upto").await?;
             let state = StockState::seen(state, activity, gen.gen, i);
             if state != StockState::Spendable {
                 self.give_back(redis, activity, &got).await?;
@@ -226,19 +225,15 @@ impl Budget {
 
     pub(super) async fn take_one(
         &self,
-        conn: &mut crate::store::RedisConn,
+        redis: &Redis,
         key: &str,
         amount: i64,
         mode: &str,
     ) -> redis::RedisResult<(i64, i64, i64)> {
-        let (state, taken, avail): (i64, i64, i64) = self
-            .take
-            .key(key)
-            .arg(amount)
-            .arg(mode)
-            .invoke_async(conn)
-            .await?;
-        Ok((state, taken, avail))
+        let mut pipe = redis::pipe();
+        pipe.add_command(evalsha(&self.take, &[key]).arg(amount).arg(mode).clone());
+        let (answer,): ((i64, i64, i64),) = query_scripted(redis, &pipe, &self.scripts()).await?;
+        Ok(answer)
     }
 
     /// Returns what `taken` took, to sub-stocks that may still be spent. What a drained

@@ -72,11 +72,14 @@ impl JobLock {
             }
             true
         };
-        let _: i64 = redis::Script::new(RELEASE)
-            .key(&lock)
-            .arg(&owner)
-            .invoke_async(&mut conn)
-            .await?;
+        let release = crate::store::script(RELEASE);
+        let mut pipe = redis::pipe();
+        pipe.add_command(
+            crate::store::evalsha(&release, &[&lock])
+                .arg(&owner)
+                .clone(),
+        );
+        let _: (i64,) = crate::store::query_scripted(&self.redis, &pipe, &[&release]).await?;
         Ok(ran)
     }
 

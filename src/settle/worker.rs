@@ -110,29 +110,38 @@ impl Worker {
                 Err(err) => return Err(err.into()),
             }
         }
-        let start = if self.own_pending.contains(&partition) {
-            "0"
-        } else {
-            ">"
-        };
+        // Entries this consumer read and did not book (a batch failed) come first; once
+        // there are none, new entries.
+        if self.own_pending.contains(&partition) {
+            let ids = self.read_group(&mut conn, &stream, "0", count).await?;
+            if !ids.is_empty() {
+                return Ok(ids);
+            }
+            self.own_pending.remove(&partition);
+        }
+        self.read_group(&mut conn, &stream, ">", count).await
+    }
+
+    async fn read_group(
+        &self,
+        conn: &mut crate::store::RedisConn,
+        stream: &str,
+        start: &str,
+        count: usize,
+    ) -> anyhow::Result<Vec<StreamId>> {
         let options = StreamReadOptions::default()
             .group(SETTLE_GROUP, &self.options.consumer)
             .count(count);
         let reply: redis::RedisResult<StreamReadReply> =
-            conn.xread_options(&[&stream], &[start], &options).await;
-        let reply = match reply {
-            Ok(reply) => reply,
+            conn.xread_options(&[stream], &[start], &options).await;
+        match reply {
+            Ok(reply) => Ok(reply.keys.into_iter().flat_map(|k| k.ids).collect()),
             Err(err) if err.code() == Some("NOGROUP") => {
-                ensure_group(&mut conn, &stream).await?;
-                return Ok(Vec::new());
+                ensure_group(conn, stream).await?;
+                Ok(Vec::new())
             }
-            Err(err) => return Err(err.into()),
-        };
-        let ids: Vec<StreamId> = reply.keys.into_iter().flat_map(|k| k.ids).collect();
-        if start == "0" && ids.is_empty() {
-            self.own_pending.remove(&partition);
+            Err(err) => Err(err.into()),
         }
-        Ok(ids)
     }
 
     /// Reads, books and acknowledges one batch of `partition`.
@@ -198,6 +207,8 @@ impl Worker {
             .tokens
             .mark(&booked.to_mark, &booked.snapshots())
             .await?;
+        // Booked and acknowledged: nothing of this partition waits in our pending list.
+        self.own_pending.remove(&partition);
         Ok(Outcome::Booked {
             entries: entries.len(),
             newly_booked: booked.newly_booked.len(),

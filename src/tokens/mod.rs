@@ -59,8 +59,8 @@ impl Tokens {
         Self {
             redis,
             scripts: Arc::new(Scripts {
-                store: Script::new(include_str!("store.lua")),
-                mark: Script::new(include_str!("mark.lua")),
+                store: crate::store::script(include_str!("store.lua")),
+                mark: crate::store::script(include_str!("mark.lua")),
             }),
         }
     }

@@ -19,6 +19,13 @@ pub fn redis_url() -> String {
     std::env::var("RPW_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
+/// Seed nodes of a Redis Cluster to run against, when the suite runs on one.
+pub fn cluster_urls() -> Option<String> {
+    std::env::var("RPW_TEST_REDIS_CLUSTER_URLS")
+        .ok()
+        .filter(|u| !u.is_empty())
+}
+
 pub fn mysql_base_url() -> String {
     std::env::var("RPW_TEST_MYSQL_URL")
         .unwrap_or_else(|_| "mysql://rpw:rpw@127.0.0.1:3306/rpw".into())
@@ -56,6 +63,8 @@ pub struct Options {
     pub mysql_url: Option<String>,
     /// Another Redis (a test-owned server).
     pub redis_url: Option<String>,
+    /// A Redis Cluster of the test's own (seed node URLs, comma-separated).
+    pub cluster_urls: Option<String>,
     /// Start without applying migrations (for a MySQL that is not there).
     pub skip_migrations: bool,
     /// Run the cron scheduler too.
@@ -104,6 +113,10 @@ pub fn test_settings(
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
+    // The cluster pass of scripts/test.sh runs the suite on a Redis Cluster.
+    if let Some(urls) = cluster_urls() {
+        env.push(("RPW_REDIS__CLUSTER_URLS".into(), urls));
+    }
     env.extend(extra.iter().cloned());
     Settings::load_with(None, env).expect("test settings")
 }
@@ -145,7 +158,15 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         settings.mysql.url = redpacket_wallet::config::Secret::new(url.clone());
     }
     if let Some(url) = &options.redis_url {
+        // A Redis of the test's own (to flush or kill it) is a single node.
+        settings.redis.cluster_urls.clear();
         settings.redis.url = redpacket_wallet::config::Secret::new(url.clone());
+    }
+    if let Some(urls) = &options.cluster_urls {
+        settings.redis.cluster_urls = urls
+            .split(',')
+            .map(|u| redpacket_wallet::config::Secret::new(u.to_string()))
+            .collect();
     }
     let app = App::build(settings, !options.skip_migrations)
         .await
@@ -191,6 +212,7 @@ impl TestApp {
             .extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let mut settings = test_settings(&self.db_name, &self.prefix, &self.keys_dir, &self.env);
         if let Some(url) = &self.redis_url {
+            settings.redis.cluster_urls.clear();
             settings.redis.url = redpacket_wallet::config::Secret::new(url.clone());
         }
         let app = App::build(settings, true).await.expect("app builds again");

@@ -2,6 +2,7 @@
 
 mod helpers;
 
+mod cluster;
 mod foundation;
 mod issuance;
 mod money_safety;

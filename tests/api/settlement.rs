@@ -458,3 +458,25 @@ async fn only_the_payout_callers_may_post_payout_results() {
     assert_eq!(balances(&t).await[&4], 500, "reversed by the payout caller");
     t.stop().await;
 }
+
+/// The sweep books a partition's whole backlog, batch after batch, up to its bound:
+/// a batch booked is not mistaken for the end of the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_books_a_backlog_larger_than_one_batch() {
+    let t = spawn_app().await;
+    t.open_activity("cny2027", 10_000_000, 1_000).await;
+    // 600 awards in partition 0 (user ids divisible by the 4 test partitions): three
+    // batches of settle.batch_size (200).
+    let awards: Vec<_> = (1..=600).map(|i| award(4 * i, 1, 10)).collect();
+    issue_all(&t, awards).await;
+    let booked = redpacket_wallet::settle::settle_all(&t.app.settler, 10)
+        .await
+        .unwrap();
+    assert_eq!(booked, 600);
+    assert_eq!(
+        t.sql_i64("SELECT COUNT(*) FROM ledger_entries WHERE kind = 'award'")
+            .await,
+        600
+    );
+    t.stop().await;
+}
