@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Brings up Redis and MariaDB (scripts/services.sh), then runs every check CI runs:
-# formatting, clippy with warnings as errors, and the whole test suite.
+# formatting, clippy with warnings as errors, the whole test suite (the integration
+# tests twice: on a single Redis node and on a Redis Cluster), and the quick fault run.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -15,5 +16,12 @@ echo "== cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --workspace --all-targets -- "$@"
+# The integration suite again, every test of it, on a local Redis Cluster (3 masters,
+# one replica each). Tests that need a Redis of their own (to flush, kill or restart
+# it) still start a single node for themselves; the failover test brings its own
+# cluster and already ran above.
+echo "== cargo test --test api on a Redis Cluster (scripts/services.sh cluster)"
+cluster_urls="$(scripts/services.sh cluster | sed -n 's/^RPW_REDIS__CLUSTER_URLS=//p')"
+RPW_TEST_REDIS_CLUSTER_URLS="$cluster_urls" cargo test --test api -- --skip cluster:: "$@"
 echo "== scripts/chaos.sh --quick"
 scripts/chaos.sh --quick --json "$ROOT/.data/chaos-quick.json"
