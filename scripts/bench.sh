@@ -3,13 +3,17 @@
 # (worker off, so awards become a backlog), runs the scenarios with rpw-bench, stops what
 # it started and prints a table.
 #
-#   scripts/bench.sh [--quick] [--json FILE] [--plot FILE.png|FILE.svg]
+#   scripts/bench.sh [--quick] [--cluster] [--json FILE] [--plot FILE.png|FILE.svg]
+#
+# --cluster runs it on the local Redis Cluster of `scripts/services.sh cluster`
+# (3 masters, one replica each) instead of the single node.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 BENCH_ARGS=()
 PLOT=""
+CLUSTER=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --quick) BENCH_ARGS+=(--quick); shift ;;
@@ -17,11 +21,26 @@ while [[ $# -gt 0 ]]; do
     --plot) PLOT="$(realpath -m "$2")"; BENCH_ARGS+=(--plot "$PLOT"); shift 2 ;;
     --drain-tps) BENCH_ARGS+=(--drain-tps "$2"); shift 2 ;;
     --keep) BENCH_ARGS+=(--keep); shift ;;
-    *) echo "usage: $0 [--quick] [--json FILE] [--plot FILE] [--drain-tps N] [--keep]" >&2; exit 2 ;;
+    --cluster) CLUSTER=1; shift ;;
+    *) echo "usage: $0 [--quick] [--cluster] [--json FILE] [--plot FILE] [--drain-tps N] [--keep]" >&2; exit 2 ;;
   esac
 done
 
 eval "$(scripts/services.sh start | sed 's/^/export /')"
+REDIS_PORTS=("${RPW_REDIS__URL##*:}")
+if [[ $CLUSTER -eq 1 ]]; then
+  eval "$(scripts/services.sh cluster | sed 's/^/export /')"
+  REDIS_PORTS=()
+  for url in ${RPW_REDIS__CLUSTER_URLS//,/ }; do REDIS_PORTS+=("${url##*:}"); done
+fi
+# Redis command time (µs) and calls summed over the masters, from INFO commandstats.
+redis_usage() {
+  local port
+  for port in "${REDIS_PORTS[@]}"; do
+    redis-cli -p "$port" INFO replication | grep -q '^role:master' || continue
+    redis-cli -p "$port" INFO commandstats
+  done | tr -d '\r' | awk -F'[=,:]' '/^cmdstat_/ {calls += $3; usec += $5} END {printf "%d %d\n", calls, usec}'
+}
 if [[ -n $PLOT && ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]]; then
   echo "[bench] installing fonts-dejavu-core for the plot" >&2
   sudo=""; [[ $(id -u) -ne 0 ]] && sudo="sudo"
@@ -80,5 +99,8 @@ ready() {
 for _ in $(seq 1 100); do ready && break; sleep 0.2; done
 ready || { echo "[bench] the server did not become ready; see $WORK/server.log" >&2; tail -20 "$WORK/server.log" >&2; exit 1; }
 
+read -r CALLS_BEFORE USEC_BEFORE <<<"$(redis_usage)"
 echo "[bench] machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -m); server pid $SERVER_PID" >&2
 "$BENCH" "${BENCH_ARGS[@]}"
+read -r CALLS_AFTER USEC_AFTER <<<"$(redis_usage)"
+echo "[bench] redis (${#REDIS_PORTS[@]} node(s)): $((CALLS_AFTER - CALLS_BEFORE)) commands, $((USEC_AFTER - USEC_BEFORE)) µs of command time over the whole run (INFO commandstats, masters)" >&2

@@ -97,6 +97,38 @@ impl Product {
         Ok(lens.iter().sum())
     }
 
+    /// Commands and command time so far over the Redis masters (`INFO commandstats`;
+    /// on a cluster, every master's).
+    pub async fn redis_usage(&self) -> anyhow::Result<RedisUsage> {
+        let mut conn = self.app.redis.conn();
+        let info: redis::Value = redis::cmd("INFO")
+            .arg("replication")
+            .arg("commandstats")
+            .query_async(&mut conn)
+            .await?;
+        let texts: Vec<String> = match info {
+            redis::Value::Map(nodes) => nodes
+                .into_iter()
+                .filter_map(|(_, v)| redis::from_owned_redis_value::<String>(v).ok())
+                .collect(),
+            other => vec![redis::from_owned_redis_value::<String>(other)?],
+        };
+        let mut usage = RedisUsage::default();
+        for text in texts.iter().filter(|t| t.contains("role:master")) {
+            for line in text.lines().filter(|l| l.starts_with("cmdstat_")) {
+                let field = |name: &str| -> u64 {
+                    line.split([':', ','])
+                        .find_map(|kv| kv.strip_prefix(name))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0)
+                };
+                usage.calls += field("calls=");
+                usage.usec += field("usec=");
+            }
+        }
+        Ok(usage)
+    }
+
     /// A settlement worker on this Redis and MySQL, built but not started, booking at
     /// most `max_tps` tokens a second (0: unbounded).
     pub async fn drain_worker(&self, max_tps: u32) -> anyhow::Result<DrainWorker> {
@@ -175,8 +207,22 @@ impl Product {
         let redis = &self.app.redis;
         let mut conn = redis.conn();
         let pattern = format!("{}*", redis.prefix());
+        if redis.is_cluster() {
+            // KEYS goes to every master; the deletes go per key, split by slot.
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(&pattern)
+                .query_async(&mut conn)
+                .await?;
+            for chunk in keys.chunks(1000) {
+                let mut pipe = redis::pipe();
+                for k in chunk {
+                    pipe.cmd("UNLINK").arg(k);
+                }
+                let _: Vec<redis::Value> = redis.query(&pipe).await?;
+            }
+        }
         let mut cursor: u64 = 0;
-        loop {
+        while !redis.is_cluster() {
             let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
                 .arg(cursor)
                 .arg("MATCH")
@@ -281,4 +327,24 @@ pub struct Reconciliation {
     pub budget_taken_cents: i64,
     /// Budget taken but never issued, over the activity's open generations (not per hour).
     pub leak_cents: i64,
+}
+
+/// Redis commands and command time (µs) summed over the masters.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RedisUsage {
+    pub calls: u64,
+    pub usec: u64,
+}
+
+impl RedisUsage {
+    /// The work since `before`, per one of `awards`.
+    pub fn since(self, before: RedisUsage, awards: u64) -> crate::report::RedisCost {
+        let n = awards.max(1) as f64;
+        crate::report::RedisCost {
+            usec_per_award: crate::report::round2(self.usec.saturating_sub(before.usec) as f64 / n),
+            commands_per_award: crate::report::round2(
+                self.calls.saturating_sub(before.calls) as f64 / n,
+            ),
+        }
+    }
 }

@@ -48,6 +48,15 @@ pub struct RainSingle {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub errors: u64,
+    pub redis: RedisCost,
+}
+
+/// Redis work per accepted award during a scenario, from `INFO commandstats` of the
+/// masters before and after it: command time (µs) and commands.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct RedisCost {
+    pub usec_per_award: f64,
+    pub commands_per_award: f64,
 }
 
 /// `POST /v1/awards:batch`; the latency is per request.
@@ -56,6 +65,7 @@ pub struct RainBatch {
     pub awards_per_s: f64,
     pub p99_ms: f64,
     pub errors: u64,
+    pub redis: RedisCost,
 }
 
 /// `POST /v1/withdrawals` by users holding pending tokens (forced settlement).

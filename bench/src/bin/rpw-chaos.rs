@@ -62,7 +62,15 @@ struct Args {
     redis_port: u16,
     #[arg(long, default_value_t = 3310)]
     mysql_port: u16,
+    /// Run the service on this Redis Cluster (seed node URLs, comma-separated) instead
+    /// of the harness's own Redis. The scenarios that crash or flush the harness's
+    /// Redis (redis-crash, redis-loss) are left out.
+    #[arg(long, env = "RPW_CHAOS_CLUSTER_URLS")]
+    cluster: Option<String>,
 }
+
+/// The scenarios that kill or flush the harness's own single Redis.
+const OWN_REDIS: &[&str] = &["redis-crash", "redis-loss"];
 
 /// One kind of fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -677,7 +685,55 @@ struct Run<'a> {
     dir: PathBuf,
 }
 
+/// The harness's view of the service's Redis: its own node or the cluster.
+#[derive(Clone)]
+enum Conn {
+    Node(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Node(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipe: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Node(c) => c.req_packed_commands(pipe, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipe, offset, count),
+        }
+    }
+    fn get_db(&self) -> i64 {
+        0
+    }
+}
+
 impl Run<'_> {
+    async fn redis_conn(&self) -> anyhow::Result<Conn> {
+        Ok(match &self.args.cluster {
+            Some(urls) => Conn::Cluster(
+                redis::cluster::ClusterClient::new(urls.split(',').collect::<Vec<_>>())?
+                    .get_async_connection()
+                    .await?,
+            ),
+            None => Conn::Node(
+                redis::Client::open(self.servers.redis_url())?
+                    .get_multiplexed_async_connection()
+                    .await?,
+            ),
+        })
+    }
+
     fn instance_env(
         &self,
         db: &str,
@@ -716,6 +772,9 @@ impl Run<'_> {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
+        if let Some(urls) = &self.args.cluster {
+            env.push(("RPW_REDIS__CLUSTER_URLS".into(), urls.clone()));
+        }
         if let Some(port) = port {
             env.push(("RPW_HTTP__ADDR".into(), format!("127.0.0.1:{port}")));
         }
@@ -750,7 +809,7 @@ impl Run<'_> {
         // The harness owns its Redis: each scenario starts from an empty one, under a
         // prefix of its own (an earlier run with the same seed leaves nothing behind).
         let prefix = format!("chaos-{}-{seed}-{:x}", sc.name, rand::random::<u32>());
-        {
+        if self.args.cluster.is_none() {
             let redis = redis::Client::open(self.servers.redis_url())?;
             let mut conn = redis.get_multiplexed_async_connection().await?;
             let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await?;
@@ -1112,8 +1171,7 @@ impl Run<'_> {
             }
         }
         // 2. The backlog drains.
-        let redis = redis::Client::open(self.servers.redis_url())?;
-        let mut conn = redis.get_multiplexed_async_connection().await?;
+        let mut conn = self.redis_conn().await?;
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let mut left = 0i64;
@@ -1473,6 +1531,7 @@ async fn main() -> anyhow::Result<()> {
     let scenarios: Vec<&Scenario> = SCENARIOS
         .iter()
         .filter(|s| args.scenario.as_deref().is_none_or(|n| n == s.name))
+        .filter(|s| args.cluster.is_none() || !OWN_REDIS.contains(&s.name))
         .collect();
     if scenarios.is_empty() {
         bail!(

@@ -15,6 +15,7 @@ use crate::report::{round2, RainBatch};
 use crate::scenarios::award;
 
 pub async fn run(bench: &Arc<Bench>) -> anyhow::Result<RainBatch> {
+    let before = bench.product.redis_usage().await?;
     let b = bench.clone();
     let size = bench.plan.batch_size;
     let load = load::run(
@@ -46,9 +47,11 @@ pub async fn run(bench: &Arc<Bench>) -> anyhow::Result<RainBatch> {
         },
     )
     .await?;
+    let redis = bench.product.redis_usage().await?.since(before, load.ok);
     Ok(RainBatch {
         awards_per_s: round2(load.ok_per_s()),
         p99_ms: round2(load.latencies.ms_at(0.99)),
         errors: load.errors,
+        redis,
     })
 }

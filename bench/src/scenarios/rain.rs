@@ -11,6 +11,7 @@ use crate::report::{round2, RainSingle};
 use crate::scenarios::award;
 
 pub async fn run(bench: &Arc<Bench>) -> anyhow::Result<RainSingle> {
+    let before = bench.product.redis_usage().await?;
     let b = bench.clone();
     let load = load::run(
         bench.plan.concurrency_single,
@@ -27,10 +28,12 @@ pub async fn run(bench: &Arc<Bench>) -> anyhow::Result<RainSingle> {
         },
     )
     .await?;
+    let redis = bench.product.redis_usage().await?.since(before, load.ok);
     Ok(RainSingle {
         awards_per_s: round2(load.ok_per_s()),
         p50_ms: round2(load.latencies.ms_at(0.50)),
         p99_ms: round2(load.latencies.ms_at(0.99)),
         errors: load.errors,
+        redis,
     })
 }
