@@ -103,6 +103,7 @@ impl Product {
         let mut conn = self.app.redis.conn();
         let info: redis::Value = redis::cmd("INFO")
             .arg("replication")
+            .arg("cpu")
             .arg("commandstats")
             .query_async(&mut conn)
             .await?;
@@ -115,6 +116,13 @@ impl Product {
         };
         let mut usage = RedisUsage::default();
         for text in texts.iter().filter(|t| t.contains("role:master")) {
+            for line in text.lines() {
+                if let Some((name, value)) = line.trim().split_once(':') {
+                    if name == "used_cpu_sys" || name == "used_cpu_user" {
+                        usage.cpu_usec += (value.parse::<f64>().unwrap_or(0.0) * 1e6) as u64;
+                    }
+                }
+            }
             for line in text.lines().filter(|l| l.starts_with("cmdstat_")) {
                 let field = |name: &str| -> u64 {
                     line.split([':', ','])
@@ -334,6 +342,8 @@ pub struct Reconciliation {
 pub struct RedisUsage {
     pub calls: u64,
     pub usec: u64,
+    /// The masters' own CPU time (`INFO cpu`: user + system), networking included.
+    pub cpu_usec: u64,
 }
 
 impl RedisUsage {
@@ -344,6 +354,9 @@ impl RedisUsage {
             usec_per_award: crate::report::round2(self.usec.saturating_sub(before.usec) as f64 / n),
             commands_per_award: crate::report::round2(
                 self.calls.saturating_sub(before.calls) as f64 / n,
+            ),
+            cpu_usec_per_award: crate::report::round2(
+                self.cpu_usec.saturating_sub(before.cpu_usec) as f64 / n,
             ),
         }
     }

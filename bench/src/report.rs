@@ -51,12 +51,14 @@ pub struct RainSingle {
     pub redis: RedisCost,
 }
 
-/// Redis work per accepted award during a scenario, from `INFO commandstats` of the
-/// masters before and after it: command time (µs) and commands.
+/// Redis work per accepted award during a scenario, from `INFO commandstats` and
+/// `INFO cpu` of the masters before and after it: command time (µs), commands, and the
+/// masters' CPU time (µs, networking included).
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct RedisCost {
     pub usec_per_award: f64,
     pub commands_per_award: f64,
+    pub cpu_usec_per_award: f64,
 }
 
 /// `POST /v1/awards:batch`; the latency is per request.
@@ -303,6 +305,15 @@ impl Summary {
                 cell(r.p50_ms, 2),
                 cell(r.p99_ms, 2),
                 notes.join(", ")
+            );
+        }
+        for (name, r) in [
+            ("rain_single", self.rain_single.redis),
+            ("rain_batch", self.rain_batch.redis),
+        ] {
+            println!(
+                "redis per award, {name}: {} µs of master CPU, {} µs of command time, {} commands",
+                r.cpu_usec_per_award, r.usec_per_award, r.commands_per_award
             );
         }
         let c = &self.conservation;
