@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 use sqlx::Row;
 
 use super::{Activity, Scene};
-use crate::domain::Cents;
+use crate::domain::{ActivityId, AwardType, Cents, SceneId};
 
 /// One activity with its scenes, as the cache holds it.
 #[derive(Debug, Clone)]
@@ -72,7 +72,7 @@ impl ActivityCache {
                 }
             };
             map.insert(
-                activity.id.clone(),
+                activity.id.to_string(),
                 CachedActivity {
                     activity,
                     scenes: HashMap::new(),
@@ -90,8 +90,8 @@ impl ActivityCache {
                     continue;
                 }
             };
-            if let Some(entry) = map.get_mut(&scene.activity_id) {
-                entry.scenes.insert(scene.id.clone(), scene);
+            if let Some(entry) = map.get_mut(scene.activity_id.as_str()) {
+                entry.scenes.insert(scene.id.to_string(), scene);
             }
         }
         let fresh: HashMap<String, Arc<CachedActivity>> =
@@ -103,13 +103,13 @@ impl ActivityCache {
 
 pub(super) fn activity_from_row(row: &sqlx::mysql::MySqlRow) -> anyhow::Result<Activity> {
     let stage: String = row.try_get("stage")?;
-    let budget: i64 = row.try_get("budget_cents")?;
-    let cap: i64 = row.try_get("max_award_cents")?;
-    for (field, value) in [("budget_cents", budget), ("max_award_cents", cap)] {
-        Cents::positive(value, field).map_err(|e| anyhow::anyhow!("stored {field}: {e}"))?;
-    }
+    let cents = |field: &str| -> anyhow::Result<Cents> {
+        Cents::positive(row.try_get(field)?, field)
+            .map_err(|e| anyhow::anyhow!("stored {field}: {e}"))
+    };
+    let id: String = row.try_get("id")?;
     Ok(Activity {
-        id: row.try_get("id")?,
+        id: ActivityId::parse(&id).map_err(|e| anyhow::anyhow!("stored id: {e}"))?,
         name: row.try_get("name")?,
         stage: stage
             .parse()
@@ -120,17 +120,21 @@ pub(super) fn activity_from_row(row: &sqlx::mysql::MySqlRow) -> anyhow::Result<A
         ends_at: row
             .try_get::<chrono::NaiveDateTime, _>("ends_at")?
             .and_utc(),
-        budget_cents: row.try_get("budget_cents")?,
-        max_award_cents: row.try_get("max_award_cents")?,
+        budget_cents: cents("budget_cents")?,
+        max_award_cents: cents("max_award_cents")?,
     })
 }
 
 pub(super) fn scene_from_row(row: &sqlx::mysql::MySqlRow) -> anyhow::Result<Scene> {
+    let text = |field: &str| -> anyhow::Result<String> { Ok(row.try_get(field)?) };
+    let bad = |field: &'static str| {
+        move |e: crate::domain::Invalid| anyhow::anyhow!("stored {field}: {e}")
+    };
     Ok(Scene {
-        activity_id: row.try_get("activity_id")?,
-        id: row.try_get("id")?,
+        activity_id: ActivityId::parse(&text("activity_id")?).map_err(bad("activity_id"))?,
+        id: SceneId::parse(&text("id")?).map_err(bad("id"))?,
         name: row.try_get("name")?,
-        award_type: row.try_get("award_type")?,
+        award_type: AwardType::parse(&text("award_type")?).map_err(bad("award_type"))?,
         rate_limit_per_s: row
             .try_get::<Option<i32>, _>("rate_limit_per_s")?
             .map(|v| v.max(0) as u32),

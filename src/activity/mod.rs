@@ -21,13 +21,13 @@ pub use cache::{ActivityCache, CachedActivity};
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Activity {
-    pub id: String,
+    pub id: ActivityId,
     pub name: String,
     pub stage: Stage,
     pub starts_at: DateTime<Utc>,
     pub ends_at: DateTime<Utc>,
-    pub budget_cents: i64,
-    pub max_award_cents: i64,
+    pub budget_cents: Cents,
+    pub max_award_cents: Cents,
 }
 
 impl Activity {
@@ -38,10 +38,10 @@ impl Activity {
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Scene {
-    pub activity_id: String,
-    pub id: String,
+    pub activity_id: ActivityId,
+    pub id: SceneId,
     pub name: String,
-    pub award_type: String,
+    pub award_type: AwardType,
     pub rate_limit_per_s: Option<u32>,
     pub admission_fraction: Option<f64>,
 }
@@ -103,14 +103,14 @@ impl Activities {
                 .refill(
                     &self.redis,
                     &self.db,
-                    &a.id,
-                    a.budget_cents,
-                    a.max_award_cents,
+                    a.id.as_str(),
+                    a.budget_cents.get(),
+                    a.max_award_cents.get(),
                 )
                 .await
             {
                 tracing::warn!(
-                    activity = a.id,
+                    activity = %a.id,
                     error = format!("{err:#}"),
                     "budget refill failed; will retry"
                 );
@@ -124,11 +124,11 @@ impl Activities {
         for cached in self.cache.all() {
             if let Err(err) = self
                 .budget
-                .relayout(&self.redis, &self.db, &cached.activity.id)
+                .relayout(&self.redis, &self.db, cached.activity.id.as_str())
                 .await
             {
                 tracing::warn!(
-                    activity = cached.activity.id,
+                    activity = %cached.activity.id,
                     error = format!("{err:#}"),
                     "budget re-layout failed; will use the current layout"
                 );
@@ -146,7 +146,7 @@ impl Activities {
         let activity = parse_new_activity(body)?;
         let inserted = repo::insert_activity(&self.db, &self.budget, &activity).await?;
         if !inserted {
-            let existing = self.load(&activity.id).await?;
+            let existing = self.load(activity.id.as_str()).await?;
             if existing == activity {
                 return Ok(Created::Existing(existing));
             }
@@ -168,9 +168,9 @@ impl Activities {
                 "the budget would exceed the maximum of {MAX_CENTS} cents"
             ))
         };
-        Cents::positive(current.budget_cents, "budget_cents")
-            .ok()
-            .and_then(|b| b.checked_add(delta))
+        current
+            .budget_cents
+            .checked_add(delta)
             .ok_or_else(too_much)?;
         if !repo::add_budget(self.db.main(), id.as_str(), delta).await? {
             return Err(too_much());
@@ -255,13 +255,13 @@ fn parse_new_activity(body: NewActivity) -> Result<Activity> {
     // exactly what a later read gives back.
     let ms = |t: DateTime<Utc>| DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t);
     Ok(Activity {
-        id: id.as_str().to_string(),
+        id,
         name: name.to_string(),
         stage,
         starts_at: ms(body.starts_at),
         ends_at: ms(body.ends_at),
-        budget_cents: budget.get(),
-        max_award_cents: cap.get(),
+        budget_cents: budget,
+        max_award_cents: cap,
     })
 }
 
@@ -323,10 +323,10 @@ fn parse_new_scene(activity_id: &ActivityId, body: NewScene) -> Result<Scene> {
         ));
     }
     Ok(Scene {
-        activity_id: activity_id.as_str().to_string(),
-        id: scene_id.as_str().to_string(),
+        activity_id: activity_id.clone(),
+        id: scene_id,
         name: name.to_string(),
-        award_type: award_type.as_str().to_string(),
+        award_type,
         rate_limit_per_s: body.rate_limit_per_s,
         admission_fraction: body.admission_fraction,
     })

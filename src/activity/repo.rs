@@ -27,19 +27,19 @@ pub async fn insert_activity(db: &Db, budget: &Budget, activity: &Activity) -> R
     let inserted = sqlx::query(
         "INSERT IGNORE INTO activities (id, name, stage, starts_at, ends_at, budget_cents, max_award_cents) VALUES (?, ?, ?, ?, ?, ?, ?)",
     )
-    .bind(&activity.id)
+    .bind(activity.id.as_str())
     .bind(&activity.name)
     .bind(activity.stage.as_str())
     .bind(activity.starts_at.naive_utc())
     .bind(activity.ends_at.naive_utc())
-    .bind(activity.budget_cents)
-    .bind(activity.max_award_cents)
+    .bind(activity.budget_cents.get())
+    .bind(activity.max_award_cents.get())
     .execute(&mut *tx)
     .await?
     .rows_affected()
         == 1;
     if inserted {
-        budget.open_first(&mut tx, &activity.id).await?;
+        budget.open_first(&mut tx, activity.id.as_str()).await?;
     }
     tx.commit().await?;
     Ok(inserted)
@@ -66,10 +66,10 @@ pub async fn insert_scene(pool: &MySqlPool, scene: &Scene) -> Result<bool> {
     let inserted = sqlx::query(
         "INSERT IGNORE INTO scenes (activity_id, id, name, award_type, rate_limit_per_s, admission_fraction) VALUES (?, ?, ?, ?, ?, ?)",
     )
-    .bind(&scene.activity_id)
-    .bind(&scene.id)
+    .bind(scene.activity_id.as_str())
+    .bind(scene.id.as_str())
     .bind(&scene.name)
-    .bind(&scene.award_type)
+    .bind(scene.award_type.as_str())
     .bind(scene.rate_limit_per_s.map(|v| v as i32))
     .bind(scene.admission_fraction)
     .execute(pool)

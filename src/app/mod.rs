@@ -250,7 +250,7 @@ impl App {
             .cache()
             .all()
             .iter()
-            .map(|a| a.activity.id.clone())
+            .map(|a| a.activity.id.to_string())
             .collect()
     }
 }

@@ -83,7 +83,7 @@ pub fn validate(activities: &ActivityCache, req: &AwardRequest, now_ms: i64) -> 
     let scene = cached.scenes.get(scene_id.as_str()).ok_or_else(|| {
         Error::NotFound(format!("no scene `{scene_id}` in activity `{activity_id}`"))
     })?;
-    if scene.award_type != award_type.as_str() {
+    if scene.award_type != award_type {
         return Err(Error::InvalidRequest(format!(
             "scene `{scene_id}` awards `{}`, not `{award_type}`",
             scene.award_type
@@ -107,7 +107,7 @@ pub fn validate(activities: &ActivityCache, req: &AwardRequest, now_ms: i64) -> 
             )));
         }
     }
-    if amount.get() > activity.max_award_cents {
+    if amount > activity.max_award_cents {
         return Err(Error::AmountOverCap(format!(
             "amount_cents {} is above the cap of {}",
             amount.get(),

@@ -216,7 +216,7 @@ impl Reconciler {
             if a.starts_at.timestamp_millis() < end
                 && a.ends_at.timestamp_millis() + 3_600_000 > start
             {
-                reports.push(self.reconcile(&a.id, hour, kind).await?);
+                reports.push(self.reconcile(a.id.as_str(), hour, kind).await?);
             }
         }
         Ok(reports)
@@ -269,22 +269,22 @@ impl Reconciler {
             if a.ends_at > now {
                 continue;
             }
-            let issued = self.tokens.issued_totals(&a.id).await?;
-            let booked = self.ledger.totals(&a.id, None).await?;
+            let issued = self.tokens.issued_totals(a.id.as_str()).await?;
+            let booked = self.ledger.totals(a.id.as_str(), None).await?;
             if issued == booked {
                 let changed = sqlx::query("UPDATE activities SET drained_at = CURRENT_TIMESTAMP(3) WHERE id = ? AND drained_at IS NULL")
-                    .bind(&a.id)
+                    .bind(a.id.as_str())
                     .execute(self.db.main())
                     .await?
                     .rows_affected();
                 if changed > 0 {
                     tracing::info!(
-                        activity = a.id,
+                        activity = %a.id,
                         tokens = booked.count,
                         cents = booked.cents,
                         "activity drained"
                     );
-                    drained.push(a.id.clone());
+                    drained.push(a.id.to_string());
                 }
             }
         }
