@@ -18,6 +18,7 @@
 //! | `P:stats:{activity}` | hash | shared issued counter (`n`, `c`) |
 //! | `P:switches` | hash | degradation switches |
 //! | `P:lock:{job}` | string | cron job lock (owner token, with expiry) |
+//! | `P:rl:{scope}:{second}` | string | a rate limit's fleet-wide count for one second (expires) |
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -217,6 +218,10 @@ impl Redis {
     }
     pub fn switches_key(&self) -> String {
         format!("{}:switches", self.prefix)
+    }
+    /// The fleet's counter of a rate limit for one second.
+    pub fn limit_key(&self, scope: &str, second: i64) -> String {
+        format!("{}:rl:{}:{}", self.prefix, scope, second)
     }
     pub fn lock_key(&self, job: &str) -> String {
         format!("{}:lock:{}", self.prefix, job)

@@ -16,6 +16,7 @@ use crate::activity::{Activities, ActivityCache};
 use crate::budget::{Budget, BudgetSettings};
 use crate::config::Settings;
 use crate::http::auth::AuthKeys;
+use crate::issue::admission::FleetLimits;
 use crate::issue::coalesce::Coalescer;
 use crate::issue::{Admission, Issuer, StatsCounter};
 use crate::keys::{KeyRing, Keys};
@@ -121,7 +122,14 @@ impl App {
             keys: keys.clone(),
             activities: cache.clone(),
             switches: switches.clone(),
-            admission: Admission::new(issue.caller_per_s),
+            admission: Admission::new(
+                FleetLimits {
+                    caller_per_s: issue.caller_per_s,
+                    shared_max_per_s: issue.shared_limit_max_per_s,
+                    instances: issue.fleet_instances,
+                },
+                redis.clone(),
+            ),
             stats: stats.clone(),
         });
         let coalescer = Coalescer::start(

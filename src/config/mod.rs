@@ -115,8 +115,14 @@ pub struct IssueSettings {
     pub exhausted_recheck_ms: u64,
     pub cache_refresh_ms: u64,
     pub stats_flush_ms: u64,
-    /// Awards per second admitted per caller on one instance; 0 means no limit.
+    /// Awards per second admitted per caller, for the whole fleet; 0 means no limit.
     pub caller_per_s: u32,
+    /// Rate limits (per caller, per scene) up to this many per second are counted
+    /// precisely in Redis for the whole fleet; higher ones are split per instance.
+    pub shared_limit_max_per_s: u32,
+    /// How many instances serve awards: a limit split per instance is
+    /// `limit / fleet_instances` on each.
+    pub fleet_instances: u32,
     /// Concurrent single awards are issued together: at most this many per batch...
     pub coalesce_max_batch: usize,
     /// ...and at most this many such batches in flight at once...
@@ -232,6 +238,8 @@ exhausted_recheck_ms = 2000
 cache_refresh_ms = 1000
 stats_flush_ms = 1000
 caller_per_s = 0
+shared_limit_max_per_s = 2000
+fleet_instances = 1
 coalesce_max_batch = 128
 coalesce_in_flight = 4
 coalesce_queue = 4096

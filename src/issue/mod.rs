@@ -36,7 +36,7 @@ use crate::switches::Switches;
 use crate::token::{self, SignedAward};
 use crate::tokens::{Tokens, TRIMMED};
 
-pub use admission::Admission;
+pub use admission::{Admission, SharedLimit};
 pub use stats::StatsCounter;
 pub use validate::{same_award, validate, AwardRequest, ValidAward};
 
@@ -115,7 +115,8 @@ impl Issuer {
         now: i64,
     ) -> Vec<Result<Issued>> {
         let mut results: Vec<Option<Result<Issued>>> = (0..requests.len()).map(|_| None).collect();
-        let mut valid: Vec<(usize, ValidAward)> = Vec::with_capacity(requests.len());
+        let mut checked: Vec<(usize, ValidAward)> = Vec::with_capacity(requests.len());
+        let mut shared: Vec<Vec<SharedLimit>> = Vec::with_capacity(requests.len());
         for (i, req) in requests.iter().enumerate() {
             if self.switches.issue_off() {
                 results[i] = Some(Err(Error::Unavailable("issuing is switched off".into())));
@@ -123,13 +124,40 @@ impl Issuer {
             }
             let admitted = validate(&self.activities, req, now).and_then(|v| {
                 let cached = self.activities.get(&req.activity_id);
-                self.admission
-                    .admit(cached.as_deref(), caller, &req.activity_id, &req.scene_id)?;
-                Ok(v)
+                let limits = self.admission.admit_local(
+                    cached.as_deref(),
+                    caller,
+                    &req.activity_id,
+                    &req.scene_id,
+                )?;
+                Ok((v, limits))
             });
             match admitted {
-                Ok(v) => valid.push((i, v)),
+                Ok((v, limits)) => {
+                    checked.push((i, v));
+                    shared.push(limits);
+                }
                 Err(err) => results[i] = Some(Err(err)),
+            }
+        }
+        // The fleet-wide limits: one Redis round trip for the batch.
+        let mut valid: Vec<(usize, ValidAward)> = Vec::with_capacity(checked.len());
+        match self.admission.admit_shared(&shared).await {
+            Ok(admitted) => {
+                for ((i, v), ok) in checked.into_iter().zip(admitted) {
+                    if ok {
+                        valid.push((i, v));
+                    } else {
+                        results[i] = Some(Err(Error::RateLimited {
+                            retry_after_secs: 1,
+                        }));
+                    }
+                }
+            }
+            Err(err) => {
+                for (i, _) in checked {
+                    results[i] = Some(Err(err.duplicate()));
+                }
             }
         }
         // The same out_trade_no twice in one batch: the first is issued, later ones are

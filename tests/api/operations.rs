@@ -497,3 +497,69 @@ async fn metrics_parse_as_prometheus_text_and_carry_the_series() {
     assert!(!text.contains(CALLER) && !text.contains(ADMIN));
     t.stop().await;
 }
+
+/// A low limit is counted in Redis for the whole fleet: two instances together admit
+/// the limit, not the limit each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_caller_limit_holds_for_the_whole_fleet() {
+    let env = vec![("RPW_ISSUE__CALLER_PER_S".to_string(), "60".to_string())];
+    let t = spawn_app_with(Options {
+        env: env.clone(),
+        ..Default::default()
+    })
+    .await;
+    t.open_activity("cny2027", 10_000_000, 1_000).await;
+    let settings = test_settings(&t.db_name, &t.prefix, &t.keys_dir, &env);
+    let other = redpacket_wallet::app::App::build(settings, false)
+        .await
+        .unwrap();
+    other.activities.refresh().await.unwrap();
+    let batch = |first: i64| -> Vec<redpacket_wallet::issue::AwardRequest> {
+        (first..first + 100)
+            .map(|u| serde_json::from_value(award(u, 1, 1)).unwrap())
+            .collect()
+    };
+    // Both batches inside one second of the fleet's count.
+    let now = chrono::Utc::now().timestamp_millis();
+    tokio::time::sleep(std::time::Duration::from_millis(
+        (1_050 - now % 1_000) as u64,
+    ))
+    .await;
+    let (a, b) = tokio::join!(
+        t.app.issuer.issue("upstream", batch(1)),
+        other.issuer.issue("upstream", batch(1_001)),
+    );
+    let admitted = a.iter().chain(&b).filter(|r| r.is_ok()).count();
+    let limited = a
+        .iter()
+        .chain(&b)
+        .filter(|r| matches!(r, Err(redpacket_wallet::error::Error::RateLimited { .. })))
+        .count();
+    assert_eq!(admitted, 60, "the fleet admits the limit once");
+    assert_eq!(limited, 140);
+    t.stop().await;
+}
+
+/// A high limit is split over the configured instances: each admits its share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_high_caller_limit_is_split_per_instance() {
+    let t = spawn_app_with(Options {
+        env: vec![
+            ("RPW_ISSUE__CALLER_PER_S".into(), "5000".into()),
+            ("RPW_ISSUE__SHARED_LIMIT_MAX_PER_S".into(), "2000".into()),
+            ("RPW_ISSUE__FLEET_INSTANCES".into(), "2".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    t.open_activity("cny2027", 10_000_000, 1_000).await;
+    let requests: Vec<redpacket_wallet::issue::AwardRequest> = (1..=3_000)
+        .map(|u| serde_json::from_value(award(u, 1, 1)).unwrap())
+        .collect();
+    let results = t.app.issuer.issue("upstream", requests).await;
+    let admitted = results.iter().filter(|r| r.is_ok()).count();
+    // This instance's share is 2,500 a second; the bucket refills a little while the
+    // batch is checked, never by hundreds.
+    assert!((2_500..2_600).contains(&admitted), "admitted {admitted}");
+    t.stop().await;
+}
