@@ -168,6 +168,9 @@ impl From<crate::ledger::LedgerError> for Error {
             LedgerError::Sql(e) => e.into(),
             LedgerError::Redis(e) => e.into(),
             LedgerError::Overflow(what) => Error::internal(what),
+            LedgerError::Moved(bucket) => Error::Unavailable(format!(
+                "this user's ledger is moving between database shards (bucket {bucket}); retry in a moment"
+            )),
         }
     }
 }

@@ -92,6 +92,16 @@ enum Command {
         #[arg(long)]
         activity: String,
     },
+    /// Moves a bucket of users (user_id mod 1024) to another MySQL shard: its booking
+    /// and withdrawals pause for the move, its rows are copied and verified, the shard
+    /// map switches, the old rows go. Run it again to resume a move that was cut short.
+    Reshard {
+        #[arg(long)]
+        bucket: u16,
+        /// The shard index (0: mysql.url, 1..: mysql.shard_urls in order).
+        #[arg(long)]
+        to: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -248,6 +258,14 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .context("releasing in-doubt budget")?;
             println!("{}", serde_json::to_string_pretty(&release)?);
+        }
+        Command::Reshard { bucket, to } => {
+            let db = Db::connect_lazy(&settings.mysql)?;
+            db.load_map().await.context("the shard map")?;
+            let moved = redpacket_wallet::ops::reshard::reshard(&db, bucket, to)
+                .await
+                .with_context(|| format!("moving bucket {bucket} to shard {to}"))?;
+            println!("{}", serde_json::to_string_pretty(&moved)?);
         }
         Command::Budget { activity } => {
             let app: Arc<App> = App::build(settings, false).await?;

@@ -66,6 +66,19 @@ impl App {
         if migrate {
             db.migrate().await?;
         }
+        // With more than one shard the map must be known before any user is routed;
+        // with one, every bucket is on it anyway and the map is checked when MySQL
+        // answers. A map that disagrees with the configured shards refuses start-up.
+        match db.load_map().await {
+            Ok(()) => {}
+            Err(err) if db.shards().len() > 1 || err.downcast_ref::<sqlx::Error>().is_none() => {
+                return Err(err.context("the shard map"))
+            }
+            Err(err) => tracing::warn!(
+                error = format!("{err:#}"),
+                "shard map not loaded at start (one shard: every user is on it)"
+            ),
+        }
         let ring = match load_shared_keys(&db, &settings).await {
             Ok(ring) => ring,
             Err(err) => {

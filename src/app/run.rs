@@ -43,6 +43,16 @@ impl App {
                         if let Err(err) = app.switches.refresh(&app.redis).await {
                             tracing::warn!(error = %err, "switch refresh failed; keeping the last state");
                         }
+                        let map = if !app.db.map_loaded() {
+                            app.db.load_map().await
+                        } else if app.db.shards().len() > 1 {
+                            app.db.refresh_map().await
+                        } else {
+                            Ok(())
+                        };
+                        if let Err(err) = map {
+                            tracing::warn!(error = format!("{err:#}"), "shard map refresh failed; keeping the last map");
+                        }
                     }
                     _ = keys_tick.tick(), if reload_keys => {
                         if let Err(err) = app.refresh_keys().await {

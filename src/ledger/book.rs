@@ -42,7 +42,7 @@ impl Ledger {
         if users.is_empty() {
             return Ok(Booked::default());
         }
-        let mut accounts = Self::lock_accounts(tx, &users).await?;
+        let mut accounts = self.lock_accounts(tx, &users).await?;
 
         // After the locks: every earlier booker of these users has committed.
         let pending = self.tokens.pending_of_users(&users).await?;

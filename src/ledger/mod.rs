@@ -25,7 +25,7 @@ use std::sync::Arc;
 use sqlx::{MySql, QueryBuilder, Row, Transaction};
 
 use crate::domain::{Cents, UserId};
-use crate::store::Db;
+use crate::store::{bucket_of, Db};
 use crate::tokens::{AwardEntry, Snapshot, Tokens};
 
 pub use crate::tokens::Totals;
@@ -89,6 +89,10 @@ pub enum LedgerError {
     Redis(#[from] redis::RedisError),
     #[error("{0}")]
     Overflow(&'static str),
+    /// The shard does not own the user's bucket (being moved, or moved away and this
+    /// instance's map is stale; the map has been read again).
+    #[error("bucket {0} is not on this shard (moving, or moved)")]
+    Moved(u16),
 }
 
 impl LedgerError {
@@ -103,7 +107,7 @@ impl LedgerError {
         match self {
             LedgerError::Sql(err) => is_data_error(err),
             LedgerError::Overflow(_) => true,
-            LedgerError::Redis(_) => false,
+            LedgerError::Redis(_) | LedgerError::Moved(_) => false,
         }
     }
 }
@@ -152,15 +156,59 @@ impl Ledger {
         &self.db
     }
 
-    /// Creates (if needed) and locks the account rows of `users`, in user id order.
-    pub async fn lock_accounts(
+    /// Checks, under a shared lock held to the end of `tx`, that this shard owns the
+    /// buckets of `users`: a move of one of them waits for this transaction, and starts
+    /// after it; a bucket not owned here is refused (and the map read again).
+    pub async fn own_buckets(
+        &self,
         tx: &mut Transaction<'_, MySql>,
         users: &[UserId],
-    ) -> Result<BTreeMap<UserId, Account>, sqlx::Error> {
+    ) -> Result<(), LedgerError> {
+        let mut buckets: Vec<u16> = users.iter().map(|u| bucket_of(*u)).collect();
+        buckets.sort_unstable();
+        buckets.dedup();
+        if buckets.is_empty() {
+            return Ok(());
+        }
+        let mut q = QueryBuilder::<MySql>::new(
+            "SELECT bucket FROM bucket_owner WHERE owned = 1 AND bucket IN (",
+        );
+        let mut list = q.separated(", ");
+        for b in &buckets {
+            list.push_bind(*b);
+        }
+        q.push(") LOCK IN SHARE MODE");
+        let owned: Vec<u16> = q
+            .build()
+            .fetch_all(&mut **tx)
+            .await?
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()?;
+        if let Some(missing) = buckets.iter().find(|b| !owned.contains(b)) {
+            if let Err(err) = self.db.refresh_map().await {
+                tracing::warn!(
+                    error = format!("{err:#}"),
+                    "reading the shard map again failed"
+                );
+            }
+            return Err(LedgerError::Moved(*missing));
+        }
+        Ok(())
+    }
+
+    /// Creates (if needed) and locks the account rows of `users`, in user id order,
+    /// after checking this shard owns their buckets ([`Ledger::own_buckets`]).
+    pub async fn lock_accounts(
+        &self,
+        tx: &mut Transaction<'_, MySql>,
+        users: &[UserId],
+    ) -> Result<BTreeMap<UserId, Account>, LedgerError> {
         let mut accounts = BTreeMap::new();
         if users.is_empty() {
             return Ok(accounts);
         }
+        self.own_buckets(tx, users).await?;
         // ON DUPLICATE KEY UPDATE takes an exclusive lock on an existing row, where INSERT
         // IGNORE would take a shared one that the FOR UPDATE below must then upgrade: two
         // bookers of one user holding shared locks would deadlock on that upgrade.

@@ -6,8 +6,9 @@ use std::collections::{BTreeMap, HashSet};
 
 use sqlx::{MySql, QueryBuilder, Row};
 
-use super::{text, text_opt, Ledger};
+use super::{text, text_opt, Ledger, LedgerError};
 use crate::domain::UserId;
+use crate::store::bucket_of;
 use crate::tokens::Totals;
 
 /// A user's account as the view reads it, with which of the asked out_trade_nos the
@@ -39,9 +40,23 @@ impl Ledger {
         &self,
         user: UserId,
         candidates: &[&str],
-    ) -> Result<AccountRow, sqlx::Error> {
+    ) -> Result<AccountRow, LedgerError> {
+        match self.account_once(user, candidates).await {
+            // The map was stale or the bucket is moving: read it again, try once more.
+            Err(LedgerError::Moved(_)) => self.account_once(user, candidates).await,
+            other => other,
+        }
+    }
+
+    async fn account_once(
+        &self,
+        user: UserId,
+        candidates: &[&str],
+    ) -> Result<AccountRow, LedgerError> {
+        // One statement, so one consistent read, that also says whether this shard
+        // owns the user's bucket (a shard that moved it away may have deleted its rows).
         let mut q = QueryBuilder::<MySql>::new(
-            "SELECT balance_cents, total_income_cents, withdrawn_cents, ",
+            "SELECT a.balance_cents, a.total_income_cents, a.withdrawn_cents, ",
         );
         if candidates.is_empty() {
             q.push("NULL");
@@ -55,15 +70,21 @@ impl Ledger {
             }
             q.push("))");
         }
-        q.push(" FROM accounts WHERE user_id = ")
+        q.push(", (SELECT owned FROM bucket_owner WHERE bucket = ")
+            .push_bind(bucket_of(user))
+            .push(") FROM (SELECT 1) AS one LEFT JOIN accounts a ON a.user_id = ")
             .push_bind(user.get());
-        let Some(row) = q.build().fetch_optional(self.db.for_user(user)).await? else {
-            return Ok(AccountRow::default());
-        };
+        let row = q.build().fetch_one(self.db.for_user(user)).await?;
+        // Owned, or paused for a move (its rows are all still here).
+        if !matches!(row.try_get::<Option<i8>, _>(4)?, Some(1 | 2)) {
+            let _ = self.db.refresh_map().await;
+            return Err(LedgerError::Moved(bucket_of(user)));
+        }
+        // No account row means nothing of this user is booked yet.
         let mut account = AccountRow {
-            balance_cents: row.try_get(0)?,
-            total_income_cents: row.try_get(1)?,
-            withdrawn_cents: row.try_get(2)?,
+            balance_cents: row.try_get::<Option<i64>, _>(0)?.unwrap_or(0),
+            total_income_cents: row.try_get::<Option<i64>, _>(1)?.unwrap_or(0),
+            withdrawn_cents: row.try_get::<Option<i64>, _>(2)?.unwrap_or(0),
             booked: HashSet::new(),
         };
         if let Some(list) = text_opt(&row, 3)? {
@@ -79,7 +100,30 @@ impl Ledger {
         user: UserId,
         limit: u32,
         cursor: Option<&(i64, String)>,
-    ) -> Result<Vec<FlowRow>, sqlx::Error> {
+    ) -> Result<Vec<FlowRow>, LedgerError> {
+        match self.flows_once(user, limit, cursor).await {
+            Err(LedgerError::Moved(_)) => self.flows_once(user, limit, cursor).await,
+            other => other,
+        }
+    }
+
+    async fn flows_once(
+        &self,
+        user: UserId,
+        limit: u32,
+        cursor: Option<&(i64, String)>,
+    ) -> Result<Vec<FlowRow>, LedgerError> {
+        // One snapshot for the ownership check and the rows.
+        let mut tx = self.db.for_user(user).begin().await?;
+        let owned: Option<i8> =
+            sqlx::query_scalar("SELECT owned FROM bucket_owner WHERE bucket = ?")
+                .bind(bucket_of(user))
+                .fetch_optional(&mut *tx)
+                .await?;
+        if !matches!(owned, Some(1 | 2)) {
+            let _ = self.db.refresh_map().await;
+            return Err(LedgerError::Moved(bucket_of(user)));
+        }
         let mut q = QueryBuilder::<MySql>::new(
             "SELECT out_trade_no, kind, amount_cents, activity_id, scene_id, at_ms FROM ledger_entries WHERE user_id = ",
         );
@@ -95,8 +139,10 @@ impl Ledger {
         }
         q.push(" ORDER BY at_ms DESC, out_trade_no DESC LIMIT ")
             .push_bind(i64::from(limit));
-        let rows = q.build().fetch_all(self.db.for_user(user)).await?;
-        rows.iter()
+        let rows = q.build().fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        let flows = rows
+            .iter()
             .map(|row| {
                 Ok(FlowRow {
                     out_trade_no: text(row, 0)?,
@@ -107,7 +153,8 @@ impl Ledger {
                     at_ms: row.try_get(5)?,
                 })
             })
-            .collect()
+            .collect::<Result<_, sqlx::Error>>()?;
+        Ok(flows)
     }
 
     /// Which of `user`'s `out_trade_nos` the ledger holds.

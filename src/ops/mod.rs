@@ -2,3 +2,4 @@
 
 pub mod cron;
 pub mod reconcile;
+pub mod reshard;

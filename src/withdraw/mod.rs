@@ -120,7 +120,9 @@ impl Withdrawals {
         let booked = self.ledger.book_in_tx(&mut tx, &[], Some(user)).await?;
         let mut account = match booked.accounts.iter().find(|a| a.user == user) {
             Some(account) => *account,
-            None => Ledger::lock_accounts(&mut tx, &[user])
+            None => self
+                .ledger
+                .lock_accounts(&mut tx, &[user])
                 .await?
                 .remove(&user)
                 .ok_or(sqlx::Error::RowNotFound)?,
@@ -184,6 +186,10 @@ impl Withdrawals {
         let current = repo::lock_by_id(&mut *tx, id)
             .await?
             .ok_or_else(|| Error::NotFound(format!("no withdrawal `{id}`")))?;
+        let owner = UserId::parse(current.user_id)?;
+        // The withdrawal row moves with its user's bucket: no verdict lands on a shard
+        // that is handing the bucket over.
+        self.ledger.own_buckets(&mut tx, &[owner]).await?;
         if current.status == verdict {
             tx.rollback().await?;
             return Ok(current);
@@ -200,7 +206,7 @@ impl Withdrawals {
         if verdict == WithdrawalStatus::Failed {
             let user = UserId::parse(current.user_id)?;
             let amount = Cents::positive(current.amount_cents, "amount_cents")?;
-            let mut accounts = Ledger::lock_accounts(&mut tx, &[user]).await?;
+            let mut accounts = self.ledger.lock_accounts(&mut tx, &[user]).await?;
             // The snapshot written after the commit includes every token booked so far;
             // those still pending in Redis are marked with it (see `ledger`), so the
             // Redis-only view never counts one twice.

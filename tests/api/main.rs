@@ -7,5 +7,6 @@ mod foundation;
 mod issuance;
 mod money_safety;
 mod operations;
+mod reshard;
 mod settlement;
 mod wallet;

@@ -1,0 +1,331 @@
+//! Moving a bucket of users between MySQL shards, safely:
+//!
+//! 1. **Pause.** The map marks the bucket moving, and the source shard pauses it
+//!    (`bucket_owner.owned = 2`: readable, not writable). That update waits for every transaction holding the
+//!    bucket's shared lock (every ledger transaction takes one, see
+//!    `Ledger::own_buckets`) and keeps new ones out: bookings and withdrawals of the
+//!    bucket's users are answered "moving, retry" until the move ends.
+//! 2. **Copy** the bucket's accounts, ledger rows and withdrawals to the target, in one
+//!    transaction (rows a crashed earlier attempt left there are replaced).
+//! 3. **Verify** counts, sums and a checksum of every row on both sides; a mismatch
+//!    gives the bucket back to the source and stops.
+//! 4. **Switch**: the target owns the bucket, then the map sends it there.
+//! 5. **Remove**: the source gives the bucket up (`owned = 0`: views there now refuse
+//!    it and read the map again), then deletes the old rows.
+//!
+//! A crash anywhere leaves the bucket paused, never in two places: running the same
+//! command again resumes the move. One mover per bucket (a named MySQL lock).
+
+use serde::Serialize;
+use sqlx::{MySql, MySqlPool, QueryBuilder};
+
+use crate::store::{Db, BUCKETS};
+
+/// `bucket_owner.owned`: the shard holds the bucket and takes its transactions...
+pub const OWNED: i8 = 1;
+/// ...holds it while it is copied away: views read it, nothing writes it...
+pub const PAUSED: i8 = 2;
+/// ...or does not hold it (any more, or yet).
+pub const GONE: i8 = 0;
+
+/// What a move did.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Moved {
+    pub bucket: u16,
+    pub from: u16,
+    pub to: u16,
+    pub accounts: i64,
+    pub ledger_rows: i64,
+    pub withdrawals: i64,
+    pub balance_cents: i64,
+}
+
+/// A bucket's rows on one shard, summed and checksummed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Figures {
+    accounts: i64,
+    balance: i64,
+    income: i64,
+    withdrawn: i64,
+    ledger: i64,
+    ledger_cents: i64,
+    ledger_sum: i64,
+    withdrawals: i64,
+    withdrawal_cents: i64,
+    withdrawal_sum: i64,
+}
+
+/// Moves `bucket` to shard `to` (see the module comment).
+pub async fn reshard(db: &Db, bucket: u16, to: usize) -> anyhow::Result<Moved> {
+    anyhow::ensure!(bucket < BUCKETS, "bucket must be 0..{BUCKETS}");
+    anyhow::ensure!(
+        to < db.shards().len(),
+        "shard {to} is not configured ({} shard(s): mysql.url and mysql.shard_urls)",
+        db.shards().len()
+    );
+    let mut lock = db.main().acquire().await?;
+    let name = format!("rpw-reshard-{bucket}");
+    let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, 30)")
+        .bind(&name)
+        .fetch_one(&mut *lock)
+        .await?;
+    anyhow::ensure!(got == Some(1), "another move of bucket {bucket} is running");
+    let result = move_locked(db, bucket, to as u16).await;
+    let _ = sqlx::query("SELECT RELEASE_LOCK(?)")
+        .bind(&name)
+        .execute(&mut *lock)
+        .await;
+    db.refresh_map().await?;
+    result
+}
+
+async fn move_locked(db: &Db, bucket: u16, to: u16) -> anyhow::Result<Moved> {
+    let main = db.main();
+    let (from, moving): (u16, i8) =
+        sqlx::query_as("SELECT shard, moving FROM shard_map WHERE bucket = ?")
+            .bind(bucket)
+            .fetch_one(main)
+            .await?;
+    let source = db.shard(usize::from(from));
+    let target = db.shard(usize::from(to));
+    if from == to {
+        if moving != 0 {
+            // A move back to where it was: give the bucket back and end the pause.
+            set_owned(source, bucket, OWNED).await?;
+            set_moving(main, bucket, false).await?;
+        }
+        return Ok(Moved {
+            bucket,
+            from,
+            to,
+            accounts: 0,
+            ledger_rows: 0,
+            withdrawals: 0,
+            balance_cents: 0,
+        });
+    }
+    // 1. Pause.
+    set_moving(main, bucket, true).await?;
+    set_owned(source, bucket, PAUSED).await?;
+    // 2. Copy.
+    copy(source, target, bucket).await?;
+    // 3. Verify.
+    let (before, after) = (
+        figures(source, bucket).await?,
+        figures(target, bucket).await?,
+    );
+    if before != after {
+        clear(target, bucket).await?;
+        set_owned(source, bucket, OWNED).await?;
+        set_moving(main, bucket, false).await?;
+        anyhow::bail!(
+            "bucket {bucket}: the copy on shard {to} does not match shard {from} ({after:?} against {before:?}); nothing moved"
+        );
+    }
+    // 4. Switch.
+    set_owned(target, bucket, OWNED).await?;
+    sqlx::query(
+        "UPDATE shard_map SET shard = ?, moving = 0, moved_at = CURRENT_TIMESTAMP(3) WHERE bucket = ?",
+    )
+    .bind(to)
+    .bind(bucket)
+    .execute(main)
+    .await?;
+    // 5. Remove.
+    set_owned(source, bucket, GONE).await?;
+    clear(source, bucket).await?;
+    tracing::info!(
+        bucket,
+        from,
+        to,
+        accounts = before.accounts,
+        ledger_rows = before.ledger,
+        "bucket moved"
+    );
+    Ok(Moved {
+        bucket,
+        from,
+        to,
+        accounts: before.accounts,
+        ledger_rows: before.ledger,
+        withdrawals: before.withdrawals,
+        balance_cents: before.balance,
+    })
+}
+
+async fn set_moving(main: &MySqlPool, bucket: u16, moving: bool) -> sqlx::Result<()> {
+    sqlx::query("UPDATE shard_map SET moving = ? WHERE bucket = ?")
+        .bind(moving)
+        .bind(bucket)
+        .execute(main)
+        .await?;
+    Ok(())
+}
+
+/// Waits (as an exclusive lock) for the bucket's running transactions on that shard.
+async fn set_owned(pool: &MySqlPool, bucket: u16, owned: i8) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO bucket_owner (bucket, owned) VALUES (?, ?) ON DUPLICATE KEY UPDATE owned = VALUES(owned)",
+    )
+    .bind(bucket)
+    .bind(owned)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+type AccountRow = (i64, i64, i64, i64, i64, chrono::NaiveDateTime);
+type LedgerRow = (
+    i64,
+    Vec<u8>,
+    String,
+    i64,
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
+    i64,
+    chrono::NaiveDateTime,
+    i64,
+    Option<Vec<u8>>,
+);
+type WithdrawalRow = (
+    String,
+    i64,
+    Vec<u8>,
+    i64,
+    String,
+    i32,
+    i64,
+    chrono::NaiveDateTime,
+);
+
+/// Rows per insert statement.
+const CHUNK: usize = 500;
+
+async fn copy(source: &MySqlPool, target: &MySqlPool, bucket: u16) -> anyhow::Result<()> {
+    let accounts: Vec<AccountRow> = sqlx::query_as(
+        "SELECT user_id, balance_cents, total_income_cents, withdrawn_cents, version, created_at FROM accounts WHERE user_id % 1024 = ?",
+    )
+    .bind(bucket)
+    .fetch_all(source)
+    .await?;
+    let ledger: Vec<LedgerRow> = sqlx::query_as(
+        "SELECT user_id, out_trade_no, kind, amount_cents, activity_id, scene_id, at_ms, booked_at, budget_gen, token FROM ledger_entries WHERE user_id % 1024 = ?",
+    )
+    .bind(bucket)
+    .fetch_all(source)
+    .await?;
+    let withdrawals: Vec<WithdrawalRow> = sqlx::query_as(
+        "SELECT id, user_id, request_id, amount_cents, status, forced_settled_count, balance_after_cents, created_at FROM withdrawals WHERE user_id % 1024 = ?",
+    )
+    .bind(bucket)
+    .fetch_all(source)
+    .await?;
+    let mut tx = target.begin().await?;
+    sqlx::query(
+        "INSERT INTO bucket_owner (bucket, owned) VALUES (?, 0) ON DUPLICATE KEY UPDATE owned = 0",
+    )
+    .bind(bucket)
+    .execute(&mut *tx)
+    .await?;
+    for table in ["ledger_entries", "withdrawals", "accounts"] {
+        sqlx::query(&format!("DELETE FROM {table} WHERE user_id % 1024 = ?"))
+            .bind(bucket)
+            .execute(&mut *tx)
+            .await?;
+    }
+    for chunk in accounts.chunks(CHUNK) {
+        let mut q = QueryBuilder::<MySql>::new(
+            "INSERT INTO accounts (user_id, balance_cents, total_income_cents, withdrawn_cents, version, created_at) ",
+        );
+        q.push_values(chunk, |mut b, r| {
+            b.push_bind(r.0)
+                .push_bind(r.1)
+                .push_bind(r.2)
+                .push_bind(r.3)
+                .push_bind(r.4)
+                .push_bind(r.5);
+        });
+        q.build().execute(&mut *tx).await?;
+    }
+    for chunk in ledger.chunks(CHUNK) {
+        let mut q = QueryBuilder::<MySql>::new(
+            "INSERT INTO ledger_entries (user_id, out_trade_no, kind, amount_cents, activity_id, scene_id, at_ms, booked_at, budget_gen, token) ",
+        );
+        q.push_values(chunk, |mut b, r| {
+            b.push_bind(r.0)
+                .push_bind(&r.1)
+                .push_bind(&r.2)
+                .push_bind(r.3)
+                .push_bind(&r.4)
+                .push_bind(&r.5)
+                .push_bind(r.6)
+                .push_bind(r.7)
+                .push_bind(r.8)
+                .push_bind(&r.9);
+        });
+        q.build().execute(&mut *tx).await?;
+    }
+    for chunk in withdrawals.chunks(CHUNK) {
+        let mut q = QueryBuilder::<MySql>::new(
+            "INSERT INTO withdrawals (id, user_id, request_id, amount_cents, status, forced_settled_count, balance_after_cents, created_at) ",
+        );
+        q.push_values(chunk, |mut b, r| {
+            b.push_bind(&r.0)
+                .push_bind(r.1)
+                .push_bind(&r.2)
+                .push_bind(r.3)
+                .push_bind(&r.4)
+                .push_bind(r.5)
+                .push_bind(r.6)
+                .push_bind(r.7);
+        });
+        q.build().execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Deletes the bucket's rows from one shard, in one transaction.
+async fn clear(pool: &MySqlPool, bucket: u16) -> sqlx::Result<()> {
+    let mut tx = pool.begin().await?;
+    for table in ["ledger_entries", "withdrawals", "accounts"] {
+        sqlx::query(&format!("DELETE FROM {table} WHERE user_id % 1024 = ?"))
+            .bind(bucket)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await
+}
+
+async fn figures(pool: &MySqlPool, bucket: u16) -> sqlx::Result<Figures> {
+    let (accounts, balance, income, withdrawn): (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT COUNT(*), CAST(COALESCE(SUM(balance_cents), 0) AS SIGNED), CAST(COALESCE(SUM(total_income_cents), 0) AS SIGNED), CAST(COALESCE(SUM(withdrawn_cents), 0) AS SIGNED) FROM accounts WHERE user_id % 1024 = ?",
+    )
+    .bind(bucket)
+    .fetch_one(pool)
+    .await?;
+    let (ledger, ledger_cents, ledger_sum): (i64, i64, i64) = sqlx::query_as(
+        "SELECT COUNT(*), CAST(COALESCE(SUM(amount_cents), 0) AS SIGNED), CAST(COALESCE(BIT_XOR(CRC32(CONCAT_WS('|', user_id, out_trade_no, kind, amount_cents, at_ms, budget_gen, COALESCE(activity_id, ''), COALESCE(scene_id, ''), COALESCE(HEX(token), '')))), 0) AS SIGNED) FROM ledger_entries WHERE user_id % 1024 = ?",
+    )
+    .bind(bucket)
+    .fetch_one(pool)
+    .await?;
+    let (withdrawals, withdrawal_cents, withdrawal_sum): (i64, i64, i64) = sqlx::query_as(
+        "SELECT COUNT(*), CAST(COALESCE(SUM(amount_cents), 0) AS SIGNED), CAST(COALESCE(BIT_XOR(CRC32(CONCAT_WS('|', id, user_id, HEX(request_id), amount_cents, status, balance_after_cents))), 0) AS SIGNED) FROM withdrawals WHERE user_id % 1024 = ?",
+    )
+    .bind(bucket)
+    .fetch_one(pool)
+    .await?;
+    Ok(Figures {
+        accounts,
+        balance,
+        income,
+        withdrawn,
+        ledger,
+        ledger_cents,
+        ledger_sum,
+        withdrawals,
+        withdrawal_cents,
+        withdrawal_sum,
+    })
+}

@@ -1,0 +1,233 @@
+//! The MySQL databases and the stable shard map of users' ledgers.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
+use sqlx::MySqlPool;
+
+use crate::config::MysqlSettings;
+use crate::domain::UserId;
+
+/// Users are spread over this many buckets; buckets, not users, move between shards.
+pub const BUCKETS: u16 = 1024;
+
+/// The bucket of a user.
+pub fn bucket_of(user: UserId) -> u16 {
+    (user.get() % i64::from(BUCKETS)) as u16
+}
+
+/// The map a deployment starts with: bucket `b` on shard `b mod n`.
+fn default_map(n: usize) -> Vec<u16> {
+    (0..BUCKETS)
+        .map(|b| (usize::from(b) % n.max(1)) as u16)
+        .collect()
+}
+
+/// The MySQL databases: shard 0 (`mysql.url`) holds activities, scenes, reports, keys
+/// and the shard map, and the ledger of the users it owns; further shards
+/// (`mysql.shard_urls`) hold only ledger, accounts and withdrawals.
+///
+/// A user belongs to one of [`BUCKETS`] buckets (`user_id mod 1024`); the shard map in
+/// the main database sends each bucket to a shard. Every shard records which shard it
+/// is (`shard_identity`) and which buckets it owns (`bucket_owner`): a transaction on a
+/// user's ledger takes a shared lock on the user's bucket row and refuses a bucket the
+/// shard does not own, so a bucket being moved (`ops::reshard`) is paused there, and an
+/// instance with a stale map is told so instead of writing to the wrong shard.
+pub struct Db {
+    shards: Vec<MySqlPool>,
+    /// Bucket → shard, as last read from the main database.
+    map: RwLock<Arc<Vec<u16>>>,
+    /// Whether [`Db::load_map`] has run (it also gives each shard its buckets).
+    loaded: AtomicBool,
+}
+
+impl Db {
+    pub fn connect_lazy(settings: &MysqlSettings) -> anyhow::Result<Self> {
+        let mut shards = Vec::with_capacity(1 + settings.shard_urls.len());
+        for (i, url) in std::iter::once(&settings.url)
+            .chain(settings.shard_urls.iter())
+            .enumerate()
+        {
+            let options: MySqlConnectOptions = url
+                .expose()
+                .parse()
+                .with_context(|| format!("mysql shard {i}: bad URL"))?;
+            let options = options
+                .charset("utf8mb4")
+                .timezone(Some(String::from("+00:00")))
+                .statement_cache_capacity(512);
+            let pool = MySqlPoolOptions::new()
+                .after_connect(|conn, _meta| {
+                    Box::pin(async move {
+                        // The wallet view lists booked tokens with GROUP_CONCAT; MySQL 8's
+                        // default limit (1 KiB) would cut a long list short.
+                        sqlx::query("SET SESSION group_concat_max_len = 1048576")
+                            .execute(conn)
+                            .await?;
+                        Ok(())
+                    })
+                })
+                .max_connections(settings.max_connections)
+                .min_connections(settings.min_connections)
+                .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
+                .test_before_acquire(false)
+                .connect_lazy_with(options);
+            shards.push(pool);
+        }
+        let n = shards.len();
+        Ok(Self {
+            shards,
+            map: RwLock::new(Arc::new(default_map(n))),
+            loaded: AtomicBool::new(false),
+        })
+    }
+
+    pub fn main(&self) -> &MySqlPool {
+        &self.shards[0]
+    }
+
+    pub fn for_user(&self, user: UserId) -> &MySqlPool {
+        &self.shards[self.shard_index(user)]
+    }
+
+    /// The shard of `user`'s bucket, by the map as last read.
+    pub fn shard_index(&self, user: UserId) -> usize {
+        let map = self.map.read().expect("shard map lock poisoned");
+        usize::from(map[usize::from(bucket_of(user))]).min(self.shards.len() - 1)
+    }
+
+    pub fn shard(&self, index: usize) -> &MySqlPool {
+        &self.shards[index]
+    }
+
+    pub fn shards(&self) -> &[MySqlPool] {
+        &self.shards
+    }
+
+    /// Loads the shard map from the main database, creating it the first time (bucket
+    /// `b` on shard `b mod n`), and checks it against the configured shards: a map that
+    /// sends a bucket to a shard not configured, or a shard list in another order than
+    /// the one the shards were created in, refuses start-up with the reason.
+    pub async fn load_map(&self) -> anyhow::Result<()> {
+        let n = self.shards.len();
+        let main = self.main();
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM shard_map")
+            .fetch_one(main)
+            .await?;
+        if count == 0 {
+            if BUCKETS as usize % n != 0 && n > 1 {
+                // Before the map, users were on shard `user_id mod n`; a map of
+                // `bucket mod n` agrees with that only when n divides the bucket count.
+                for (i, pool) in self.shards.iter().enumerate() {
+                    let used: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM accounts")
+                        .fetch_one(pool)
+                        .await?;
+                    anyhow::ensure!(
+                        used == 0,
+                        "mysql shard {i} holds accounts placed by user_id mod {n}; a shard map for {n} shards (not a divisor of {BUCKETS}) would re-home them: move them first"
+                    );
+                }
+            }
+            let mut insert = sqlx::QueryBuilder::<sqlx::MySql>::new(
+                "INSERT IGNORE INTO shard_map (bucket, shard) ",
+            );
+            insert.push_values(0..BUCKETS, |mut b, bucket| {
+                b.push_bind(bucket)
+                    .push_bind((usize::from(bucket) % n) as u16);
+            });
+            insert.build().execute(main).await?;
+        }
+        let map = self.read_map().await?;
+        if let Some((bucket, shard)) = map.iter().enumerate().find(|(_, s)| usize::from(**s) >= n) {
+            anyhow::bail!(
+                "the shard map in the main database sends bucket {bucket} to shard {shard}, but only {n} shard(s) are configured (mysql.url and mysql.shard_urls): configure that shard, or move its buckets with `redpacket-wallet reshard`"
+            );
+        }
+        for (i, pool) in self.shards.iter().enumerate() {
+            sqlx::query("INSERT IGNORE INTO shard_identity (id, shard) VALUES (1, ?)")
+                .bind(i as u16)
+                .execute(pool)
+                .await?;
+            let known: u16 = sqlx::query_scalar("SELECT shard FROM shard_identity WHERE id = 1")
+                .fetch_one(pool)
+                .await?;
+            anyhow::ensure!(
+                usize::from(known) == i,
+                "the database configured as mysql shard {i} is shard {known} of this deployment: the order of mysql.url and mysql.shard_urls changed"
+            );
+            // A shard owns the buckets the map gives it (a bucket in the middle of a
+            // move is owned by nobody until the move ends).
+            let mut own = sqlx::QueryBuilder::<sqlx::MySql>::new(
+                "INSERT IGNORE INTO bucket_owner (bucket, owned) ",
+            );
+            let mine: Vec<u16> = (0..BUCKETS)
+                .filter(|b| usize::from(map[usize::from(*b)]) == i)
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            own.push_values(mine, |mut b, bucket| {
+                b.push_bind(bucket).push_bind(1);
+            });
+            own.build().execute(pool).await?;
+        }
+        *self.map.write().expect("shard map lock poisoned") = Arc::new(map);
+        self.loaded.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether the shard map was loaded (and checked) since start.
+    pub fn map_loaded(&self) -> bool {
+        self.loaded.load(Ordering::Relaxed)
+    }
+
+    /// Reads the shard map again (after a move, or when a shard refused a bucket).
+    pub async fn refresh_map(&self) -> anyhow::Result<()> {
+        let map = self.read_map().await?;
+        *self.map.write().expect("shard map lock poisoned") = Arc::new(map);
+        Ok(())
+    }
+
+    async fn read_map(&self) -> anyhow::Result<Vec<u16>> {
+        let rows: Vec<(u16, u16)> = sqlx::query_as("SELECT bucket, shard FROM shard_map")
+            .fetch_all(self.main())
+            .await?;
+        anyhow::ensure!(
+            rows.len() == usize::from(BUCKETS),
+            "the shard map holds {} buckets, not {BUCKETS}",
+            rows.len()
+        );
+        let mut map = vec![0u16; usize::from(BUCKETS)];
+        for (bucket, shard) in rows {
+            map[usize::from(bucket)] = shard;
+        }
+        Ok(map)
+    }
+
+    /// The map as last read: bucket → shard.
+    pub fn map(&self) -> Arc<Vec<u16>> {
+        self.map.read().expect("shard map lock poisoned").clone()
+    }
+
+    pub async fn migrate(&self) -> anyhow::Result<()> {
+        for (i, pool) in self.shards.iter().enumerate() {
+            MIGRATOR
+                .run(pool)
+                .await
+                .with_context(|| format!("migrating mysql shard {i}"))?;
+        }
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        for pool in &self.shards {
+            sqlx::query("SELECT 1").execute(pool).await?;
+        }
+        Ok(())
+    }
+}
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

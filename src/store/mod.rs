@@ -1,0 +1,276 @@
+//! Connections to Redis and MySQL, and where every Redis key lives.
+//!
+//! Redis layout (`P` = key prefix, `p` = partition = `user_id mod partitions`). Every key
+//! of one user sits in the hash tag `{p}`, so one Lua script can touch the user's tokens,
+//! the partition's counters and the partition's stream atomically, also on a cluster:
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `P{p}:tok:{user}` | hash | out_trade_no → encoded SignedToken |
+//! | `P{p}:st:{user}` | hash | out_trade_no → `p\|amount\|at_ms\|activity\|scene` (`s…` once settled) |
+//! | `P{p}:acct:{user}` | hash | last booked account snapshot (v, b, i, w), for degraded views |
+//! | `P{p}:cnt:{activity}` | hash | per-hour issuance counters `{hour}:n`, `{hour}:c`, settled `{hour}:sn`, `{hour}:sc` |
+//! | `P{p}:settle` | stream | one entry per token to book |
+//! | `P{p}:settled` | zset | `user\|out_trade_no` by settle time, for trimming |
+//! | `P:bud:{activity.gen.i}` | hash | budget sub-stock i of a generation: `avail`, `funded`, `rid`, grant ids (each in its own slot) |
+//! | `P{p}:parked` | stream | settlement entries no booking could take, for operators |
+//! | `P{p}:markers` | zset | `user\|out_trade_no` of trimmed tokens by the time their marker may go |
+//! | `P:stats:{activity}` | hash | shared issued counter (`n`, `c`) |
+//! | `P:switches` | hash | degradation switches |
+//! | `P:lock:{job}` | string | cron job lock (owner token, with expiry) |
+//! | `P:rl:{scope}:{second}` | string | a rate limit's fleet-wide count for one second (expires) |
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+
+use crate::config::RedisSettings;
+use crate::domain::UserId;
+
+mod db;
+mod scripts;
+
+pub use db::{bucket_of, Db, BUCKETS, MIGRATOR};
+pub use scripts::{evalsha, key_slot, load_scripts, query_scripted, script, slot_tag};
+
+pub const SETTLE_GROUP: &str = "settle";
+
+/// A connection to a single Redis node or to a Redis Cluster. Commands and pipelines
+/// sent through it must stay within one hash slot on a cluster ([`query_scripted`] and
+/// [`Redis::query`] split a pipeline by slot).
+#[derive(Clone)]
+pub enum RedisConn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_command(cmd),
+            RedisConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipe: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_commands(pipe, offset, count),
+            RedisConn::Cluster(c) => c.req_packed_commands(pipe, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConn::Single(c) => c.get_db(),
+            RedisConn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+pub struct Redis {
+    conns: Vec<RedisConn>,
+    next: AtomicUsize,
+    prefix: String,
+    partitions: u32,
+    cluster: bool,
+}
+
+impl Redis {
+    /// Connects to `redis.cluster_urls` when given (a Redis Cluster), else to
+    /// `redis.url` (one node).
+    pub async fn connect(settings: &RedisSettings) -> anyhow::Result<Self> {
+        let timeout = Duration::from_millis(settings.command_timeout_ms);
+        if !settings.cluster_urls.is_empty() {
+            let nodes: Vec<String> = settings
+                .cluster_urls
+                .iter()
+                .map(|u| u.expose().to_string())
+                .collect();
+            let client = redis::cluster::ClusterClient::builder(nodes)
+                .connection_timeout(timeout)
+                .response_timeout(timeout)
+                .retries(settings.cluster_retries)
+                .build()
+                .context("redis.cluster_urls")?;
+            let mut conns = Vec::with_capacity(settings.connections);
+            for _ in 0..settings.connections {
+                let conn = tokio::time::timeout(
+                    timeout.max(Duration::from_secs(5)),
+                    client.get_async_connection(),
+                )
+                .await
+                .context("connecting to the redis cluster timed out")?
+                .context("connecting to the redis cluster")?;
+                conns.push(RedisConn::Cluster(conn));
+            }
+            return Ok(Self {
+                conns,
+                next: AtomicUsize::new(0),
+                prefix: settings.key_prefix.clone(),
+                partitions: settings.partitions,
+                cluster: true,
+            });
+        }
+        let client = redis::Client::open(settings.url.expose()).context("redis.url")?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(timeout)
+            .set_connection_timeout(timeout)
+            .set_number_of_retries(2)
+            .set_max_delay(500);
+        let mut conns = Vec::with_capacity(settings.connections);
+        for _ in 0..settings.connections {
+            let conn = tokio::time::timeout(
+                timeout,
+                ConnectionManager::new_with_config(client.clone(), config.clone()),
+            )
+            .await
+            .context("connecting to redis timed out")?
+            .context("connecting to redis")?;
+            conns.push(RedisConn::Single(conn));
+        }
+        Ok(Self {
+            conns,
+            next: AtomicUsize::new(0),
+            prefix: settings.key_prefix.clone(),
+            partitions: settings.partitions,
+            cluster: false,
+        })
+    }
+
+    /// A multiplexed connection; calls are spread over the configured number.
+    pub fn conn(&self) -> RedisConn {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+        self.conns[i].clone()
+    }
+
+    /// Whether this is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster
+    }
+
+    /// Runs a pipeline of plain commands; on a cluster it is split by hash slot (see
+    /// [`query_scripted`]).
+    pub async fn query<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> redis::RedisResult<T> {
+        query_scripted(self, pipe, &[]).await
+    }
+
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn partition_of(&self, user: UserId) -> u32 {
+        user.partition(self.partitions)
+    }
+
+    pub fn tokens_key(&self, user: UserId) -> String {
+        format!(
+            "{}{{{}}}:tok:{}",
+            self.prefix,
+            self.partition_of(user),
+            user
+        )
+    }
+    pub fn status_key(&self, user: UserId) -> String {
+        format!("{}{{{}}}:st:{}", self.prefix, self.partition_of(user), user)
+    }
+    pub fn snapshot_key(&self, user: UserId) -> String {
+        format!(
+            "{}{{{}}}:acct:{}",
+            self.prefix,
+            self.partition_of(user),
+            user
+        )
+    }
+    pub fn counters_key(&self, partition: u32, activity: &str) -> String {
+        format!("{}{{{}}}:cnt:{}", self.prefix, partition, activity)
+    }
+    pub fn stream_key(&self, partition: u32) -> String {
+        format!("{}{{{}}}:settle", self.prefix, partition)
+    }
+    pub fn settled_index_key(&self, partition: u32) -> String {
+        format!("{}{{{}}}:settled", self.prefix, partition)
+    }
+    pub fn sub_stock_key(&self, activity: &str, gen: i64, index: u32) -> String {
+        format!("{}:bud:{{{}.{}.{}}}", self.prefix, activity, gen, index)
+    }
+    pub fn parked_key(&self, partition: u32) -> String {
+        format!("{}{{{}}}:parked", self.prefix, partition)
+    }
+    pub fn markers_key(&self, partition: u32) -> String {
+        format!("{}{{{}}}:markers", self.prefix, partition)
+    }
+    pub fn stats_key(&self, activity: &str) -> String {
+        format!("{}:stats:{}", self.prefix, activity)
+    }
+    pub fn switches_key(&self) -> String {
+        format!("{}:switches", self.prefix)
+    }
+    /// The fleet's counter of a rate limit for one second.
+    pub fn limit_key(&self, scope: &str, second: i64) -> String {
+        format!("{}:rl:{}:{}", self.prefix, scope, second)
+    }
+    pub fn lock_key(&self, job: &str) -> String {
+        format!("{}:lock:{}", self.prefix, job)
+    }
+
+    /// Creates the settlement consumer group on every partition stream (idempotent).
+    pub async fn ensure_groups(&self) -> anyhow::Result<()> {
+        let mut conn = self.conn();
+        for p in 0..self.partitions {
+            ensure_group(&mut conn, &self.stream_key(p)).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> redis::RedisResult<()> {
+        let mut conn = self.conn();
+        redis::cmd("PING").query_async::<String>(&mut conn).await?;
+        Ok(())
+    }
+}
+
+pub async fn ensure_group(conn: &mut RedisConn, stream: &str) -> anyhow::Result<()> {
+    let created: redis::RedisResult<String> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(SETTLE_GROUP)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await;
+    match created {
+        Ok(_) => Ok(()),
+        Err(err) if err.code() == Some("BUSYGROUP") => Ok(()),
+        Err(err) => Err(err).context("creating the settlement consumer group"),
+    }
+}
+
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// The UTC hour an instant falls in, as the counters name it: `YYYYMMDDHH`.
+pub fn hour_of(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .format("%Y%m%d%H")
+        .to_string()
+}
