@@ -25,8 +25,8 @@ cluster_urls="$(scripts/services.sh cluster | sed -n 's/^RPW_REDIS__CLUSTER_URLS
 RPW_TEST_REDIS_CLUSTER_URLS="$cluster_urls" cargo test --test api -- --skip cluster:: "$@"
 echo "== scripts/chaos.sh --quick"
 scripts/chaos.sh --quick --json "$ROOT/.data/chaos-quick.json"
-# The fault scenarios again with the service on the Redis Cluster: two `serve`
-# instances and a separate `worker` on one cluster and database, instances killed,
-# money conserved to the cent (the ones that crash the harness's own Redis are left out).
-echo "== scripts/chaos.sh --quick --cluster"
-scripts/chaos.sh --quick --cluster --json "$ROOT/.data/chaos-quick-cluster.json"
+# The fault scenarios again with the service on the Redis Cluster and two MySQL shards:
+# two `serve` instances and a separate `worker` sharing them, instances killed, money
+# conserved to the cent (the ones that crash the harness's own Redis are left out).
+echo "== scripts/chaos.sh --quick --cluster --shards 2"
+scripts/chaos.sh --quick --cluster --shards 2 --json "$ROOT/.data/chaos-quick-cluster.json"

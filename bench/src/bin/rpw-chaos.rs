@@ -67,6 +67,10 @@ struct Args {
     /// Redis (redis-crash, redis-loss) are left out.
     #[arg(long, env = "RPW_CHAOS_CLUSTER_URLS")]
     cluster: Option<String>,
+    /// Shard the ledger over this many databases (the service's shard map spreads the
+    /// users' buckets over them); the checks read them all.
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
 }
 
 /// The scenarios that kill or flush the harness's own single Redis.
@@ -719,6 +723,50 @@ impl redis::aio::ConnectionLike for Conn {
 }
 
 impl Run<'_> {
+    /// The run's databases: the main one, its further shards, and the checks' union.
+    fn databases(&self, db: &str) -> Vec<String> {
+        let mut names = vec![db.to_string()];
+        if self.args.shards > 1 {
+            names.extend((1..self.args.shards).map(|i| format!("{db}_s{i}")));
+            names.push(format!("{db}_all"));
+        }
+        names
+    }
+
+    /// A pool whose `ledger_entries`, `accounts` and `withdrawals` are every shard's
+    /// (views over all of them in a database of the checks' own; the main database's
+    /// reconciliation reports beside them).
+    async fn ledger_view(&self, db: &str) -> anyhow::Result<sqlx::MySqlPool> {
+        if self.args.shards <= 1 {
+            return Ok(sqlx::MySqlPool::connect(&self.servers.mysql_url(db)).await?);
+        }
+        let all = format!("{db}_all");
+        let admin = sqlx::MySqlPool::connect(&self.servers.mysql_url("rpw")).await?;
+        sqlx::query(&format!("CREATE DATABASE IF NOT EXISTS `{all}`"))
+            .execute(&admin)
+            .await?;
+        let shards: Vec<String> = self.databases(db)[..self.args.shards].to_vec();
+        for table in ["ledger_entries", "accounts", "withdrawals"] {
+            let union = shards
+                .iter()
+                .map(|s| format!("SELECT * FROM `{s}`.`{table}`"))
+                .collect::<Vec<_>>()
+                .join(" UNION ALL ");
+            sqlx::query(&format!(
+                "CREATE OR REPLACE VIEW `{all}`.`{table}` AS {union}"
+            ))
+            .execute(&admin)
+            .await?;
+        }
+        sqlx::query(&format!(
+            "CREATE OR REPLACE VIEW `{all}`.`reconciliation_reports` AS SELECT * FROM `{db}`.`reconciliation_reports`"
+        ))
+        .execute(&admin)
+        .await?;
+        admin.close().await;
+        Ok(sqlx::MySqlPool::connect(&self.servers.mysql_url(&all)).await?)
+    }
+
     async fn redis_conn(&self) -> anyhow::Result<Conn> {
         Ok(match &self.args.cluster {
             Some(urls) => Conn::Cluster(
@@ -775,6 +823,12 @@ impl Run<'_> {
         if let Some(urls) = &self.args.cluster {
             env.push(("RPW_REDIS__CLUSTER_URLS".into(), urls.clone()));
         }
+        if self.args.shards > 1 {
+            let urls: Vec<String> = (1..self.args.shards)
+                .map(|i| self.servers.mysql_url(&format!("{db}_s{i}")))
+                .collect();
+            env.push(("RPW_MYSQL__SHARD_URLS".into(), urls.join(",")));
+        }
         if let Some(port) = port {
             env.push(("RPW_HTTP__ADDR".into(), format!("127.0.0.1:{port}")));
         }
@@ -814,11 +868,13 @@ impl Run<'_> {
             let mut conn = redis.get_multiplexed_async_connection().await?;
             let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await?;
         }
-        // A fresh database for the run.
+        // A fresh database for the run (and its other shards, created by `migrate`).
         let admin = sqlx::MySqlPool::connect(&self.servers.mysql_url("rpw")).await?;
-        sqlx::query(&format!("DROP DATABASE IF EXISTS `{db}`"))
-            .execute(&admin)
-            .await?;
+        for name in self.databases(&db) {
+            sqlx::query(&format!("DROP DATABASE IF EXISTS `{name}`"))
+                .execute(&admin)
+                .await?;
+        }
         sqlx::query(&format!("CREATE DATABASE `{db}`"))
             .execute(&admin)
             .await?;
@@ -1023,9 +1079,11 @@ impl Run<'_> {
         }
         if outcome.ok {
             let admin = sqlx::MySqlPool::connect(&self.servers.mysql_url("rpw")).await?;
-            sqlx::query(&format!("DROP DATABASE IF EXISTS `{db}`"))
-                .execute(&admin)
-                .await?;
+            for name in self.databases(&db) {
+                sqlx::query(&format!("DROP DATABASE IF EXISTS `{name}`"))
+                    .execute(&admin)
+                    .await?;
+            }
             admin.close().await;
         }
         Ok(outcome)
@@ -1206,8 +1264,8 @@ impl Run<'_> {
             }
         }
 
-        // 3. The ledger against what clients hold.
-        let pool = sqlx::MySqlPool::connect(&self.servers.mysql_url(db)).await?;
+        // 3. The ledger against what clients hold (over every shard).
+        let pool = self.ledger_view(db).await?;
         let rows: Vec<(i64, String, i64)> = sqlx::query_as(
             "SELECT user_id, CAST(out_trade_no AS CHAR), amount_cents FROM ledger_entries WHERE kind = 'award'",
         )
