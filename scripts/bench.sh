@@ -100,6 +100,18 @@ for _ in $(seq 1 100); do ready && break; sleep 0.2; done
 ready || { echo "[bench] the server did not become ready; see $WORK/server.log" >&2; tail -20 "$WORK/server.log" >&2; exit 1; }
 
 read -r CALLS_BEFORE USEC_BEFORE <<<"$(redis_usage)"
+# The processes whose CPU the bench attributes to each scenario.
+redis_pids=()
+for port in "${REDIS_PORTS[@]}"; do
+  pid="$(redis-cli -p "$port" INFO server | tr -d '\r' | sed -n 's/^process_id://p')"
+  [[ -n $pid ]] && redis_pids+=("$pid")
+done
+mysql_url="${RPW_MYSQL__URL#mysql://}"
+mysql_port="${mysql_url#*@*:}"; mysql_port="${mysql_port%%/*}"
+mysql_pidfile="$(mariadb --protocol=TCP -h127.0.0.1 -P"$mysql_port" -urpw -prpw -N -e 'SELECT @@pid_file' 2>/dev/null || true)"
+mysql_pid="$(cat "$mysql_pidfile" 2>/dev/null || true)"
+export RPW_BENCH_PIDS="server=$SERVER_PID,redis=$(IFS=+; echo "${redis_pids[*]}")${mysql_pid:+,mysql=$mysql_pid}"
+echo "[bench] measuring CPU of: $RPW_BENCH_PIDS" >&2
 echo "[bench] machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -m); server pid $SERVER_PID" >&2
 "$BENCH" "${BENCH_ARGS[@]}"
 read -r CALLS_AFTER USEC_AFTER <<<"$(redis_usage)"

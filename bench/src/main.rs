@@ -14,6 +14,7 @@
 
 mod api;
 mod bench;
+mod cpu;
 mod load;
 mod plot;
 mod product;
@@ -87,19 +88,41 @@ async fn run(bench: &Arc<Bench>, args: &Args) -> anyhow::Result<()> {
     // The baseline runs first, on an idle MariaDB: the most favourable moment for it.
     bench.stage("sync_baseline: one transaction per award");
     let sync_baseline = scenarios::baseline::run(bench, &args.baseline_mysql_url).await?;
+    let procs = cpu::Procs::from_env();
+    let mut cpu_us = std::collections::BTreeMap::new();
     bench.stage("rain_single: POST /v1/awards");
+    let before = procs.snapshot();
     let rain_single = scenarios::rain::run(bench).await?;
+    cpu_us.insert(
+        "rain_single".to_string(),
+        cpu::per_item(&before, &procs.snapshot(), rain_single.awards),
+    );
     bench.stage("rain_batch: POST /v1/awards:batch");
+    let before = procs.snapshot();
     let rain_batch = scenarios::batch::run(bench).await?;
+    cpu_us.insert(
+        "rain_batch".to_string(),
+        cpu::per_item(&before, &procs.snapshot(), rain_batch.awards),
+    );
     bench.stage("withdraw: forced settlement during the backlog");
     let withdrawals = scenarios::withdraw::run(bench).await?;
     bench.stage("view: GET /v1/wallet during the backlog");
+    let before = procs.snapshot();
     let view = scenarios::views::run(bench).await?;
+    cpu_us.insert(
+        "view".to_string(),
+        cpu::per_item(&before, &procs.snapshot(), view.requests),
+    );
     let backlog_at_start = bench.sample().await?.backlog;
     bench.stage(&format!("drain at {} tps", args.drain_tps));
     let bounded = scenarios::drain::run(bench, args.drain_tps, bench.plan.drain, false).await?;
     bench.stage("drain unbounded");
+    let before = procs.snapshot();
     let unbounded = scenarios::drain::run(bench, 0, bench.plan.unbounded_cap, true).await?;
+    cpu_us.insert(
+        "drain_unbounded".to_string(),
+        cpu::per_item(&before, &procs.snapshot(), unbounded.booked.max(0) as u64),
+    );
     bench.stage("conservation check");
     let conservation = scenarios::conservation::run(bench, &withdrawals).await?;
     sampler.stop().await;
@@ -119,6 +142,7 @@ async fn run(bench: &Arc<Bench>, args: &Args) -> anyhow::Result<()> {
             backlog_at_start,
         },
         conservation,
+        cpu_us_per_item: cpu_us,
     };
     bench.finish_progress();
     summary.print();

@@ -156,6 +156,8 @@ impl Product {
         mysql.shard_urls.clear();
         let db = Db::connect_lazy(&mysql)?;
         db.migrate().await?;
+        // Every bucket of the one shard is owned there (the ledger refuses others).
+        db.load_map().await?;
         // Booking reads the users' pending tokens in Redis; the baseline's users have none.
         let mut redis_settings = self.app.settings.redis.clone();
         redis_settings.key_prefix = format!("{}-baseline", redis_settings.key_prefix);

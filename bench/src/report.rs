@@ -4,6 +4,8 @@
 use std::fmt;
 use std::path::Path;
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use crate::product::Reconciliation;
@@ -25,6 +27,10 @@ pub struct Summary {
     pub view: View,
     pub drain: Drain,
     pub conservation: Conservation,
+    /// Per scenario, µs of CPU per item (award issued, token booked, view answered) of
+    /// each process under test (`RPW_BENCH_PIDS`; `bench` is the load clients and the
+    /// in-process drain worker).
+    pub cpu_us_per_item: BTreeMap<String, BTreeMap<String, f64>>,
 }
 
 /// The physical ceiling: Ed25519 signatures per second on one core.
@@ -44,6 +50,7 @@ pub struct SyncBaseline {
 /// `POST /v1/awards`, one award per request.
 #[derive(Debug, Serialize)]
 pub struct RainSingle {
+    pub awards: u64,
     pub awards_per_s: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
@@ -64,6 +71,7 @@ pub struct RedisCost {
 /// `POST /v1/awards:batch`; the latency is per request.
 #[derive(Debug, Serialize)]
 pub struct RainBatch {
+    pub awards: u64,
     pub awards_per_s: f64,
     pub p99_ms: f64,
     pub errors: u64,
@@ -81,6 +89,7 @@ pub struct Withdraw {
 /// `GET /v1/wallet` during the backlog.
 #[derive(Debug, Serialize)]
 pub struct View {
+    pub requests: u64,
     pub requests_per_s: f64,
     pub p99_ms: f64,
 }
@@ -315,6 +324,10 @@ impl Summary {
                 "redis per award, {name}: {} µs of master CPU, {} µs of command time, {} commands",
                 r.cpu_usec_per_award, r.usec_per_award, r.commands_per_award
             );
+        }
+        for (scenario, procs) in &self.cpu_us_per_item {
+            let parts: Vec<String> = procs.iter().map(|(p, us)| format!("{p} {us}")).collect();
+            println!("cpu µs per item, {scenario}: {}", parts.join(", "));
         }
         let c = &self.conservation;
         let hours_ok = c.reconciliation.iter().filter(|r| r.ok).count();

@@ -49,6 +49,7 @@ pub async fn run(bench: &Arc<Bench>) -> anyhow::Result<RainBatch> {
     .await?;
     let redis = bench.product.redis_usage().await?.since(before, load.ok);
     Ok(RainBatch {
+        awards: load.ok,
         awards_per_s: round2(load.ok_per_s()),
         p99_ms: round2(load.latencies.ms_at(0.99)),
         errors: load.errors,

@@ -30,6 +30,7 @@ pub async fn run(bench: &Arc<Bench>) -> anyhow::Result<RainSingle> {
     .await?;
     let redis = bench.product.redis_usage().await?.since(before, load.ok);
     Ok(RainSingle {
+        awards: load.ok,
         awards_per_s: round2(load.ok_per_s()),
         p50_ms: round2(load.latencies.ms_at(0.50)),
         p99_ms: round2(load.latencies.ms_at(0.99)),

@@ -40,6 +40,7 @@ pub async fn run(bench: &Arc<Bench>) -> anyhow::Result<View> {
         bail!("{} wallet views failed", load.errors);
     }
     Ok(View {
+        requests: load.ok,
         requests_per_s: round2(load.ok_per_s()),
         p99_ms: round2(load.latencies.ms_at(0.99)),
     })
