@@ -104,6 +104,7 @@ impl Product {
         let info: redis::Value = redis::cmd("INFO")
             .arg("replication")
             .arg("cpu")
+            .arg("stats")
             .arg("commandstats")
             .query_async(&mut conn)
             .await?;
@@ -118,8 +119,13 @@ impl Product {
         for text in texts.iter().filter(|t| t.contains("role:master")) {
             for line in text.lines() {
                 if let Some((name, value)) = line.trim().split_once(':') {
-                    if name == "used_cpu_sys" || name == "used_cpu_user" {
-                        usage.cpu_usec += (value.parse::<f64>().unwrap_or(0.0) * 1e6) as u64;
+                    match name {
+                        "used_cpu_sys" | "used_cpu_user" => {
+                            usage.cpu_usec += (value.parse::<f64>().unwrap_or(0.0) * 1e6) as u64
+                        }
+                        "total_net_input_bytes" => usage.net_in += value.parse().unwrap_or(0),
+                        "total_net_output_bytes" => usage.net_out += value.parse().unwrap_or(0),
+                        _ => {}
                     }
                 }
             }
@@ -346,6 +352,9 @@ pub struct RedisUsage {
     pub usec: u64,
     /// The masters' own CPU time (`INFO cpu`: user + system), networking included.
     pub cpu_usec: u64,
+    /// Bytes the masters received and sent (`INFO stats`; replication included).
+    pub net_in: u64,
+    pub net_out: u64,
 }
 
 impl RedisUsage {
@@ -360,6 +369,9 @@ impl RedisUsage {
             cpu_usec_per_award: crate::report::round2(
                 self.cpu_usec.saturating_sub(before.cpu_usec) as f64 / n,
             ),
+            net_in_bytes_per_award: (self.net_in.saturating_sub(before.net_in) as f64 / n).round(),
+            net_out_bytes_per_award: (self.net_out.saturating_sub(before.net_out) as f64 / n)
+                .round(),
         }
     }
 }

@@ -66,12 +66,17 @@ pub struct RedisCost {
     pub usec_per_award: f64,
     pub commands_per_award: f64,
     pub cpu_usec_per_award: f64,
+    pub net_in_bytes_per_award: f64,
+    pub net_out_bytes_per_award: f64,
 }
 
 /// `POST /v1/awards:batch`; the latency is per request.
 #[derive(Debug, Serialize)]
 pub struct RainBatch {
     pub awards: u64,
+    /// HTTP body bytes per award, request and answer (protobuf).
+    pub request_bytes_per_award: f64,
+    pub answer_bytes_per_award: f64,
     pub awards_per_s: f64,
     pub p99_ms: f64,
     pub errors: u64,
@@ -321,8 +326,12 @@ impl Summary {
             ("rain_batch", self.rain_batch.redis),
         ] {
             println!(
-                "redis per award, {name}: {} µs of master CPU, {} µs of command time, {} commands",
-                r.cpu_usec_per_award, r.usec_per_award, r.commands_per_award
+                "redis per award, {name}: {} µs of master CPU, {} µs of command time, {} commands, {} bytes in, {} bytes out",
+                r.cpu_usec_per_award,
+                r.usec_per_award,
+                r.commands_per_award,
+                r.net_in_bytes_per_award,
+                r.net_out_bytes_per_award
             );
         }
         for (scenario, procs) in &self.cpu_us_per_item {

@@ -3,6 +3,7 @@
 //! and refuse others); the latency is the request's, from encoding the batch to its
 //! answer (decoding the answer is not counted).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,6 +17,9 @@ use crate::scenarios::award;
 
 pub async fn run(bench: &Arc<Bench>) -> anyhow::Result<RainBatch> {
     let before = bench.product.redis_usage().await?;
+    let sent = Arc::new(AtomicU64::new(0));
+    let received = Arc::new(AtomicU64::new(0));
+    let (s, r) = (sent.clone(), received.clone());
     let b = bench.clone();
     let size = bench.plan.batch_size;
     let load = load::run(
@@ -27,11 +31,14 @@ pub async fn run(bench: &Arc<Bench>) -> anyhow::Result<RainBatch> {
                 awards: (0..size as i64).map(|i| award(first + i, 2)).collect(),
             };
             let b = b.clone();
+            let (s, r) = (s.clone(), r.clone());
             async move {
                 // Encoding is timed, as it always was; building the awards is not.
                 let body = batch.encode_to_vec();
+                s.fetch_add(body.len() as u64, Ordering::Relaxed);
                 match b.api.post_pb("/v1/awards:batch", body).await {
                     Ok((200, bytes)) => {
+                        r.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                         let answered = Instant::now();
                         let resp = pb::AwardBatchResponse::decode(bytes).unwrap_or_default();
                         let ok = resp
@@ -48,8 +55,12 @@ pub async fn run(bench: &Arc<Bench>) -> anyhow::Result<RainBatch> {
     )
     .await?;
     let redis = bench.product.redis_usage().await?.since(before, load.ok);
+    let per =
+        |bytes: &AtomicU64| (bytes.load(Ordering::Relaxed) as f64 / load.ok.max(1) as f64).round();
     Ok(RainBatch {
         awards: load.ok,
+        request_bytes_per_award: per(&sent),
+        answer_bytes_per_award: per(&received),
         awards_per_s: round2(load.ok_per_s()),
         p99_ms: round2(load.latencies.ms_at(0.99)),
         errors: load.errors,
