@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// How many of a generation's latest grants [`Budget::apply_recent`] applies again: more
+/// than can be in flight at once (one refill grants at most one per sub-stock).
+const RECENT_GRANTS: i64 = 256;
+
 impl Budget {
     /// Grants to sub-stocks of a live, ready generation: each `(sub_stock, extra)` gets
     /// `extra` plus one chunk, as far as the ungranted budget goes. Returns the grants
@@ -114,6 +118,31 @@ impl Budget {
         Ok(())
     }
 
+    /// Applies the generation's latest grants again: those already applied are no-ops
+    /// (grant.lua records each grant id), those still on their way land now.
+    pub(super) async fn apply_recent(
+        &self,
+        redis: &Redis,
+        db: &Db,
+        activity: &str,
+        gen: Gen,
+    ) -> anyhow::Result<()> {
+        let rows: Vec<(i32, i64, i64)> = sqlx::query_as(
+            "SELECT sub_stock, id, cents FROM budget_grants WHERE activity_id = ? AND gen = ? ORDER BY id DESC LIMIT ?",
+        )
+        .bind(activity)
+        .bind(gen.gen)
+        .bind(RECENT_GRANTS)
+        .fetch_all(db.main())
+        .await?;
+        let grants: Vec<(u32, i64, i64)> = rows
+            .into_iter()
+            .filter(|(stock, ..)| *stock >= 0 && (*stock as u32) < gen.sub_stocks)
+            .map(|(stock, id, cents)| (stock as u32, id, cents))
+            .collect();
+        self.apply(redis, db, activity, gen, &grants).await
+    }
+
     /// Applies grants; a sub-stock found lost closes the generation.
     pub(super) async fn apply(
         &self,
@@ -190,6 +219,11 @@ impl Budget {
             let (grants, fully) = self.grant_tx(db, activity, gen, &[(stock, need)]).await?;
             let Some(&(_, id, cents)) = grants.first() else {
                 if fully {
+                    // Nothing is left to grant, yet grants made by others (a refill,
+                    // another instance) may be committed and not applied yet: their
+                    // money is on its way to a sub-stock. Apply them here (a grant
+                    // applies once), so the walk that follows sees it.
+                    self.apply_recent(redis, db, activity, gen).await?;
                     self.mark_fully_granted(activity);
                 }
                 // Fully granted, or the generation changed: reload and try once more.
