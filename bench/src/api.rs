@@ -96,6 +96,18 @@ impl Api {
         Ok((status, resp.bytes().await?))
     }
 
+    /// `GET /healthz`: the cheapest answer the server gives, the HTTP floor.
+    pub async fn healthz(&self) -> anyhow::Result<bool> {
+        let resp = self
+            .http
+            .get(format!("{}/healthz", self.url))
+            .send()
+            .await?;
+        let ok = resp.status().is_success();
+        let _ = resp.bytes().await;
+        Ok(ok)
+    }
+
     /// A user's wallet in protobuf; true when it was served (2xx, the body then read).
     pub async fn view_wallet_pb(&self, jwt: &str) -> anyhow::Result<bool> {
         let resp = self

@@ -88,6 +88,8 @@ async fn run(bench: &Arc<Bench>, args: &Args) -> anyhow::Result<()> {
     // The baseline runs first, on an idle MariaDB: the most favourable moment for it.
     bench.stage("sync_baseline: one transaction per award");
     let sync_baseline = scenarios::baseline::run(bench, &args.baseline_mysql_url).await?;
+    bench.stage("http_floor: GET /healthz");
+    let http_floor = scenarios::floor::run(bench).await?;
     let procs = cpu::Procs::from_env();
     let mut cpu_us = std::collections::BTreeMap::new();
     bench.stage("rain_single: POST /v1/awards");
@@ -130,6 +132,7 @@ async fn run(bench: &Arc<Bench>, args: &Args) -> anyhow::Result<()> {
     let summary = Summary {
         quick: args.quick,
         ceiling,
+        http_floor,
         sync_baseline,
         rain_single,
         rain_batch,

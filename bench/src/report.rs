@@ -21,6 +21,7 @@ pub struct Summary {
     pub quick: bool,
     pub ceiling: Ceiling,
     pub sync_baseline: SyncBaseline,
+    pub http_floor: HttpFloor,
     pub rain_single: RainSingle,
     pub rain_batch: RainBatch,
     pub withdraw: Withdraw,
@@ -89,6 +90,14 @@ pub struct Withdraw {
     pub pending_per_user: i64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+}
+
+/// `GET /healthz`: the HTTP floor, with the single rain's client and concurrency.
+#[derive(Debug, Serialize)]
+pub struct HttpFloor {
+    pub requests_per_s: f64,
+    pub p99_ms: f64,
+    pub errors: u64,
 }
 
 /// `GET /v1/wallet` during the backlog.
@@ -210,6 +219,7 @@ impl Summary {
         let ceiling = self.ceiling.cores as f64 * self.ceiling.sign_per_s_per_core;
         let baseline = self.sync_baseline.awards_per_s.max(1e-9);
         let (single, batch, drain) = (&self.rain_single, &self.rain_batch, &self.drain);
+        let floor = self.http_floor.requests_per_s.max(1e-9);
         let drift_percent =
             (drain.measured_tps / f64::from(drain.configured_tps.max(1)) - 1.0) * 100.0;
         vec![
@@ -227,6 +237,7 @@ impl Summary {
                         1,
                     ),
                     Target::new("ms p99", single.p99_ms, AtMost(20.0), 2),
+                    Target::new("x http_floor", single.awards_per_s / floor, AtLeast(0.3), 2),
                 ],
                 ..row("rain_single")
             },
@@ -285,8 +296,21 @@ impl Summary {
                 targets: vec![
                     Target::new("/s", self.view.requests_per_s, AtLeast(8000.0), 0),
                     Target::new("ms p99", self.view.p99_ms, AtMost(20.0), 2),
+                    Target::new(
+                        "x http_floor",
+                        self.view.requests_per_s / floor,
+                        AtLeast(0.4),
+                        2,
+                    ),
                 ],
                 ..row("view")
+            },
+            Row {
+                rate_per_s: Some(self.http_floor.requests_per_s),
+                p99_ms: Some(self.http_floor.p99_ms),
+                errors: Some(self.http_floor.errors),
+                note: Some("GET /healthz, the rain's client and concurrency".into()),
+                ..row("http_floor")
             },
             Row {
                 rate_per_s: Some(self.ceiling.sign_per_s_per_core),

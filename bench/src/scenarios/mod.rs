@@ -6,6 +6,7 @@ pub mod baseline;
 pub mod batch;
 pub mod conservation;
 pub mod drain;
+pub mod floor;
 pub mod rain;
 pub mod signing;
 pub mod views;
