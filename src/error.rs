@@ -160,17 +160,3 @@ impl From<redis::RedisError> for Error {
         }
     }
 }
-
-impl From<crate::ledger::LedgerError> for Error {
-    fn from(err: crate::ledger::LedgerError) -> Self {
-        use crate::ledger::LedgerError;
-        match err {
-            LedgerError::Sql(e) => e.into(),
-            LedgerError::Redis(e) => e.into(),
-            LedgerError::Overflow(what) => Error::internal(what),
-            LedgerError::Moved(bucket) => Error::Unavailable(format!(
-                "this user's ledger is moving between database shards (bucket {bucket}); retry in a moment"
-            )),
-        }
-    }
-}

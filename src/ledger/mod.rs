@@ -25,6 +25,7 @@ use std::sync::Arc;
 use sqlx::{MySql, QueryBuilder, Row, Transaction};
 
 use crate::domain::{Cents, UserId};
+use crate::error::Error;
 use crate::store::{bucket_of, Db};
 use crate::tokens::{AwardEntry, Snapshot, Tokens};
 
@@ -108,6 +109,21 @@ impl LedgerError {
             LedgerError::Sql(err) => is_data_error(err),
             LedgerError::Overflow(_) => true,
             LedgerError::Redis(_) | LedgerError::Moved(_) => false,
+        }
+    }
+}
+
+/// A ledger failure as the service answers it: a database or Redis fault as such (an
+/// outage or not), a moving bucket as an outage to retry.
+impl From<LedgerError> for Error {
+    fn from(err: crate::ledger::LedgerError) -> Self {
+        match err {
+            LedgerError::Sql(e) => e.into(),
+            LedgerError::Redis(e) => e.into(),
+            LedgerError::Overflow(what) => Error::internal(what),
+            LedgerError::Moved(bucket) => Error::Unavailable(format!(
+                "this user's ledger is moving between database shards (bucket {bucket}); retry in a moment"
+            )),
         }
     }
 }
