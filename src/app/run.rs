@@ -97,13 +97,6 @@ impl Running {
                 .await
                 .with_context(|| format!("binding http.addr {addr}"))?;
             addr = listener.local_addr()?;
-            // Answers leave at once: Nagle's algorithm would hold a small response back
-            // until the client acknowledges the previous one.
-            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                if let Err(err) = tcp.set_nodelay(true) {
-                    tracing::trace!(error = %err, "TCP_NODELAY not set");
-                }
-            });
             let router = crate::http::router(app.clone());
             let mut stop = rx.clone();
             let mut stop_deadline = rx.clone();
