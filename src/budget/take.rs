@@ -253,7 +253,8 @@ impl Budget {
                 &self.give_back,
                 &[&redis.sub_stock_key(activity, taken.gen, *i)],
             );
-            cmd.arg(*cents);
+            // A fresh id per part: a call sent again gives the cents back once.
+            cmd.arg(*cents).arg(rand::random::<u64>());
             pipe.add_command(cmd);
         }
         let _: Vec<i64> = query_scripted(redis, &pipe, &self.scripts()).await?;

@@ -316,12 +316,17 @@ impl Issuer {
                     let mut give_back = Vec::new();
                     for ((k, award), winner) in minted.into_iter().zip(winners) {
                         let v = &awards[k].1;
+                        // On a cluster the client sends a call again when its answer
+                        // was lost (a timeout, a failover): bytes held that equal ours
+                        // may be our own store, so nothing is given back for them (a
+                        // twin that minted the same award in the same millisecond then
+                        // leaks its take, which repair returns; giving ours back could
+                        // mint its amount twice). A single node never runs a call twice:
+                        // there such bytes are a twin's, and its take goes back.
+                        let winner = winner
+                            .filter(|held| !(self.redis.is_cluster() && *held == award.bytes));
                         out[k] = Some(match winner {
-                            // Another request stored first. Its bytes may equal ours
-                            // (signatures are deterministic and the same award minted in
-                            // the same millisecond is the same token), yet it is still a
-                            // replay: no call runs twice (see `query_scripted`), so the
-                            // token held is never our own.
+                            // Another request stored first: a replay, or a conflict.
                             Some(bytes) => {
                                 if let Some(t) = taken.remove(&k) {
                                     give_back.push((v.activity_id.clone(), t));

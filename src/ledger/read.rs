@@ -11,6 +11,9 @@ use crate::domain::UserId;
 use crate::store::bucket_of;
 use crate::tokens::Totals;
 
+/// How long a scan over every shard waits for moves to end: 50 × 100 ms.
+const STABLE_ATTEMPTS: usize = 50;
+
 /// A user's account as the view reads it, with which of the asked out_trade_nos the
 /// ledger holds, from one statement (so one consistent read).
 #[derive(Debug, Default)]
@@ -181,9 +184,42 @@ impl Ledger {
         Ok(row.map(|(t,)| t))
     }
 
+    /// Runs a scan over every shard again until no bucket moved during it (a moving
+    /// bucket's rows may be counted twice or not at all). One shard: at once.
+    async fn stable<T, F, Fut>(&self, scan: F) -> Result<T, sqlx::Error>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+    {
+        if self.db.shards().len() == 1 {
+            return scan().await;
+        }
+        for _ in 0..STABLE_ATTEMPTS {
+            let before = self.db.moves().await?;
+            if before.0 == 0 {
+                let out = scan().await?;
+                if self.db.moves().await? == before {
+                    return Ok(out);
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        Err(sqlx::Error::Protocol(
+            "ledger totals: buckets kept moving between shards; try again".into(),
+        ))
+    }
+
     /// Awards of `activity` in the ledger, over every shard; within `[start, end)` ms if
     /// given.
     pub async fn totals(
+        &self,
+        activity: &str,
+        window: Option<(i64, i64)>,
+    ) -> Result<Totals, sqlx::Error> {
+        self.stable(|| self.totals_once(activity, window)).await
+    }
+
+    async fn totals_once(
         &self,
         activity: &str,
         window: Option<(i64, i64)>,

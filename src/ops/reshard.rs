@@ -9,12 +9,15 @@
 //!    transaction (rows a crashed earlier attempt left there are replaced).
 //! 3. **Verify** counts, sums and a checksum of every row on both sides; a mismatch
 //!    gives the bucket back to the source and stops.
-//! 4. **Switch**: the target owns the bucket, then the map sends it there.
-//! 5. **Remove**: the source gives the bucket up (`owned = 0`: views there now refuse
-//!    it and read the map again), then deletes the old rows.
+//! 4. **Switch**: the target owns the bucket, the source gives it up (`owned = 0`:
+//!    views there refuse it and read the map again), then the map sends it to the
+//!    target.
+//! 5. **Remove** the old rows; only then does the map say the move is over.
 //!
-//! A crash anywhere leaves the bucket paused, never in two places: running the same
-//! command again resumes the move. One mover per bucket (a named MySQL lock).
+//! A crash anywhere leaves the bucket paused or switched, never owned twice: the map
+//! remembers where the move was going (`moving_to`), a second command can only finish
+//! it there, and finishing clears the bucket from every other shard. One mover per
+//! bucket: a named MySQL lock, checked again before every change of ownership.
 
 use serde::Serialize;
 use sqlx::{MySql, MySqlPool, QueryBuilder};
@@ -70,31 +73,62 @@ pub async fn reshard(db: &Db, bucket: u16, to: usize) -> anyhow::Result<Moved> {
         .fetch_one(&mut *lock)
         .await?;
     anyhow::ensure!(got == Some(1), "another move of bucket {bucket} is running");
-    let result = move_locked(db, bucket, to as u16).await;
+    let mut mover = Mover {
+        db,
+        bucket,
+        lock,
+        name,
+    };
+    let result = mover.run(to as u16).await;
     let _ = sqlx::query("SELECT RELEASE_LOCK(?)")
-        .bind(&name)
-        .execute(&mut *lock)
+        .bind(&mover.name)
+        .execute(&mut *mover.lock)
         .await;
     db.refresh_map().await?;
     result
 }
 
-async fn move_locked(db: &Db, bucket: u16, to: u16) -> anyhow::Result<Moved> {
-    let main = db.main();
-    let (from, moving): (u16, i8) =
-        sqlx::query_as("SELECT shard, moving FROM shard_map WHERE bucket = ?")
-            .bind(bucket)
-            .fetch_one(main)
+/// One move, holding the bucket's named lock on its own connection.
+struct Mover<'a> {
+    db: &'a Db,
+    bucket: u16,
+    lock: sqlx::pool::PoolConnection<MySql>,
+    name: String,
+}
+
+impl Mover<'_> {
+    /// Fencing: every step that changes ownership first checks the named lock is still
+    /// this mover's (a dropped connection loses it, and another mover may have started).
+    async fn still_ours(&mut self) -> anyhow::Result<()> {
+        let ours: Option<i64> = sqlx::query_scalar("SELECT IS_USED_LOCK(?) = CONNECTION_ID()")
+            .bind(&self.name)
+            .fetch_one(&mut *self.lock)
             .await?;
-    let source = db.shard(usize::from(from));
-    let target = db.shard(usize::from(to));
-    if from == to {
+        anyhow::ensure!(
+            ours == Some(1),
+            "lost the lock of bucket {}'s move; run the command again to finish it",
+            self.bucket
+        );
+        Ok(())
+    }
+
+    async fn run(&mut self, to: u16) -> anyhow::Result<Moved> {
+        let (db, bucket) = (self.db, self.bucket);
+        let main = db.main();
+        let (from, moving, moving_to): (u16, i8, Option<u16>) =
+            sqlx::query_as("SELECT shard, moving, moving_to FROM shard_map WHERE bucket = ?")
+                .bind(bucket)
+                .fetch_one(main)
+                .await?;
         if moving != 0 {
-            // A move back to where it was: give the bucket back and end the pause.
-            set_owned(source, bucket, OWNED).await?;
-            set_moving(main, bucket, false).await?;
+            // A move cut short is finished where it was going, never turned elsewhere.
+            let going = moving_to.unwrap_or(from);
+            anyhow::ensure!(
+                going == to,
+                "bucket {bucket} is being moved to shard {going}: finish that move first (reshard --bucket {bucket} --to {going})"
+            );
         }
-        return Ok(Moved {
+        let nothing = Moved {
             bucket,
             from,
             to,
@@ -102,64 +136,91 @@ async fn move_locked(db: &Db, bucket: u16, to: u16) -> anyhow::Result<Moved> {
             ledger_rows: 0,
             withdrawals: 0,
             balance_cents: 0,
-        });
-    }
-    // 1. Pause.
-    set_moving(main, bucket, true).await?;
-    set_owned(source, bucket, PAUSED).await?;
-    // 2. Copy.
-    copy(source, target, bucket).await?;
-    // 3. Verify.
-    let (before, after) = (
-        figures(source, bucket).await?,
-        figures(target, bucket).await?,
-    );
-    if before != after {
-        clear(target, bucket).await?;
-        set_owned(source, bucket, OWNED).await?;
-        set_moving(main, bucket, false).await?;
-        anyhow::bail!(
-            "bucket {bucket}: the copy on shard {to} does not match shard {from} ({after:?} against {before:?}); nothing moved"
+        };
+        if from == to {
+            if moving != 0 {
+                // Switched before a crash: only the clean-up is left.
+                self.finish(to).await?;
+            }
+            return Ok(nothing);
+        }
+        let source = db.shard(usize::from(from));
+        let target = db.shard(usize::from(to));
+        // 1. Pause.
+        sqlx::query("UPDATE shard_map SET moving = 1, moving_to = ? WHERE bucket = ?")
+            .bind(to)
+            .bind(bucket)
+            .execute(main)
+            .await?;
+        self.still_ours().await?;
+        set_owned(source, bucket, PAUSED).await?;
+        // 2. Copy.
+        copy(source, target, bucket).await?;
+        // 3. Verify.
+        let (before, after) = (
+            figures(source, bucket).await?,
+            figures(target, bucket).await?,
         );
-    }
-    // 4. Switch.
-    set_owned(target, bucket, OWNED).await?;
-    sqlx::query(
-        "UPDATE shard_map SET shard = ?, moving = 0, moved_at = CURRENT_TIMESTAMP(3) WHERE bucket = ?",
-    )
-    .bind(to)
-    .bind(bucket)
-    .execute(main)
-    .await?;
-    // 5. Remove.
-    set_owned(source, bucket, GONE).await?;
-    clear(source, bucket).await?;
-    tracing::info!(
-        bucket,
-        from,
-        to,
-        accounts = before.accounts,
-        ledger_rows = before.ledger,
-        "bucket moved"
-    );
-    Ok(Moved {
-        bucket,
-        from,
-        to,
-        accounts: before.accounts,
-        ledger_rows: before.ledger,
-        withdrawals: before.withdrawals,
-        balance_cents: before.balance,
-    })
-}
-
-async fn set_moving(main: &MySqlPool, bucket: u16, moving: bool) -> sqlx::Result<()> {
-    sqlx::query("UPDATE shard_map SET moving = ? WHERE bucket = ?")
-        .bind(moving)
+        if before != after {
+            self.still_ours().await?;
+            clear(target, bucket).await?;
+            set_owned(target, bucket, GONE).await?;
+            set_owned(source, bucket, OWNED).await?;
+            sqlx::query("UPDATE shard_map SET moving = 0, moving_to = NULL WHERE bucket = ?")
+                .bind(bucket)
+                .execute(main)
+                .await?;
+            anyhow::bail!(
+                "bucket {bucket}: the copy on shard {to} does not match shard {from} ({after:?} against {before:?}); nothing moved"
+            );
+        }
+        // 4. Switch: the target owns it, the source no longer (views there now refuse it
+        // and read the map again), then the map sends it to the target.
+        self.still_ours().await?;
+        set_owned(target, bucket, OWNED).await?;
+        set_owned(source, bucket, GONE).await?;
+        sqlx::query(
+            "UPDATE shard_map SET shard = ?, moved_at = CURRENT_TIMESTAMP(3) WHERE bucket = ?",
+        )
+        .bind(to)
         .bind(bucket)
         .execute(main)
         .await?;
-    Ok(())
+        // 5. Remove.
+        self.finish(to).await?;
+        tracing::info!(
+            bucket,
+            from,
+            to,
+            accounts = before.accounts,
+            ledger_rows = before.ledger,
+            "bucket moved"
+        );
+        Ok(Moved {
+            accounts: before.accounts,
+            ledger_rows: before.ledger,
+            withdrawals: before.withdrawals,
+            balance_cents: before.balance,
+            ..nothing
+        })
+    }
+
+    /// Every shard but `owner` gives the bucket up and loses its rows; then the move ends.
+    async fn finish(&mut self, owner: u16) -> anyhow::Result<()> {
+        self.still_ours().await?;
+        for (i, pool) in self.db.shards().iter().enumerate() {
+            if i == usize::from(owner) {
+                continue;
+            }
+            set_owned(pool, self.bucket, GONE).await?;
+            clear(pool, self.bucket).await?;
+        }
+        sqlx::query("UPDATE shard_map SET moving = 0, moving_to = NULL WHERE bucket = ?")
+            .bind(self.bucket)
+            .execute(self.db.main())
+            .await?;
+        Ok(())
+    }
 }
 
 /// Waits (as an exclusive lock) for the bucket's running transactions on that shard.

@@ -184,9 +184,29 @@ impl Db {
         self.loaded.load(Ordering::Relaxed)
     }
 
-    /// Reads the shard map again (after a move, or when a shard refused a bucket).
+    /// Where the moves stand: buckets being moved, and the last move's time. A scan over
+    /// every shard is consistent when this is the same before and after it, with no
+    /// bucket moving (a bucket's rows are on two shards, or momentarily on none, while
+    /// it moves).
+    pub async fn moves(&self) -> Result<(i64, Option<chrono::NaiveDateTime>), sqlx::Error> {
+        sqlx::query_as(
+            "SELECT CAST(COALESCE(SUM(moving), 0) AS SIGNED), MAX(moved_at) FROM shard_map",
+        )
+        .fetch_one(self.main())
+        .await
+    }
+
+    /// Reads the shard map again (after a move, or when a shard refused a bucket). A map
+    /// that sends a bucket to a shard this instance does not have is refused (the last
+    /// map stays) with the reason.
     pub async fn refresh_map(&self) -> anyhow::Result<()> {
         let map = self.read_map().await?;
+        let n = self.shards.len();
+        if let Some((bucket, shard)) = map.iter().enumerate().find(|(_, s)| usize::from(**s) >= n) {
+            anyhow::bail!(
+                "the shard map now sends bucket {bucket} to shard {shard}, but only {n} shard(s) are configured here"
+            );
+        }
         *self.map.write().expect("shard map lock poisoned") = Arc::new(map);
         Ok(())
     }

@@ -27,9 +27,14 @@ pub async fn load_scripts(
 
 /// Runs a pipeline of commands (EVALSHA calls of `scripts`, or plain commands). A call
 /// answered NOSCRIPT (Redis restarted, failed over or flushed its script cache) did not
-/// run: the scripts are loaded and exactly those calls are sent again (a few times at
-/// most, should the cache be flushed once more in between), so no call ever runs twice
-/// and each answer means what it says.
+/// run: the scripts are loaded and those calls are sent again (a few times at most,
+/// should the cache be flushed once more in between).
+///
+/// On one node no call runs twice. On a cluster the client itself sends a pipeline again
+/// when its answer was lost (a timeout, a failover), so the scripts are written to stand
+/// that: a grant and a give-back carry ids applied once, a store that finds its own
+/// bytes counts as stored, marks and drains are idempotent, and a take run twice can only
+/// leak (which repair returns).
 ///
 /// On a cluster the pipeline is split into one pipeline per hash slot (each command's
 /// first key names its slot), sent concurrently; the answers come back in the order of

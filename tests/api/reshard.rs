@@ -213,3 +213,79 @@ fn token_otn(token: &str) -> String {
         .unwrap()
         .out_trade_no
 }
+
+/// A move cut short can only be finished where it was going, and finishing it clears
+/// the bucket from every other shard: a crash never leaves a bucket owned twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_cut_short_is_finished_never_turned_elsewhere() {
+    let second = create_database().await;
+    let t = spawn_app_with(Options {
+        env: vec![("RPW_MYSQL__SHARD_URLS".into(), mysql_url_for(&second))],
+        ..Default::default()
+    })
+    .await;
+    t.open_activity("cny2027", 1_000_000, 1_000).await;
+    // Users 2 and 4 live in buckets 2 and 4, both on shard 0.
+    issue_all(&t, vec![award(2, 1, 30), award(4, 1, 40)]).await;
+    assert_eq!(t.drain().await, 2);
+    let main = t.app.db.main().clone();
+    let state = |bucket: u16| {
+        let main = main.clone();
+        async move {
+            sqlx::query_as::<_, (u16, i8, Option<u16>)>(
+                "SELECT shard, moving, moving_to FROM shard_map WHERE bucket = ?",
+            )
+            .bind(bucket)
+            .fetch_one(&main)
+            .await
+            .unwrap()
+        }
+    };
+    let rows = |shard: usize, user: i64| {
+        let pool = t.app.db.shard(shard).clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM ledger_entries WHERE user_id = ?")
+                .bind(user)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+
+    // Bucket 2: cut short after the pause, on its way to shard 1.
+    sqlx::query("UPDATE shard_map SET moving = 1, moving_to = 1 WHERE bucket = 2")
+        .execute(&main)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE bucket_owner SET owned = 2 WHERE bucket = 2")
+        .execute(t.app.db.shard(0))
+        .await
+        .unwrap();
+    let turned = reshard(&t.app.db, 2, 0).await.unwrap_err().to_string();
+    assert!(turned.contains("finish that move first"), "{turned}");
+    reshard(&t.app.db, 2, 1).await.unwrap();
+    assert_eq!(state(2).await, (1, 0, None));
+    assert_eq!((rows(0, 2).await, rows(1, 2).await), (0, 1));
+
+    // Bucket 4: cut short after the switch, before the source was cleared.
+    reshard(&t.app.db, 4, 1).await.unwrap();
+    // Put it back in that state by hand: the rows on shard 0 again, the move not over.
+    sqlx::query("INSERT INTO ledger_entries (user_id, out_trade_no, kind, amount_cents, at_ms) VALUES (4, 'stale', 'award', 40, 0)")
+        .execute(t.app.db.shard(0))
+        .await
+        .unwrap();
+    sqlx::query("UPDATE shard_map SET moving = 1, moving_to = 1 WHERE bucket = 4")
+        .execute(&main)
+        .await
+        .unwrap();
+    reshard(&t.app.db, 4, 1).await.unwrap();
+    assert_eq!(state(4).await, (1, 0, None));
+    assert_eq!(rows(0, 4).await, 0, "finishing clears the old shard");
+    assert_eq!(rows(1, 4).await, 1);
+    // Only shard 1 owns the buckets now, and the wallets are whole.
+    for (user, cents) in [(2, 30), (4, 40)] {
+        assert_eq!(t.wallet(user).await["balance_cents"], cents);
+    }
+    t.stop().await;
+    drop_database(&second).await;
+}
