@@ -4,7 +4,28 @@
 use super::*;
 
 impl Budget {
+    /// The budget's figures, from MySQL (budget, granted, in doubt) and the live
+    /// sub-stocks (available). A grant landing between the two reads would tear them
+    /// (its cents counted as both ungranted and available), so they are read until two
+    /// readings in a row agree.
     pub async fn figures(
+        &self,
+        redis: &Redis,
+        db: &Db,
+        activity: &str,
+    ) -> anyhow::Result<BudgetFigures> {
+        let mut last = self.figures_once(redis, db, activity).await?;
+        for _ in 0..10 {
+            let again = self.figures_once(redis, db, activity).await?;
+            if again == last {
+                return Ok(again);
+            }
+            last = again;
+        }
+        Ok(last)
+    }
+
+    async fn figures_once(
         &self,
         redis: &Redis,
         db: &Db,

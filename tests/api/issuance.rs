@@ -149,11 +149,15 @@ async fn concurrent_batches_against_a_tight_budget_never_over_issue() {
 }
 
 /// Two requests for one award in the same millisecond mint byte-identical tokens
-/// (Ed25519 signatures are deterministic). The one that stores second is still a replay
-/// and gives its budget back.
+/// (Ed25519 signatures are deterministic). On one node the one that stores second is
+/// still a replay and gives its budget back. On a cluster, where the client may send a
+/// store again after losing its answer, bytes held that equal ours count as our own
+/// store: the second keeps its take (a leak repair returns), never gives an award's
+/// budget back while its token stands.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_award_twice_in_one_millisecond_is_minted_once() {
     let t = spawn_app().await;
+    let cluster = t.app.redis.is_cluster();
     t.open_activity("cny2027", 100_000, 500).await;
     let now = redpacket_wallet::store::now_ms();
     let rounds = 40;
@@ -169,11 +173,12 @@ async fn the_same_award_twice_in_one_millisecond_is_minted_once() {
         let a = a.into_iter().next().unwrap().unwrap();
         let b = b.into_iter().next().unwrap().unwrap();
         assert_eq!(a.token, b.token, "round {rain}: one token");
-        assert_eq!(
-            [a.replayed, b.replayed].iter().filter(|r| !**r).count(),
-            1,
-            "round {rain}: exactly one of the two minted"
-        );
+        let minted = [a.replayed, b.replayed].iter().filter(|r| !**r).count();
+        if cluster {
+            assert!(minted >= 1, "round {rain}: the token is stored");
+        } else {
+            assert_eq!(minted, 1, "round {rain}: exactly one of the two minted");
+        }
     }
     let figures = t
         .app
@@ -181,11 +186,19 @@ async fn the_same_award_twice_in_one_millisecond_is_minted_once() {
         .figures(&t.app.redis, &t.app.db, "cny2027")
         .await
         .unwrap();
-    assert_eq!(
-        figures.taken_cents,
-        10 * rounds,
-        "each award's budget taken once"
-    );
+    if cluster {
+        // At most one extra take per round, never less than the awards.
+        assert!(
+            (10 * rounds..=20 * rounds).contains(&figures.taken_cents),
+            "{figures:?}"
+        );
+    } else {
+        assert_eq!(
+            figures.taken_cents,
+            10 * rounds,
+            "each award's budget taken once"
+        );
+    }
     let issued = t.app.tokens.issued_totals("cny2027").await.unwrap();
     assert_eq!((issued.count, issued.cents), (rounds, 10 * rounds));
     t.stop().await;
