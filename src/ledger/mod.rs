@@ -302,22 +302,14 @@ impl Ledger {
             .withdrawn_cents
             .checked_add(cents)
             .ok_or(LedgerError::Overflow("withdrawn total overflows"))?;
-        sqlx::query(
-            "UPDATE accounts SET balance_cents = balance_cents - ?, withdrawn_cents = withdrawn_cents + ?, version = version + 1 WHERE user_id = ?",
+        write_withdrawal_row(
+            tx,
+            account.user,
+            -cents,
+            "withdraw",
+            &format!("wd_{withdrawal_id}"),
+            at_ms,
         )
-        .bind(cents)
-        .bind(cents)
-        .bind(account.user.get())
-        .execute(&mut **tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO ledger_entries (user_id, out_trade_no, kind, amount_cents, at_ms) VALUES (?, ?, 'withdraw', ?, ?)",
-        )
-        .bind(account.user.get())
-        .bind(format!("wd_{withdrawal_id}"))
-        .bind(-cents)
-        .bind(at_ms)
-        .execute(&mut **tx)
         .await?;
         account.balance_cents = balance;
         account.withdrawn_cents = withdrawn;
@@ -339,26 +331,49 @@ impl Ledger {
             .balance_cents
             .checked_add(cents)
             .ok_or(LedgerError::Overflow("balance overflows"))?;
-        sqlx::query(
-            "UPDATE accounts SET balance_cents = balance_cents + ?, withdrawn_cents = withdrawn_cents - ?, version = version + 1 WHERE user_id = ?",
+        write_withdrawal_row(
+            tx,
+            account.user,
+            cents,
+            "reversal",
+            &format!("rv_{withdrawal_id}"),
+            at_ms,
         )
-        .bind(cents)
-        .bind(cents)
-        .bind(account.user.get())
-        .execute(&mut **tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO ledger_entries (user_id, out_trade_no, kind, amount_cents, at_ms) VALUES (?, ?, 'reversal', ?, ?)",
-        )
-        .bind(account.user.get())
-        .bind(format!("rv_{withdrawal_id}"))
-        .bind(cents)
-        .bind(at_ms)
-        .execute(&mut **tx)
         .await?;
         account.balance_cents = balance;
         account.withdrawn_cents -= cents;
         account.version += 1;
         Ok(())
     }
+}
+
+/// Moves `delta` cents between a locked account's balance and its withdrawn total (a
+/// debit is negative, a reversal positive) and writes the ledger row that says so.
+async fn write_withdrawal_row(
+    tx: &mut Transaction<'_, MySql>,
+    user: UserId,
+    delta: i64,
+    kind: &str,
+    out_trade_no: &str,
+    at_ms: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE accounts SET balance_cents = balance_cents + ?, withdrawn_cents = withdrawn_cents - ?, version = version + 1 WHERE user_id = ?",
+    )
+    .bind(delta)
+    .bind(delta)
+    .bind(user.get())
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO ledger_entries (user_id, out_trade_no, kind, amount_cents, at_ms) VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(user.get())
+    .bind(out_trade_no)
+    .bind(kind)
+    .bind(delta)
+    .bind(at_ms)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }

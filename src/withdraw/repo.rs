@@ -45,13 +45,7 @@ pub async fn find_by_id<'e, E: sqlx::Executor<'e, Database = MySql>>(
     executor: E,
     id: &str,
 ) -> Result<Option<Withdrawal>, sqlx::Error> {
-    sqlx::query(&format!("SELECT {COLUMNS} FROM withdrawals WHERE id = ?"))
-        .bind(id)
-        .fetch_optional(executor)
-        .await?
-        .as_ref()
-        .map(from_row)
-        .transpose()
+    by_id(executor, id, "").await
 }
 
 /// [`find_by_id`], locking the row for the transaction.
@@ -59,8 +53,16 @@ pub async fn lock_by_id<'e, E: sqlx::Executor<'e, Database = MySql>>(
     executor: E,
     id: &str,
 ) -> Result<Option<Withdrawal>, sqlx::Error> {
+    by_id(executor, id, " FOR UPDATE").await
+}
+
+async fn by_id<'e, E: sqlx::Executor<'e, Database = MySql>>(
+    executor: E,
+    id: &str,
+    lock: &str,
+) -> Result<Option<Withdrawal>, sqlx::Error> {
     sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM withdrawals WHERE id = ? FOR UPDATE"
+        "SELECT {COLUMNS} FROM withdrawals WHERE id = ?{lock}"
     ))
     .bind(id)
     .fetch_optional(executor)

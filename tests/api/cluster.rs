@@ -337,20 +337,11 @@ async fn a_master_killed_mid_burst_fails_over_and_no_money_is_lost_or_minted() {
 
     // Every client syncs what it holds; then everything is booked.
     let held = held.lock().unwrap().clone();
-    let mut restored = 0;
-    for (user, tokens) in &held {
-        let list: Vec<&str> = tokens.iter().map(|(t, _)| t.as_str()).collect();
-        let (status, body) = t
-            .post(
-                "/v1/wallet/tokens:sync",
-                &t.jwt(*user),
-                &json!({ "tokens": list }),
-            )
-            .await;
-        assert_eq!(status, 200, "{body}");
-        assert_eq!(body["rejected"], json!([]), "{body}");
-        restored += body["restored"].as_i64().unwrap();
-    }
+    let lists: HashMap<i64, Vec<String>> = held
+        .iter()
+        .map(|(u, tokens)| (*u, tokens.iter().map(|(t, _)| t.clone()).collect()))
+        .collect();
+    let restored = sync_all(&t, &lists).await;
     t.drain().await;
 
     let rows: Vec<(String, i64, i64)> = sqlx::query_as(
@@ -405,14 +396,4 @@ async fn a_master_killed_mid_burst_fails_over_and_no_money_is_lost_or_minted() {
         .expect("no task holds the app")
         .stop()
         .await;
-}
-
-fn token_otn(token: &str) -> String {
-    use base64::Engine;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token)
-        .unwrap();
-    redpacket_wallet::token::decode_trusted(&bytes)
-        .unwrap()
-        .out_trade_no
 }

@@ -2,6 +2,7 @@
 //! directory and a server on a port-0 listener, per test, so tests run in parallel
 //! against the real Redis and MariaDB that scripts/services.sh starts.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -576,4 +577,34 @@ pub async fn issue_all(t: &TestApp, awards: Vec<Value>) -> Vec<Value> {
         }
     }
     out
+}
+
+/// Every client sends the tokens it holds to `tokens:sync`; none may be rejected.
+/// Returns how many the server restored.
+pub async fn sync_all(t: &TestApp, held: &HashMap<i64, Vec<String>>) -> i64 {
+    let mut restored = 0;
+    for (user, tokens) in held {
+        let (status, body) = t
+            .post(
+                "/v1/wallet/tokens:sync",
+                &t.jwt(*user),
+                &json!({ "tokens": tokens }),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["rejected"], json!([]), "{body}");
+        restored += body["restored"].as_i64().unwrap();
+    }
+    restored
+}
+
+/// The out_trade_no inside a token as the API returns it (base64).
+pub fn token_otn(token: &str) -> String {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .unwrap();
+    redpacket_wallet::token::decode_trusted(&bytes)
+        .unwrap()
+        .out_trade_no
 }

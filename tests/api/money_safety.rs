@@ -36,23 +36,6 @@ async fn issue_to_clients(
     (held, results)
 }
 
-async fn sync_all(t: &TestApp, held: &HashMap<i64, Vec<String>>) -> i64 {
-    let mut restored = 0;
-    for (user, tokens) in held {
-        let (status, body) = t
-            .post(
-                "/v1/wallet/tokens:sync",
-                &t.jwt(*user),
-                &json!({ "tokens": tokens }),
-            )
-            .await;
-        assert_eq!(status, 200, "{body}");
-        assert_eq!(body["rejected"], json!([]), "{body}");
-        restored += body["restored"].as_i64().unwrap();
-    }
-    restored
-}
-
 async fn activity(t: &TestApp, id: &str) -> Value {
     let (status, view) = t
         .get(&format!("/v1/admin/activities/{id}"), Some(ADMIN))
@@ -73,16 +56,6 @@ async fn ledger_awards(t: &TestApp, activity: &str) -> (i64, HashSet<String>) {
         rows.iter().map(|r| r.1).sum(),
         rows.into_iter().map(|r| r.0).collect(),
     )
-}
-
-fn token_otn(token: &str) -> String {
-    use base64::Engine;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token)
-        .unwrap();
-    redpacket_wallet::token::decode_trusted(&bytes)
-        .unwrap()
-        .out_trade_no
 }
 
 async fn flushall(redis: &PrivateRedis) {

@@ -204,16 +204,6 @@ async fn buckets_move_between_shards_under_load_and_nothing_is_lost() {
     drop_database(&second).await;
 }
 
-fn token_otn(token: &str) -> String {
-    use base64::Engine;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token)
-        .unwrap();
-    redpacket_wallet::token::decode_trusted(&bytes)
-        .unwrap()
-        .out_trade_no
-}
-
 /// A move cut short can only be finished where it was going, and finishing it clears
 /// the bucket from every other shard: a crash never leaves a bucket owned twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
