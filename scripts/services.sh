@@ -7,6 +7,8 @@
 #   scripts/services.sh status
 #   scripts/services.sh cluster  # a local Redis Cluster: 3 masters, one replica each
 #   scripts/services.sh stop cluster
+#   scripts/services.sh tools    # what the checks beyond cargo need: python3-cryptography
+#                                # for the independent token verifier (docs/verify/)
 #
 # A server already answering at the configured port is used as it is. Otherwise the
 # Debian packages are installed when missing and private instances are started with
@@ -232,11 +234,14 @@ case "${1:-start}" in
     start_cluster
     echo "RPW_REDIS__CLUSTER_URLS=$(cluster_urls)"
     ;;
+  tools)
+    python3 -c 'import cryptography' 2>/dev/null || apt_install python3 python3-cryptography
+    ;;
   stop) stop_private "$WHICH" ;;
   status)
     redis_answers && log "redis answers on $REDIS_PORT" || log "redis down on $REDIS_PORT"
     mysql_answers && log "mariadb answers on $MYSQL_PORT" || log "mariadb down on $MYSQL_PORT"
     cluster_ok && log "redis cluster ok on $CLUSTER_PORT.." || log "no redis cluster on $CLUSTER_PORT.."
     ;;
-  *) echo "usage: $0 [start|stop|status|cluster] [redis|mysql|cluster]" >&2; exit 2 ;;
+  *) echo "usage: $0 [start|stop|status|cluster|tools] [redis|mysql|cluster]" >&2; exit 2 ;;
 esac

@@ -10,12 +10,18 @@ eval "$(scripts/services.sh start | sed 's/^/export /')"
 export RPW_TEST_REDIS_URL="${RPW_TEST_REDIS_URL:-$RPW_REDIS__URL}"
 export RPW_TEST_MYSQL_URL="${RPW_TEST_MYSQL_URL:-$RPW_MYSQL__URL}"
 
+scripts/services.sh tools
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --workspace --all-targets -- "$@"
+# The token test vectors, checked by a verifier written from API.md in another language
+# (the crate's own check of the same file ran with the unit tests).
+echo "== docs/verify/verify_token.py docs/token-vectors.json"
+python3 docs/verify/verify_token.py docs/token-vectors.json
 # The integration suite again, every test of it, on a local Redis Cluster (3 masters,
 # one replica each). Tests that need a Redis of their own (to flush, kill or restart
 # it) still start a single node for themselves; the failover test brings its own

@@ -225,6 +225,27 @@ impl KeyRing {
         Ok(Self { signer, public })
     }
 
+    /// A ring of one key derived from a 32-byte seed: reproducible signatures for test
+    /// vectors and tests, never for a running service (its keys come from `load`).
+    pub fn from_seed(key_id: &str, seed: &[u8; 32]) -> anyhow::Result<Self> {
+        let pair = Ed25519KeyPair::from_seed_unchecked(seed)
+            .map_err(|_| anyhow::anyhow!("not an Ed25519 seed"))?;
+        let public = BTreeMap::from([(
+            key_id.to_string(),
+            PublicKey {
+                key_id: key_id.to_string(),
+                alg: "Ed25519",
+                public_key: pair.public_key().as_ref().to_vec(),
+                active: true,
+                retired: false,
+            },
+        )]);
+        Ok(Self {
+            signer: Some((key_id.to_string(), pair)),
+            public,
+        })
+    }
+
     /// What tells two rings apart: every key id with its retirement, and the signer.
     fn fingerprint(&self) -> (Option<&str>, Vec<(&str, bool)>) {
         (

@@ -5,7 +5,7 @@
 //! 2. idempotency before budget: a token already stored under the out_trade_no is
 //!    returned as it is (a replay), even when the budget has run out since;
 //! 3. take the amount from the activity's budget sub-stocks;
-//! 4. mint and sign the token;
+//! 4. mint the batch's tokens, signed together (one signature over their Merkle root);
 //! 5. store it with the token record's store (`tokens`): token, status, hourly counters
 //!    and a settlement stream entry, atomically in the user's partition.
 //!
@@ -277,19 +277,27 @@ impl Issuer {
             }
         }
 
-        // Step 4: mint, recording the budget generation the money came from.
+        // Step 4: mint, recording the budget generation the money came from. Every
+        // token of the batch is signed together: one signature over their Merkle root.
         let mut minted: Vec<(usize, SignedAward)> = Vec::with_capacity(taken.len());
-        let keys = self.keys.current();
-        for &k in &fresh {
-            let Some(t) = taken.get(&k) else {
-                continue;
-            };
-            let mut draft = awards[k].1.draft.clone();
-            draft.budget_gen = t.gen;
-            match token::mint(&keys, draft) {
-                Ok(award) => minted.push((k, award)),
-                Err(err) => {
-                    // Nothing was stored: the budget goes back at once.
+        let to_mint: Vec<usize> = fresh
+            .iter()
+            .copied()
+            .filter(|k| taken.contains_key(k))
+            .collect();
+        let drafts = to_mint
+            .iter()
+            .map(|&k| {
+                let mut draft = awards[k].1.draft.clone();
+                draft.budget_gen = taken[&k].gen;
+                draft
+            })
+            .collect();
+        match token::mint_all(&self.keys.current(), drafts) {
+            Ok(awards) => minted.extend(to_mint.iter().copied().zip(awards)),
+            Err(err) => {
+                // Nothing was stored: the budget goes back at once.
+                for &k in &to_mint {
                     if let Some(t) = taken.remove(&k) {
                         let _ = self
                             .budget

@@ -470,6 +470,116 @@ async fn a_token_verifies_offline_with_the_published_key() {
     t.stop().await;
 }
 
+/// Runs the independent verifier (docs/verify/verify_token.py, Python) on `tokens` with
+/// the keys `GET /v1/keys` lists; returns its answer per token.
+async fn verify_independently(t: &TestApp, tokens: &[String]) -> Vec<String> {
+    let (_, keys) = t.get("/v1/keys", None).await;
+    let path = std::env::temp_dir().join(format!("rpw-keys-{}.json", rand::random::<u64>()));
+    std::fs::write(&path, keys.to_string()).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/verify/verify_token.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(&path)
+        .args(tokens)
+        .output()
+        .expect("python3 runs (scripts/services.sh tools installs python3-cryptography)");
+    let _ = std::fs::remove_file(&path);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        !text.is_empty(),
+        "the verifier said nothing: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines().map(str::to_string).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn awards_issued_together_share_one_signature_and_verify_independently() {
+    let t = spawn_app().await;
+    t.open_activity("cny2027", 1_000_000, 500).await;
+    // A batch request: its tokens form one tree.
+    let results = issue_all(&t, (0..5).map(|i| award(100 + i, 1, 10 + i)).collect()).await;
+    let tokens: Vec<String> = results
+        .iter()
+        .map(|r| r["token"].as_str().unwrap().to_string())
+        .collect();
+    let signed: Vec<pb::SignedToken> = tokens
+        .iter()
+        .map(|b| pb::SignedToken::decode(B64.decode(b).unwrap().as_slice()).unwrap())
+        .collect();
+    for (i, s) in signed.iter().enumerate() {
+        let proof = s
+            .batch
+            .as_ref()
+            .expect("a batch-signed token carries its proof");
+        assert_eq!((proof.size, proof.index), (5, i as u32));
+        assert_eq!(proof.tree_id, signed[0].batch.as_ref().unwrap().tree_id);
+        assert_eq!(s.signature, signed[0].signature, "one signature per batch");
+        assert_ne!(proof.salt, signed[(i + 1) % 5].batch.as_ref().unwrap().salt);
+    }
+    let answers = verify_independently(&t, &tokens).await;
+    assert_eq!(answers.len(), 5);
+    for (i, answer) in answers.iter().enumerate() {
+        let expected = format!("valid: user {}, {} cents, ", 100 + i, 10 + i);
+        assert!(answer.starts_with(&expected), "{answer}");
+    }
+    // A token whose amount was raised is refused by the same verifier.
+    let mut forged = signed[2].clone();
+    let mut payload = pb::RedPacketToken::decode(forged.payload.as_slice()).unwrap();
+    payload.amount_cents = 1_000;
+    forged.payload = payload.encode_to_vec();
+    let answers = verify_independently(&t, &[B64.encode(forged.encode_to_vec())]).await;
+    assert_eq!(answers, vec!["refused: bad signature".to_string()]);
+
+    // Single awards that arrive together are signed together: concurrent POST
+    // /v1/awards queue while a batch is in flight and share the next one's tree.
+    let mut singles: Vec<String> = Vec::new();
+    let mut trees: HashSet<Vec<u8>> = HashSet::new();
+    for round in 0..3 {
+        let sent = join_all((0..64).map(|i| {
+            let body = award(1_000 + i, 10 + round, 5);
+            let t = &t;
+            async move { t.post("/v1/awards", CALLER, &body).await }
+        }))
+        .await;
+        for (status, body) in sent {
+            assert_eq!(status, 201, "{body}");
+            let text = body["token"].as_str().unwrap().to_string();
+            let s = pb::SignedToken::decode(B64.decode(&text).unwrap().as_slice()).unwrap();
+            trees.insert(match s.batch {
+                Some(proof) => proof.tree_id,
+                None => s.signature,
+            });
+            singles.push(text);
+        }
+        if trees.len() < singles.len() {
+            break;
+        }
+    }
+    assert!(
+        trees.len() < singles.len(),
+        "{} concurrent single awards, {} signatures",
+        singles.len(),
+        trees.len()
+    );
+    let answers = verify_independently(&t, &singles).await;
+    assert!(
+        answers.iter().all(|a| a.starts_with("valid: ")),
+        "{answers:?}"
+    );
+    // The service's own sync accepts them back as known.
+    let (status, body) = t
+        .post(
+            "/v1/wallet/tokens:sync",
+            &t.jwt(100),
+            &json!({"tokens": [tokens[0]]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["known"], 1, "{body}");
+    t.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protobuf_round_trips_for_single_and_batch() {
     let t = spawn_app().await;

@@ -1,8 +1,19 @@
 //! Award tokens: mint → encode → sign the exact bytes; decode → verify.
 //!
 //! A token travels as the bytes of an encoded [`pb::SignedToken`] (base64url in JSON).
-//! The signature covers `SignedToken.payload` exactly as carried, so anyone holding the
-//! public key from `GET /v1/keys` can check a token offline without re-encoding anything.
+//! Anyone holding the public key from `GET /v1/keys` can check a token offline without
+//! re-encoding anything:
+//! - a token minted alone carries an Ed25519 signature over `payload` exactly as carried;
+//! - tokens minted together share one signature over the Merkle root of their payloads
+//!   ([`merkle`]), and each carries its inclusion proof and salt (`batch`). Signing costs
+//!   one signature per batch and a few hashes per token.
+//!
+//! `docs/token-vectors.json` holds test vectors of both kinds, and
+//! `docs/verify/verify_token.py` is a verifier written from API.md alone.
+
+pub mod merkle;
+#[cfg(test)]
+mod vectors;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
@@ -10,6 +21,7 @@ use prost::Message;
 
 use crate::keys::{KeyRing, VerifyError};
 use crate::pb;
+use merkle::{Hash, ID_LEN};
 
 /// Which check a presented token failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -31,24 +43,99 @@ pub struct SignedAward {
 }
 
 /// Encodes `token` (its key id set to the active key's), signs the encoding and wraps both.
-pub fn mint(keys: &KeyRing, mut token: pb::RedPacketToken) -> Result<SignedAward, TokenError> {
+pub fn mint(keys: &KeyRing, token: pb::RedPacketToken) -> Result<SignedAward, TokenError> {
+    let mut minted = mint_all(keys, vec![token])?;
+    Ok(minted.pop().expect("one token in, one out"))
+}
+
+/// Mints tokens together: one alone is signed over its payload; two or more share one
+/// signature over the Merkle root of their leaves, with fresh random tree id and salts.
+pub fn mint_all(
+    keys: &KeyRing,
+    tokens: Vec<pb::RedPacketToken>,
+) -> Result<Vec<SignedAward>, TokenError> {
+    let mut tree_id = [0u8; ID_LEN];
+    let mut salts = vec![[0u8; ID_LEN]; tokens.len()];
+    if tokens.len() > 1 {
+        use rand::RngCore;
+        let mut rng = rand::rng();
+        rng.fill_bytes(&mut tree_id);
+        for salt in &mut salts {
+            rng.fill_bytes(salt);
+        }
+    }
+    mint_with(keys, tokens, tree_id, &salts)
+}
+
+/// [`mint_all`] with the tree id and salts given (test vectors are reproducible).
+fn mint_with(
+    keys: &KeyRing,
+    mut tokens: Vec<pb::RedPacketToken>,
+    tree_id: [u8; ID_LEN],
+    salts: &[[u8; ID_LEN]],
+) -> Result<Vec<SignedAward>, TokenError> {
+    if tokens.is_empty() {
+        return Ok(Vec::new());
+    }
     let key_id = keys
         .active_key_id()
         .ok_or(TokenError::NoSigner)?
         .to_string();
-    token.key_id = key_id;
-    token.status = pb::TokenStatus::Pending as i32;
-    let payload = token.encode_to_vec();
-    let (key_id, signature) = keys.sign(&payload).ok_or(TokenError::NoSigner)?;
-    let signed = pb::SignedToken {
-        payload,
-        signature,
-        key_id: key_id.to_string(),
-    };
-    Ok(SignedAward {
-        bytes: signed.encode_to_vec(),
+    let payloads: Vec<Vec<u8>> = tokens
+        .iter_mut()
+        .map(|token| {
+            token.key_id = key_id.clone();
+            token.status = pb::TokenStatus::Pending as i32;
+            token.encode_to_vec()
+        })
+        .collect();
+    let wrap = |token, payload, signature, batch| SignedAward {
+        bytes: pb::SignedToken {
+            payload,
+            signature,
+            key_id: key_id.clone(),
+            batch,
+        }
+        .encode_to_vec(),
         token,
-    })
+    };
+    if tokens.len() == 1 {
+        let (_, signature) = keys.sign(&payloads[0]).ok_or(TokenError::NoSigner)?;
+        let (token, payload) = (tokens.pop(), payloads.into_iter().next());
+        return Ok(vec![wrap(
+            token.unwrap(),
+            payload.unwrap(),
+            signature,
+            None,
+        )]);
+    }
+    let size =
+        u32::try_from(tokens.len()).map_err(|_| TokenError::BadEncoding("batch too large"))?;
+    let leaves: Vec<Hash> = payloads
+        .iter()
+        .zip(salts)
+        .map(|(payload, salt)| merkle::leaf_hash(&tree_id, salt, payload))
+        .collect();
+    let (root, paths) = merkle::build(&leaves);
+    let (_, signature) = keys
+        .sign(&merkle::root_message(&tree_id, size, &root))
+        .ok_or(TokenError::NoSigner)?;
+    Ok(tokens
+        .into_iter()
+        .zip(payloads)
+        .zip(paths)
+        .enumerate()
+        .map(|(index, ((token, payload), path))| {
+            let proof = pb::BatchProof {
+                tree_id: tree_id.to_vec(),
+                size,
+                index: index as u32,
+                salt: salts[index].to_vec(),
+                path: path.concat(),
+            };
+            wrap(token, payload, signature.clone(), Some(proof))
+        })
+        .collect())
 }
 
 /// Decodes and verifies a token presented from outside (a client's copy).
@@ -60,7 +147,13 @@ pub fn verify(keys: &KeyRing, bytes: &[u8]) -> Result<pb::RedPacketToken, TokenE
             "payload, signature or key id missing",
         ));
     }
-    keys.verify(&signed.key_id, &signed.payload, &signed.signature)?;
+    match &signed.batch {
+        None => keys.verify(&signed.key_id, &signed.payload, &signed.signature)?,
+        Some(proof) => {
+            let message = batch_root_message(proof, &signed.payload)?;
+            keys.verify(&signed.key_id, &message, &signed.signature)?
+        }
+    }
     let token = pb::RedPacketToken::decode(signed.payload.as_slice())
         .map_err(|_| TokenError::BadEncoding("payload is not a RedPacketToken"))?;
     if token.key_id != signed.key_id {
@@ -69,6 +162,23 @@ pub fn verify(keys: &KeyRing, bytes: &[u8]) -> Result<pb::RedPacketToken, TokenE
         return Err(TokenError::Verify(VerifyError::BadSignature));
     }
     Ok(token)
+}
+
+/// What a batch token's signature must cover, recomputed from its proof; a proof that
+/// cannot belong to its tree fails as a bad signature.
+fn batch_root_message(proof: &pb::BatchProof, payload: &[u8]) -> Result<Vec<u8>, TokenError> {
+    if proof.tree_id.len() != ID_LEN || proof.salt.len() != ID_LEN || proof.path.len() % 32 != 0 {
+        return Err(TokenError::BadEncoding("malformed batch proof"));
+    }
+    let path: Vec<Hash> = proof
+        .path
+        .chunks_exact(32)
+        .map(|c| c.try_into().expect("32-byte chunk"))
+        .collect();
+    let leaf = merkle::leaf_hash(&proof.tree_id, &proof.salt, payload);
+    let root = merkle::root_from_proof(leaf, proof.index, proof.size, &path)
+        .ok_or(TokenError::Verify(VerifyError::BadSignature))?;
+    Ok(merkle::root_message(&proof.tree_id, proof.size, &root))
 }
 
 /// Decodes a token the service itself stored, without checking the signature again.
