@@ -56,6 +56,9 @@ pub struct Worker {
     /// error); they are re-read from the consumer's own pending list first.
     own_pending: HashSet<u32>,
     last_claim: HashMap<u32, Instant>,
+    /// Tokens per stream entry lately (store.lua writes one entry per call), so a read
+    /// asks for about one booking batch of tokens.
+    tokens_per_entry: f64,
 }
 
 impl Worker {
@@ -66,10 +69,17 @@ impl Worker {
             options,
             own_pending: HashSet::new(),
             last_claim: HashMap::new(),
+            tokens_per_entry: 1.0,
         }
     }
 
-    fn read_count(&self) -> usize {
+    /// Stream entries to read: about one booking batch of tokens.
+    fn entries_to_read(&self) -> usize {
+        ((self.batch_tokens() as f64 / self.tokens_per_entry).ceil() as usize).max(1)
+    }
+
+    /// Tokens booked in one transaction at most.
+    fn batch_tokens(&self) -> usize {
         match &self.settler.limiter {
             // Never ask the bucket for more than it can ever hold.
             Some(_) if self.settler.settings.max_tps > 0 => self
@@ -80,11 +90,14 @@ impl Worker {
         }
     }
 
-    async fn read(&mut self, partition: u32) -> anyhow::Result<Vec<StreamId>> {
+    /// The next entries of `partition`: claimed from a dead consumer, this consumer's own
+    /// unbooked ones (after a failed batch), or new ones; and whether they came from this
+    /// consumer's own pending list (which may hold more than one read's worth).
+    async fn read(&mut self, partition: u32) -> anyhow::Result<(Vec<StreamId>, bool)> {
         let redis = &self.settler.redis;
         let stream = redis.stream_key(partition);
         let mut conn = redis.conn();
-        let count = self.read_count();
+        let count = self.entries_to_read();
         let due_claim = self
             .last_claim
             .get(&partition)
@@ -102,7 +115,7 @@ impl Worker {
                 )
                 .await;
             match reply {
-                Ok(reply) if !reply.claimed.is_empty() => return Ok(reply.claimed),
+                Ok(reply) if !reply.claimed.is_empty() => return Ok((reply.claimed, false)),
                 Ok(_) => {}
                 Err(err) if err.code() == Some("NOGROUP") => {
                     ensure_group(&mut conn, &stream).await?;
@@ -115,11 +128,14 @@ impl Worker {
         if self.own_pending.contains(&partition) {
             let ids = self.read_group(&mut conn, &stream, "0", count).await?;
             if !ids.is_empty() {
-                return Ok(ids);
+                return Ok((ids, true));
             }
             self.own_pending.remove(&partition);
         }
-        self.read_group(&mut conn, &stream, ">", count).await
+        Ok((
+            self.read_group(&mut conn, &stream, ">", count).await?,
+            false,
+        ))
     }
 
     async fn read_group(
@@ -144,22 +160,32 @@ impl Worker {
         }
     }
 
-    /// Reads, books and acknowledges one batch of `partition`.
+    /// Reads, books and acknowledges one batch of `partition`: the entries read carry
+    /// about one booking batch of tokens; more are booked in several transactions, and
+    /// the entries are acknowledged with the last one's marks, once all are booked.
     pub async fn try_execute_batch(&mut self, partition: u32) -> anyhow::Result<Outcome> {
         if self.settler.switches.booking_paused() {
             return Ok(Outcome::Paused);
         }
-        let ids = self.read(partition).await?;
+        let (ids, from_own_pending) = self.read(partition).await?;
         if ids.is_empty() {
             return Ok(Outcome::Empty);
         }
         let mut entries = Vec::with_capacity(ids.len());
+        let mut acks = Vec::with_capacity(ids.len());
         let mut malformed = Vec::new();
         for id in &ids {
             match parse_entry(id) {
-                Some(e) => entries.push(e),
+                Some(tokens) => {
+                    entries.extend(tokens);
+                    acks.push((partition, id.id.clone()));
+                }
                 None => malformed.push(id.id.clone()),
             }
+        }
+        if !acks.is_empty() {
+            let per_entry = entries.len() as f64 / acks.len() as f64;
+            self.tokens_per_entry = 0.5 * self.tokens_per_entry + 0.5 * per_entry;
         }
         if !malformed.is_empty() {
             // Only store.lua and sync write these streams; an unreadable entry cannot
@@ -169,114 +195,122 @@ impl Worker {
             let stream = self.settler.redis.stream_key(partition);
             let _: () = conn.xack(&stream, SETTLE_GROUP, &malformed).await?;
         }
-        if let (Some(limiter), Some(n)) =
-            (&self.settler.limiter, NonZeroU32::new(entries.len() as u32))
-        {
-            limiter
-                .until_n_ready(n)
-                .await
-                .map_err(|e| anyhow::anyhow!("rate limiter: {e}"))?;
-        }
-        self.own_pending.insert(partition);
-        let started = Instant::now();
-        let booked = match self.settler.ledger.book(&entries).await {
-            Ok(booked) => booked,
-            Err(err) if err.is_data_error() => {
-                // One entry may be unbookable; find it, park it, book the rest.
-                return self.book_one_by_one(partition, entries).await;
-            }
-            Err(err) => return Err(err.into()),
-        };
-        crate::metrics::booking_batch_latency(started.elapsed().as_secs_f64());
-        crate::metrics::booked(booked.newly_booked.len() as u64);
-        if self.options.stop_after_commit {
-            return Ok(Outcome::StoppedAfterCommit {
-                entries: entries.len(),
+        if entries.is_empty() {
+            return Ok(Outcome::Booked {
+                entries: 0,
+                newly_booked: 0,
             });
         }
-        let crash = self.settler.settings.crash_after_commit_permille;
-        if crash > 0 && rand::random::<u32>() % 1000 < crash {
-            // The chaos harness's "kill -9 between commit and ack", from the inside.
-            tracing::error!(
-                partition,
-                "fault injection: aborting between commit and ack"
-            );
-            std::process::abort();
+        self.own_pending.insert(partition);
+        let chunks: Vec<&[AwardEntry]> = entries.chunks(self.batch_tokens()).collect();
+        let mut newly_booked = 0;
+        let mut acked = false;
+        for (i, chunk) in chunks.iter().enumerate() {
+            let last = i + 1 == chunks.len();
+            if let (Some(limiter), Some(n)) =
+                (&self.settler.limiter, NonZeroU32::new(chunk.len() as u32))
+            {
+                limiter
+                    .until_n_ready(n)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("rate limiter: {e}"))?;
+            }
+            let started = Instant::now();
+            let booked = match self.settler.ledger.book(chunk).await {
+                Ok(booked) => booked,
+                Err(err) if err.is_data_error() => {
+                    // One entry may be unbookable; find it, park it, book the rest.
+                    newly_booked += self.book_one_by_one(partition, chunk).await?;
+                    continue;
+                }
+                Err(err) => return Err(err.into()),
+            };
+            crate::metrics::booking_batch_latency(started.elapsed().as_secs_f64());
+            crate::metrics::booked(booked.newly_booked.len() as u64);
+            newly_booked += booked.newly_booked.len();
+            if self.options.stop_after_commit {
+                return Ok(Outcome::StoppedAfterCommit {
+                    entries: entries.len(),
+                });
+            }
+            let crash = self.settler.settings.crash_after_commit_permille;
+            if crash > 0 && rand::random::<u32>() % 1000 < crash {
+                // The chaos harness's "kill -9 between commit and ack", from the inside.
+                tracing::error!(
+                    partition,
+                    "fault injection: aborting between commit and ack"
+                );
+                std::process::abort();
+            }
+            let acks: &[(u32, String)] = if last { &acks } else { &[] };
+            self.settler
+                .tokens
+                .mark(&booked.to_mark, &booked.snapshots(), acks)
+                .await?;
+            acked = last;
         }
-        self.settler
-            .tokens
-            .mark(&booked.to_mark, &booked.snapshots())
-            .await?;
-        // Booked and acknowledged: nothing of this partition waits in our pending list.
-        self.own_pending.remove(&partition);
+        if !acked {
+            self.settler.tokens.mark(&[], &[], &acks).await?;
+        }
+        // Booked and acknowledged. Entries read new leave nothing of ours pending; after
+        // a failure, our pending list is read until it is empty (it may hold more entries
+        // than one read takes).
+        if !from_own_pending {
+            self.own_pending.remove(&partition);
+        }
         Ok(Outcome::Booked {
             entries: entries.len(),
-            newly_booked: booked.newly_booked.len(),
+            newly_booked,
         })
     }
 
-    /// A batch failed on its data: each entry is booked alone, and one whose own
+    /// A batch failed on its data: each token is booked alone, and one whose own
     /// booking fails on its data is parked in the partition's parked stream (with the
-    /// error) and removed from the settlement stream, where an operator sees it
-    /// (`GET /v1/admin/parked`). Nothing is lost: the token stays pending in Redis.
+    /// error), where an operator sees it (`GET /v1/admin/parked`); its stream entry is
+    /// acknowledged with the batch's. Nothing is lost: the token stays pending in Redis.
+    /// Returns the tokens newly booked.
     async fn book_one_by_one(
         &mut self,
         partition: u32,
-        entries: Vec<AwardEntry>,
-    ) -> anyhow::Result<Outcome> {
+        entries: &[AwardEntry],
+    ) -> anyhow::Result<usize> {
         let mut newly = 0;
-        let count = entries.len();
         for entry in entries {
-            match self.settler.ledger.book(std::slice::from_ref(&entry)).await {
+            match self.settler.ledger.book(std::slice::from_ref(entry)).await {
                 Ok(booked) => {
                     newly += booked.newly_booked.len();
                     crate::metrics::booked(booked.newly_booked.len() as u64);
                     self.settler
                         .tokens
-                        .mark(&booked.to_mark, &booked.snapshots())
+                        .mark(&booked.to_mark, &booked.snapshots(), &[])
                         .await?;
                 }
                 Err(err) if err.is_data_error() => {
-                    self.park(partition, &entry, &err.to_string()).await?;
+                    self.park(partition, entry, &err.to_string()).await?;
                 }
                 Err(err) => return Err(err.into()),
             }
         }
-        Ok(Outcome::Booked {
-            entries: count,
-            newly_booked: newly,
-        })
+        Ok(newly)
     }
 
+    /// Records an unbookable token in the partition's parked stream (bounded). A token
+    /// parked twice (its batch failed after parking it and was read again) is listed
+    /// twice; its money is still only ever booked once.
     async fn park(&self, partition: u32, entry: &AwardEntry, error: &str) -> anyhow::Result<()> {
         let redis = &self.settler.redis;
-        let Some(id) = &entry.stream_id else {
-            return Ok(());
-        };
+        let id = entry.stream_id.clone().unwrap_or_default();
         let mut conn = redis.conn();
-        let stream = redis.stream_key(partition);
         let mut fields = vec![("id", id.clone())];
         fields.extend(entry_fields(entry));
         fields.push(("error", error.chars().take(500).collect()));
-        redis::pipe()
-            .atomic()
-            .cmd("XADD")
+        redis::cmd("XADD")
             .arg(redis.parked_key(partition))
             .arg("MAXLEN")
             .arg("~")
             .arg(100_000)
             .arg("*")
             .arg(&fields)
-            .ignore()
-            .cmd("XACK")
-            .arg(&stream)
-            .arg(SETTLE_GROUP)
-            .arg(id)
-            .ignore()
-            .cmd("XDEL")
-            .arg(&stream)
-            .arg(id)
-            .ignore()
             .query_async::<()>(&mut conn)
             .await?;
         crate::metrics::parked(partition, 1);

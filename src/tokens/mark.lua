@@ -1,43 +1,74 @@
--- Marks booked tokens settled, acknowledges their stream entries and stores account
+-- Marks booked tokens settled, acknowledges settlement stream entries and stores account
 -- snapshots, atomically in one partition. Runs only after the MySQL commit.
 -- KEYS[1]: the partition's settled index (zset)   KEYS[2]: the partition's stream
--- KEYS[3+2i], KEYS[4+2i]: token i's user status hash and activity counters hash
--- KEYS[3+2n+j]: snapshot j's account snapshot hash
+-- KEYS[3 .. 2+n]: token i's user status hash; then the activities' counters hashes;
+--   then snapshot j's account snapshot hash
 -- ARGV[1]: now (ms)   ARGV[2]: consumer group   ARGV[3]: n tokens   ARGV[4]: m snapshots
--- ARGV[5+6i ..]: token i: out_trade_no, hour, amount, user id, stream entry id ('' = none),
---   budget generation
--- ARGV[5+6n+4j ..]: snapshot j: version, balance, total income, withdrawn
--- Returns how many tokens went from pending to settled now.
-local n = tonumber(ARGV[3])
-local m = tonumber(ARGV[4])
+-- ARGV[5]: k stream entries to acknowledge   ARGV[6]: c counters hashes
+-- ARGV[7+6i ..]: token i: out_trade_no, hour, amount, user id, budget generation, index
+--   in KEYS of its activity's counters hash
+-- then 4 per snapshot: version, balance, total income, withdrawn; then the k entry ids.
+-- The settled counters are summed per hash and field, the index members go in one ZADD
+-- per 256, the entries in one XACK and one XDEL. Returns how many tokens went from
+-- pending to settled now.
+local n, m = tonumber(ARGV[3]), tonumber(ARGV[4])
+local k, c = tonumber(ARGV[5]), tonumber(ARGV[6])
 local changed = 0
+local sums = {}
+local members = {}
+local function add(key, field, amount)
+  local fields = sums[key]
+  if not fields then
+    fields = {}
+    sums[key] = fields
+  end
+  fields[field] = (fields[field] or 0) + amount
+end
 for i = 0, n - 1 do
-  local status_key = KEYS[3 + 2 * i]
-  local counters_key = KEYS[4 + 2 * i]
-  local a = 5 + 6 * i
-  local otn, hour, amount, user, entry = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
-  local gen = ARGV[a + 5]
+  local status_key = KEYS[3 + i]
+  local a = 7 + 6 * i
+  local otn, hour, amount, user = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3]
+  local gen, counters_key = ARGV[a + 4], KEYS[tonumber(ARGV[a + 5])]
   local status = redis.call('HGET', status_key, otn)
   if status and string.sub(status, 1, 1) == 'p' then
     redis.call('HSET', status_key, otn, 's' .. string.sub(status, 2))
-    redis.call('HINCRBY', counters_key, hour .. ':sn', 1)
-    redis.call('HINCRBY', counters_key, hour .. ':sc', amount)
-    redis.call('HINCRBY', counters_key, 'g' .. gen .. ':sn', 1)
-    redis.call('HINCRBY', counters_key, 'g' .. gen .. ':sc', amount)
-    redis.call('ZADD', KEYS[1], ARGV[1], user .. '|' .. otn)
+    add(counters_key, hour .. ':sn', 1)
+    add(counters_key, hour .. ':sc', amount)
+    add(counters_key, 'g' .. gen .. ':sn', 1)
+    add(counters_key, 'g' .. gen .. ':sc', amount)
+    members[#members + 1] = ARGV[1]
+    members[#members + 1] = user .. '|' .. otn
+    if #members >= 512 then
+      redis.call('ZADD', KEYS[1], unpack(members))
+      members = {}
+    end
     changed = changed + 1
   end
-  if entry ~= '' then
-    redis.call('XACK', KEYS[2], ARGV[2], entry)
-    redis.call('XDEL', KEYS[2], entry)
+end
+if #members > 0 then
+  redis.call('ZADD', KEYS[1], unpack(members))
+end
+for key, fields in pairs(sums) do
+  for field, amount in pairs(fields) do
+    redis.call('HINCRBY', key, field, amount)
   end
 end
+local b = 7 + 6 * n
 for j = 0, m - 1 do
-  local key = KEYS[3 + 2 * n + j]
-  local b = 5 + 6 * n + 4 * j
+  local key = KEYS[3 + n + c + j]
+  local at = b + 4 * j
   local current = tonumber(redis.call('HGET', key, 'v') or '-1')
-  if tonumber(ARGV[b]) > current then
-    redis.call('HSET', key, 'v', ARGV[b], 'b', ARGV[b + 1], 'i', ARGV[b + 2], 'w', ARGV[b + 3])
+  if tonumber(ARGV[at]) > current then
+    redis.call('HSET', key, 'v', ARGV[at], 'b', ARGV[at + 1], 'i', ARGV[at + 2], 'w', ARGV[at + 3])
+  end
+end
+local ids = {}
+for e = 0, k - 1 do
+  ids[#ids + 1] = ARGV[b + 4 * m + e]
+  if #ids >= 256 or e == k - 1 then
+    redis.call('XACK', KEYS[2], ARGV[2], unpack(ids))
+    redis.call('XDEL', KEYS[2], unpack(ids))
+    ids = {}
   end
 end
 return changed

@@ -1,8 +1,9 @@
 //! Marking booked tokens settled (mark.lua), after the MySQL commit: the status flips
-//! to `s`, the settled counters grow, the stream entry is acknowledged and deleted, and
-//! the account snapshots are stored, one script call per partition.
+//! to `s`, the settled counters grow (summed per counter), the stream entries whose
+//! tokens are all booked are acknowledged and deleted, and the account snapshots are
+//! stored, one script call per partition.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use super::{AwardEntry, Tokens};
 use crate::domain::UserId;
@@ -18,60 +19,78 @@ pub struct Snapshot {
     pub withdrawn_cents: i64,
 }
 
+/// One partition's share of a mark call.
+#[derive(Default)]
+struct PartitionMark<'a> {
+    entries: Vec<&'a AwardEntry>,
+    snapshots: Vec<&'a Snapshot>,
+    acks: Vec<&'a str>,
+}
+
 impl Tokens {
-    /// Marks `entries` settled and stores `snapshots`; returns how many tokens went
-    /// from pending to settled now.
+    /// Marks `entries` settled, stores `snapshots` and acknowledges (and deletes) the
+    /// settlement stream entries `acks` (partition, entry id); returns how many tokens
+    /// went from pending to settled now. An entry carries several tokens: the caller
+    /// acknowledges it only once every one of them is booked.
     pub async fn mark(
         &self,
         entries: &[AwardEntry],
         snapshots: &[Snapshot],
+        acks: &[(u32, String)],
     ) -> redis::RedisResult<u64> {
         let redis = &self.redis;
-        let mut by_partition: BTreeMap<u32, (Vec<&AwardEntry>, Vec<&Snapshot>)> = BTreeMap::new();
+        let mut by_partition: BTreeMap<u32, PartitionMark<'_>> = BTreeMap::new();
         for e in entries {
-            by_partition
-                .entry(redis.partition_of(e.user))
-                .or_default()
-                .0
-                .push(e);
+            let p = redis.partition_of(e.user);
+            by_partition.entry(p).or_default().entries.push(e);
         }
         for s in snapshots {
-            by_partition
-                .entry(redis.partition_of(s.user))
-                .or_default()
-                .1
-                .push(s);
+            let p = redis.partition_of(s.user);
+            by_partition.entry(p).or_default().snapshots.push(s);
+        }
+        for (p, id) in acks {
+            by_partition.entry(*p).or_default().acks.push(id);
         }
         if by_partition.is_empty() {
             return Ok(0);
         }
         let now = now_ms();
         let mut pipe = redis::pipe();
-        for (p, (es, snaps)) in &by_partition {
+        for (p, part) in &by_partition {
             let mut keys: Vec<String> = vec![redis.settled_index_key(*p), redis.stream_key(*p)];
+            keys.extend(part.entries.iter().map(|e| redis.status_key(e.user)));
+            let mut counters_at: HashMap<&str, usize> = HashMap::new();
+            for e in &part.entries {
+                let next = keys.len() + 1;
+                counters_at.entry(&e.activity_id).or_insert_with(|| {
+                    keys.push(redis.counters_key(*p, &e.activity_id));
+                    next
+                });
+            }
+            keys.extend(part.snapshots.iter().map(|s| redis.snapshot_key(s.user)));
             let mut args: Vec<String> = vec![
                 now.to_string(),
                 SETTLE_GROUP.to_string(),
-                es.len().to_string(),
-                snaps.len().to_string(),
+                part.entries.len().to_string(),
+                part.snapshots.len().to_string(),
+                part.acks.len().to_string(),
+                counters_at.len().to_string(),
             ];
-            for e in es {
-                keys.push(redis.status_key(e.user));
-                keys.push(redis.counters_key(*p, &e.activity_id));
+            for e in &part.entries {
                 args.push(e.out_trade_no.clone());
                 args.push(hour_of(e.at_ms));
                 args.push(e.amount_cents.to_string());
                 args.push(e.user.to_string());
-                args.push(e.stream_id.clone().unwrap_or_default());
                 args.push(e.budget_gen.to_string());
+                args.push(counters_at[e.activity_id.as_str()].to_string());
             }
-            for s in snaps {
-                keys.push(redis.snapshot_key(s.user));
+            for s in &part.snapshots {
                 args.push(s.version.to_string());
                 args.push(s.balance_cents.to_string());
                 args.push(s.total_income_cents.to_string());
                 args.push(s.withdrawn_cents.to_string());
             }
+            args.extend(part.acks.iter().map(|id| id.to_string()));
             let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
             let mut cmd = evalsha(&self.scripts.mark, &key_refs);
             cmd.arg(&args);

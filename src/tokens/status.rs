@@ -102,19 +102,41 @@ pub fn entry_fields(e: &AwardEntry) -> Vec<(&'static str, String)> {
     ]
 }
 
-/// Reads a settlement stream entry; `None` when it is not one.
-pub fn parse_entry(id: &StreamId) -> Option<AwardEntry> {
-    let user: i64 = id.get("u")?;
-    Some(AwardEntry {
-        user: UserId::parse(user).ok()?,
-        out_trade_no: id.get("o")?,
-        amount_cents: id.get::<i64>("a").filter(|a| *a > 0)?,
-        activity_id: id.get("act")?,
-        scene_id: id.get("sc")?,
-        at_ms: id.get("t")?,
-        stream_id: Some(id.id.clone()),
-        budget_gen: id.get("g").unwrap_or(0),
-    })
+/// Reads a settlement stream entry: the tokens it carries, each with the entry's id, or
+/// `None` when it is not one. store.lua writes one entry per call, field `b` holding a
+/// line `user|out_trade_no|amount|activity|scene|at|gen` per token; an entry of one token
+/// in separate fields (earlier releases, [`entry_fields`]) is read as well.
+pub fn parse_entry(id: &StreamId) -> Option<Vec<AwardEntry>> {
+    let Some(lines) = id.get::<String>("b") else {
+        let user: i64 = id.get("u")?;
+        return Some(vec![AwardEntry {
+            user: UserId::parse(user).ok()?,
+            out_trade_no: id.get("o")?,
+            amount_cents: id.get::<i64>("a").filter(|a| *a > 0)?,
+            activity_id: id.get("act")?,
+            scene_id: id.get("sc")?,
+            at_ms: id.get("t")?,
+            stream_id: Some(id.id.clone()),
+            budget_gen: id.get("g").unwrap_or(0),
+        }]);
+    };
+    lines
+        .split('\n')
+        .map(|line| {
+            let mut parts = line.split('|');
+            let entry = AwardEntry {
+                user: UserId::parse(parts.next()?.parse().ok()?).ok()?,
+                out_trade_no: parts.next()?.to_string(),
+                amount_cents: parts.next()?.parse().ok().filter(|a| *a > 0)?,
+                activity_id: parts.next()?.to_string(),
+                scene_id: parts.next()?.to_string(),
+                at_ms: parts.next()?.parse().ok()?,
+                stream_id: Some(id.id.clone()),
+                budget_gen: parts.next()?.parse().ok()?,
+            };
+            parts.next().is_none().then_some(entry)
+        })
+        .collect()
 }
 
 /// `user|out_trade_no`, as the settled index and the marker index hold their members.
@@ -214,11 +236,50 @@ mod tests {
         let parsed = parse_entry(&id).unwrap();
         assert_eq!(
             parsed,
-            AwardEntry {
+            vec![AwardEntry {
                 stream_id: Some("1-1".into()),
                 ..e
-            }
+            }]
         );
+    }
+
+    #[test]
+    fn a_stream_entry_of_many_tokens_reads_back_every_one() {
+        let e = entry();
+        let mut second = e.clone();
+        second.out_trade_no = "43_cny_rain_7_cash_live".into();
+        second.user = UserId::parse(43).unwrap();
+        second.amount_cents = 7;
+        let line = |e: &AwardEntry| {
+            format!(
+                "{}|{}|{}|{}|{}|{}|{}",
+                e.user,
+                e.out_trade_no,
+                e.amount_cents,
+                e.activity_id,
+                e.scene_id,
+                e.at_ms,
+                e.budget_gen
+            )
+        };
+        let entry_of = |text: String| StreamId {
+            id: "2-0".into(),
+            map: HashMap::from([("b".to_string(), redis::Value::BulkString(text.into_bytes()))]),
+        };
+        let parsed = parse_entry(&entry_of(format!("{}\n{}", line(&e), line(&second)))).unwrap();
+        let with_id = |e: &AwardEntry| AwardEntry {
+            stream_id: Some("2-0".into()),
+            ..e.clone()
+        };
+        assert_eq!(parsed, vec![with_id(&e), with_id(&second)]);
+        for bad in [
+            format!("{}\n", line(&e)),
+            format!("{}|extra", line(&e)),
+            "42|o|0|cny|rain|1|1".to_string(),
+            "42|o|5|cny|rain|1".to_string(),
+        ] {
+            assert_eq!(parse_entry(&entry_of(bad.clone())), None, "{bad}");
+        }
     }
 
     #[test]

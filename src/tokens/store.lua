@@ -1,5 +1,7 @@
--- Stores freshly minted tokens of one partition, each atomically: token, status,
--- hourly counters and a settlement stream entry. Every key is in the partition's slot.
+-- Stores freshly minted tokens of one partition, atomically: each token and its status,
+-- the hourly counters, and one settlement stream entry for every token stored by this
+-- call (field `b`: one line per token, `user|out_trade_no|amount|activity|scene|at|gen`).
+-- Every key is in the partition's slot.
 -- KEYS[1]: the partition's settlement stream
 -- then, for token i (1-based): KEYS[2i] its user's token hash (out_trade_no -> encoded
 --   SignedToken, or the trim marker once settled and trimmed), KEYS[2i+1] its user's
@@ -15,6 +17,7 @@
 local n = tonumber(ARGV[1])
 local out = {}
 local counts = {}
+local lines = {}
 for i = 1, n do
   local a = 2 + (i - 1) * 10
   local otn, bytes, hour, amount = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
@@ -26,8 +29,8 @@ for i = 1, n do
   else
     redis.call('HSET', KEYS[2 * i + 1], otn,
       'p|' .. amount .. '|' .. at .. '|' .. activity .. '|' .. scene .. '|' .. gen)
-    redis.call('XADD', KEYS[1], '*', 'u', user, 'o', otn, 'a', amount,
-      'act', activity, 'sc', scene, 't', at, 'g', gen)
+    lines[#lines + 1] = user .. '|' .. otn .. '|' .. amount .. '|' .. activity .. '|' ..
+      scene .. '|' .. at .. '|' .. gen
     local slot = counts[counters]
     if not slot then
       slot = {}
@@ -44,6 +47,9 @@ for i = 1, n do
     end
     out[i] = false
   end
+end
+if #lines > 0 then
+  redis.call('XADD', KEYS[1], '*', 'b', table.concat(lines, '\n'))
 end
 for key, hours in pairs(counts) do
   for hour, c in pairs(hours) do

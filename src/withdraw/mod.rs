@@ -99,7 +99,7 @@ impl Withdrawals {
         };
         // Redis catches up after the commit. If this fails the worker marks the tokens
         // when it reaches their stream entries; nothing is credited twice either way.
-        if let Err(err) = self.tokens.mark(&to_mark, &[account.snapshot()]).await {
+        if let Err(err) = self.tokens.mark(&to_mark, &[account.snapshot()], &[]).await {
             tracing::warn!(error = %err, user = user.get(), "marking force-settled tokens failed; the worker will");
         }
         Ok(Outcome::Created(created))
@@ -224,7 +224,7 @@ impl Withdrawals {
         repo::set_status(&mut *tx, id, verdict).await?;
         tx.commit().await?;
         if let Some(snapshot) = snapshot {
-            if let Err(err) = self.tokens.mark(&to_mark, &[snapshot]).await {
+            if let Err(err) = self.tokens.mark(&to_mark, &[snapshot], &[]).await {
                 tracing::warn!(error = %err, "updating the account snapshot after a reversal failed");
             }
         }

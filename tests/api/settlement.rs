@@ -34,16 +34,24 @@ async fn ledger_awards(t: &TestApp) -> (i64, i64) {
         .unwrap()
 }
 
+/// Tokens waiting in the settlement streams (an entry carries every token one store
+/// call stored).
 async fn backlog(t: &TestApp) -> u64 {
     let mut conn = t.app.redis.conn();
     let mut total = 0;
     for p in 0..t.app.redis.partitions() {
-        let len: u64 = redis::cmd("XLEN")
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
             .arg(t.app.redis.stream_key(p))
+            .arg("-")
+            .arg("+")
             .query_async(&mut conn)
             .await
             .unwrap();
-        total += len;
+        for id in &reply.ids {
+            total += redpacket_wallet::tokens::status::parse_entry(id)
+                .expect("a settlement entry")
+                .len() as u64;
+        }
     }
     total
 }
