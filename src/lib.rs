@@ -31,6 +31,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod ops;
 pub mod settle;
+pub mod shadow;
 pub mod store;
 pub mod switches;
 pub mod token;

@@ -1,5 +1,6 @@
 //! Prometheus metrics. One recorder per process (tests start several apps in one
-//! process, so it is installed once and shared). Names carry their unit last.
+//! process, so it is installed once and shared). Names carry their unit last. Work done
+//! for shadow traffic records nothing (`shadow::active`).
 
 use std::sync::OnceLock;
 
@@ -42,59 +43,101 @@ fn register_zeroes() {
 }
 
 pub fn award_outcome(outcome: &'static str) {
+    if crate::shadow::active() {
+        return;
+    }
     counter!("rpw_awards_total", "outcome" => outcome).increment(1);
 }
 
 pub fn award_latency(seconds: f64, endpoint: &'static str) {
+    if crate::shadow::active() {
+        return;
+    }
     histogram!("rpw_award_request_duration_seconds", "endpoint" => endpoint).record(seconds);
 }
 
 pub fn backlog(partition: u32, entries: u64) {
+    if crate::shadow::active() {
+        return;
+    }
     gauge!("rpw_settle_backlog_entries", "partition" => partition.to_string()).set(entries as f64);
 }
 
 pub fn booked(tokens: u64) {
+    if crate::shadow::active() {
+        return;
+    }
     counter!("rpw_booked_tokens_total").increment(tokens);
 }
 
 pub fn booking_batch_latency(seconds: f64) {
+    if crate::shadow::active() {
+        return;
+    }
     histogram!("rpw_booking_batch_duration_seconds").record(seconds);
 }
 
 pub fn withdraw_latency(seconds: f64) {
+    if crate::shadow::active() {
+        return;
+    }
     histogram!("rpw_withdraw_duration_seconds").record(seconds);
 }
 
 pub fn view_latency(seconds: f64, view: &'static str) {
+    if crate::shadow::active() {
+        return;
+    }
     histogram!("rpw_view_duration_seconds", "view" => view).record(seconds);
 }
 
 pub fn reconciliation_mismatch(activity: &str) {
+    if crate::shadow::active() {
+        return;
+    }
     counter!("rpw_reconciliation_mismatches_total", "activity" => activity.to_string())
         .increment(1);
 }
 
 pub fn dependency_error(dependency: &'static str) {
+    if crate::shadow::active() {
+        return;
+    }
     counter!("rpw_dependency_errors_total", "dependency" => dependency).increment(1);
 }
 
 /// A MySQL transaction rolled back by a deadlock or a lock wait timeout, tried again.
 pub fn tx_retry(op: &'static str) {
+    if crate::shadow::active() {
+        return;
+    }
     counter!("rpw_tx_retries_total", "op" => op).increment(1);
 }
 
 pub fn rate_limited(kind: &'static str) {
+    if crate::shadow::active() {
+        return;
+    }
     counter!("rpw_rate_limited_total", "limit" => kind).increment(1);
 }
 
 pub fn budget_generation_lost(activity: &str) {
+    if crate::shadow::active() {
+        return;
+    }
     counter!("rpw_budget_generations_lost_total", "activity" => activity.to_string()).increment(1);
 }
 
 pub fn booking_failure(partition: u32) {
+    if crate::shadow::active() {
+        return;
+    }
     counter!("rpw_booking_failures_total", "partition" => partition.to_string()).increment(1);
 }
 
 pub fn parked(partition: u32, entries: u64) {
+    if crate::shadow::active() {
+        return;
+    }
     counter!("rpw_parked_entries_total", "partition" => partition.to_string()).increment(entries);
 }

@@ -54,12 +54,37 @@ pub struct App {
     pub metrics: PrometheusHandle,
     /// Names this process in consumer groups and locks.
     pub instance_id: String,
+    /// Where shadow traffic (`X-RPW-Shadow: 1`) goes, when `shadow.enabled`.
+    pub shadow: Option<crate::shadow::Shadow>,
 }
 
 impl App {
     /// Connects and builds everything. MySQL is connected lazily; with `migrate` the
     /// schema is brought up to date first.
     pub async fn build(settings: Settings, migrate: bool) -> anyhow::Result<Arc<Self>> {
+        let shadow = if settings.shadow.enabled {
+            match crate::shadow::Shadow::build(&settings).await {
+                Ok(shadow) => Some(shadow),
+                Err(err) => {
+                    tracing::warn!(
+                        error = format!("{err:#}"),
+                        "shadow traffic unavailable: its app could not be built"
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        Self::build_one(settings, migrate, shadow).await
+    }
+
+    /// Builds one app (the real one with its `shadow`, or the shadow app itself).
+    pub(crate) async fn build_one(
+        settings: Settings,
+        migrate: bool,
+        shadow: Option<crate::shadow::Shadow>,
+    ) -> anyhow::Result<Arc<Self>> {
         let metrics = crate::metrics::install();
         let redis = Arc::new(Redis::connect(&settings.redis).await?);
         let db = Arc::new(Db::connect_lazy(&settings.mysql)?);
@@ -213,6 +238,7 @@ impl App {
             auth,
             metrics,
             instance_id,
+            shadow,
         });
         app.load_scripts().await?;
         app.redis.ensure_groups().await?;

@@ -19,7 +19,7 @@ impl App {
         mut shutdown: watch::Receiver<bool>,
     ) -> JoinHandle<()> {
         let app = self.clone();
-        tokio::spawn(async move {
+        crate::shadow::spawn(async move {
             let every = |ms: u64| {
                 let mut tick = tokio::time::interval(Duration::from_millis(ms));
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -117,6 +117,9 @@ impl Running {
         }
         if options.worker && app.settings.settle.enabled {
             tasks.extend(crate::settle::worker::spawn(&app.settler, rx.clone()));
+        }
+        if let Some(shadow) = &app.shadow {
+            tasks.extend(shadow.start(options.worker, rx.clone()).await);
         }
         let scheduler = if options.cron {
             Some(app.jobs.start().await?)

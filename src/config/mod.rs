@@ -44,6 +44,21 @@ pub struct Settings {
     pub settle: SettleSettings,
     pub wallet: WalletSettings,
     pub cron: CronSettings,
+    pub shadow: ShadowSettings,
+}
+
+/// Shadow traffic (`X-RPW-Shadow: 1`, see `shadow`).
+#[derive(Clone, Debug, Deserialize)]
+pub struct ShadowSettings {
+    /// Off: shadow requests are refused (503 `unavailable`).
+    pub enabled: bool,
+    /// The shadow ledger's database; empty: the main database's name with `_shadow`, on
+    /// the same server (created when missing).
+    pub mysql_url: Secret,
+    /// Shadow data is dropped once no shadow request came for this long.
+    pub expire_after_secs: u64,
+    /// How often an instance checks whether shadow data has expired.
+    pub purge_check_ms: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -35,8 +35,69 @@ pub use wire::{
 /// What handlers see: the assembled application.
 pub type AppState = Arc<App>;
 
-/// The whole HTTP surface, one router per capability.
+/// The whole HTTP surface: the real app's routes, and in front of them the dispatch of
+/// shadow traffic (`X-RPW-Shadow: 1`) to the shadow app's own routes.
 pub fn router(app: Arc<App>) -> Router {
+    let shadow = app.shadow.as_ref().map(|s| ShadowRoute {
+        real: app.clone(),
+        router: app_router(s.app.clone()),
+    });
+    app_router(app).layer(axum::middleware::from_fn_with_state(
+        shadow,
+        shadow_dispatch,
+    ))
+}
+
+#[derive(Clone)]
+struct ShadowRoute {
+    real: Arc<App>,
+    router: Router,
+}
+
+/// `X-RPW-Shadow: 1` goes to the shadow app, as shadow work (no metrics); `0` or no
+/// header to the real one. Any other value is refused rather than guessed: a load test
+/// that misspells it must never write real data.
+async fn shadow_dispatch(
+    axum::extract::State(shadow): axum::extract::State<Option<ShadowRoute>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match request
+        .headers()
+        .get(crate::shadow::HEADER)
+        .map(|v| v.as_bytes())
+    {
+        None | Some(b"0") => return next.run(request).await,
+        Some(b"1") => {}
+        Some(_) => {
+            return Error::InvalidRequest("X-RPW-Shadow must be 1 (shadow traffic) or 0".into())
+                .into_response()
+        }
+    }
+    let Some(ShadowRoute { real, router }) = shadow else {
+        return Error::Unavailable("shadow traffic is not served here (shadow.enabled)".into())
+            .into_response();
+    };
+    // The real router has matched the route already (this runs after routing): the
+    // request goes on without what that left in its extensions (the path parameters),
+    // for the shadow router to match it again.
+    let (mut parts, body) = request.into_parts();
+    parts.extensions = axum::http::Extensions::new();
+    let request = axum::extract::Request::from_parts(parts, body);
+    crate::shadow::scope(async move {
+        if let Some(s) = &real.shadow {
+            s.expiry.touch(&s.app.redis).await;
+        }
+        match tower::ServiceExt::oneshot(router, request).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        }
+    })
+    .await
+}
+
+/// One app's routes, one router per capability.
+fn app_router(app: Arc<App>) -> Router {
     let settings = &app.settings.http;
     Router::new()
         .merge(public::router())

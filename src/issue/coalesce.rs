@@ -34,7 +34,7 @@ impl Coalescer {
     pub fn start(issuer: Arc<Issuer>, max_batch: usize, in_flight: usize, queue: usize) -> Self {
         let (queue, mut rx) = mpsc::channel::<Pending>(queue.max(1));
         let in_flight = Arc::new(Semaphore::new(in_flight));
-        tokio::spawn(async move {
+        crate::shadow::spawn(async move {
             while let Some(first) = rx.recv().await {
                 let Ok(permit) = in_flight.clone().acquire_owned().await else {
                     break;
@@ -47,7 +47,7 @@ impl Coalescer {
                     }
                 }
                 let issuer = issuer.clone();
-                tokio::spawn(async move {
+                crate::shadow::spawn(async move {
                     issue_batch(&issuer, batch).await;
                     drop(permit);
                 });

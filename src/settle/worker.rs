@@ -409,7 +409,7 @@ pub fn spawn(
                     stop_after_commit: false,
                 },
             );
-            tokio::spawn(worker.run(mine, shutdown.clone()))
+            crate::shadow::spawn(worker.run(mine, shutdown.clone()))
         })
         .collect()
 }

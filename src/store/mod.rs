@@ -172,6 +172,72 @@ impl Redis {
         self.partitions
     }
 
+    /// Deletes every key under this instance's prefix (SCAN, on every master of a
+    /// cluster); returns how many. For data that may go whole (shadow traffic).
+    pub async fn delete_prefixed(&self) -> redis::RedisResult<u64> {
+        let pattern = format!("{}*", self.prefix);
+        let mut keys: Vec<String> = Vec::new();
+        match self.conn() {
+            RedisConn::Single(mut conn) => {
+                let mut cursor = 0u64;
+                loop {
+                    let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut conn)
+                        .await?;
+                    keys.extend(batch);
+                    cursor = next;
+                    if cursor == 0 {
+                        break;
+                    }
+                }
+            }
+            RedisConn::Cluster(mut conn) => {
+                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+                // One slot of each master, to route SCAN there.
+                let slots: Vec<(u16, u16, Vec<redis::Value>)> = redis::cmd("CLUSTER")
+                    .arg("SLOTS")
+                    .query_async(&mut conn)
+                    .await?;
+                for (first, _, _) in slots {
+                    let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                        Route::new(first, SlotAddr::Master),
+                    ));
+                    let mut cursor = 0u64;
+                    loop {
+                        let mut scan = redis::cmd("SCAN");
+                        scan.arg(cursor)
+                            .arg("MATCH")
+                            .arg(&pattern)
+                            .arg("COUNT")
+                            .arg(1000);
+                        let reply = conn.route_command(&scan, route.clone()).await?;
+                        let (next, batch): (u64, Vec<String>) = redis::from_redis_value(&reply)?;
+                        keys.extend(batch);
+                        cursor = next;
+                        if cursor == 0 {
+                            break;
+                        }
+                    }
+                }
+                keys.sort();
+                keys.dedup();
+            }
+        }
+        for chunk in keys.chunks(500) {
+            let mut pipe = redis::pipe();
+            for key in chunk {
+                pipe.cmd("UNLINK").arg(key).ignore();
+            }
+            self.query::<()>(&pipe).await?;
+        }
+        Ok(keys.len() as u64)
+    }
+
     pub fn prefix(&self) -> &str {
         &self.prefix
     }

@@ -110,6 +110,8 @@ pub fn test_settings(
         ("RPW_SETTLE__CLAIM_IDLE_MS", "60000".to_string()),
         ("RPW_ISSUE__CACHE_REFRESH_MS", "200".to_string()),
         ("RPW_ISSUE__STATS_FLUSH_MS", "200".to_string()),
+        // A shadow app (its own database) is built only where a test asks for it.
+        ("RPW_SHADOW__ENABLED", "false".to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -238,9 +240,11 @@ impl TestApp {
             r.stop().await;
         }
         if self.db_name.starts_with("rpw_t_") {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS `{}`", self.db_name))
-                .execute(self.app.db.main())
-                .await;
+            for db in [self.db_name.clone(), format!("{}_shadow", self.db_name)] {
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS `{db}`"))
+                    .execute(self.app.db.main())
+                    .await;
+            }
         }
         let _ = std::fs::remove_dir_all(&self.keys_dir);
         let mut conn = self.app.redis.conn();

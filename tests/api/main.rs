@@ -9,4 +9,5 @@ mod money_safety;
 mod operations;
 mod reshard;
 mod settlement;
+mod shadow;
 mod wallet;
