@@ -4,6 +4,14 @@
 # it started and prints a table.
 #
 #   scripts/bench.sh [--quick] [--cluster] [--json FILE] [--plot FILE.png|FILE.svg]
+#   scripts/bench.sh --shadow URL [--quick] [--json FILE]
+#
+# --shadow URL loads an instance already running at URL with shadow traffic
+# (X-RPW-Shadow: 1): nothing is started, the instance's settings (RPW_* variables:
+# Redis, MySQL, admin and caller keys, JWT secret) must be in the environment, and
+# RPW_BENCH_BASELINE_MYSQL_URL must name a scratch database for the synchronous
+# baseline. Its real balances, budgets, reports and metrics are not touched; its shadow
+# data expires (shadow.expire_after_secs).
 #
 # --cluster runs it on the local Redis Cluster of `scripts/services.sh cluster`
 # (3 masters, one replica each) instead of the single node.
@@ -14,6 +22,7 @@ cd "$ROOT"
 BENCH_ARGS=()
 PLOT=""
 CLUSTER=0
+SHADOW_URL=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --quick) BENCH_ARGS+=(--quick); shift ;;
@@ -22,9 +31,21 @@ while [[ $# -gt 0 ]]; do
     --drain-tps) BENCH_ARGS+=(--drain-tps "$2"); shift 2 ;;
     --keep) BENCH_ARGS+=(--keep); shift ;;
     --cluster) CLUSTER=1; shift ;;
-    *) echo "usage: $0 [--quick] [--cluster] [--json FILE] [--plot FILE] [--drain-tps N] [--keep]" >&2; exit 2 ;;
+    --shadow) SHADOW_URL="$2"; shift 2 ;;
+    *) echo "usage: $0 [--quick] [--cluster | --shadow URL] [--json FILE] [--plot FILE] [--drain-tps N] [--keep]" >&2; exit 2 ;;
   esac
 done
+
+if [[ -n $SHADOW_URL ]]; then
+  : "${RPW_AUTH__ADMIN_KEY:?--shadow needs the settings of the instance (RPW_*) in the environment}"
+  : "${RPW_BENCH_BASELINE_MYSQL_URL:?--shadow: RPW_BENCH_BASELINE_MYSQL_URL must name a scratch database}"
+  echo "[bench] building (release)" >&2
+  cargo build --release --workspace --bins -q
+  TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+  RPW_MYSQL__URL="$RPW_BENCH_BASELINE_MYSQL_URL" "$TARGET_DIR/release/redpacket-wallet" migrate >/dev/null
+  echo "[bench] shadow traffic to $SHADOW_URL" >&2
+  RPW_BENCH_URL="$SHADOW_URL" exec "$TARGET_DIR/release/rpw-bench" --shadow "${BENCH_ARGS[@]}"
+fi
 
 eval "$(scripts/services.sh start | sed 's/^/export /')"
 REDIS_PORTS=("${RPW_REDIS__URL##*:}")
@@ -71,6 +92,7 @@ export RPW_AUTH__CALLER_KEYS="bench:caller-$(rand)"
 export RPW_AUTH__JWT_SECRET="jwt-$(rand)"
 export RPW_HTTP__ADDR="127.0.0.1:$PORT"
 export RPW_SETTLE__ENABLED=false
+export RPW_SHADOW__ENABLED=false
 export RPW_BENCH_URL="http://127.0.0.1:$PORT"
 export RUST_LOG="${RUST_LOG:-warn}"
 

@@ -29,6 +29,7 @@ python3 docs/verify/verify_token.py docs/token-vectors.json
 echo "== cargo test --test api on a Redis Cluster (scripts/services.sh cluster)"
 cluster_urls="$(scripts/services.sh cluster | sed -n 's/^RPW_REDIS__CLUSTER_URLS=//p')"
 RPW_TEST_REDIS_CLUSTER_URLS="$cluster_urls" cargo test --test api -- --skip cluster:: "$@"
+RPW_TEST_REDIS_CLUSTER_URLS="$cluster_urls" cargo test --test shadow -- "$@"
 echo "== scripts/chaos.sh --quick"
 scripts/chaos.sh --quick --json "$ROOT/.data/chaos-quick.json"
 # The fault scenarios again with the service on the Redis Cluster and two MySQL shards:

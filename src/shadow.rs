@@ -265,7 +265,7 @@ mod tests {
     #[test]
     fn the_shadow_database_is_the_main_one_with_a_suffix() {
         let mut s = Settings::load_with(None, Vec::new()).unwrap();
-        s.mysql.url = Secret::new("mysql://u:p@127.0.0.1:3306/rpw?ssl-mode=disabled".into());
+        s.mysql.url = Secret::new("mysql://u:p@127.0.0.1:3306/rpw?ssl-mode=disabled");
         let shadow = settings(&s).unwrap();
         assert_eq!(
             shadow.mysql.url.expose(),
@@ -276,9 +276,9 @@ mod tests {
             format!("{}shadow:", s.redis.key_prefix)
         );
         assert!(!shadow.shadow.enabled);
-        s.mysql.url = Secret::new("mysql://u:p@127.0.0.1:3306/".into());
+        s.mysql.url = Secret::new("mysql://u:p@127.0.0.1:3306/");
         assert!(settings(&s).is_err());
-        s.shadow.mysql_url = Secret::new("mysql://u:p@10.0.0.9/loadtest".into());
+        s.shadow.mysql_url = Secret::new("mysql://u:p@10.0.0.9/loadtest");
         assert_eq!(
             settings(&s).unwrap().mysql.url.expose(),
             "mysql://u:p@10.0.0.9/loadtest"

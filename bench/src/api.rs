@@ -36,11 +36,25 @@ pub struct Wallet {
 }
 
 impl Api {
-    pub fn new(url: String, admin_key: String, caller_key: String) -> anyhow::Result<Self> {
+    /// With `shadow`, every request carries `X-RPW-Shadow: 1` (API.md, "Shadow traffic").
+    pub fn new(
+        url: String,
+        admin_key: String,
+        caller_key: String,
+        shadow: bool,
+    ) -> anyhow::Result<Self> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if shadow {
+            headers.insert(
+                "x-rpw-shadow",
+                reqwest::header::HeaderValue::from_static("1"),
+            );
+        }
         Ok(Self {
             url,
             http: reqwest::Client::builder()
                 .pool_max_idle_per_host(256)
+                .default_headers(headers)
                 .build()?,
             admin_key,
             caller_key,

@@ -59,18 +59,29 @@ struct Args {
     /// The configured booking rate of the bounded drain.
     #[arg(long, default_value_t = 2000)]
     drain_tps: u32,
+    /// Shadow traffic: every request carries `X-RPW-Shadow: 1` and the bench reads and
+    /// drains the instance's shadow data, so a running instance is loaded without
+    /// touching its real balances, budgets, reports or metrics. Its shadow data is left
+    /// to expire.
+    #[arg(long)]
+    shadow: bool,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let product = Product::connect().await?;
-    let api = Api::new(args.url.clone(), product.admin_key(), product.caller_key()?)?;
+    let product = Product::connect(args.shadow).await?;
+    let api = Api::new(
+        args.url.clone(),
+        product.admin_key(),
+        product.caller_key()?,
+        args.shadow,
+    )?;
     let bench = Arc::new(Bench::new(Plan::new(args.quick), product, api));
 
     let result = run(&bench, &args).await;
     bench.finish_progress();
-    if !args.keep {
+    if !args.keep && !args.shadow {
         if let Err(err) = bench.product.remove_data(&args.baseline_mysql_url).await {
             eprintln!("cleaning up the bench data failed: {err:#}");
         }

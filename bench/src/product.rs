@@ -35,9 +35,14 @@ pub struct Product {
 
 impl Product {
     /// Loads the settings as the server does (config files, then `RPW_*` variables) and
-    /// connects to its Redis and MySQL.
-    pub async fn connect() -> anyhow::Result<Self> {
-        let settings = Settings::load(None)?;
+    /// connects to its Redis and MySQL; with `shadow`, to the data of its shadow traffic
+    /// instead (its own key prefix and database), never to the real data.
+    pub async fn connect(shadow: bool) -> anyhow::Result<Self> {
+        let mut settings = Settings::load(None)?;
+        if shadow {
+            settings = redpacket_wallet::shadow::settings(&settings)?;
+        }
+        settings.shadow.enabled = false;
         let app = App::build(settings, false).await?;
         Ok(Self { app })
     }
@@ -220,44 +225,7 @@ impl Product {
     /// Removes the run's Redis keys (the baseline's prefix included) and drops both
     /// databases: a bench run leaves nothing behind.
     pub async fn remove_data(&self, baseline_mysql_url: &str) -> anyhow::Result<()> {
-        let redis = &self.app.redis;
-        let mut conn = redis.conn();
-        let pattern = format!("{}*", redis.prefix());
-        if redis.is_cluster() {
-            // KEYS goes to every master; the deletes go per key, split by slot.
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg(&pattern)
-                .query_async(&mut conn)
-                .await?;
-            for chunk in keys.chunks(1000) {
-                let mut pipe = redis::pipe();
-                for k in chunk {
-                    pipe.cmd("UNLINK").arg(k);
-                }
-                let _: Vec<redis::Value> = redis.query(&pipe).await?;
-            }
-        }
-        let mut cursor: u64 = 0;
-        while !redis.is_cluster() {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await?;
-            if !keys.is_empty() {
-                redis::cmd("UNLINK")
-                    .arg(&keys)
-                    .query_async::<()>(&mut conn)
-                    .await?;
-            }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
+        self.app.redis.delete_prefixed().await?;
         use sqlx::migrate::MigrateDatabase;
         self.app.db.main().close().await;
         sqlx::MySql::drop_database(self.app.settings.mysql.url.expose()).await?;

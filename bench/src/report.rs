@@ -218,8 +218,8 @@ fn row(scenario: &'static str) -> Row {
 
 impl Summary {
     /// The table: one row per scenario with its targets.
-    /// Targets are issue 14's (README, "Benchmark"); every rate is also given as a ratio
-    /// to the HTTP floor and to the 2-core signing ceiling of the same run.
+    /// The targets of README "Benchmark"; every rate is also given as a ratio to the
+    /// HTTP floor and to the 2-core signing ceiling of the same run.
     pub fn rows(&self) -> Vec<Row> {
         use Bound::{AtLeast, AtMost, Report, Within};
         let ceiling = self.ceiling.cores as f64 * self.ceiling.sign_per_s_per_core;

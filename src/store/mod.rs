@@ -199,11 +199,16 @@ impl Redis {
             RedisConn::Cluster(mut conn) => {
                 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
                 // One slot of each master, to route SCAN there.
-                let slots: Vec<(u16, u16, Vec<redis::Value>)> = redis::cmd("CLUSTER")
+                // Each range: start, end, the master, then its replicas.
+                let ranges: Vec<Vec<redis::Value>> = redis::cmd("CLUSTER")
                     .arg("SLOTS")
                     .query_async(&mut conn)
                     .await?;
-                for (first, _, _) in slots {
+                for range in ranges {
+                    let Some(first) = range.first() else {
+                        continue;
+                    };
+                    let first: u16 = redis::from_redis_value(first)?;
                     let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
                         Route::new(first, SlotAddr::Master),
                     ));

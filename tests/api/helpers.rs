@@ -379,7 +379,10 @@ impl TestApp {
         booked
     }
 
-    /// Every Redis key under this test's prefix, with a dump of its value.
+    /// Every Redis key under this test's prefix, with a dump of its value; but the
+    /// shared stats counters, which a background flush writes every 200 ms for awards
+    /// issued earlier (a snapshot around one request would otherwise see a flush that
+    /// lands between its two readings).
     pub async fn redis_snapshot(&self) -> Vec<(String, Vec<u8>)> {
         let mut conn = self.app.redis.conn();
         let mut keys: Vec<String> = redis::cmd("KEYS")
@@ -387,6 +390,7 @@ impl TestApp {
             .query_async(&mut conn)
             .await
             .unwrap();
+        keys.retain(|k| !k.contains(":stats:"));
         keys.sort();
         let mut out = Vec::new();
         for k in keys {

@@ -9,5 +9,4 @@ mod money_safety;
 mod operations;
 mod reshard;
 mod settlement;
-mod shadow;
 mod wallet;

@@ -794,6 +794,8 @@ impl Run<'_> {
             ("RPW_REDIS__KEY_PREFIX", prefix.to_string()),
             ("RPW_REDIS__PARTITIONS", PARTITIONS.to_string()),
             ("RPW_REDIS__COMMAND_TIMEOUT_MS", "1500".into()),
+            // The faults are the real app's; no shadow app (and its database) beside it.
+            ("RPW_SHADOW__ENABLED", "false".into()),
             ("RPW_MYSQL__URL", self.servers.mysql_url(db)),
             ("RPW_MYSQL__MIN_CONNECTIONS", "2".into()),
             ("RPW_MYSQL__ACQUIRE_TIMEOUT_MS", "2000".into()),

@@ -1,5 +1,12 @@
 //! Shadow traffic (API.md): `X-RPW-Shadow: 1` runs the real code against data kept
 //! apart, never in a real balance, budget, report or metric series.
+//!
+//! A test binary of its own: the metric series it checks are the process's, and the
+//! API suite's other tests would move them while this one runs.
+
+#[allow(dead_code)]
+#[path = "api/helpers.rs"]
+mod helpers;
 
 use std::time::Duration;
 
@@ -93,7 +100,8 @@ async fn real_state(t: &TestApp) -> (Vec<(String, Vec<u8>)>, Vec<i64>, Vec<Strin
         .text()
         .await
         .unwrap();
-    let series: Vec<String> = metrics
+    // Sorted: the exporter's order of series is not stable.
+    let mut series: Vec<String> = metrics
         .lines()
         .filter(|l| {
             l.starts_with("rpw_awards_total")
@@ -103,6 +111,7 @@ async fn real_state(t: &TestApp) -> (Vec<(String, Vec<u8>)>, Vec<i64>, Vec<Strin
         })
         .map(str::to_string)
         .collect();
+    series.sort();
     (redis, sql, series)
 }
 
