@@ -21,6 +21,12 @@ pub struct CachedActivity {
 #[derive(Default)]
 pub struct ActivityCache {
     snapshot: RwLock<Arc<HashMap<String, Arc<CachedActivity>>>>,
+    /// Refreshes started, and the start number of the one installed: a refresh whose
+    /// reads began before another's is not installed over it (a background refresh
+    /// that read just before an activity was created would otherwise drop it until the
+    /// next one).
+    started: std::sync::atomic::AtomicU64,
+    installed: std::sync::atomic::AtomicU64,
 }
 
 impl ActivityCache {
@@ -45,6 +51,8 @@ impl ActivityCache {
     /// budget is not funded from here: grants follow the budget in MySQL, see
     /// `Activities::refresh`.)
     pub async fn refresh(&self, pool: &sqlx::MySqlPool) -> anyhow::Result<()> {
+        use std::sync::atomic::Ordering;
+        let seq = self.started.fetch_add(1, Ordering::SeqCst) + 1;
         let activities = sqlx::query(
             "SELECT id, name, stage, starts_at, ends_at, budget_cents, max_award_cents FROM activities",
         )
@@ -96,7 +104,11 @@ impl ActivityCache {
         }
         let fresh: HashMap<String, Arc<CachedActivity>> =
             map.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
-        *self.snapshot.write().expect("activity cache lock poisoned") = Arc::new(fresh);
+        let mut snapshot = self.snapshot.write().expect("activity cache lock poisoned");
+        if seq > self.installed.load(Ordering::SeqCst) {
+            self.installed.store(seq, Ordering::SeqCst);
+            *snapshot = Arc::new(fresh);
+        }
         Ok(())
     }
 }
