@@ -31,7 +31,7 @@ use crate::store::{now_ms, Redis};
 /// The shadow app beside a real one, and the expiry of its data.
 pub struct Shadow {
     pub app: Arc<App>,
-    pub expiry: Expiry,
+    pub expiry: Arc<Expiry>,
 }
 
 impl Shadow {
@@ -40,7 +40,7 @@ impl Shadow {
     pub async fn build(real: &Settings) -> anyhow::Result<Self> {
         let settings = settings(real)?;
         ensure_database(real, &settings).await?;
-        let expiry = Expiry::new(settings.shadow.expire_after_secs);
+        let expiry = Arc::new(Expiry::new(settings.shadow.expire_after_secs));
         let app = scope(App::build_one(settings, true, None))
             .await
             .context("building the shadow app")?;
@@ -60,7 +60,7 @@ impl Shadow {
                 tasks.extend(crate::settle::worker::spawn(&self.app.settler, shutdown.clone()));
             }
             let app = self.app.clone();
-            let expiry = Expiry::new(self.expiry.expire_after_secs);
+            let expiry = self.expiry.clone();
             let mut stop = shutdown.clone();
             let every = Duration::from_millis(app.settings.shadow.purge_check_ms.max(1_000));
             tasks.push(spawn(async move {

@@ -91,15 +91,7 @@ async fn real_state(t: &TestApp) -> (Vec<(String, Vec<u8>)>, Vec<i64>, Vec<Strin
     ] {
         sql.push(t.sql_i64(q).await);
     }
-    let metrics = t
-        .client
-        .get(format!("{}/metrics", t.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = t.metrics_text().await;
     // Sorted: the exporter's order of series is not stable.
     let mut series: Vec<String> = metrics
         .lines()

@@ -26,15 +26,7 @@ async fn health_readiness_and_metrics_answer() {
     let (status, body) = t.get("/readyz", None).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["ready"], true);
-    let text = t
-        .client
-        .get(format!("{}/metrics", t.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = t.metrics_text().await;
     assert!(text.contains("rpw_settle_backlog_entries"), "{text}");
     t.stop().await;
 }

@@ -379,6 +379,18 @@ impl TestApp {
         booked
     }
 
+    /// The `GET /metrics` page.
+    pub async fn metrics_text(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .expect("request sent")
+            .text()
+            .await
+            .expect("a text body")
+    }
+
     /// Every Redis key under this test's prefix, with a dump of its value; but the
     /// shared stats counters, which a background flush writes every 200 ms for awards
     /// issued earlier (a snapshot around one request would otherwise see a flush that

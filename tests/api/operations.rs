@@ -445,15 +445,7 @@ async fn metrics_parse_as_prometheus_text_and_carry_the_series() {
         &json!({"request_id": "m", "amount_cents": 5}),
     )
     .await;
-    let text = t
-        .client
-        .get(format!("{}/metrics", t.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = t.metrics_text().await;
     let mut names = HashSet::new();
     for line in text.lines() {
         if line.is_empty() || line.starts_with('#') {
