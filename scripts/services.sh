@@ -237,11 +237,15 @@ case "${1:-start}" in
   tools)
     python3 -c 'import cryptography' 2>/dev/null || apt_install python3 python3-cryptography
     ;;
+  browser)
+    # The pages' tests: headless Chromium driven over WebDriver by Python's selenium.
+    apt_install chromium chromium-driver python3-selenium fonts-dejavu-core
+    ;;
   stop) stop_private "$WHICH" ;;
   status)
     redis_answers && log "redis answers on $REDIS_PORT" || log "redis down on $REDIS_PORT"
     mysql_answers && log "mariadb answers on $MYSQL_PORT" || log "mariadb down on $MYSQL_PORT"
     cluster_ok && log "redis cluster ok on $CLUSTER_PORT.." || log "no redis cluster on $CLUSTER_PORT.."
     ;;
-  *) echo "usage: $0 [start|stop|status|cluster|tools] [redis|mysql|cluster]" >&2; exit 2 ;;
+  *) echo "usage: $0 [start|stop|status|cluster|tools|browser] [redis|mysql|cluster]" >&2; exit 2 ;;
 esac

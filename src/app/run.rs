@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -102,6 +103,12 @@ impl Running {
             let mut stop_deadline = rx.clone();
             let grace = Duration::from_millis(app.settings.http.shutdown_timeout_ms);
             tasks.push(tokio::spawn(async move {
+                // Responses are small and written whole: Nagle's delay would only hold them back.
+                let listener = listener.tap_io(|tcp| {
+                    if let Err(err) = tcp.set_nodelay(true) {
+                        tracing::warn!(error = %err, "could not set TCP_NODELAY");
+                    }
+                });
                 let server = axum::serve(listener, router).with_graceful_shutdown(async move {
                     let _ = stop.changed().await;
                 });
