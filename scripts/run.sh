@@ -38,5 +38,7 @@ redpacket-wallet on http://$RPW_HTTP__ADDR
   caller:    Authorization: Bearer ${RPW_AUTH__CALLER_KEYS#*:}
   user 42:   Authorization: Bearer $("$BIN" dev-jwt 42)
   keys:      curl http://$RPW_HTTP__ADDR/v1/keys
+  console:   http://$RPW_HTTP__ADDR/console  (sign in with the operator key)
+  wallet:    http://$RPW_HTTP__ADDR/wallet   (paste the user JWT)
 INFO
 exec "$BIN" serve

@@ -20,6 +20,12 @@ echo "== cargo test"
 cargo test --workspace --all-targets -- "$@"
 # The token test vectors, checked by a verifier written from API.md in another language
 # (the crate's own check of the same file ran with the unit tests).
+# The pages in a real browser: headless Chromium (installed when missing) drives the
+# console and the wallet page against a `serve` on the same Redis and MariaDB; the
+# screenshots land in .data/screenshots.
+echo "== tests/browser/pages.py (headless Chromium)"
+scripts/services.sh browser
+/usr/bin/python3 tests/browser/pages.py --bin target/debug/redpacket-wallet --out "$ROOT/.data/screenshots"
 echo "== docs/verify/verify_token.py docs/token-vectors.json"
 python3 docs/verify/verify_token.py docs/token-vectors.json
 # The integration suite again, every test of it, on a local Redis Cluster (3 masters,

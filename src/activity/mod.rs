@@ -136,6 +136,12 @@ impl Activities {
         }
     }
 
+    /// Every activity (settings only; the figures are [`Activities::view`]'s), the
+    /// latest to start first.
+    pub async fn list(&self, limit: u32) -> Result<Vec<Activity>> {
+        repo::list_activities(self.db.main(), limit).await
+    }
+
     pub async fn load(&self, id: &str) -> Result<Activity> {
         repo::load_activity(self.db.main(), id).await
     }

@@ -20,6 +20,20 @@ pub async fn load_activity(pool: &MySqlPool, id: &str) -> Result<Activity> {
     Ok(activity_from_row(&row)?)
 }
 
+/// Every activity, the latest to start first (at most `limit`).
+pub async fn list_activities(pool: &MySqlPool, limit: u32) -> Result<Vec<Activity>> {
+    let rows = sqlx::query(
+        "SELECT id, name, stage, starts_at, ends_at, budget_cents, max_award_cents FROM activities ORDER BY starts_at DESC, id LIMIT ?",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(activity_from_row)
+        .collect::<anyhow::Result<_>>()?)
+}
+
 /// Inserts the activity and its first budget generation together (the budget itself
 /// stays in MySQL until grants move it to Redis); false when the id exists.
 pub async fn insert_activity(db: &Db, budget: &Budget, activity: &Activity) -> Result<bool> {

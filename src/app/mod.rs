@@ -195,6 +195,7 @@ impl App {
             ),
             settings: settings.settle.clone(),
             instance_id: instance_id.clone(),
+            booked: Default::default(),
         };
         let reconciler = Reconciler {
             redis: redis.clone(),

@@ -17,7 +17,11 @@ use crate::error::{Error, Result};
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/v1/admin/activities", post(create_activity))
+        .route(
+            "/v1/admin/activities",
+            post(create_activity).get(list_activities),
+        )
+        .route("/v1/admin/health", get(health))
         .route("/v1/admin/activities/{id}", get(get_activity))
         .route("/v1/admin/activities/{id}/budget", post(add_budget))
         .route("/v1/admin/activities/{id}/scenes", post(create_scene))
@@ -46,6 +50,81 @@ async fn create_activity(
         Created::New(a) => (StatusCode::CREATED, Json(a)),
         Created::Existing(a) => (StatusCode::OK, Json(a)),
     })
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    limit: Option<u32>,
+}
+
+async fn list_activities(
+    State(app): State<AppState>,
+    _op: Operator,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Value>> {
+    let limit = q.limit.unwrap_or(200).clamp(1, 1000);
+    Ok(Json(
+        json!({ "activities": app.activities.list(limit).await? }),
+    ))
+}
+
+/// What an operator watches: the dependencies, the backlog of each partition stream
+/// (entries, and the age of the oldest), and this instance's booking against its bound.
+async fn health(State(app): State<AppState>, _op: Operator) -> Json<Value> {
+    let (redis_ok, mysql_ok) = super::public::reachable(&app).await;
+    let partitions = if redis_ok {
+        backlog(&app).await.unwrap_or_else(|err| {
+            tracing::warn!(error = %err, "backlog read failed");
+            Vec::new()
+        })
+    } else {
+        Vec::new()
+    };
+    let paused = app
+        .switches
+        .list()
+        .iter()
+        .any(|s| s.name == "booking_paused" && s.on);
+    let settle = &app.settings.settle;
+    Json(json!({
+        "redis": if redis_ok { "ok" } else { "unreachable" },
+        "mysql": if mysql_ok { "ok" } else { "unreachable" },
+        "backlog": {
+            "entries": partitions.iter().map(|p| p["entries"].as_u64().unwrap_or(0)).sum::<u64>(),
+            "partitions": partitions,
+        },
+        "booking": {
+            "instance_id": app.settler.instance_id,
+            "worker_enabled": settle.enabled,
+            "paused": paused,
+            "max_tps": settle.max_tps,
+            "booked_tokens": app.settler.booked_total(),
+        },
+        "at": chrono::Utc::now(),
+    }))
+}
+
+/// Each partition stream's length and the age of its oldest entry (stream ids begin
+/// with their creation time in milliseconds).
+async fn backlog(app: &crate::app::App) -> redis::RedisResult<Vec<Value>> {
+    let mut pipe = redis::pipe();
+    for p in 0..app.redis.partitions() {
+        let key = app.redis.stream_key(p);
+        pipe.xlen(&key).xrange_count(&key, "-", "+", 1);
+    }
+    let replies: Vec<redis::Value> = app.redis.query(&pipe).await?;
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let mut out = Vec::with_capacity(replies.len() / 2);
+    for (p, pair) in replies.chunks(2).enumerate() {
+        let entries: u64 = redis::from_redis_value(&pair[0])?;
+        let oldest: redis::streams::StreamRangeReply = redis::from_redis_value(&pair[1])?;
+        let oldest_age_ms = oldest.ids.first().and_then(|e| {
+            let ms: i64 = e.id.split('-').next()?.parse().ok()?;
+            Some((now_ms - ms).max(0))
+        });
+        out.push(json!({ "partition": p, "entries": entries, "oldest_age_ms": oldest_age_ms }));
+    }
+    Ok(out)
 }
 
 async fn get_activity(

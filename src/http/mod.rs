@@ -8,6 +8,7 @@ pub mod admin;
 pub mod auth;
 pub mod awards;
 pub mod error;
+pub mod pages;
 pub mod public;
 pub mod wallet;
 pub mod wire;
@@ -101,6 +102,7 @@ fn app_router(app: Arc<App>) -> Router {
     let settings = &app.settings.http;
     Router::new()
         .merge(public::router())
+        .merge(pages::router())
         .merge(awards::router())
         .merge(wallet::router())
         .merge(withdrawals::router())

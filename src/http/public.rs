@@ -22,16 +22,18 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
 }
 
-async fn readyz(State(app): State<AppState>) -> Response {
+/// Whether Redis and MySQL answer a ping within two seconds (both asked at once).
+pub(super) async fn reachable(app: &crate::app::App) -> (bool, bool) {
     let timeout = std::time::Duration::from_secs(2);
-    let redis_ok = matches!(
-        tokio::time::timeout(timeout, app.redis.ping()).await,
-        Ok(Ok(()))
+    let (redis, mysql) = tokio::join!(
+        tokio::time::timeout(timeout, app.redis.ping()),
+        tokio::time::timeout(timeout, app.db.ping()),
     );
-    let mysql_ok = matches!(
-        tokio::time::timeout(timeout, app.db.ping()).await,
-        Ok(Ok(()))
-    );
+    (matches!(redis, Ok(Ok(()))), matches!(mysql, Ok(Ok(()))))
+}
+
+async fn readyz(State(app): State<AppState>) -> Response {
+    let (redis_ok, mysql_ok) = reachable(&app).await;
     let status = if redis_ok && mysql_ok {
         StatusCode::OK
     } else {

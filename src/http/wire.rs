@@ -161,8 +161,21 @@ impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for Bounded<T> {
 }
 
 pub fn parse_json<J: DeserializeOwned>(body: &[u8]) -> Result<J, Error> {
-    serde_json::from_slice(body)
-        .map_err(|e| Error::InvalidRequest(format!("malformed JSON body: {e}")))
+    // The error names the field it is about ("starts_at: invalid type: null, ..."), so a
+    // form can show it beside that field.
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value: J = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path.is_empty() || path == "." {
+            Error::InvalidRequest(format!("malformed JSON body: {inner}"))
+        } else {
+            Error::InvalidRequest(format!("malformed JSON body: {path}: {inner}"))
+        }
+    })?;
+    de.end()
+        .map_err(|e| Error::InvalidRequest(format!("malformed JSON body: {e}")))?;
+    Ok(value)
 }
 
 /// A JSON body whose rejection is the API's error envelope, not axum's plain text.

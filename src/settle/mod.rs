@@ -7,6 +7,7 @@ pub mod sweep;
 pub mod worker;
 
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -34,6 +35,22 @@ pub struct Settler {
     pub settings: SettleSettings,
     /// Names this process's consumers in the settlement group.
     pub instance_id: String,
+    /// Tokens this instance has booked since it started (the worker and the sweep; not
+    /// the forced settlement of a withdrawal, which is not bounded by `max_tps`).
+    pub booked: Arc<AtomicU64>,
+}
+
+impl Settler {
+    /// Counts `tokens` newly booked by this instance's worker or sweep.
+    pub(crate) fn count_booked(&self, tokens: usize) {
+        crate::metrics::booked(tokens as u64);
+        self.booked.fetch_add(tokens as u64, Ordering::Relaxed);
+    }
+
+    /// Tokens this instance's worker and sweep have booked since it started.
+    pub fn booked_total(&self) -> u64 {
+        self.booked.load(Ordering::Relaxed)
+    }
 }
 
 /// A token bucket of `max_tps` permits per second shared by an instance's tasks;

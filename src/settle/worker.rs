@@ -226,7 +226,7 @@ impl Worker {
                 Err(err) => return Err(err.into()),
             };
             crate::metrics::booking_batch_latency(started.elapsed().as_secs_f64());
-            crate::metrics::booked(booked.newly_booked.len() as u64);
+            self.settler.count_booked(booked.newly_booked.len());
             newly_booked += booked.newly_booked.len();
             if self.options.stop_after_commit {
                 return Ok(Outcome::StoppedAfterCommit {
@@ -279,7 +279,7 @@ impl Worker {
             match self.settler.ledger.book(std::slice::from_ref(entry)).await {
                 Ok(booked) => {
                     newly += booked.newly_booked.len();
-                    crate::metrics::booked(booked.newly_booked.len() as u64);
+                    self.settler.count_booked(booked.newly_booked.len());
                     self.settler
                         .tokens
                         .mark(&booked.to_mark, &booked.snapshots(), &[])

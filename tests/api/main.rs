@@ -7,6 +7,7 @@ mod foundation;
 mod issuance;
 mod money_safety;
 mod operations;
+mod pages;
 mod reshard;
 mod settlement;
 mod wallet;
