@@ -58,7 +58,11 @@ pub fn envelope(err: &Error) -> serde_json::Value {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         log(&self);
-        let mut response = (status(&self), axum::Json(envelope(&self))).into_response();
+        let mut body = envelope(&self);
+        if let Some(id) = super::request_id::current() {
+            body["error"]["request_id"] = serde_json::Value::String(id);
+        }
+        let mut response = (status(&self), axum::Json(body)).into_response();
         if let Error::RateLimited { retry_after_secs } = self {
             response.headers_mut().insert(
                 header::RETRY_AFTER,

@@ -10,6 +10,7 @@ pub mod awards;
 pub mod error;
 pub mod pages;
 pub mod public;
+pub mod request_id;
 pub mod wallet;
 pub mod wire;
 pub mod withdrawals;
@@ -43,10 +44,12 @@ pub fn router(app: Arc<App>) -> Router {
         real: app.clone(),
         router: app_router(s.app.clone()),
     });
-    app_router(app).layer(axum::middleware::from_fn_with_state(
-        shadow,
-        shadow_dispatch,
-    ))
+    app_router(app)
+        .layer(axum::middleware::from_fn_with_state(
+            shadow,
+            shadow_dispatch,
+        ))
+        .layer(axum::middleware::from_fn(request_id::layer))
 }
 
 #[derive(Clone)]
@@ -114,8 +117,25 @@ fn app_router(app: Arc<App>) -> Router {
             Duration::from_millis(settings.request_timeout_ms),
         ))
         .layer(axum::middleware::map_response(envelope_errors))
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .with_state(app)
+}
+
+/// The span every log line of a request is written in: its method, path and id. At the
+/// error level so that it is on whenever any line is (a span filtered out would leave
+/// the lines written in it without their request id).
+fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    let id = request
+        .headers()
+        .get(&request_id::HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    tracing::error_span!(
+        "request",
+        method = %request.method(),
+        path = %request.uri().path(),
+        request_id = %id,
+    )
 }
 
 /// Gives every error response the API's envelope: those produced below the handlers
