@@ -13,6 +13,8 @@
 //!   writer of `ledger_entries` and `accounts`.
 //! - Views **merge** ledger and pending tokens in [`wallet`]; client sync restores tokens.
 //! - Money is **withdrawn** in [`withdraw`] (forced settlement, debit, payout verdicts).
+//! - Changes others must hear of (a withdrawal submitted, paid or failed; a mismatch)
+//!   write an event in the same transaction; [`events`] delivers them to webhooks.
 //! - [`activity`]: activities, scenes and their cache. [`ops`]: reconciliation and
 //!   cron. [`switches`]: the degradation switches every capability reads.
 //! - [`http`]: the only axum code, one router per capability. [`app`]: the wiring.
@@ -24,6 +26,7 @@ pub mod budget;
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod events;
 pub mod http;
 pub mod issue;
 pub mod keys;

@@ -37,6 +37,9 @@ fn register_zeroes() {
         counter!("rpw_dependency_errors_total", "dependency" => dependency).increment(0);
     }
     counter!("rpw_booked_tokens_total").increment(0);
+    counter!("rpw_webhook_deliveries_total", "outcome" => "delivered").increment(0);
+    counter!("rpw_webhook_deliveries_total", "outcome" => "failed").increment(0);
+    counter!("rpw_webhook_deliveries_total", "outcome" => "gave_up").increment(0);
     counter!("rpw_reconciliation_mismatches_total", "activity" => "").increment(0);
     counter!("rpw_awards_total", "outcome" => "issued").increment(0);
     counter!("rpw_tx_retries_total", "op" => "withdraw").increment(0);
@@ -126,6 +129,14 @@ pub fn budget_generation_lost(activity: &str) {
         return;
     }
     counter!("rpw_budget_generations_lost_total", "activity" => activity.to_string()).increment(1);
+}
+
+/// One webhook delivery attempt: `delivered`, `failed` (to be retried) or `gave_up`.
+pub fn webhook_delivery(outcome: &'static str) {
+    if crate::shadow::active() {
+        return;
+    }
+    counter!("rpw_webhook_deliveries_total", "outcome" => outcome).increment(1);
 }
 
 pub fn booking_failure(partition: u32) {

@@ -176,6 +176,9 @@ pub async fn ensure_database(real: &Settings, shadow: &Settings) -> anyhow::Resu
 /// The tables shadow work writes, emptied by a purge (the schema's own bookkeeping,
 /// the shard map and the signing keys stay).
 const DATA_TABLES: &[&str] = &[
+    "webhook_deliveries",
+    "events",
+    "webhook_subscriptions",
     "ledger_entries",
     "accounts",
     "withdrawals",

@@ -45,6 +45,9 @@ pub struct App {
     pub coalescer: Coalescer,
     pub wallet: Wallet,
     pub withdrawals: Withdrawals,
+    /// Webhook subscriptions, and the dispatcher that delivers their events.
+    pub webhooks: crate::events::Subscriptions,
+    pub dispatcher: crate::events::Dispatcher,
     pub settler: Settler,
     pub reconciler: Reconciler,
     pub jobs: Jobs,
@@ -184,6 +187,8 @@ impl App {
             activities: cache.clone(),
         };
         let withdrawals = Withdrawals::new(db.clone(), ledger.clone(), tokens.clone());
+        let webhooks = crate::events::Subscriptions::new(db.clone());
+        let dispatcher = crate::events::Dispatcher::new(db.clone(), settings.webhooks.clone())?;
         let settler = Settler {
             redis: redis.clone(),
             ledger: ledger.clone(),
@@ -204,6 +209,7 @@ impl App {
             ledger: ledger.clone(),
             budget: budget.clone(),
             activities: cache.clone(),
+            budget_low_fraction: settings.webhooks.budget_low_fraction,
         };
         let jobs = Jobs {
             lock: JobLock {
@@ -231,6 +237,8 @@ impl App {
             coalescer,
             wallet,
             withdrawals,
+            webhooks,
+            dispatcher,
             settler,
             reconciler,
             jobs,

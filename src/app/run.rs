@@ -125,6 +125,11 @@ impl Running {
         if options.worker && app.settings.settle.enabled {
             tasks.extend(crate::settle::worker::spawn(&app.settler, rx.clone()));
         }
+        // Events are delivered by every instance that serves or books (one at a time per
+        // delivery); not for shadow traffic, whose events stay in its own database.
+        if app.settings.webhooks.dispatch && (options.http || options.worker) {
+            tasks.push(app.dispatcher.clone().spawn(rx.clone()));
+        }
         if let Some(shadow) = &app.shadow {
             tasks.extend(shadow.start(options.worker, rx.clone()).await);
         }

@@ -45,6 +45,32 @@ pub struct Settings {
     pub wallet: WalletSettings,
     pub cron: CronSettings,
     pub shadow: ShadowSettings,
+    pub webhooks: WebhookSettings,
+}
+
+/// Events to webhooks (API.md, "Events"; see `events`).
+#[derive(Clone, Debug, Deserialize)]
+pub struct WebhookSettings {
+    /// Off: this instance does not dispatch (events are still written; another
+    /// instance, or this one later, delivers them).
+    pub dispatch: bool,
+    /// How often the dispatcher looks for due deliveries when the last look found none.
+    pub poll_ms: u64,
+    /// Deliveries in flight at once, per instance.
+    pub concurrency: usize,
+    /// One delivery attempt's time limit.
+    pub timeout_ms: u64,
+    /// The wait after the first failed attempt; it doubles per attempt up to
+    /// `retry_max_ms`.
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+    /// A delivery still failing this long after its event is given up (at least a day).
+    pub give_up_after_secs: u64,
+    /// How long an instance holds a delivery it is sending before another may.
+    pub lease_ms: u64,
+    /// `budget.low` is sent when an activity's remaining budget falls below this
+    /// fraction of its budget.
+    pub budget_low_fraction: f64,
 }
 
 /// Shadow traffic (`X-RPW-Shadow: 1`, see `shadow`).
@@ -313,6 +339,26 @@ impl Settings {
                 "auth.payout_callers",
                 format!("`{unknown}` is not a caller named in auth.caller_keys"),
             ));
+        }
+        if self.webhooks.concurrency == 0 || self.webhooks.concurrency > 1024 {
+            return Err(invalid("webhooks.concurrency", "must be 1..=1024"));
+        }
+        if self.webhooks.retry_base_ms == 0
+            || self.webhooks.retry_max_ms < self.webhooks.retry_base_ms
+        {
+            return Err(invalid(
+                "webhooks.retry_max_ms",
+                "must be at least webhooks.retry_base_ms, which must be positive",
+            ));
+        }
+        if self.webhooks.timeout_ms == 0 || self.webhooks.lease_ms <= self.webhooks.timeout_ms {
+            return Err(invalid(
+                "webhooks.lease_ms",
+                "must be longer than webhooks.timeout_ms, which must be positive",
+            ));
+        }
+        if !(0.0..1.0).contains(&self.webhooks.budget_low_fraction) {
+            return Err(invalid("webhooks.budget_low_fraction", "must be in [0, 1)"));
         }
         if self.issue.coalesce_max_batch == 0 {
             return Err(invalid("issue.coalesce_max_batch", "must be positive"));

@@ -4,7 +4,7 @@
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -22,6 +22,15 @@ pub fn router() -> Router<AppState> {
             post(create_activity).get(list_activities),
         )
         .route("/v1/admin/health", get(health))
+        .route(
+            "/v1/admin/webhooks",
+            post(create_webhook).get(list_webhooks),
+        )
+        .route("/v1/admin/webhooks/{id}", delete(delete_webhook))
+        .route(
+            "/v1/admin/webhooks/{id}/deliveries",
+            get(webhook_deliveries),
+        )
         .route("/v1/admin/activities/{id}", get(get_activity))
         .route("/v1/admin/activities/{id}/budget", post(add_budget))
         .route("/v1/admin/activities/{id}/scenes", post(create_scene))
@@ -245,4 +254,44 @@ async fn set_switch(
 ) -> Result<Json<Value>> {
     app.switches.set(&app.redis, &name, body.on).await?;
     Ok(Json(json!({ "switches": app.switches.list() })))
+}
+
+/// A webhook id from the path: one that cannot exist is not found.
+fn webhook_id(id: &str) -> Result<i64> {
+    id.parse::<i64>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| Error::NotFound(format!("no webhook `{id}`")))
+}
+
+async fn create_webhook(
+    State(app): State<AppState>,
+    _op: Operator,
+    JsonBody(body): JsonBody<crate::events::NewSubscription>,
+) -> Result<(StatusCode, Json<crate::events::Subscription>)> {
+    Ok((StatusCode::CREATED, Json(app.webhooks.create(body).await?)))
+}
+
+async fn list_webhooks(State(app): State<AppState>, _op: Operator) -> Result<Json<Value>> {
+    Ok(Json(json!({ "webhooks": app.webhooks.list().await? })))
+}
+
+async fn delete_webhook(
+    State(app): State<AppState>,
+    _op: Operator,
+    Path(id): Path<String>,
+) -> Result<StatusCode> {
+    app.webhooks.delete(webhook_id(&id)?).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn webhook_deliveries(
+    State(app): State<AppState>,
+    _op: Operator,
+    Path(id): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Value>> {
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let deliveries = app.webhooks.deliveries(webhook_id(&id)?, limit).await?;
+    Ok(Json(json!({ "deliveries": deliveries })))
 }

@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | `settle` | every 10 s | reclaim stuck stream entries, book stragglers in every partition; drain ended activities and mark them drained |
 //! | `reconcile_hourly` | minute 5 of every hour | reconcile the previous hour (h+1) |
-//! | `reconcile_live` | every minute | reconcile the current hour |
+//! | `reconcile_live` | every minute | reconcile the current hour; write `budget.low` for activities running low |
 //! | `housekeeping` | every 10 min | trim settled tokens older than the retention from Redis |
 //!
 //! A job takes a Redis lock (SET NX PX with an owner token, released only by its owner)
@@ -177,6 +177,9 @@ impl Jobs {
                     reports = reports.len(),
                     "reconciliation done"
                 );
+                if name == "reconcile_live" {
+                    self.reconciler.check_budget_low().await?;
+                }
             }
             "housekeeping" => {
                 let trimmed = self.housekeeping().await?;

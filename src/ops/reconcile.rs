@@ -16,6 +16,7 @@ use sqlx::Row;
 use crate::activity::ActivityCache;
 use crate::budget::{Budget, Release, Repair};
 use crate::error::{Error, Result};
+use crate::events::{self, EventType, NewEvent};
 use crate::ledger::Ledger;
 use crate::store::{Db, Redis};
 use crate::tokens::{Counters, Tokens, Totals};
@@ -29,6 +30,8 @@ pub struct Reconciler {
     pub ledger: Ledger,
     pub budget: Arc<Budget>,
     pub activities: Arc<ActivityCache>,
+    /// `budget.low` is written when the remaining budget falls below this fraction.
+    pub budget_low_fraction: f64,
 }
 
 /// The hour `YYYYMMDDHH` as a [start, end) window in ms.
@@ -183,7 +186,9 @@ impl Reconciler {
             crate::metrics::reconciliation_mismatch(activity);
             tracing::error!(activity, hour, problems = ?report.problems, "reconciliation mismatch");
         }
-        sqlx::query(
+        // The report, and for a mismatch its event, are written together.
+        let mut tx = self.db.main().begin().await?;
+        let report_id = sqlx::query(
             "INSERT INTO reconciliation_reports (activity_id, hour_start, kind, issued_count, issued_cents, booked_count, booked_cents, settled_count, settled_cents, pending_count, pending_cents, budget_taken_cents, leak_cents, ok, problems) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(activity)
@@ -201,8 +206,33 @@ impl Reconciler {
         .bind(report.leak_cents)
         .bind(report.ok)
         .bind(report.problems.join("; "))
-        .execute(self.db.main())
-        .await?;
+        .execute(&mut *tx)
+        .await?
+        .last_insert_id();
+        if !report.ok {
+            let data = serde_json::json!({
+                "report_id": report_id,
+                "activity_id": activity,
+                "hour_start": report.hour_start,
+                "kind": kind,
+                "problems": report.problems,
+                "issued_cents": report.issued.cents,
+                "booked_cents": report.booked.cents,
+                "settled_cents": report.settled.cents,
+                "leak_cents": report.leak_cents,
+            });
+            events::record(
+                &mut tx,
+                &NewEvent {
+                    kind: EventType::ReconciliationMismatch,
+                    order_key: format!("activity:{activity}"),
+                    dedupe_key: None,
+                    data: &data,
+                },
+            )
+            .await?;
+        }
+        tx.commit().await?;
         Ok(report)
     }
 
@@ -259,6 +289,53 @@ impl Reconciler {
         Ok(reports)
     }
 
+    /// Writes `budget.low` for each open activity whose remaining budget is below
+    /// `budget_low_fraction` of its budget: once per activity and budget (adding budget
+    /// and falling low again writes another).
+    pub async fn check_budget_low(&self) -> anyhow::Result<Vec<String>> {
+        let mut low = Vec::new();
+        if self.budget_low_fraction <= 0.0 {
+            return Ok(low);
+        }
+        let now = Utc::now();
+        for cached in self.activities.all() {
+            let a = &cached.activity;
+            if a.ends_at <= now || a.starts_at > now {
+                continue;
+            }
+            let figures = self
+                .budget
+                .figures(&self.redis, &self.db, a.id.as_str())
+                .await?;
+            let budget = a.budget_cents.get();
+            if (figures.remaining_cents as f64) >= budget as f64 * self.budget_low_fraction {
+                continue;
+            }
+            let data = serde_json::json!({
+                "activity_id": a.id,
+                "budget_cents": budget,
+                "remaining_cents": figures.remaining_cents,
+                "threshold_fraction": self.budget_low_fraction,
+            });
+            let mut conn = self.db.main().acquire().await?;
+            let written = events::record(
+                &mut conn,
+                &NewEvent {
+                    kind: EventType::BudgetLow,
+                    order_key: format!("activity:{}", a.id),
+                    dedupe_key: Some(format!("budget.low:{}:{budget}", a.id)),
+                    data: &data,
+                },
+            )
+            .await?;
+            if written {
+                tracing::warn!(activity = %a.id, remaining_cents = figures.remaining_cents, budget, "budget low");
+                low.push(a.id.to_string());
+            }
+        }
+        Ok(low)
+    }
+
     /// After an activity's end: once every issued token is booked, records it as
     /// drained.
     pub async fn mark_drained(&self) -> anyhow::Result<Vec<String>> {
@@ -272,11 +349,30 @@ impl Reconciler {
             let issued = self.tokens.issued_totals(a.id.as_str()).await?;
             let booked = self.ledger.totals(a.id.as_str(), None).await?;
             if issued == booked {
+                let mut tx = self.db.main().begin().await?;
                 let changed = sqlx::query("UPDATE activities SET drained_at = CURRENT_TIMESTAMP(3) WHERE id = ? AND drained_at IS NULL")
                     .bind(a.id.as_str())
-                    .execute(self.db.main())
+                    .execute(&mut *tx)
                     .await?
                     .rows_affected();
+                if changed > 0 {
+                    let data = serde_json::json!({
+                        "activity_id": a.id,
+                        "booked_count": booked.count,
+                        "booked_cents": booked.cents,
+                    });
+                    events::record(
+                        &mut tx,
+                        &NewEvent {
+                            kind: EventType::ActivityDrained,
+                            order_key: format!("activity:{}", a.id),
+                            dedupe_key: Some(format!("activity.drained:{}", a.id)),
+                            data: &data,
+                        },
+                    )
+                    .await?;
+                }
+                tx.commit().await?;
                 if changed > 0 {
                     tracing::info!(
                         activity = %a.id,

@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use crate::domain::{Cents, RequestId, UserId, WithdrawalStatus};
 use crate::error::{Error, Result};
+use crate::events::{self, EventType, NewEvent};
 use crate::ledger::{Account, Ledger, LedgerError};
 use crate::store::{now_ms, Db};
 use crate::tokens::{AwardEntry, Tokens};
@@ -153,6 +154,17 @@ impl Withdrawals {
             created_at: chrono::DateTime::from_timestamp_millis(at).unwrap_or_default(),
         };
         repo::insert(&mut *tx, &created).await?;
+        // The payout channel's cue to pay, written with the debit or not at all.
+        let data = event_data(&created);
+        events::record(
+            &mut tx,
+            &NewEvent::withdrawal(
+                EventType::WithdrawalSubmitted,
+                &created.withdrawal_id,
+                &data,
+            ),
+        )
+        .await?;
         tx.commit().await?;
         Ok(Ok((
             Outcome::Created(created),
@@ -222,15 +234,35 @@ impl Withdrawals {
             snapshot = Some(account.snapshot());
         }
         repo::set_status(&mut *tx, id, verdict).await?;
+        let settled = Withdrawal {
+            status: verdict,
+            ..current
+        };
+        let kind = if verdict == WithdrawalStatus::Paid {
+            EventType::WithdrawalPaid
+        } else {
+            EventType::WithdrawalFailed
+        };
+        let data = event_data(&settled);
+        events::record(&mut tx, &NewEvent::withdrawal(kind, id, &data)).await?;
         tx.commit().await?;
         if let Some(snapshot) = snapshot {
             if let Err(err) = self.tokens.mark(&to_mark, &[snapshot], &[]).await {
                 tracing::warn!(error = %err, "updating the account snapshot after a reversal failed");
             }
         }
-        Ok(Withdrawal {
-            status: verdict,
-            ..current
-        })
+        Ok(settled)
     }
+}
+
+/// What a withdrawal event carries: the withdrawal as the API shows it.
+fn event_data(w: &Withdrawal) -> serde_json::Value {
+    serde_json::json!({
+        "withdrawal_id": w.withdrawal_id,
+        "user_id": w.user_id,
+        "request_id": w.request_id,
+        "amount_cents": w.amount_cents,
+        "status": w.status.as_str(),
+        "created_at": w.created_at,
+    })
 }

@@ -266,7 +266,7 @@ impl TestApp {
             .unwrap()
     }
 
-    async fn send(
+    pub async fn send(
         &self,
         method: reqwest::Method,
         path: &str,

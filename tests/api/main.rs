@@ -11,3 +11,4 @@ mod pages;
 mod reshard;
 mod settlement;
 mod wallet;
+mod webhooks;
