@@ -9,6 +9,9 @@
 #   scripts/services.sh stop cluster
 #   scripts/services.sh tools    # what the checks beyond cargo need: python3-cryptography
 #                                # for the independent token verifier (docs/verify/)
+#   scripts/services.sh browser  # headless Chromium and selenium for the pages' tests
+#   scripts/services.sh promtool # promtool (Debian's prometheus package) for
+#                                # scripts/check-deploy.sh
 #
 # A server already answering at the configured port is used as it is. Otherwise the
 # Debian packages are installed when missing and private instances are started with
@@ -241,11 +244,16 @@ case "${1:-start}" in
     # The pages' tests: headless Chromium driven over WebDriver by Python's selenium.
     apt_install chromium chromium-driver python3-selenium fonts-dejavu-core
     ;;
+  promtool)
+    # promtool checks and unit-tests deploy/prometheus/ (scripts/check-deploy.sh). It
+    # ships in Debian's prometheus package; its server is never started here.
+    command -v promtool >/dev/null 2>&1 || apt_install prometheus
+    ;;
   stop) stop_private "$WHICH" ;;
   status)
     redis_answers && log "redis answers on $REDIS_PORT" || log "redis down on $REDIS_PORT"
     mysql_answers && log "mariadb answers on $MYSQL_PORT" || log "mariadb down on $MYSQL_PORT"
     cluster_ok && log "redis cluster ok on $CLUSTER_PORT.." || log "no redis cluster on $CLUSTER_PORT.."
     ;;
-  *) echo "usage: $0 [start|stop|status|cluster|tools|browser] [redis|mysql|cluster]" >&2; exit 2 ;;
+  *) echo "usage: $0 [start|stop|status|cluster|tools|browser|promtool] [redis|mysql|cluster]" >&2; exit 2 ;;
 esac

@@ -26,6 +26,10 @@ cargo test --workspace --all-targets -- "$@"
 echo "== tests/browser/pages.py (headless Chromium)"
 scripts/services.sh browser
 /usr/bin/python3 tests/browser/pages.py --bin target/debug/redpacket-wallet --out "$ROOT/.data/screenshots"
+# The Grafana dashboard and the Prometheus alert rules: promtool check and rule unit
+# tests, and every metric they name exported by the service.
+echo "== scripts/check-deploy.sh"
+scripts/check-deploy.sh
 echo "== docs/verify/verify_token.py docs/token-vectors.json"
 python3 docs/verify/verify_token.py docs/token-vectors.json
 # The integration suite again, every test of it, on a local Redis Cluster (3 masters,
