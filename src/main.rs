@@ -19,11 +19,19 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(
     name = "redpacket-wallet",
     version,
-    about = "Red-packet token wallet service"
+    about = "Red-packet token wallet service",
+    long_about = "Red-packet token wallet service: signed award tokens, booking at a bounded \
+rate, exact merged views.\n\nSettings come from the defaults, then a --config file, then \
+RPW_SECTION__KEY environment variables (config/example.toml lists every one). Logs go to \
+stderr; RUST_LOG sets their level, RPW_LOG_FORMAT=json makes them JSON lines.",
+    after_help = "Examples:\n  redpacket-wallet migrate\n  redpacket-wallet keys generate\n  \
+redpacket-wallet --config config/local.toml serve\n  RPW_SETTLE__MAX_TPS=500 redpacket-wallet worker\n  \
+redpacket-wallet reconcile --activity cny2027"
 )]
 struct Cli {
-    /// A TOML configuration file; `RPW_SECTION__KEY` environment variables override it.
-    #[arg(long, global = true, env = "RPW_CONFIG")]
+    /// A TOML configuration file (see config/example.toml); `RPW_SECTION__KEY`
+    /// environment variables override it.
+    #[arg(long, global = true, env = "RPW_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
@@ -32,42 +40,69 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serves the HTTP API, with the accounting worker and the cron jobs.
+    #[command(after_help = "Examples:\n  redpacket-wallet serve\n  \
+RPW_HTTP__ADDR=0.0.0.0:8080 redpacket-wallet serve --no-worker   # HTTP only; run `worker` elsewhere\n  \
+redpacket-wallet serve --no-cron --no-migrate")]
     Serve {
-        /// Do not run the accounting worker in this process.
+        /// Do not run the accounting worker in this process (run `worker` elsewhere).
         #[arg(long)]
         no_worker: bool,
-        /// Do not run the cron jobs in this process.
+        /// Do not run the cron jobs in this process (another instance runs them; each
+        /// tick runs once per fleet anyway).
         #[arg(long)]
         no_cron: bool,
         /// Do not apply migrations at start, whatever `mysql.migrate_on_start` says.
         #[arg(long)]
         no_migrate: bool,
     },
-    /// Runs only the accounting worker.
+    /// Runs only the accounting worker (and the webhook dispatcher), without HTTP.
+    #[command(after_help = "Example:\n  RPW_SETTLE__MAX_TPS=2000 redpacket-wallet worker")]
     Worker,
     /// Creates the database(s) when missing and applies the embedded migrations.
+    #[command(
+        after_help = "Example:\n  RPW_MYSQL__URL=mysql://rpw:rpw@127.0.0.1:3306/rpw redpacket-wallet migrate"
+    )]
     Migrate,
     /// Manages the Ed25519 signing keys in `keys.dir`.
+    #[command(
+        after_help = "Examples:\n  redpacket-wallet keys generate\n  redpacket-wallet keys list\n  \
+redpacket-wallet keys retire k1a2b3c4"
+    )]
     Keys {
         #[command(subcommand)]
         action: KeysAction,
     },
     /// Prints a user JWT signed with the configured secret, for trying the API by hand.
+    #[command(
+        after_help = "Example:\n  curl -H \"Authorization: Bearer $(redpacket-wallet dev-jwt 42)\" \
+localhost:8080/v1/wallet"
+    )]
     DevJwt {
+        /// The user id (a positive integer): the JWT's `sub`.
         user_id: i64,
         /// Lifetime in seconds.
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
     },
-    /// Books every pending token now (what the batch-settlement job does).
+    /// Books every pending token now (what the batch-settlement job does), showing
+    /// progress per partition.
+    #[command(after_help = "Example:\n  redpacket-wallet settle --all")]
     Settle {
+        /// Every partition (required: the sweep books them all).
         #[arg(long)]
         all: bool,
     },
-    /// Reconciles one activity for one hour (default: the current hour).
+    /// Reconciles one hour (default: the current one) of one activity, or of every
+    /// activity running in it, and stores the reports. Prints them as JSON; exits 3 when
+    /// one shows a mismatch.
+    #[command(
+        after_help = "Examples:\n  redpacket-wallet reconcile --activity cny2027\n  \
+redpacket-wallet reconcile --hour 2027021012          # every activity of that hour"
+    )]
     Reconcile {
+        /// The activity; every activity whose window overlaps the hour when left out.
         #[arg(long)]
-        activity: String,
+        activity: Option<String>,
         /// The hour as YYYYMMDDHH (UTC).
         #[arg(long)]
         hour: Option<String>,
@@ -75,27 +110,35 @@ enum Command {
     /// Returns an activity's leaked budget (taken, never a token). Safe at any time:
     /// it drains the live budget generation and settles drained ones once their
     /// in-flight grace has passed; run it again after `issue.in_flight_grace_ms`.
+    #[command(after_help = "Example:\n  redpacket-wallet repair-leak --activity cny2027")]
     RepairLeak {
+        /// The activity id.
         #[arg(long)]
         activity: String,
     },
     /// Releases budget frozen in doubt after a Redis loss, as far as the ledger and the
     /// synced client tokens prove it unspent (only losses older than
     /// `issue.in_doubt_grace_ms`).
+    #[command(after_help = "Example:\n  redpacket-wallet release-in-doubt --activity cny2027")]
     ReleaseInDoubt {
+        /// The activity id.
         #[arg(long)]
         activity: String,
     },
     /// Prints an activity's budget figures: budget, granted, in doubt, ungranted,
     /// available in Redis, remaining.
+    #[command(after_help = "Example:\n  redpacket-wallet budget --activity cny2027")]
     Budget {
+        /// The activity id.
         #[arg(long)]
         activity: String,
     },
     /// Moves a bucket of users (user_id mod 1024) to another MySQL shard: its booking
     /// and withdrawals pause for the move, its rows are copied and verified, the shard
     /// map switches, the old rows go. Run it again to resume a move that was cut short.
+    #[command(after_help = "Example:\n  redpacket-wallet reshard --bucket 17 --to 1")]
     Reshard {
+        /// The bucket: user_id mod 1024.
         #[arg(long)]
         bucket: u16,
         /// The shard index (0: mysql.url, 1..: mysql.shard_urls in order).
@@ -106,12 +149,57 @@ enum Command {
 
 #[derive(Subcommand)]
 enum KeysAction {
-    /// Creates a new key; it becomes the active signer.
+    /// Creates a new key; it becomes the active signer. Prints its id.
     Generate,
-    /// Lists every key with its state.
+    /// Lists every key with its state (active, verifies, retired).
     List,
     /// Retires a key: tokens it signed no longer verify.
-    Retire { key_id: String },
+    Retire {
+        /// The key id, as `keys list` prints it.
+        key_id: String,
+    },
+}
+
+/// Progress of a long command on stderr: one line rewritten in place on a terminal,
+/// plain lines at most every two seconds otherwise (a log or a pipe).
+struct Progress {
+    label: &'static str,
+    tty: bool,
+    last: Option<std::time::Instant>,
+}
+
+impl Progress {
+    fn new(label: &'static str) -> Self {
+        use std::io::IsTerminal;
+        Self {
+            label,
+            tty: std::io::stderr().is_terminal(),
+            last: None,
+        }
+    }
+
+    fn update(&mut self, message: &str) {
+        let every = if self.tty { 100 } else { 2_000 };
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < std::time::Duration::from_millis(every))
+        {
+            return;
+        }
+        self.last = Some(std::time::Instant::now());
+        if self.tty {
+            eprint!("\r\x1b[2K{}: {message}", self.label);
+        } else {
+            eprintln!("{}: {message}", self.label);
+        }
+    }
+
+    fn finish(&mut self, message: &str) {
+        if self.tty {
+            eprint!("\r\x1b[2K");
+        }
+        eprintln!("{}: {message}", self.label);
+    }
 }
 
 fn init_tracing() {
@@ -221,7 +309,23 @@ async fn main() -> anyhow::Result<()> {
             anyhow::ensure!(all, "say --all: the sweep books every partition");
             let app = App::build(settings, false).await?;
             let max = app.settings.settle.sweep_max_batches;
-            let booked = redpacket_wallet::settle::settle_all(&app.settler, max).await?;
+            let partitions = app.redis.partitions();
+            let mut progress = Progress::new("settle");
+            let booked = redpacket_wallet::settle::settle_until(
+                &app.settler,
+                max,
+                None,
+                &mut |partition, booked| {
+                    progress.update(&format!(
+                        "partition {}/{partitions}, {booked} tokens booked",
+                        partition + 1
+                    ))
+                },
+            )
+            .await?;
+            progress.finish(&format!(
+                "{partitions} partitions swept, {booked} tokens booked"
+            ));
             let drained = app.reconciler.mark_drained().await?;
             println!("booked {booked} tokens; drained activities: {drained:?}");
         }
@@ -230,14 +334,52 @@ async fn main() -> anyhow::Result<()> {
             let hour = hour.unwrap_or_else(|| {
                 redpacket_wallet::store::hour_of(redpacket_wallet::store::now_ms())
             });
-            let report = app
-                .reconciler
-                .reconcile(&activity, &hour, "manual")
-                .await
-                .map_err(|e| anyhow::anyhow!("{}: {}", e.code(), e))
-                .context("reconciling")?;
-            println!("{}", serde_json::to_string_pretty(&report)?);
-            if !report.ok {
+            let (start, end) = redpacket_wallet::ops::reconcile::hour_window(&hour)
+                .context("--hour must be YYYYMMDDHH")?;
+            let activities: Vec<String> = match activity {
+                Some(a) => vec![a],
+                None => app
+                    .activities
+                    .cache()
+                    .all()
+                    .iter()
+                    .map(|c| &c.activity)
+                    .filter(|a| {
+                        a.starts_at.timestamp_millis() < end
+                            && a.ends_at.timestamp_millis() + 3_600_000 > start
+                    })
+                    .map(|a| a.id.to_string())
+                    .collect(),
+            };
+            let single = activities.len() == 1;
+            let mut progress = Progress::new("reconcile");
+            let mut reports = Vec::new();
+            let mut mismatches = 0;
+            for (i, activity) in activities.iter().enumerate() {
+                progress.update(&format!(
+                    "{}/{} activities, {mismatches} with a mismatch; now {activity}",
+                    i + 1,
+                    activities.len()
+                ));
+                let report = app
+                    .reconciler
+                    .reconcile(activity, &hour, "manual")
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{}: {}", e.code(), e))
+                    .with_context(|| format!("reconciling {activity}"))?;
+                mismatches += usize::from(!report.ok);
+                reports.push(report);
+            }
+            progress.finish(&format!(
+                "hour {hour}: {} activities, {mismatches} with a mismatch",
+                activities.len()
+            ));
+            if single {
+                println!("{}", serde_json::to_string_pretty(&reports[0])?);
+            } else {
+                println!("{}", serde_json::to_string_pretty(&reports)?);
+            }
+            if mismatches > 0 {
                 std::process::exit(3);
             }
         }
@@ -278,4 +420,50 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Every subcommand has its help and an example; every flag and argument its help.
+    #[test]
+    fn every_subcommand_and_flag_is_explained() {
+        let cli = Cli::command();
+        cli.clone().debug_assert();
+        let mut seen = 0;
+        let mut stack: Vec<clap::Command> = cli.get_subcommands().cloned().collect();
+        while let Some(cmd) = stack.pop() {
+            seen += 1;
+            let name = cmd.get_name().to_string();
+            assert!(cmd.get_about().is_some(), "`{name}` has no help");
+            let subs: Vec<clap::Command> = cmd.get_subcommands().cloned().collect();
+            if subs.is_empty() {
+                // A leaf: its own example, or its parent's (keys generate|list|retire).
+                let parent_has = ["generate", "list", "retire"].contains(&name.as_str());
+                assert!(
+                    parent_has
+                        || cmd
+                            .get_after_help()
+                            .is_some_and(|h| h.to_string().contains("Example")),
+                    "`{name}` has no example"
+                );
+            } else {
+                assert!(cmd
+                    .get_after_help()
+                    .is_some_and(|h| h.to_string().contains("redpacket-wallet")));
+            }
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                assert!(arg.get_help().is_some(), "`{name} {id}` has no help");
+            }
+            stack.extend(subs);
+        }
+        assert!(seen >= 14, "{seen}");
+    }
 }

@@ -78,3 +78,35 @@ fn secrets_never_show_in_debug_output() {
     let printed = format!("{s:?}");
     assert!(!printed.contains("very-secret"), "{printed}");
 }
+
+/// `config/example.toml` holds every setting with its default and nothing else, and
+/// loads: it cannot fall behind a new setting or a changed default.
+#[test]
+fn the_example_file_is_every_default_and_loads() {
+    fn as_json(toml: &str) -> serde_json::Value {
+        config::Config::builder()
+            .add_source(config::File::from_str(toml, config::FileFormat::Toml))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap()
+    }
+    let example = include_str!("../../config/example.toml");
+    assert_eq!(as_json(example), as_json(super::DEFAULTS));
+    // Every setting has a comment saying what it does.
+    let mut commented = false;
+    for line in example.lines() {
+        let line = line.trim();
+        if line.starts_with('#') {
+            commented = true;
+        } else if line.contains('=') {
+            assert!(commented, "no comment above `{line}`");
+            commented = false;
+        } else if line.starts_with('[') || line.is_empty() {
+            commented = commented && line.is_empty();
+        }
+    }
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.toml");
+    let s = Settings::load_with(Some(&path), Vec::<(String, String)>::new()).unwrap();
+    assert_eq!(s.settle.max_tps, 2000);
+}

@@ -149,7 +149,8 @@ impl Jobs {
                 let deadline =
                     tokio::time::Instant::now() + Duration::from_millis(self.cron.lock_ttl_ms / 2);
                 let max = self.settler.settings.sweep_max_batches;
-                let booked = settle_until(&self.settler, max, Some(deadline)).await?;
+                let booked =
+                    settle_until(&self.settler, max, Some(deadline), &mut |_, _| {}).await?;
                 let drained = self.reconciler.mark_drained().await?;
                 tracing::info!(
                     job = name,

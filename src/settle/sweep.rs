@@ -8,17 +8,19 @@ use super::Settler;
 
 /// Sweeps every partition (see [`settle_until`]) without a deadline.
 pub async fn settle_all(settler: &Settler, max_batches: usize) -> anyhow::Result<usize> {
-    settle_until(settler, max_batches, None).await
+    settle_until(settler, max_batches, None, &mut |_, _| {}).await
 }
 
 /// Draws from the instance's booking bucket, like the worker. Bounded: at most
 /// `max_batches` batches per partition, and it stops at `deadline` (the scheduled sweep
 /// passes half its lock's lifetime, so it never outlives the lock). A failing partition
 /// is logged and skipped; the others are still swept. Returns tokens newly booked.
+/// `progress` hears (partition, tokens booked so far) after each batch and partition.
 pub async fn settle_until(
     settler: &Settler,
     max_batches: usize,
     deadline: Option<tokio::time::Instant>,
+    progress: &mut (dyn FnMut(u32, usize) + Send),
 ) -> anyhow::Result<usize> {
     let settings = &settler.settings;
     let mut worker = Worker::new(
@@ -38,7 +40,10 @@ pub async fn settle_until(
                 return Ok(booked);
             }
             match worker.try_execute_batch(p).await {
-                Ok(Outcome::Booked { newly_booked, .. }) => booked += newly_booked,
+                Ok(Outcome::Booked { newly_booked, .. }) => {
+                    booked += newly_booked;
+                    progress(p, booked);
+                }
                 Ok(_) => break,
                 Err(err) => {
                     failed += 1;
@@ -52,6 +57,7 @@ pub async fn settle_until(
                 }
             }
         }
+        progress(p, booked);
     }
     if failed > 0 {
         tracing::warn!(

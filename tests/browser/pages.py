@@ -493,6 +493,25 @@ def wallet(driver, svc, out, tokens):
     svc.admin("PUT", "/v1/admin/switches/booking_paused", {"on": False})
 
 
+def command_line(svc):
+    """The long commands report progress on stderr: plain lines when it is not a
+    terminal (here, a pipe)."""
+    print("command line")
+    out = subprocess.run([svc.binary, "settle", "--all"], env=svc.env, capture_output=True, text=True, timeout=120)
+    check(out.returncode == 0, f"settle --all succeeds ({out.stderr[-300:]!r})")
+    lines = [l for l in out.stderr.splitlines() if l.startswith("settle: ")]
+    check(lines and "8 partitions swept" in lines[-1] and "\r" not in out.stderr and "\x1b" not in out.stderr,
+          f"settle --all ends with a plain progress line: {lines[-1:]!r}")
+    check("booked" in out.stdout, f"and prints its result: {out.stdout.strip()!r}")
+    out = subprocess.run([svc.binary, "reconcile"], env=svc.env, capture_output=True, text=True, timeout=120)
+    reports = json.loads(out.stdout)
+    activities = sorted(r["activity_id"] for r in reports)
+    check(activities == ["lantern", "spring"], f"reconcile without --activity covers every activity of the hour: {activities}")
+    check(out.returncode == 3, "and exits 3, since lantern has a mismatch")
+    check(any(l.startswith("reconcile: hour ") and "2 activities, 1 with a mismatch" in l for l in out.stderr.splitlines()),
+          f"with its progress line: {out.stderr.strip().splitlines()[-1:]!r}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", default="target/debug/redpacket-wallet")
@@ -509,6 +528,7 @@ def main():
         driver = browser()
         tokens = console(driver, svc, args.out)
         wallet(driver, svc, args.out, tokens)
+        command_line(svc)
         print(f"pages: {checks} checks passed")
     except Exception:
         if driver is not None:
