@@ -4,8 +4,10 @@
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::routing::{delete, get, post, put};
-use axum::{Json, Router};
+use axum::Json;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::openapi as doc;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -15,34 +17,22 @@ use crate::activity::{Activity, ActivityView, Created, NewActivity, NewScene, Sc
 use crate::domain::{ActivityId, Cents};
 use crate::error::{Error, Result};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route(
-            "/v1/admin/activities",
-            post(create_activity).get(list_activities),
-        )
-        .route("/v1/admin/health", get(health))
-        .route(
-            "/v1/admin/webhooks",
-            post(create_webhook).get(list_webhooks),
-        )
-        .route("/v1/admin/webhooks/{id}", delete(delete_webhook))
-        .route(
-            "/v1/admin/webhooks/{id}/deliveries",
-            get(webhook_deliveries),
-        )
-        .route("/v1/admin/activities/{id}", get(get_activity))
-        .route("/v1/admin/activities/{id}/budget", post(add_budget))
-        .route("/v1/admin/activities/{id}/scenes", post(create_scene))
-        .route("/v1/admin/activities/{id}/repair-leak", post(repair_leak))
-        .route(
-            "/v1/admin/activities/{id}/release-in-doubt",
-            post(release_in_doubt),
-        )
-        .route("/v1/admin/reconciliation", get(reports))
-        .route("/v1/admin/parked", get(parked))
-        .route("/v1/admin/switches", get(switches))
-        .route("/v1/admin/switches/{name}", put(set_switch))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_activity, list_activities))
+        .routes(routes!(health))
+        .routes(routes!(create_webhook, list_webhooks))
+        .routes(routes!(delete_webhook))
+        .routes(routes!(webhook_deliveries))
+        .routes(routes!(get_activity))
+        .routes(routes!(add_budget))
+        .routes(routes!(create_scene))
+        .routes(routes!(repair_leak))
+        .routes(routes!(release_in_doubt))
+        .routes(routes!(reports))
+        .routes(routes!(parked))
+        .routes(routes!(switches))
+        .routes(routes!(set_switch))
 }
 
 /// An activity id from the path: one that cannot exist is not found.
@@ -50,6 +40,12 @@ fn activity_id(id: &str) -> Result<ActivityId> {
     ActivityId::parse(id).map_err(|_| Error::NotFound(format!("no activity `{id}`")))
 }
 
+#[utoipa::path(post, path = "/v1/admin/activities", security(("operator" = [])), tag = "operators",
+    request_body = doc::NewActivity,
+    responses((status = 201, description = "Created", body = doc::Activity),
+        (status = 200, description = "An identical activity existed", body = doc::Activity),
+        (status = 409, description = "idempotency_conflict: the id exists with other settings", body = doc::ErrorEnvelope),
+        doc::OperatorErrors))]
 async fn create_activity(
     State(app): State<AppState>,
     _op: Operator,
@@ -66,6 +62,9 @@ struct ListQuery {
     limit: Option<u32>,
 }
 
+#[utoipa::path(get, path = "/v1/admin/activities", security(("operator" = [])), tag = "operators",
+    params(("limit" = Option<u32>, Query, description = "At most this many (1-1000, default 200)")),
+    responses((status = 200, description = "Every activity, the latest to start first", body = doc::ActivityList), doc::OperatorErrors))]
 async fn list_activities(
     State(app): State<AppState>,
     _op: Operator,
@@ -79,6 +78,8 @@ async fn list_activities(
 
 /// What an operator watches: the dependencies, the backlog of each partition stream
 /// (entries, and the age of the oldest), and this instance's booking against its bound.
+#[utoipa::path(get, path = "/v1/admin/health", security(("operator" = [])), tag = "operators",
+    responses((status = 200, description = "Dependencies, backlog per partition, this instance's booking", body = doc::Health), doc::OperatorErrors))]
 async fn health(State(app): State<AppState>, _op: Operator) -> Json<Value> {
     let (redis_ok, mysql_ok) = super::public::reachable(&app).await;
     let partitions = if redis_ok {
@@ -136,6 +137,8 @@ async fn backlog(app: &crate::app::App) -> redis::RedisResult<Vec<Value>> {
     Ok(out)
 }
 
+#[utoipa::path(get, path = "/v1/admin/activities/{id}", security(("operator" = [])), tag = "operators", params(("id" = String, Path, description = "The activity id")),
+    responses((status = 200, description = "The activity with its live figures", body = doc::ActivityView), doc::OperatorErrors))]
 async fn get_activity(
     State(app): State<AppState>,
     _op: Operator,
@@ -150,6 +153,9 @@ struct BudgetDelta {
     delta_cents: i64,
 }
 
+#[utoipa::path(post, path = "/v1/admin/activities/{id}/budget", security(("operator" = [])), tag = "operators", params(("id" = String, Path, description = "The activity id")),
+    request_body = doc::BudgetDelta,
+    responses((status = 200, description = "The activity with its new budget", body = doc::ActivityView), doc::OperatorErrors))]
 async fn add_budget(
     State(app): State<AppState>,
     _op: Operator,
@@ -161,6 +167,11 @@ async fn add_budget(
     Ok(Json(app.activities.add_budget(&id, delta).await?))
 }
 
+#[utoipa::path(post, path = "/v1/admin/activities/{id}/scenes", security(("operator" = [])), tag = "operators", params(("id" = String, Path, description = "The activity id")),
+    request_body = doc::NewScene,
+    responses((status = 201, description = "Created", body = doc::Scene),
+        (status = 409, description = "idempotency_conflict: the scene exists with other settings", body = doc::ErrorEnvelope),
+        doc::OperatorErrors))]
 async fn create_scene(
     State(app): State<AppState>,
     _op: Operator,
@@ -174,6 +185,8 @@ async fn create_scene(
     ))
 }
 
+#[utoipa::path(post, path = "/v1/admin/activities/{id}/repair-leak", security(("operator" = [])), tag = "operators", params(("id" = String, Path, description = "The activity id")),
+    responses((status = 200, description = "Budget taken but provably never a token, returned", body = doc::RepairResult), doc::OperatorErrors))]
 async fn repair_leak(
     State(app): State<AppState>,
     _op: Operator,
@@ -188,6 +201,8 @@ async fn repair_leak(
     })))
 }
 
+#[utoipa::path(post, path = "/v1/admin/activities/{id}/release-in-doubt", security(("operator" = [])), tag = "operators", params(("id" = String, Path, description = "The activity id")),
+    responses((status = 200, description = "In-doubt budget proven unspent, released", body = doc::ReleaseResult), doc::OperatorErrors))]
 async fn release_in_doubt(
     State(app): State<AppState>,
     _op: Operator,
@@ -208,6 +223,10 @@ struct ReportQuery {
     limit: Option<u32>,
 }
 
+#[utoipa::path(get, path = "/v1/admin/reconciliation", security(("operator" = [])), tag = "operators",
+    params(("activity_id" = Option<String>, Query, description = "Only this activity's"),
+        ("limit" = Option<u32>, Query, description = "At most this many (1-1000, default 100)")),
+    responses((status = 200, description = "Stored reports, newest first", body = doc::Reports), doc::OperatorErrors))]
 async fn reports(
     State(app): State<AppState>,
     _op: Operator,
@@ -226,6 +245,9 @@ struct ParkedQuery {
     limit: Option<u32>,
 }
 
+#[utoipa::path(get, path = "/v1/admin/parked", security(("operator" = [])), tag = "operators",
+    params(("limit" = Option<u32>, Query, description = "At most this many (1-1000, default 100)")),
+    responses((status = 200, description = "Settlement entries the ledger refused, per partition", body = doc::Parked), doc::OperatorErrors))]
 async fn parked(
     State(app): State<AppState>,
     _op: Operator,
@@ -237,6 +259,8 @@ async fn parked(
     ))
 }
 
+#[utoipa::path(get, path = "/v1/admin/switches", security(("operator" = [])), tag = "operators",
+    responses((status = 200, description = "Every switch, its state and effect", body = doc::Switches), doc::OperatorErrors))]
 async fn switches(State(app): State<AppState>, _op: Operator) -> Json<Value> {
     Json(json!({ "switches": app.switches.list() }))
 }
@@ -246,6 +270,10 @@ struct SetSwitch {
     on: bool,
 }
 
+#[utoipa::path(put, path = "/v1/admin/switches/{name}", security(("operator" = [])), tag = "operators",
+    params(("name" = String, Path, description = "issue_off, booking_paused, views_fallback, ...")),
+    request_body = doc::SetSwitch,
+    responses((status = 200, description = "Every switch after the change", body = doc::Switches), doc::OperatorErrors))]
 async fn set_switch(
     State(app): State<AppState>,
     _op: Operator,
@@ -264,6 +292,9 @@ fn webhook_id(id: &str) -> Result<i64> {
         .ok_or_else(|| Error::NotFound(format!("no webhook `{id}`")))
 }
 
+#[utoipa::path(post, path = "/v1/admin/webhooks", security(("operator" = [])), tag = "operators",
+    request_body = doc::NewWebhook,
+    responses((status = 201, description = "Subscribed (the secret is never shown again)", body = doc::Webhook), doc::OperatorErrors))]
 async fn create_webhook(
     State(app): State<AppState>,
     _op: Operator,
@@ -272,10 +303,15 @@ async fn create_webhook(
     Ok((StatusCode::CREATED, Json(app.webhooks.create(body).await?)))
 }
 
+#[utoipa::path(get, path = "/v1/admin/webhooks", security(("operator" = [])), tag = "operators",
+    responses((status = 200, description = "Every subscription", body = doc::Webhooks), doc::OperatorErrors))]
 async fn list_webhooks(State(app): State<AppState>, _op: Operator) -> Result<Json<Value>> {
     Ok(Json(json!({ "webhooks": app.webhooks.list().await? })))
 }
 
+#[utoipa::path(delete, path = "/v1/admin/webhooks/{id}", security(("operator" = [])), tag = "operators",
+    params(("id" = i64, Path, description = "The subscription id")),
+    responses((status = 204, description = "Deleted; its pending deliveries are dropped"), doc::OperatorErrors))]
 async fn delete_webhook(
     State(app): State<AppState>,
     _op: Operator,
@@ -285,6 +321,10 @@ async fn delete_webhook(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(get, path = "/v1/admin/webhooks/{id}/deliveries", security(("operator" = [])), tag = "operators",
+    params(("id" = i64, Path, description = "The subscription id"),
+        ("limit" = Option<u32>, Query, description = "At most this many (1-1000, default 100)")),
+    responses((status = 200, description = "Its deliveries, newest first, with their attempts", body = doc::Deliveries), doc::OperatorErrors))]
 async fn webhook_deliveries(
     State(app): State<AppState>,
     _op: Operator,

@@ -6,8 +6,10 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::openapi as doc;
 use serde::{Deserialize, Serialize};
 
 use super::wire::{check_list_len, decode_body, reply, Bounded, Format, Wire};
@@ -17,11 +19,11 @@ use crate::issue::{AwardRequest, Issued};
 use crate::pb;
 use crate::token;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/awards", post(award))
-        .route("/v1/awards:batch", post(award_batch))
-        .route("/v1/activities/{id}/stats", get(stats))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(award))
+        .routes(routes!(award_batch))
+        .routes(routes!(stats))
 }
 
 #[derive(Debug, Serialize)]
@@ -67,6 +69,11 @@ impl Wire for SingleReply {
     }
 }
 
+#[utoipa::path(post, path = "/v1/awards", tag = "upstream", security(("caller" = [])),
+    request_body(description = "JSON, or protobuf (application/x-protobuf, proto/redpacket.proto)", content = doc::AwardRequest),
+    responses((status = 201, description = "Issued: the signed token, pending booking", body = doc::AwardResponse),
+        (status = 200, description = "The same award again: the same body, byte-identical token, replayed true", body = doc::AwardResponse),
+        doc::AwardErrors))]
 async fn award(
     State(app): State<AppState>,
     Caller(caller): Caller,
@@ -164,6 +171,10 @@ impl Wire for BatchReply {
     }
 }
 
+#[utoipa::path(post, path = "/v1/awards:batch", tag = "upstream", security(("caller" = [])),
+    request_body(description = "JSON, or protobuf (application/x-protobuf, proto/redpacket.proto)", content = doc::AwardBatchRequest),
+    responses((status = 200, description = "One result per award, in request order; one bad item does not fail the others", body = doc::AwardBatchResponse),
+        doc::BatchErrors))]
 async fn award_batch(
     State(app): State<AppState>,
     Caller(caller): Caller,
@@ -201,6 +212,9 @@ struct StatsBody {
     issued_count: i64,
 }
 
+#[utoipa::path(get, path = "/v1/activities/{id}/stats", tag = "anyone",
+    params(("id" = String, Path, description = "The activity id")),
+    responses((status = 200, description = "Issued totals, at most about a second stale", body = doc::Stats), doc::PublicErrors))]
 async fn stats(State(app): State<AppState>, Path(id): Path<String>) -> Response {
     if app.activities.cache().get(&id).is_none() {
         return Error::NotFound(format!("no activity `{id}`")).into_response();

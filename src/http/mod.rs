@@ -8,6 +8,7 @@ pub mod admin;
 pub mod auth;
 pub mod awards;
 pub mod error;
+pub mod openapi;
 pub mod pages;
 pub mod public;
 pub mod request_id;
@@ -103,13 +104,8 @@ async fn shadow_dispatch(
 /// One app's routes, one router per capability.
 fn app_router(app: Arc<App>) -> Router {
     let settings = &app.settings.http;
-    Router::new()
-        .merge(public::router())
-        .merge(pages::router())
-        .merge(awards::router())
-        .merge(wallet::router())
-        .merge(withdrawals::router())
-        .merge(admin::router())
+    let (routes, _) = described();
+    routes
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(settings.body_limit_bytes))
         .layer(TimeoutLayer::with_status_code(
@@ -119,6 +115,43 @@ fn app_router(app: Arc<App>) -> Router {
         .layer(axum::middleware::map_response(envelope_errors))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .with_state(app)
+}
+
+/// Every route, each registered with its OpenAPI description (`utoipa_axum::routes!`):
+/// the router and the document come from the one registration, so no route is served
+/// undescribed.
+fn described() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    use utoipa::OpenApi;
+    utoipa_axum::router::OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(utoipa_axum::routes!(openapi_json))
+        .merge(public::router())
+        .merge(pages::router())
+        .merge(awards::router())
+        .merge(wallet::router())
+        .merge(withdrawals::router())
+        .merge(admin::router())
+        .split_for_parts()
+}
+
+/// The OpenAPI 3.1 document of every route, as served at `/openapi.json`.
+pub fn openapi_document() -> &'static str {
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DOC.get_or_init(|| {
+        described()
+            .1
+            .to_pretty_json()
+            .expect("the OpenAPI document serializes")
+    })
+}
+
+#[utoipa::path(get, path = "/openapi.json", tag = "anyone",
+    responses((status = 200, description = "This document: OpenAPI 3.1 of every route", body = Object)))]
+async fn openapi_json() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        openapi_document(),
+    )
+        .into_response()
 }
 
 /// The span every log line of a request is written in: its method, path and id. At the

@@ -7,8 +7,7 @@
 use axum::extract::Path;
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Redirect, Response};
-use axum::routing::get;
-use axum::Router;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::AppState;
 use crate::error::Error;
@@ -44,21 +43,37 @@ const ASSETS: [(&str, &str, &str); 4] = [
     ),
 ];
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/", get(|| async { Redirect::to("/wallet") }))
-        .route(
-            "/console",
-            get(|| async { page(HTML, include_str!("../../web/console.html")) }),
-        )
-        .route(
-            "/wallet",
-            get(|| async { page(HTML, include_str!("../../web/wallet.html")) }),
-        )
-        .route("/assets/{name}", get(asset))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(root_page))
+        .routes(routes!(console_page))
+        .routes(routes!(wallet_page))
+        .routes(routes!(page_asset))
 }
 
-async fn asset(Path(name): Path<String>) -> Response {
+#[utoipa::path(get, path = "/", tag = "pages",
+    responses((status = 303, description = "To /wallet")))]
+async fn root_page() -> Redirect {
+    Redirect::to("/wallet")
+}
+
+#[utoipa::path(get, path = "/console", tag = "pages",
+    responses((status = 200, description = "The operator console (asks for the operator key)", body = String, content_type = "text/html")))]
+async fn console_page() -> Response {
+    page(HTML, include_str!("../../web/console.html"))
+}
+
+#[utoipa::path(get, path = "/wallet", tag = "pages",
+    responses((status = 200, description = "The wallet page (asks for a user JWT)", body = String, content_type = "text/html")))]
+async fn wallet_page() -> Response {
+    page(HTML, include_str!("../../web/wallet.html"))
+}
+
+#[utoipa::path(get, path = "/assets/{name}", tag = "pages",
+    params(("name" = String, Path, description = "common.js, console.js, wallet.js or style.css")),
+    responses((status = 200, description = "A script or stylesheet of the pages", body = String),
+        (status = 404, description = "not_found", body = super::openapi::ErrorEnvelope)))]
+async fn page_asset(Path(name): Path<String>) -> Response {
     match ASSETS.iter().find(|(n, _, _)| *n == name) {
         Some((_, content_type, body)) => page(content_type, body),
         None => Error::NotFound(format!("no asset `{name}`")).into_response(),

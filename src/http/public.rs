@@ -4,20 +4,24 @@
 use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::openapi as doc;
 use serde::Serialize;
 
 use super::AppState;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/v1/keys", get(keys))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
+        .routes(routes!(keys))
 }
 
+#[utoipa::path(get, path = "/healthz", tag = "anyone",
+    responses((status = 200, description = "The process is up", body = doc::Healthz)))]
 async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
 }
@@ -32,6 +36,9 @@ pub(super) async fn reachable(app: &crate::app::App) -> (bool, bool) {
     (matches!(redis, Ok(Ok(()))), matches!(mysql, Ok(Ok(()))))
 }
 
+#[utoipa::path(get, path = "/readyz", tag = "anyone",
+    responses((status = 200, description = "Redis and MySQL reachable", body = doc::Ready),
+        (status = 503, description = "Redis or MySQL unreachable", body = doc::Ready)))]
 async fn readyz(State(app): State<AppState>) -> Response {
     let (redis_ok, mysql_ok) = reachable(&app).await;
     let status = if redis_ok && mysql_ok {
@@ -47,6 +54,8 @@ async fn readyz(State(app): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "anyone",
+    responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
 async fn metrics(State(app): State<AppState>) -> Response {
     app.update_gauges().await;
     (
@@ -64,6 +73,8 @@ struct KeysBody {
     keys: Vec<crate::keys::PublicKey>,
 }
 
+#[utoipa::path(get, path = "/v1/keys", tag = "anyone",
+    responses((status = 200, description = "The public signing keys: a token verifies offline against these", body = doc::Keys)))]
 async fn keys(State(app): State<AppState>) -> Json<KeysBody> {
     Json(KeysBody {
         keys: app.keys.current().published(),

@@ -6,8 +6,9 @@ use axum::body::Bytes;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use axum::routing::{get, post};
-use axum::Router;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::openapi as doc;
 use serde::Deserialize;
 
 use super::wire::{check_list_len, decode_body, reply, Bounded, Format, Wire};
@@ -17,11 +18,11 @@ use crate::pb;
 use crate::token::{self, TokenError};
 use crate::wallet::{decode_cursor, FlowsPage, SyncResult, WalletView};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/wallet", get(wallet))
-        .route("/v1/wallet/flows", get(flows))
-        .route("/v1/wallet/tokens:sync", post(sync))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(wallet))
+        .routes(routes!(flows))
+        .routes(routes!(sync))
 }
 
 impl Wire for WalletView {
@@ -80,6 +81,8 @@ impl Wire for SyncResult {
     }
 }
 
+#[utoipa::path(get, path = "/v1/wallet", tag = "wallet", security(("user" = [])),
+    responses((status = 200, description = "The balance: booked + pending, every cent at once", body = doc::Wallet), doc::UserErrors))]
 async fn wallet(
     State(app): State<AppState>,
     User(user): User,
@@ -97,6 +100,10 @@ struct FlowsQuery {
     cursor: Option<String>,
 }
 
+#[utoipa::path(get, path = "/v1/wallet/flows", tag = "wallet", security(("user" = [])),
+    params(("limit" = Option<u32>, Query, description = "Items per page (default 20, at most wallet.flows_max_limit)"),
+        ("cursor" = Option<String>, Query, description = "next_cursor of the previous page")),
+    responses((status = 200, description = "Awards, withdrawals and reversals, newest first; pending awards marked", body = doc::Flows), doc::UserErrors))]
 async fn flows(
     State(app): State<AppState>,
     User(user): User,
@@ -147,6 +154,9 @@ impl From<pb::SyncRequest> for SyncTokens {
     }
 }
 
+#[utoipa::path(post, path = "/v1/wallet/tokens:sync", tag = "wallet", security(("user" = [])),
+    request_body(description = "JSON, or protobuf (application/x-protobuf, proto/redpacket.proto)", content = doc::SyncRequest),
+    responses((status = 200, description = "What the client's tokens restored", body = doc::SyncResponse), doc::UserErrors))]
 async fn sync(
     State(app): State<AppState>,
     User(user): User,

@@ -6,8 +6,10 @@ use std::time::Instant;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::openapi as doc;
 use serde::Deserialize;
 
 use super::wire::JsonBody;
@@ -16,11 +18,11 @@ use crate::domain::{Cents, RequestId, WithdrawalStatus};
 use crate::error::{Error, Result};
 use crate::withdraw::{Outcome, Withdrawal};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/withdrawals", post(create))
-        .route("/v1/withdrawals/{id}", get(show))
-        .route("/v1/withdrawals/{id}/result", post(result))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create))
+        .routes(routes!(show))
+        .routes(routes!(result))
 }
 
 #[derive(Debug, Deserialize)]
@@ -29,6 +31,11 @@ pub struct WithdrawRequest {
     pub amount_cents: i64,
 }
 
+#[utoipa::path(post, path = "/v1/withdrawals", tag = "wallet", security(("user" = [])),
+    request_body = doc::WithdrawRequest,
+    responses((status = 201, description = "Submitted: pending tokens booked first, then the debit", body = doc::Withdrawal),
+        (status = 200, description = "The same request_id again: the same withdrawal", body = doc::Withdrawal),
+        doc::WithdrawErrors))]
 async fn create(
     State(app): State<AppState>,
     User(user): User,
@@ -45,6 +52,9 @@ async fn create(
     })
 }
 
+#[utoipa::path(get, path = "/v1/withdrawals/{id}", tag = "wallet", security(("user" = [])),
+    params(("id" = String, Path, description = "The withdrawal id")),
+    responses((status = 200, description = "The withdrawal (own only)", body = doc::Withdrawal), doc::UserErrors))]
 async fn show(
     State(app): State<AppState>,
     User(user): User,
@@ -64,6 +74,10 @@ struct PayoutResult {
     status: String,
 }
 
+#[utoipa::path(post, path = "/v1/withdrawals/{id}/result", tag = "payout", security(("caller" = [])),
+    params(("id" = String, Path, description = "The withdrawal id")),
+    request_body = doc::PayoutResult,
+    responses((status = 200, description = "The withdrawal with its final status; failed gives the money back (a reversal)", body = doc::Withdrawal), doc::PayoutErrors))]
 async fn result(
     State(app): State<AppState>,
     Caller(caller): Caller,

@@ -6,6 +6,7 @@ mod cluster;
 mod foundation;
 mod issuance;
 mod money_safety;
+mod openapi;
 mod operations;
 mod pages;
 mod reshard;

@@ -1,0 +1,611 @@
+//! The OpenAPI 3.1 description served at `/openapi.json`. Routes are registered with
+//! their `#[utoipa::path]` description in one call (`utoipa_axum::routes!`), so no route
+//! is served undescribed; the bodies are the schemas below, which mirror the JSON the
+//! handlers write (a test checks real answers against them, field by field).
+
+#![allow(dead_code)] // the schema types exist to be described, not built
+
+use std::collections::BTreeMap;
+
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, RefOr, Response, ResponseBuilder};
+use utoipa::{IntoResponses, Modify, OpenApi, ToSchema};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "redpacket-wallet",
+        description = "Red-packet token wallet: signed award tokens, bounded-rate booking, exact merged views. Money is integer cents in fields ending `_cents`; times are RFC 3339. Endpoints taking protobuf (`application/x-protobuf`) use the messages of proto/redpacket.proto.",
+        license(name = "MIT")
+    ),
+    modifiers(&Security),
+    tags(
+        (name = "operators", description = "`Authorization: Bearer <admin key>`"),
+        (name = "upstream", description = "`Authorization: Bearer <caller API key>`"),
+        (name = "wallet", description = "`Authorization: Bearer <user JWT>` (HS256, `sub` = user id)"),
+        (name = "payout", description = "A caller named in `auth.payout_callers`"),
+        (name = "anyone", description = "No credential"),
+        (name = "pages", description = "Browser pages served by the service")
+    )
+)]
+pub struct ApiDoc;
+
+struct Security;
+
+impl Modify for Security {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        let components = api.components.get_or_insert_with(Default::default);
+        for (name, format) in [
+            ("operator", "admin key"),
+            ("caller", "caller API key"),
+            ("user", "JWT"),
+        ] {
+            components.add_security_scheme(
+                name,
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .bearer_format(format)
+                        .build(),
+                ),
+            );
+        }
+    }
+}
+
+/// `{"error": {"code", "message", "request_id"}}`: every error answer.
+#[derive(ToSchema)]
+pub struct ErrorEnvelope {
+    pub error: ErrorBody,
+}
+
+#[derive(ToSchema)]
+pub struct ErrorBody {
+    /// The stable code: invalid_request, unauthorized, forbidden, not_found,
+    /// idempotency_conflict, budget_exhausted, insufficient_balance, activity_closed,
+    /// amount_over_cap, payload_too_large, rate_limited, unavailable, internal.
+    pub code: String,
+    pub message: String,
+    /// The request's `x-request-id`.
+    pub request_id: Option<String>,
+}
+
+/// The error answers a route may give, each with the envelope.
+fn errors(codes: &[(u16, &str)]) -> BTreeMap<String, RefOr<Response>> {
+    codes
+        .iter()
+        .map(|(status, what)| {
+            let response = ResponseBuilder::new()
+                .description(*what)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(
+                            "ErrorEnvelope",
+                        ))))
+                        .build(),
+                )
+                .build();
+            (status.to_string(), RefOr::T(response))
+        })
+        .collect()
+}
+
+const BAD: (u16, &str) = (
+    400,
+    "invalid_request: a malformed body or query, a field out of range",
+);
+const UNAUTH: (u16, &str) = (
+    401,
+    "unauthorized: missing or wrong credential, expired JWT",
+);
+const NOT_FOUND: (u16, &str) = (404, "not_found");
+const TOO_LARGE: (u16, &str) = (413, "payload_too_large");
+const DOWN: (u16, &str) = (
+    503,
+    "unavailable: a dependency is down, or a switch turned this off",
+);
+
+/// Errors of an operator route.
+pub struct OperatorErrors;
+impl IntoResponses for OperatorErrors {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        errors(&[BAD, UNAUTH, NOT_FOUND, TOO_LARGE, DOWN])
+    }
+}
+
+/// Errors of issuing an award.
+pub struct AwardErrors;
+impl IntoResponses for AwardErrors {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        errors(&[
+            BAD,
+            UNAUTH,
+            NOT_FOUND,
+            (
+                409,
+                "idempotency_conflict (same award, different content) or budget_exhausted",
+            ),
+            TOO_LARGE,
+            (
+                422,
+                "activity_closed (outside the window, wrong stage) or amount_over_cap",
+            ),
+            (429, "rate_limited; Retry-After says when to retry"),
+            DOWN,
+        ])
+    }
+}
+
+/// Errors of a batch of awards (items fail one by one, in `results`).
+pub struct BatchErrors;
+impl IntoResponses for BatchErrors {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        errors(&[
+            BAD,
+            UNAUTH,
+            TOO_LARGE,
+            (429, "rate_limited; Retry-After says when to retry"),
+            DOWN,
+        ])
+    }
+}
+
+/// Errors of a user's route.
+pub struct UserErrors;
+impl IntoResponses for UserErrors {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        errors(&[
+            BAD,
+            UNAUTH,
+            (403, "forbidden: another user's resource"),
+            NOT_FOUND,
+            TOO_LARGE,
+            DOWN,
+        ])
+    }
+}
+
+/// Errors of a withdrawal.
+pub struct WithdrawErrors;
+impl IntoResponses for WithdrawErrors {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        errors(&[
+            BAD,
+            UNAUTH,
+            (
+                409,
+                "idempotency_conflict (request_id used for another amount) or insufficient_balance",
+            ),
+            TOO_LARGE,
+            DOWN,
+        ])
+    }
+}
+
+/// Errors of a payout verdict.
+pub struct PayoutErrors;
+impl IntoResponses for PayoutErrors {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        errors(&[
+            BAD,
+            UNAUTH,
+            (403, "forbidden: the caller is not a payout channel"),
+            NOT_FOUND,
+            (
+                409,
+                "idempotency_conflict: a different final result was posted",
+            ),
+            DOWN,
+        ])
+    }
+}
+
+/// Errors of a public route.
+pub struct PublicErrors;
+impl IntoResponses for PublicErrors {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        errors(&[NOT_FOUND, DOWN])
+    }
+}
+
+// ---- operators -------------------------------------------------------------------------
+
+#[derive(ToSchema)]
+pub struct NewActivity {
+    /// 1-32 of [a-z0-9-].
+    pub id: String,
+    pub name: String,
+    /// test, gray or live.
+    pub stage: String,
+    pub starts_at: chrono::DateTime<chrono::Utc>,
+    pub ends_at: chrono::DateTime<chrono::Utc>,
+    pub budget_cents: i64,
+    pub max_award_cents: i64,
+}
+
+#[derive(ToSchema)]
+pub struct Activity {
+    pub id: String,
+    pub name: String,
+    pub stage: String,
+    pub starts_at: chrono::DateTime<chrono::Utc>,
+    pub ends_at: chrono::DateTime<chrono::Utc>,
+    pub budget_cents: i64,
+    pub max_award_cents: i64,
+}
+
+#[derive(ToSchema)]
+pub struct ActivityList {
+    pub activities: Vec<Activity>,
+}
+
+#[derive(ToSchema)]
+pub struct Scene {
+    pub activity_id: String,
+    pub id: String,
+    pub name: String,
+    pub award_type: String,
+    pub rate_limit_per_s: Option<u32>,
+    pub admission_fraction: Option<f64>,
+}
+
+#[derive(ToSchema)]
+pub struct NewScene {
+    /// 1-32 of [a-z0-9-].
+    pub id: String,
+    pub name: String,
+    /// cash.
+    pub award_type: String,
+    pub rate_limit_per_s: Option<u32>,
+    pub admission_fraction: Option<f64>,
+}
+
+/// An activity with its scenes and live figures.
+#[derive(ToSchema)]
+pub struct ActivityView {
+    pub id: String,
+    pub name: String,
+    pub stage: String,
+    pub starts_at: chrono::DateTime<chrono::Utc>,
+    pub ends_at: chrono::DateTime<chrono::Utc>,
+    pub budget_cents: i64,
+    pub max_award_cents: i64,
+    pub scenes: Vec<Scene>,
+    pub budget_remaining_cents: i64,
+    pub budget_taken_cents: i64,
+    pub budget_granted_cents: i64,
+    pub budget_ungranted_cents: i64,
+    pub budget_in_doubt_cents: i64,
+    pub budget_available_cents: i64,
+    pub issued_cents: i64,
+    pub issued_count: i64,
+    pub booked_cents: i64,
+    pub booked_count: i64,
+    pub pending_cents: i64,
+    pub pending_count: i64,
+}
+
+#[derive(ToSchema)]
+pub struct BudgetDelta {
+    pub delta_cents: i64,
+}
+
+#[derive(ToSchema)]
+pub struct RepairResult {
+    pub activity_id: String,
+    pub repaired_cents: i64,
+    pub drained_cents: i64,
+    pub settling_generations: i64,
+}
+
+#[derive(ToSchema)]
+pub struct ReleaseResult {
+    pub activity_id: String,
+    pub released_cents: i64,
+    pub resolved_generations: i64,
+    pub waiting_generations: i64,
+}
+
+#[derive(ToSchema)]
+pub struct Report {
+    pub id: i64,
+    pub activity_id: String,
+    pub hour_start: chrono::DateTime<chrono::Utc>,
+    /// hourly, live or manual.
+    pub kind: String,
+    pub issued_count: i64,
+    pub issued_cents: i64,
+    pub booked_count: i64,
+    pub booked_cents: i64,
+    pub settled_count: i64,
+    pub settled_cents: i64,
+    pub pending_count: i64,
+    pub pending_cents: i64,
+    pub budget_taken_cents: i64,
+    pub leak_cents: i64,
+    pub ok: bool,
+    /// The problems found, `; `-separated (empty when ok).
+    pub problems: String,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+#[derive(ToSchema)]
+pub struct Reports {
+    pub reports: Vec<Report>,
+}
+
+#[derive(ToSchema)]
+pub struct ParkedEntry {
+    pub partition: u32,
+    pub id: String,
+    pub fields: BTreeMap<String, String>,
+}
+
+#[derive(ToSchema)]
+pub struct Parked {
+    pub entries: Vec<ParkedEntry>,
+}
+
+#[derive(ToSchema)]
+pub struct Switch {
+    pub name: String,
+    pub on: bool,
+    /// What turning it on does.
+    pub effect: String,
+}
+
+#[derive(ToSchema)]
+pub struct Switches {
+    pub switches: Vec<Switch>,
+}
+
+#[derive(ToSchema)]
+pub struct SetSwitch {
+    pub on: bool,
+}
+
+#[derive(ToSchema)]
+pub struct PartitionBacklog {
+    pub partition: u32,
+    /// Stream entries not booked yet.
+    pub entries: u64,
+    pub oldest_age_ms: Option<i64>,
+}
+
+#[derive(ToSchema)]
+pub struct Backlog {
+    pub entries: u64,
+    pub partitions: Vec<PartitionBacklog>,
+}
+
+#[derive(ToSchema)]
+pub struct Booking {
+    pub instance_id: String,
+    pub worker_enabled: bool,
+    pub paused: bool,
+    pub max_tps: u32,
+    /// Tokens this instance's worker and sweep booked since it started.
+    pub booked_tokens: u64,
+}
+
+#[derive(ToSchema)]
+pub struct Health {
+    /// ok or unreachable.
+    pub redis: String,
+    pub mysql: String,
+    pub backlog: Backlog,
+    pub booking: Booking,
+    pub at: chrono::DateTime<chrono::Utc>,
+}
+
+#[derive(ToSchema)]
+pub struct NewWebhook {
+    /// http:// or https://.
+    pub url: String,
+    /// Event types: withdrawal.submitted, withdrawal.paid, withdrawal.failed,
+    /// activity.drained, reconciliation.mismatch, budget.low.
+    pub events: Vec<String>,
+    /// 16-256 characters; signs every delivery (X-RPW-Signature).
+    pub secret: String,
+}
+
+#[derive(ToSchema)]
+pub struct Webhook {
+    pub id: i64,
+    pub url: String,
+    pub events: Vec<String>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+#[derive(ToSchema)]
+pub struct Webhooks {
+    pub webhooks: Vec<Webhook>,
+}
+
+#[derive(ToSchema)]
+pub struct Delivery {
+    pub event_id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub order_key: String,
+    /// pending, delivered, gave_up or dropped.
+    pub state: String,
+    pub attempts: i32,
+    pub last_status: Option<i32>,
+    pub last_error: Option<String>,
+    pub last_attempt_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub next_attempt_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub delivered_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+#[derive(ToSchema)]
+pub struct Deliveries {
+    pub deliveries: Vec<Delivery>,
+}
+
+// ---- upstream ------------------------------------------------------------------------------
+
+#[derive(ToSchema)]
+pub struct AwardRequest {
+    pub user_id: i64,
+    pub app_id: u32,
+    pub activity_id: String,
+    pub scene_id: String,
+    pub rain_id: i64,
+    /// cash.
+    pub award_type: String,
+    pub amount_cents: i64,
+    /// Must equal the activity's stage when given.
+    pub stage: Option<String>,
+    pub open_time_ms: Option<i64>,
+}
+
+#[derive(ToSchema)]
+pub struct AwardResponse {
+    /// `{user_id}_{activity_id}_{scene_id}_{rain_id}_{award_type}_{stage}`.
+    pub out_trade_no: String,
+    /// base64url SignedToken.
+    pub token: String,
+    pub status: String,
+    pub replayed: bool,
+}
+
+#[derive(ToSchema)]
+pub struct AwardBatchRequest {
+    /// At most 1000.
+    pub awards: Vec<AwardRequest>,
+}
+
+/// One award's answer in a batch: the award, or its error.
+#[derive(ToSchema)]
+#[serde(untagged)]
+pub enum AwardResult {
+    Ok(AwardResponse),
+    Err(ErrorEnvelope),
+}
+
+#[derive(ToSchema)]
+pub struct AwardBatchResponse {
+    /// In request order.
+    pub results: Vec<AwardResult>,
+}
+
+#[derive(ToSchema)]
+pub struct Stats {
+    pub activity_id: String,
+    pub issued_cents: i64,
+    pub issued_count: i64,
+}
+
+// ---- wallet ----------------------------------------------------------------------------------
+
+#[derive(ToSchema)]
+pub struct Wallet {
+    pub user_id: i64,
+    /// booked + pending.
+    pub balance_cents: i64,
+    pub booked_cents: i64,
+    pub pending_cents: i64,
+    pub pending_count: i64,
+    pub total_income_cents: i64,
+    pub withdrawn_cents: i64,
+    /// Present (true) only when served from Redis alone (views_fallback).
+    pub degraded: Option<bool>,
+}
+
+#[derive(ToSchema)]
+pub struct FlowItem {
+    pub out_trade_no: String,
+    /// award, withdraw or reversal.
+    pub kind: String,
+    pub amount_cents: i64,
+    /// pending or booked.
+    pub status: String,
+    pub activity_id: Option<String>,
+    pub scene_id: Option<String>,
+    pub at: String,
+}
+
+#[derive(ToSchema)]
+pub struct Flows {
+    /// Newest first.
+    pub items: Vec<FlowItem>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(ToSchema)]
+pub struct SyncRequest {
+    /// base64url SignedTokens, at most 1000.
+    pub tokens: Vec<String>,
+}
+
+#[derive(ToSchema)]
+pub struct Rejected {
+    pub index: u32,
+    pub code: String,
+}
+
+#[derive(ToSchema)]
+pub struct SyncResponse {
+    /// Tokens the server had lost and now holds again as pending.
+    pub restored: u32,
+    pub known: u32,
+    pub rejected: Vec<Rejected>,
+}
+
+#[derive(ToSchema)]
+pub struct WithdrawRequest {
+    /// Client-chosen, 1-64 characters: the same id again is the same withdrawal.
+    pub request_id: String,
+    pub amount_cents: i64,
+}
+
+#[derive(ToSchema)]
+pub struct Withdrawal {
+    pub withdrawal_id: String,
+    pub user_id: i64,
+    pub request_id: String,
+    pub amount_cents: i64,
+    /// submitted, paid or failed.
+    pub status: String,
+    /// Pending tokens booked first.
+    pub forced_settled_count: i64,
+    pub balance_cents: i64,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+#[derive(ToSchema)]
+pub struct PayoutResult {
+    /// paid or failed.
+    pub status: String,
+}
+
+// ---- anyone ----------------------------------------------------------------------------------
+
+#[derive(ToSchema)]
+pub struct Key {
+    pub key_id: String,
+    pub alg: String,
+    /// base64url Ed25519 public key.
+    pub public_key: String,
+    pub active: bool,
+}
+
+#[derive(ToSchema)]
+pub struct Keys {
+    pub keys: Vec<Key>,
+}
+
+#[derive(ToSchema)]
+pub struct Healthz {
+    pub status: String,
+}
+
+#[derive(ToSchema)]
+pub struct Ready {
+    pub ready: bool,
+    pub redis: String,
+    pub mysql: String,
+}
