@@ -96,6 +96,10 @@ class Service_:
             RPW_SETTLE__MAX_TPS="10",
             RPW_SETTLE__BATCH_SIZE="5",
             RPW_SHADOW__ENABLED="false",
+            # Webhooks: a sender killed mid-delivery holds its lease this long.
+            RPW_WEBHOOKS__POLL_MS="100",
+            RPW_WEBHOOKS__TIMEOUT_MS="5000",
+            RPW_WEBHOOKS__LEASE_MS="6000",
             RPW_LOG="warn",
             RUST_LOG="warn",
         )
@@ -108,10 +112,11 @@ class Service_:
             raise RuntimeError(f"{args}: {out.stderr[-2000:]}")
         return out.stdout.strip()
 
-    def start(self):
-        self.cli("migrate")
-        self.cli("keys", "generate")
-        self.log = open(os.path.join(self.workdir, "serve.log"), "w")
+    def start(self, migrate=True):
+        if migrate:
+            self.cli("migrate")
+            self.cli("keys", "generate")
+        self.log = open(os.path.join(self.workdir, "serve.log"), "a")
         self.proc = subprocess.Popen([self.binary, "serve"], env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -125,6 +130,10 @@ class Service_:
                 pass
             time.sleep(0.2)
         raise RuntimeError("serve did not become ready")
+
+    def kill9(self):
+        self.proc.kill()  # SIGKILL: no shutdown, nothing recorded
+        self.proc.wait()
 
     def stop(self):
         if self.proc and self.proc.poll() is None:
@@ -512,6 +521,60 @@ def command_line(svc):
           f"with its progress line: {out.stderr.strip().splitlines()[-1:]!r}")
 
 
+def webhook_after_kill9(svc):
+    """A `serve` killed (SIGKILL) while it is sending a webhook: after its lease runs
+    out, the restarted service sends the same event again (at least once; the receiver
+    dedupes by its id), and records it delivered."""
+    import http.server
+    import threading
+    print("webhook across kill -9")
+    got = []
+    first_arrived = threading.Event()
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            got.append(json.loads(body))
+            if len(got) == 1:
+                first_arrived.set()
+                time.sleep(8)  # the sender is killed meanwhile
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    status, hook = svc.admin("POST", "/v1/admin/webhooks", {
+        "url": url, "events": ["withdrawal.submitted"], "secret": "kill-nine-secret-0123"})
+    check(status == 201, f"subscribed: {hook}")
+    jwt = svc.cli("dev-jwt", "7001")
+    status, w = svc.call("POST", "/v1/withdrawals", {"request_id": "kill9", "amount_cents": 1}, jwt)
+    check(status == 201, f"a withdrawal: {w}")
+    check(first_arrived.wait(20), "the first delivery attempt reached the receiver")
+    svc.kill9()
+    check(len(got) == 1, "killed while the receiver held the first attempt")
+    svc.start(migrate=False)
+    deadline = time.time() + 30
+    while time.time() < deadline and len(got) < 2:
+        time.sleep(0.2)
+    check(len(got) >= 2, f"the event was sent again after the lease ({len(got)} attempts)")
+    check(all(g["id"] == got[0]["id"] for g in got) and got[0]["data"]["withdrawal_id"] == w["withdrawal_id"],
+          "the same event id every time: the receiver dedupes by it")
+    deliveries = []
+    for _ in range(50):
+        _, body = svc.admin("GET", f"/v1/admin/webhooks/{hook['id']}/deliveries")
+        deliveries = body["deliveries"]
+        if deliveries and deliveries[0]["state"] == "delivered":
+            break
+        time.sleep(0.2)
+    check(len(deliveries) == 1 and deliveries[0]["state"] == "delivered",
+          f"recorded delivered once: {deliveries}")
+    server.shutdown()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", default="target/debug/redpacket-wallet")
@@ -529,6 +592,7 @@ def main():
         tokens = console(driver, svc, args.out)
         wallet(driver, svc, args.out, tokens)
         command_line(svc)
+        webhook_after_kill9(svc)
         print(f"pages: {checks} checks passed")
     except Exception:
         if driver is not None:
