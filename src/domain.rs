@@ -307,6 +307,17 @@ pub fn parse_rain_id(value: i64) -> Result<i64, Invalid> {
     }
 }
 
+/// Lower-case hex of `bytes` (ids, key ids, signatures).
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

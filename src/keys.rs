@@ -112,10 +112,7 @@ pub fn generate(dir: &Path) -> anyhow::Result<String> {
     let key_id = format!(
         "ed25519-{}-{}",
         chrono::Utc::now().format("%Y%m%d%H%M%S%3f"),
-        suffix
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
+        crate::domain::hex(&suffix)
     );
     let private = private_path(dir, &key_id);
     write_private(&private, pkcs8.as_ref())?;

@@ -99,6 +99,15 @@ const RPW = (() => {
     return node;
   }
 
+  // Fills a <dl> with figures: [label, value, name (data-figure), alert?] each.
+  function showFigures(container, figures) {
+    container.replaceChildren(
+      ...figures.map(([label, value, name, alert]) =>
+        el("div", { class: alert ? "figure alert" : "figure", "data-figure": name }, el("dt", { text: label }), el("dd", { text: value })),
+      ),
+    );
+  }
+
   function time(iso) {
     if (!iso) return "–";
     const d = new Date(iso);
@@ -113,5 +122,5 @@ const RPW = (() => {
     return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
   }
 
-  return { api, ApiError, money, count, el, time, requestId, ERROR_WORDS };
+  return { api, ApiError, money, count, el, time, requestId, showFigures, ERROR_WORDS };
 })();

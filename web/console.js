@@ -3,7 +3,7 @@
 "use strict";
 
 (() => {
-  const { api, money, count, el, time } = RPW;
+  const { api, money, count, el, time, showFigures } = RPW;
   const KEY = "rpw.console.operatorKey";
   const POLL_MS = 3000;
   const CHART_WINDOW_MS = 10 * 60 * 1000;
@@ -170,11 +170,7 @@
       ["Booked", `${money(v.booked_cents)} · ${count(v.booked_count)}`, "booked"],
       ["Pending", `${money(v.pending_cents)} · ${count(v.pending_count)}`, "pending"],
     ];
-    $("figures").replaceChildren(
-      ...figures.map(([label, value, name, alert]) =>
-        el("div", { class: alert ? "figure alert" : "figure", "data-figure": name }, el("dt", { text: label }), el("dd", { text: value })),
-      ),
-    );
+    showFigures($("figures"), figures);
     $("scene-list").tBodies[0].replaceChildren(
       ...v.scenes.map((s) =>
         el(
@@ -477,11 +473,7 @@
       ["Booking rate (this instance)", rate === null ? "measuring…" : `${rate.toFixed(1)} /s`, "rate", false],
       ["Bound (settle.max_tps)", bound, "bound", false],
     ];
-    $("health-figures").replaceChildren(
-      ...figures.map(([label, value, name, alert]) =>
-        el("div", { class: alert ? "figure alert" : "figure", "data-figure": name }, el("dt", { text: label }), el("dd", { text: value })),
-      ),
-    );
+    showFigures($("health-figures"), figures);
     $("backlog-list").tBodies[0].replaceChildren(
       ...h.backlog.partitions
         .filter((p) => p.entries > 0)

@@ -4,7 +4,7 @@
 "use strict";
 
 (() => {
-  const { api, ApiError, money, el, time, requestId } = RPW;
+  const { api, ApiError, money, el, time, requestId, showFigures } = RPW;
   const JWT = "rpw.wallet.jwt";
   const PAGE = 20;
   const $ = (id) => document.getElementById(id);
@@ -97,11 +97,7 @@
       ["Total income", money(w.total_income_cents), "income"],
       ["Withdrawn", money(w.withdrawn_cents), "withdrawn"],
     ];
-    $("wallet-figures").replaceChildren(
-      ...figures.map(([label, value, name]) =>
-        el("div", { class: "figure", "data-figure": name }, el("dt", { text: label }), el("dd", { text: value })),
-      ),
-    );
+    showFigures($("wallet-figures"), figures);
     $("degraded").hidden = !w.degraded;
   }
 

@@ -336,7 +336,7 @@ pub fn backoff_ms(settings: &WebhookSettings, attempts: i32) -> u64 {
     let doublings = (attempts.max(1) - 1).min(40) as u32;
     let wait = settings
         .retry_base_ms
-        .saturating_mul(1u64 << doublings.min(40))
+        .saturating_mul(1u64 << doublings)
         .min(settings.retry_max_ms);
     wait + rand::random::<u64>() % (wait / 10 + 1)
 }

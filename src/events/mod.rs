@@ -89,7 +89,7 @@ pub struct Envelope<'a> {
 
 fn new_event_id() -> String {
     let bytes: [u8; 16] = rand::random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::domain::hex(&bytes)
 }
 
 /// Writes `event` to the outbox of the database `conn` belongs to, inside the caller's
@@ -117,9 +117,7 @@ pub fn signature(secret: &[u8], at: DateTime<Utc>, body: &[u8]) -> String {
     ctx.update(t.to_string().as_bytes());
     ctx.update(b".");
     ctx.update(body);
-    let tag = ctx.sign();
-    let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    format!("t={t},v1={hex}")
+    format!("t={t},v1={}", crate::domain::hex(ctx.sign().as_ref()))
 }
 
 #[cfg(test)]

@@ -90,11 +90,7 @@ async fn health(State(app): State<AppState>, _op: Operator) -> Json<Value> {
     } else {
         Vec::new()
     };
-    let paused = app
-        .switches
-        .list()
-        .iter()
-        .any(|s| s.name == "booking_paused" && s.on);
+    let paused = app.switches.booking_paused();
     let settle = &app.settings.settle;
     Json(json!({
         "redis": if redis_ok { "ok" } else { "unreachable" },

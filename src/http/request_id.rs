@@ -34,8 +34,7 @@ fn acceptable(value: &HeaderValue) -> bool {
 
 fn fresh() -> HeaderValue {
     let bytes: [u8; 16] = rand::random();
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    HeaderValue::from_str(&hex).expect("hex is a valid header value")
+    HeaderValue::from_str(&crate::domain::hex(&bytes)).expect("hex is a valid header value")
 }
 
 /// Sets the request's id (on the request, for the layers and handlers below), serves it

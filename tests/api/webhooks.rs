@@ -94,11 +94,7 @@ fn verify(headers: &HeaderMap, body: &[u8]) {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET.as_bytes());
     let mut message = format!("{t}.").into_bytes();
     message.extend_from_slice(body);
-    let expected: String = ring::hmac::sign(&key, &message)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let expected = redpacket_wallet::domain::hex(ring::hmac::sign(&key, &message).as_ref());
     assert_eq!(v1, expected, "signature over the raw body");
     let wrong = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"another-secret-000000");
     assert!(ring::hmac::verify(&wrong, &message, &hex(v1)).is_err());
@@ -122,6 +118,26 @@ fn fast_retries() -> Vec<(String, String)> {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect()
+}
+
+async fn spawn_fast() -> TestApp {
+    spawn_app_with(Options {
+        env: fast_retries(),
+        ..Default::default()
+    })
+    .await
+}
+
+/// A subscription's deliveries as the operator sees them (status 200 checked).
+async fn deliveries(t: &TestApp, hook: i64) -> Vec<Value> {
+    let (status, body) = t
+        .get(
+            &format!("/v1/admin/webhooks/{hook}/deliveries"),
+            Some(ADMIN),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body["deliveries"].as_array().unwrap().clone()
 }
 
 async fn subscribe(t: &TestApp, url: &str, events: &[&str]) -> i64 {
@@ -163,11 +179,7 @@ async fn payout(t: &TestApp, id: &str, status: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_payout_channel_hears_of_each_withdrawal_signed_and_in_order() {
-    let t = spawn_app_with(Options {
-        env: fast_retries(),
-        ..Default::default()
-    })
-    .await;
+    let t = spawn_fast().await;
     let (rx, url) = Receiver::start(0).await;
 
     // Refused subscriptions change nothing.
@@ -259,16 +271,9 @@ async fn the_payout_channel_hears_of_each_withdrawal_signed_and_in_order() {
         );
     }
     // The operator sees each delivery, made at the first attempt.
-    let (status, body) = t
-        .get(
-            &format!("/v1/admin/webhooks/{hook}/deliveries"),
-            Some(ADMIN),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    let deliveries = body["deliveries"].as_array().unwrap();
+    let deliveries = deliveries(&t, hook).await;
     assert_eq!(deliveries.len(), 12);
-    for d in deliveries {
+    for d in &deliveries {
         assert_eq!(d["state"], "delivered", "{d}");
         assert_eq!(d["attempts"], 1);
         assert_eq!(d["last_status"], 204);
@@ -300,11 +305,7 @@ async fn the_payout_channel_hears_of_each_withdrawal_signed_and_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_receiver_gets_the_same_event_again_until_it_answers() {
-    let t = spawn_app_with(Options {
-        env: fast_retries(),
-        ..Default::default()
-    })
-    .await;
+    let t = spawn_fast().await;
     let (rx, url) = Receiver::start(2).await;
     let hook = subscribe(&t, &url, &["withdrawal.submitted"]).await;
     // And a subscriber that is not there at all.
@@ -338,13 +339,7 @@ async fn a_failing_receiver_gets_the_same_event_again_until_it_answers() {
 
     let mut delivered = Value::Null;
     for _ in 0..100 {
-        let (_, body) = t
-            .get(
-                &format!("/v1/admin/webhooks/{hook}/deliveries"),
-                Some(ADMIN),
-            )
-            .await;
-        delivered = body["deliveries"][0].clone();
+        delivered = deliveries(&t, hook).await[0].clone();
         if delivered["state"] == "delivered" {
             break;
         }
@@ -357,13 +352,7 @@ async fn a_failing_receiver_gets_the_same_event_again_until_it_answers() {
 
     // The absent subscriber: attempts go on, spaced by the backoff, the error recorded.
     tokio::time::sleep(Duration::from_millis(1_200)).await;
-    let (_, body) = t
-        .get(
-            &format!("/v1/admin/webhooks/{dead}/deliveries"),
-            Some(ADMIN),
-        )
-        .await;
-    let d = &body["deliveries"][0];
+    let d = &deliveries(&t, dead).await[0];
     assert_eq!(d["state"], "pending", "{d}");
     let attempts = d["attempts"].as_i64().unwrap();
     // 100, 200, 400, 400 ms... (+ up to a tenth): at most 5 in 1.2 s, at least 2.
@@ -426,11 +415,7 @@ async fn an_event_waits_in_the_outbox_across_a_restart() {
 /// A reconciliation mismatch is an event too, written with its report.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconciliation_mismatch_is_announced() {
-    let t = spawn_app_with(Options {
-        env: fast_retries(),
-        ..Default::default()
-    })
-    .await;
+    let t = spawn_fast().await;
     let (rx, url) = Receiver::start(0).await;
     subscribe(&t, &url, &["reconciliation.mismatch"]).await;
     t.open_activity("cny2027", 1_000_000, 1_000).await;
