@@ -53,11 +53,13 @@ impl Keys {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PublicKey {
     pub key_id: String,
     pub alg: &'static str,
+    /// base64url Ed25519 public key.
     #[serde(serialize_with = "as_b64")]
+    #[schema(value_type = String)]
     pub public_key: Vec<u8>,
     pub active: bool,
     #[serde(skip)]

@@ -102,7 +102,7 @@ impl Switches {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct SwitchView {
     pub name: &'static str,
     pub on: bool,

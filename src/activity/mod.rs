@@ -19,14 +19,19 @@ use crate::tokens::Tokens;
 
 pub use cache::{ActivityCache, CachedActivity};
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Activity {
+    #[schema(value_type = String)]
     pub id: ActivityId,
     pub name: String,
+    /// test, gray or live.
+    #[schema(value_type = String)]
     pub stage: Stage,
     pub starts_at: DateTime<Utc>,
     pub ends_at: DateTime<Utc>,
+    #[schema(value_type = i64)]
     pub budget_cents: Cents,
+    #[schema(value_type = i64)]
     pub max_award_cents: Cents,
 }
 
@@ -36,11 +41,14 @@ impl Activity {
     }
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Scene {
+    #[schema(value_type = String)]
     pub activity_id: ActivityId,
+    #[schema(value_type = String)]
     pub id: SceneId,
     pub name: String,
+    #[schema(value_type = String)]
     pub award_type: AwardType,
     pub rate_limit_per_s: Option<u32>,
     pub admission_fraction: Option<f64>,
@@ -229,10 +237,12 @@ impl Activities {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct NewActivity {
+    /// 1-32 of [a-z0-9-].
     pub id: String,
     pub name: String,
+    /// test, gray or live.
     pub stage: String,
     pub starts_at: DateTime<Utc>,
     pub ends_at: DateTime<Utc>,
@@ -271,7 +281,8 @@ fn parse_new_activity(body: NewActivity) -> Result<Activity> {
     })
 }
 
-#[derive(Debug, Serialize)]
+/// An activity with its scenes and live figures.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ActivityView {
     #[serde(flatten)]
     pub activity: Activity,
@@ -295,10 +306,12 @@ pub struct ActivityView {
     pub pending_count: i64,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct NewScene {
+    /// 1-32 of [a-z0-9-].
     pub id: String,
     pub name: String,
+    /// cash.
     pub award_type: String,
     #[serde(default)]
     pub rate_limit_per_s: Option<u32>,

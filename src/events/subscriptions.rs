@@ -11,15 +11,19 @@ use super::EventType;
 use crate::error::{Error, Result};
 use crate::store::Db;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct NewSubscription {
+    /// http:// or https://.
     pub url: String,
+    /// Event types: withdrawal.submitted, withdrawal.paid, withdrawal.failed,
+    /// activity.drained, reconciliation.mismatch, budget.low.
     pub events: Vec<String>,
+    /// 16-256 characters; signs every delivery (X-RPW-Signature).
     pub secret: String,
 }
 
 /// A subscription as operators see it (the secret is never shown again).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Subscription {
     pub id: i64,
     pub url: String,
@@ -28,12 +32,13 @@ pub struct Subscription {
 }
 
 /// One delivery of one event to one subscription, with its attempts so far.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Delivery {
     pub event_id: String,
     #[serde(rename = "type")]
     pub kind: String,
     pub order_key: String,
+    /// pending, delivered, gave_up or dropped.
     pub state: String,
     pub attempts: i32,
     pub last_status: Option<i32>,

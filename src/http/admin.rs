@@ -41,9 +41,9 @@ fn activity_id(id: &str) -> Result<ActivityId> {
 }
 
 #[utoipa::path(post, path = "/v1/admin/activities", security(("operator" = [])), tag = "operators",
-    request_body = doc::NewActivity,
-    responses((status = 201, description = "Created", body = doc::Activity),
-        (status = 200, description = "An identical activity existed", body = doc::Activity),
+    request_body = crate::activity::NewActivity,
+    responses((status = 201, description = "Created", body = Activity),
+        (status = 200, description = "An identical activity existed", body = Activity),
         (status = 409, description = "idempotency_conflict: the id exists with other settings", body = doc::ErrorEnvelope),
         doc::OperatorErrors))]
 async fn create_activity(
@@ -134,7 +134,7 @@ async fn backlog(app: &crate::app::App) -> redis::RedisResult<Vec<Value>> {
 }
 
 #[utoipa::path(get, path = "/v1/admin/activities/{id}", security(("operator" = [])), tag = "operators", params(("id" = String, Path, description = "The activity id")),
-    responses((status = 200, description = "The activity with its live figures", body = doc::ActivityView), doc::OperatorErrors))]
+    responses((status = 200, description = "The activity with its live figures", body = ActivityView), doc::OperatorErrors))]
 async fn get_activity(
     State(app): State<AppState>,
     _op: Operator,
@@ -144,14 +144,14 @@ async fn get_activity(
     Ok(Json(app.activities.view(id.as_str()).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 struct BudgetDelta {
     delta_cents: i64,
 }
 
 #[utoipa::path(post, path = "/v1/admin/activities/{id}/budget", security(("operator" = [])), tag = "operators", params(("id" = String, Path, description = "The activity id")),
-    request_body = doc::BudgetDelta,
-    responses((status = 200, description = "The activity with its new budget", body = doc::ActivityView), doc::OperatorErrors))]
+    request_body = BudgetDelta,
+    responses((status = 200, description = "The activity with its new budget", body = ActivityView), doc::OperatorErrors))]
 async fn add_budget(
     State(app): State<AppState>,
     _op: Operator,
@@ -164,8 +164,8 @@ async fn add_budget(
 }
 
 #[utoipa::path(post, path = "/v1/admin/activities/{id}/scenes", security(("operator" = [])), tag = "operators", params(("id" = String, Path, description = "The activity id")),
-    request_body = doc::NewScene,
-    responses((status = 201, description = "Created", body = doc::Scene),
+    request_body = crate::activity::NewScene,
+    responses((status = 201, description = "Created", body = Scene),
         (status = 409, description = "idempotency_conflict: the scene exists with other settings", body = doc::ErrorEnvelope),
         doc::OperatorErrors))]
 async fn create_scene(
@@ -261,14 +261,14 @@ async fn switches(State(app): State<AppState>, _op: Operator) -> Json<Value> {
     Json(json!({ "switches": app.switches.list() }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct SetSwitch {
     on: bool,
 }
 
 #[utoipa::path(put, path = "/v1/admin/switches/{name}", security(("operator" = [])), tag = "operators",
     params(("name" = String, Path, description = "issue_off, booking_paused, views_fallback, ...")),
-    request_body = doc::SetSwitch,
+    request_body = SetSwitch,
     responses((status = 200, description = "Every switch after the change", body = doc::Switches), doc::OperatorErrors))]
 async fn set_switch(
     State(app): State<AppState>,
@@ -289,8 +289,8 @@ fn webhook_id(id: &str) -> Result<i64> {
 }
 
 #[utoipa::path(post, path = "/v1/admin/webhooks", security(("operator" = [])), tag = "operators",
-    request_body = doc::NewWebhook,
-    responses((status = 201, description = "Subscribed (the secret is never shown again)", body = doc::Webhook), doc::OperatorErrors))]
+    request_body = crate::events::NewSubscription,
+    responses((status = 201, description = "Subscribed (the secret is never shown again)", body = crate::events::Subscription), doc::OperatorErrors))]
 async fn create_webhook(
     State(app): State<AppState>,
     _op: Operator,

@@ -26,9 +26,11 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(stats))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct AwardBody {
+    /// `{user_id}_{activity_id}_{scene_id}_{rain_id}_{award_type}_{stage}`.
     pub out_trade_no: String,
+    /// base64url SignedToken.
     pub token: String,
     pub status: &'static str,
     pub replayed: bool,
@@ -70,9 +72,9 @@ impl Wire for SingleReply {
 }
 
 #[utoipa::path(post, path = "/v1/awards", tag = "upstream", security(("caller" = [])),
-    request_body(description = "JSON, or protobuf (application/x-protobuf, proto/redpacket.proto)", content = doc::AwardRequest),
-    responses((status = 201, description = "Issued: the signed token, pending booking", body = doc::AwardResponse),
-        (status = 200, description = "The same award again: the same body, byte-identical token, replayed true", body = doc::AwardResponse),
+    request_body(description = "JSON, or protobuf (application/x-protobuf, proto/redpacket.proto)", content = AwardRequest),
+    responses((status = 201, description = "Issued: the signed token, pending booking", body = AwardBody),
+        (status = 200, description = "The same award again: the same body, byte-identical token, replayed true", body = AwardBody),
         doc::AwardErrors))]
 async fn award(
     State(app): State<AppState>,
@@ -205,7 +207,7 @@ async fn award_batch(
     ))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct StatsBody {
     activity_id: String,
     issued_cents: i64,
@@ -214,7 +216,7 @@ struct StatsBody {
 
 #[utoipa::path(get, path = "/v1/activities/{id}/stats", tag = "anyone",
     params(("id" = String, Path, description = "The activity id")),
-    responses((status = 200, description = "Issued totals, at most about a second stale", body = doc::Stats), doc::PublicErrors))]
+    responses((status = 200, description = "Issued totals, at most about a second stale", body = StatsBody), doc::PublicErrors))]
 async fn stats(State(app): State<AppState>, Path(id): Path<String>) -> Response {
     if app.activities.cache().get(&id).is_none() {
         return Error::NotFound(format!("no activity `{id}`")).into_response();

@@ -212,83 +212,8 @@ impl IntoResponses for PublicErrors {
 // ---- operators -------------------------------------------------------------------------
 
 #[derive(ToSchema)]
-pub struct NewActivity {
-    /// 1-32 of [a-z0-9-].
-    pub id: String,
-    pub name: String,
-    /// test, gray or live.
-    pub stage: String,
-    pub starts_at: chrono::DateTime<chrono::Utc>,
-    pub ends_at: chrono::DateTime<chrono::Utc>,
-    pub budget_cents: i64,
-    pub max_award_cents: i64,
-}
-
-#[derive(ToSchema)]
-pub struct Activity {
-    pub id: String,
-    pub name: String,
-    pub stage: String,
-    pub starts_at: chrono::DateTime<chrono::Utc>,
-    pub ends_at: chrono::DateTime<chrono::Utc>,
-    pub budget_cents: i64,
-    pub max_award_cents: i64,
-}
-
-#[derive(ToSchema)]
 pub struct ActivityList {
-    pub activities: Vec<Activity>,
-}
-
-#[derive(ToSchema)]
-pub struct Scene {
-    pub activity_id: String,
-    pub id: String,
-    pub name: String,
-    pub award_type: String,
-    pub rate_limit_per_s: Option<u32>,
-    pub admission_fraction: Option<f64>,
-}
-
-#[derive(ToSchema)]
-pub struct NewScene {
-    /// 1-32 of [a-z0-9-].
-    pub id: String,
-    pub name: String,
-    /// cash.
-    pub award_type: String,
-    pub rate_limit_per_s: Option<u32>,
-    pub admission_fraction: Option<f64>,
-}
-
-/// An activity with its scenes and live figures.
-#[derive(ToSchema)]
-pub struct ActivityView {
-    pub id: String,
-    pub name: String,
-    pub stage: String,
-    pub starts_at: chrono::DateTime<chrono::Utc>,
-    pub ends_at: chrono::DateTime<chrono::Utc>,
-    pub budget_cents: i64,
-    pub max_award_cents: i64,
-    pub scenes: Vec<Scene>,
-    pub budget_remaining_cents: i64,
-    pub budget_taken_cents: i64,
-    pub budget_granted_cents: i64,
-    pub budget_ungranted_cents: i64,
-    pub budget_in_doubt_cents: i64,
-    pub budget_available_cents: i64,
-    pub issued_cents: i64,
-    pub issued_count: i64,
-    pub booked_cents: i64,
-    pub booked_count: i64,
-    pub pending_cents: i64,
-    pub pending_count: i64,
-}
-
-#[derive(ToSchema)]
-pub struct BudgetDelta {
-    pub delta_cents: i64,
+    pub activities: Vec<crate::activity::Activity>,
 }
 
 #[derive(ToSchema)]
@@ -308,31 +233,8 @@ pub struct ReleaseResult {
 }
 
 #[derive(ToSchema)]
-pub struct Report {
-    pub id: i64,
-    pub activity_id: String,
-    pub hour_start: chrono::DateTime<chrono::Utc>,
-    /// hourly, live or manual.
-    pub kind: String,
-    pub issued_count: i64,
-    pub issued_cents: i64,
-    pub booked_count: i64,
-    pub booked_cents: i64,
-    pub settled_count: i64,
-    pub settled_cents: i64,
-    pub pending_count: i64,
-    pub pending_cents: i64,
-    pub budget_taken_cents: i64,
-    pub leak_cents: i64,
-    pub ok: bool,
-    /// The problems found, `; `-separated (empty when ok).
-    pub problems: String,
-    pub created_at: chrono::DateTime<chrono::Utc>,
-}
-
-#[derive(ToSchema)]
 pub struct Reports {
-    pub reports: Vec<Report>,
+    pub reports: Vec<crate::ops::reconcile::StoredReport>,
 }
 
 #[derive(ToSchema)]
@@ -348,21 +250,8 @@ pub struct Parked {
 }
 
 #[derive(ToSchema)]
-pub struct Switch {
-    pub name: String,
-    pub on: bool,
-    /// What turning it on does.
-    pub effect: String,
-}
-
-#[derive(ToSchema)]
 pub struct Switches {
-    pub switches: Vec<Switch>,
-}
-
-#[derive(ToSchema)]
-pub struct SetSwitch {
-    pub on: bool,
+    pub switches: Vec<crate::switches::SwitchView>,
 }
 
 #[derive(ToSchema)]
@@ -400,89 +289,28 @@ pub struct Health {
 }
 
 #[derive(ToSchema)]
-pub struct NewWebhook {
-    /// http:// or https://.
-    pub url: String,
-    /// Event types: withdrawal.submitted, withdrawal.paid, withdrawal.failed,
-    /// activity.drained, reconciliation.mismatch, budget.low.
-    pub events: Vec<String>,
-    /// 16-256 characters; signs every delivery (X-RPW-Signature).
-    pub secret: String,
-}
-
-#[derive(ToSchema)]
-pub struct Webhook {
-    pub id: i64,
-    pub url: String,
-    pub events: Vec<String>,
-    pub created_at: chrono::DateTime<chrono::Utc>,
-}
-
-#[derive(ToSchema)]
 pub struct Webhooks {
-    pub webhooks: Vec<Webhook>,
-}
-
-#[derive(ToSchema)]
-pub struct Delivery {
-    pub event_id: String,
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub order_key: String,
-    /// pending, delivered, gave_up or dropped.
-    pub state: String,
-    pub attempts: i32,
-    pub last_status: Option<i32>,
-    pub last_error: Option<String>,
-    pub last_attempt_at: Option<chrono::DateTime<chrono::Utc>>,
-    pub next_attempt_at: Option<chrono::DateTime<chrono::Utc>>,
-    pub delivered_at: Option<chrono::DateTime<chrono::Utc>>,
-    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub webhooks: Vec<crate::events::Subscription>,
 }
 
 #[derive(ToSchema)]
 pub struct Deliveries {
-    pub deliveries: Vec<Delivery>,
+    pub deliveries: Vec<crate::events::Delivery>,
 }
 
 // ---- upstream ------------------------------------------------------------------------------
 
 #[derive(ToSchema)]
-pub struct AwardRequest {
-    pub user_id: i64,
-    pub app_id: u32,
-    pub activity_id: String,
-    pub scene_id: String,
-    pub rain_id: i64,
-    /// cash.
-    pub award_type: String,
-    pub amount_cents: i64,
-    /// Must equal the activity's stage when given.
-    pub stage: Option<String>,
-    pub open_time_ms: Option<i64>,
-}
-
-#[derive(ToSchema)]
-pub struct AwardResponse {
-    /// `{user_id}_{activity_id}_{scene_id}_{rain_id}_{award_type}_{stage}`.
-    pub out_trade_no: String,
-    /// base64url SignedToken.
-    pub token: String,
-    pub status: String,
-    pub replayed: bool,
-}
-
-#[derive(ToSchema)]
 pub struct AwardBatchRequest {
     /// At most 1000.
-    pub awards: Vec<AwardRequest>,
+    pub awards: Vec<crate::issue::AwardRequest>,
 }
 
 /// One award's answer in a batch: the award, or its error.
 #[derive(ToSchema)]
 #[serde(untagged)]
 pub enum AwardResult {
-    Ok(AwardResponse),
+    Ok(super::awards::AwardBody),
     Err(ErrorEnvelope),
 }
 
@@ -492,48 +320,7 @@ pub struct AwardBatchResponse {
     pub results: Vec<AwardResult>,
 }
 
-#[derive(ToSchema)]
-pub struct Stats {
-    pub activity_id: String,
-    pub issued_cents: i64,
-    pub issued_count: i64,
-}
-
 // ---- wallet ----------------------------------------------------------------------------------
-
-#[derive(ToSchema)]
-pub struct Wallet {
-    pub user_id: i64,
-    /// booked + pending.
-    pub balance_cents: i64,
-    pub booked_cents: i64,
-    pub pending_cents: i64,
-    pub pending_count: i64,
-    pub total_income_cents: i64,
-    pub withdrawn_cents: i64,
-    /// Present (true) only when served from Redis alone (views_fallback).
-    pub degraded: Option<bool>,
-}
-
-#[derive(ToSchema)]
-pub struct FlowItem {
-    pub out_trade_no: String,
-    /// award, withdraw or reversal.
-    pub kind: String,
-    pub amount_cents: i64,
-    /// pending or booked.
-    pub status: String,
-    pub activity_id: Option<String>,
-    pub scene_id: Option<String>,
-    pub at: String,
-}
-
-#[derive(ToSchema)]
-pub struct Flows {
-    /// Newest first.
-    pub items: Vec<FlowItem>,
-    pub next_cursor: Option<String>,
-}
 
 #[derive(ToSchema)]
 pub struct SyncRequest {
@@ -541,62 +328,7 @@ pub struct SyncRequest {
     pub tokens: Vec<String>,
 }
 
-#[derive(ToSchema)]
-pub struct Rejected {
-    pub index: u32,
-    pub code: String,
-}
-
-#[derive(ToSchema)]
-pub struct SyncResponse {
-    /// Tokens the server had lost and now holds again as pending.
-    pub restored: u32,
-    pub known: u32,
-    pub rejected: Vec<Rejected>,
-}
-
-#[derive(ToSchema)]
-pub struct WithdrawRequest {
-    /// Client-chosen, 1-64 characters: the same id again is the same withdrawal.
-    pub request_id: String,
-    pub amount_cents: i64,
-}
-
-#[derive(ToSchema)]
-pub struct Withdrawal {
-    pub withdrawal_id: String,
-    pub user_id: i64,
-    pub request_id: String,
-    pub amount_cents: i64,
-    /// submitted, paid or failed.
-    pub status: String,
-    /// Pending tokens booked first.
-    pub forced_settled_count: i64,
-    pub balance_cents: i64,
-    pub created_at: chrono::DateTime<chrono::Utc>,
-}
-
-#[derive(ToSchema)]
-pub struct PayoutResult {
-    /// paid or failed.
-    pub status: String,
-}
-
 // ---- anyone ----------------------------------------------------------------------------------
-
-#[derive(ToSchema)]
-pub struct Key {
-    pub key_id: String,
-    pub alg: String,
-    /// base64url Ed25519 public key.
-    pub public_key: String,
-    pub active: bool,
-}
-
-#[derive(ToSchema)]
-pub struct Keys {
-    pub keys: Vec<Key>,
-}
 
 #[derive(ToSchema)]
 pub struct Healthz {

@@ -68,13 +68,13 @@ async fn metrics(State(app): State<AppState>) -> Response {
         .into_response()
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct KeysBody {
     keys: Vec<crate::keys::PublicKey>,
 }
 
 #[utoipa::path(get, path = "/v1/keys", tag = "anyone",
-    responses((status = 200, description = "The public signing keys: a token verifies offline against these", body = doc::Keys)))]
+    responses((status = 200, description = "The public signing keys: a token verifies offline against these", body = KeysBody)))]
 async fn keys(State(app): State<AppState>) -> Json<KeysBody> {
     Json(KeysBody {
         keys: app.keys.current().published(),

@@ -82,7 +82,7 @@ impl Wire for SyncResult {
 }
 
 #[utoipa::path(get, path = "/v1/wallet", tag = "wallet", security(("user" = [])),
-    responses((status = 200, description = "The balance: booked + pending, every cent at once", body = doc::Wallet), doc::UserErrors))]
+    responses((status = 200, description = "The balance: booked + pending, every cent at once", body = WalletView), doc::UserErrors))]
 async fn wallet(
     State(app): State<AppState>,
     User(user): User,
@@ -103,7 +103,7 @@ struct FlowsQuery {
 #[utoipa::path(get, path = "/v1/wallet/flows", tag = "wallet", security(("user" = [])),
     params(("limit" = Option<u32>, Query, description = "Items per page (default 20, at most wallet.flows_max_limit)"),
         ("cursor" = Option<String>, Query, description = "next_cursor of the previous page")),
-    responses((status = 200, description = "Awards, withdrawals and reversals, newest first; pending awards marked", body = doc::Flows), doc::UserErrors))]
+    responses((status = 200, description = "Awards, withdrawals and reversals, newest first; pending awards marked", body = FlowsPage), doc::UserErrors))]
 async fn flows(
     State(app): State<AppState>,
     User(user): User,
@@ -156,7 +156,7 @@ impl From<pb::SyncRequest> for SyncTokens {
 
 #[utoipa::path(post, path = "/v1/wallet/tokens:sync", tag = "wallet", security(("user" = [])),
     request_body(description = "JSON, or protobuf (application/x-protobuf, proto/redpacket.proto)", content = doc::SyncRequest),
-    responses((status = 200, description = "What the client's tokens restored", body = doc::SyncResponse), doc::UserErrors))]
+    responses((status = 200, description = "What the client's tokens restored", body = SyncResult), doc::UserErrors))]
 async fn sync(
     State(app): State<AppState>,
     User(user): User,

@@ -25,16 +25,17 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(result))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct WithdrawRequest {
+    /// Client-chosen, 1-64 characters: the same id again is the same withdrawal.
     pub request_id: String,
     pub amount_cents: i64,
 }
 
 #[utoipa::path(post, path = "/v1/withdrawals", tag = "wallet", security(("user" = [])),
-    request_body = doc::WithdrawRequest,
-    responses((status = 201, description = "Submitted: pending tokens booked first, then the debit", body = doc::Withdrawal),
-        (status = 200, description = "The same request_id again: the same withdrawal", body = doc::Withdrawal),
+    request_body = WithdrawRequest,
+    responses((status = 201, description = "Submitted: pending tokens booked first, then the debit", body = Withdrawal),
+        (status = 200, description = "The same request_id again: the same withdrawal", body = Withdrawal),
         doc::WithdrawErrors))]
 async fn create(
     State(app): State<AppState>,
@@ -54,7 +55,7 @@ async fn create(
 
 #[utoipa::path(get, path = "/v1/withdrawals/{id}", tag = "wallet", security(("user" = [])),
     params(("id" = String, Path, description = "The withdrawal id")),
-    responses((status = 200, description = "The withdrawal (own only)", body = doc::Withdrawal), doc::UserErrors))]
+    responses((status = 200, description = "The withdrawal (own only)", body = Withdrawal), doc::UserErrors))]
 async fn show(
     State(app): State<AppState>,
     User(user): User,
@@ -69,15 +70,16 @@ async fn show(
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 struct PayoutResult {
+    /// paid or failed.
     status: String,
 }
 
 #[utoipa::path(post, path = "/v1/withdrawals/{id}/result", tag = "payout", security(("caller" = [])),
     params(("id" = String, Path, description = "The withdrawal id")),
-    request_body = doc::PayoutResult,
-    responses((status = 200, description = "The withdrawal with its final status; failed gives the money back (a reversal)", body = doc::Withdrawal), doc::PayoutErrors))]
+    request_body = PayoutResult,
+    responses((status = 200, description = "The withdrawal with its final status; failed gives the money back (a reversal)", body = Withdrawal), doc::PayoutErrors))]
 async fn result(
     State(app): State<AppState>,
     Caller(caller): Caller,

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::pb;
 
 /// An award request as the caller sent it (JSON or protobuf).
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, utoipa::ToSchema)]
 pub struct AwardRequest {
     pub user_id: i64,
     #[serde(default)]

@@ -56,7 +56,7 @@ pub struct Report {
     pub problems: Vec<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct StoredReport {
     pub id: i64,
     pub activity_id: String,
@@ -73,6 +73,7 @@ pub struct StoredReport {
     pub budget_taken_cents: i64,
     pub leak_cents: i64,
     pub ok: bool,
+    /// The problems found, `; `-separated (empty when ok).
     pub problems: String,
     pub created_at: DateTime<Utc>,
 }

@@ -14,7 +14,7 @@ use super::Wallet;
 use crate::domain::UserId;
 use crate::error::Result;
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct FlowItem {
     pub out_trade_no: String,
     pub kind: String,
@@ -27,7 +27,7 @@ pub struct FlowItem {
     pub at_ms: i64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct FlowsPage {
     pub items: Vec<FlowItem>,
     pub next_cursor: Option<String>,

@@ -36,7 +36,7 @@ pub struct Wallet {
     pub activities: Arc<ActivityCache>,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, Default, utoipa::ToSchema)]
 pub struct WalletView {
     pub user_id: i64,
     pub balance_cents: i64,
@@ -45,7 +45,9 @@ pub struct WalletView {
     pub pending_count: i64,
     pub total_income_cents: i64,
     pub withdrawn_cents: i64,
+    /// Present (true) only when served from Redis alone (`views_fallback`).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[schema(required = false)]
     pub degraded: bool,
 }
 

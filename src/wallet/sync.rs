@@ -12,13 +12,13 @@ use crate::error::Result;
 use crate::pb;
 use crate::token::{self, TokenError};
 
-#[derive(Debug, Serialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Rejected {
     pub index: u32,
     pub code: &'static str,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct SyncResult {
     pub restored: u32,
     pub known: u32,

@@ -20,13 +20,16 @@ use crate::ledger::{Account, Ledger, LedgerError};
 use crate::store::{now_ms, Db};
 use crate::tokens::{AwardEntry, Tokens};
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Withdrawal {
     pub withdrawal_id: String,
     pub user_id: i64,
     pub request_id: String,
     pub amount_cents: i64,
+    /// submitted, paid or failed.
+    #[schema(value_type = String)]
     pub status: WithdrawalStatus,
+    /// Pending tokens booked first.
     pub forced_settled_count: i64,
     pub balance_cents: i64,
     pub created_at: chrono::DateTime<chrono::Utc>,

@@ -78,6 +78,24 @@ fn resolve<'a>(doc: &'a Value, schema: &'a Value) -> &'a Value {
 /// and no field the schema does not name; arrays' items conform; types match.
 fn conforms(doc: &Value, schema: &Value, value: &Value, at: &str) -> Result<(), String> {
     let schema = resolve(doc, schema);
+    if let Some(parts) = schema.get("allOf").and_then(Value::as_array) {
+        // A flattened struct: one object with every part's fields.
+        let mut properties = serde_json::Map::new();
+        let mut required = Vec::new();
+        for part in parts {
+            let part = resolve(doc, part);
+            properties.extend(
+                part["properties"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| (k.clone(), v.clone())),
+            );
+            required.extend(part["required"].as_array().into_iter().flatten().cloned());
+        }
+        let merged = json!({"type": "object", "properties": properties, "required": required});
+        return conforms(doc, &merged, value, at);
+    }
     if let Some(any) = schema
         .get("oneOf")
         .or(schema.get("anyOf"))
