@@ -334,22 +334,12 @@ async fn main() -> anyhow::Result<()> {
             let hour = hour.unwrap_or_else(|| {
                 redpacket_wallet::store::hour_of(redpacket_wallet::store::now_ms())
             });
-            let (start, end) = redpacket_wallet::ops::reconcile::hour_window(&hour)
-                .context("--hour must be YYYYMMDDHH")?;
             let activities: Vec<String> = match activity {
                 Some(a) => vec![a],
                 None => app
-                    .activities
-                    .cache()
-                    .all()
-                    .iter()
-                    .map(|c| &c.activity)
-                    .filter(|a| {
-                        a.starts_at.timestamp_millis() < end
-                            && a.ends_at.timestamp_millis() + 3_600_000 > start
-                    })
-                    .map(|a| a.id.to_string())
-                    .collect(),
+                    .reconciler
+                    .activities_in_hour(&hour)
+                    .map_err(|e| anyhow::anyhow!("{}: {}", e.code(), e))?,
             };
             let single = activities.len() == 1;
             let mut progress = Progress::new("reconcile");

@@ -239,18 +239,28 @@ impl Reconciler {
 
     /// Reconciles `hour` for every activity whose window overlaps it.
     pub async fn reconcile_hour(&self, hour: &str, kind: &str) -> Result<Vec<Report>> {
-        let (start, end) = hour_window(hour)
-            .ok_or_else(|| Error::InvalidRequest("hour must be YYYYMMDDHH".into()))?;
         let mut reports = Vec::new();
-        for cached in self.activities.all() {
-            let a = &cached.activity;
-            if a.starts_at.timestamp_millis() < end
-                && a.ends_at.timestamp_millis() + 3_600_000 > start
-            {
-                reports.push(self.reconcile(a.id.as_str(), hour, kind).await?);
-            }
+        for activity in self.activities_in_hour(hour)? {
+            reports.push(self.reconcile(&activity, hour, kind).await?);
         }
         Ok(reports)
+    }
+
+    /// The activities whose window overlaps `hour` (or ended less than an hour before it).
+    pub fn activities_in_hour(&self, hour: &str) -> Result<Vec<String>> {
+        let (start, end) = hour_window(hour)
+            .ok_or_else(|| Error::InvalidRequest("hour must be YYYYMMDDHH".into()))?;
+        Ok(self
+            .activities
+            .all()
+            .iter()
+            .map(|c| &c.activity)
+            .filter(|a| {
+                a.starts_at.timestamp_millis() < end
+                    && a.ends_at.timestamp_millis() + 3_600_000 > start
+            })
+            .map(|a| a.id.to_string())
+            .collect())
     }
 
     /// The latest stored reports, newest first; of one activity when given.
