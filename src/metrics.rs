@@ -43,6 +43,9 @@ fn register_zeroes() {
     counter!("rpw_reconciliation_mismatches_total", "activity" => "").increment(0);
     counter!("rpw_awards_total", "outcome" => "issued").increment(0);
     counter!("rpw_tx_retries_total", "op" => "withdraw").increment(0);
+    for source in ["redis", "mysql", "degraded"] {
+        counter!("rpw_wallet_views_total", "source" => source).increment(0);
+    }
 }
 
 pub fn award_outcome(outcome: &'static str) {
@@ -100,6 +103,15 @@ pub fn reconciliation_mismatch(activity: &str) {
     }
     counter!("rpw_reconciliation_mismatches_total", "activity" => activity.to_string())
         .increment(1);
+}
+
+/// A wallet view answered: from Redis alone (`redis`), with MySQL's booked figures
+/// (`mysql`), or from the snapshot while MySQL failed (`degraded`).
+pub fn view_served(source: &'static str) {
+    if crate::shadow::active() {
+        return;
+    }
+    counter!("rpw_wallet_views_total", "source" => source).increment(1);
 }
 
 pub fn dependency_error(dependency: &'static str) {

@@ -193,7 +193,12 @@ pub struct Budget {
 }
 
 fn script(body: &str) -> Script {
-    crate::store::script(&format!("{}\n{}", include_str!("stock.lua"), body))
+    crate::store::script(&format!(
+        "{}\n{}\n{}",
+        crate::store::IDENTITY_LUA,
+        include_str!("stock.lua"),
+        body
+    ))
 }
 
 impl Budget {

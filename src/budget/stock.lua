@@ -1,20 +1,9 @@
--- Shared head of every sub-stock script (prepended by budget.rs).
+-- Shared head of every sub-stock script (prepended by budget/mod.rs).
 -- A sub-stock hash holds `avail` (cents that may be spent), `funded` (sum of the grants
 -- applied), `rid` (the identity of the Redis data it was initialised in), `closed` and
 -- `drained` once drained, and `g:<grant id>` for every grant applied (idempotency).
 --
--- The identity is the process's run_id with its replication id: a restart (even from an
--- AOF missing its last second) changes the first, a failover or a failback to a former
--- master whose writes were lost changes the second.
---
--- stock_state(key) is 0 when the sub-stock may be spent; 1 when it was drained; 2 when
--- it was initialised under another identity (its `avail` may have been rewound and
--- cannot be trusted); 3 when it does not exist (never initialised, or lost to a flush).
-local function run_id()
-  local info = redis.call('INFO', 'server', 'replication')
-  return (string.match(info, 'run_id:(%w+)') or '') .. ':' ..
-    (string.match(info, 'master_replid:(%w+)') or '')
-end
+-- run_id() is the identity of the Redis data (src/store/identity.lua, prepended too).
 local function stock_state(key)
   local f = redis.call('HMGET', key, 'rid', 'closed')
   if f[2] then return 1 end

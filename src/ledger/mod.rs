@@ -14,7 +14,10 @@
 //! includes a token still marked pending there. The users' token statuses are read
 //! *after* their account rows are locked, when every earlier booker of theirs has
 //! committed; whatever of those is in the ledger is marked settled together with the
-//! snapshot (mark.lua), so the degraded view (snapshot + pending) counts each token once.
+//! snapshot (mark.lua), so snapshot + pending counts each token once. A change that is
+//! not booking pending tokens (a debit, a reversal) puts a fence up before its transaction
+//! and lifts it with its snapshot ([`crate::tokens::Fence`]); while it is up, views read
+//! MySQL.
 
 mod book;
 pub mod read;
@@ -27,7 +30,7 @@ use sqlx::{MySql, QueryBuilder, Row, Transaction};
 use crate::domain::{Cents, UserId};
 use crate::error::Error;
 use crate::store::{bucket_of, Db};
-use crate::tokens::{AwardEntry, Snapshot, Tokens};
+use crate::tokens::{AwardEntry, Fence, Snapshot, Tokens};
 
 pub use crate::tokens::Totals;
 pub use read::{AccountRow, FlowRow};
@@ -52,12 +55,18 @@ pub struct Account {
 impl Account {
     /// The snapshot the Redis-only view reads after this account's commit.
     pub fn snapshot(&self) -> Snapshot {
+        self.snapshot_lifting(None)
+    }
+
+    /// [`Account::snapshot`] that lifts `fence` once stored.
+    pub fn snapshot_lifting(&self, fence: Option<Fence>) -> Snapshot {
         Snapshot {
             user: self.user,
             version: self.version,
             balance_cents: self.balance_cents,
             total_income_cents: self.total_income_cents,
             withdrawn_cents: self.withdrawn_cents,
+            lifts: fence.map(|f| f.0),
         }
     }
 }
@@ -255,6 +264,39 @@ impl Ledger {
             accounts.insert(user, account);
         }
         Ok(accounts)
+    }
+
+    /// Under `user`'s account lock in `tx`: the tokens to mark with a snapshot of that
+    /// account, i.e. those still pending in Redis that the ledger already holds (see
+    /// the module comment; read after the lock, when every earlier booker committed).
+    pub async fn booked_pending(
+        &self,
+        tx: &mut Transaction<'_, MySql>,
+        user: UserId,
+    ) -> Result<Vec<AwardEntry>, LedgerError> {
+        let pending = self.tokens.pending_of_users(&[user]).await?;
+        let otns: Vec<&str> = pending.iter().map(|e| e.out_trade_no.as_str()).collect();
+        let booked = Self::already_booked(&mut **tx, &otns).await?;
+        Ok(pending
+            .into_iter()
+            .filter(|e| booked.contains(&e.out_trade_no))
+            .collect())
+    }
+
+    /// Writes `user`'s snapshot from the account as it is now (read under its lock,
+    /// so a transaction that held the lock has ended, committed or not) and lifts
+    /// `fence` with it: what a fenced change does when it cannot tell whether its
+    /// transaction committed.
+    pub async fn refresh_snapshot(&self, user: UserId, fence: Fence) -> Result<(), LedgerError> {
+        let mut tx = self.db.for_user(user).begin().await?;
+        let mut accounts = self.lock_accounts(&mut tx, &[user]).await?;
+        let to_mark = self.booked_pending(&mut tx, user).await?;
+        tx.commit().await?;
+        let account = accounts.remove(&user).ok_or(sqlx::Error::RowNotFound)?;
+        self.tokens
+            .mark(&to_mark, &[account.snapshot_lifting(Some(fence))], &[])
+            .await?;
+        Ok(())
     }
 
     /// Which of `out_trade_nos` the ledger already holds.

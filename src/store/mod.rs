@@ -34,6 +34,10 @@ mod db;
 mod scripts;
 
 pub use db::{bucket_of, Db, BUCKETS, MIGRATOR};
+/// The head that defines `run_id()` (the identity of the Redis data) for the scripts
+/// that must tell data written in another Redis life from their own.
+pub const IDENTITY_LUA: &str = include_str!("identity.lua");
+
 pub use scripts::{evalsha, key_slot, load_scripts, query_scripted, script, slot_tag};
 
 pub const SETTLE_GROUP: &str = "settle";

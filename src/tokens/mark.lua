@@ -7,7 +7,11 @@
 -- ARGV[5]: k stream entries to acknowledge   ARGV[6]: c counters hashes
 -- ARGV[7+6i ..]: token i: out_trade_no, hour, amount, user id, budget generation, index
 --   in KEYS of its activity's counters hash
--- then 4 per snapshot: version, balance, total income, withdrawn; then the k entry ids.
+-- then 5 per snapshot: version, balance, total income, withdrawn, the fence it lifts ('' for
+-- none); then the k entry ids.
+-- A snapshot is stored with the identity of the Redis data (run_id()); it replaces one
+-- of an older version or of another identity. Its fence field `f:<id>` goes with it: the
+-- change the fence announced is in this snapshot (or a newer one).
 -- The settled counters are summed per hash and field, the index members go in one ZADD
 -- per 256, the entries in one XACK and one XDEL. Returns how many tokens went from
 -- pending to settled now.
@@ -54,17 +58,22 @@ for key, fields in pairs(sums) do
   end
 end
 local b = 7 + 6 * n
+local rid = m > 0 and run_id() or nil
 for j = 0, m - 1 do
   local key = KEYS[3 + n + c + j]
-  local at = b + 4 * j
-  local current = tonumber(redis.call('HGET', key, 'v') or '-1')
-  if tonumber(ARGV[at]) > current then
-    redis.call('HSET', key, 'v', ARGV[at], 'b', ARGV[at + 1], 'i', ARGV[at + 2], 'w', ARGV[at + 3])
+  local at = b + 5 * j
+  local current = redis.call('HMGET', key, 'v', 'rid')
+  if current[2] ~= rid or tonumber(ARGV[at]) > tonumber(current[1] or '-1') then
+    redis.call('HSET', key, 'v', ARGV[at], 'b', ARGV[at + 1], 'i', ARGV[at + 2],
+      'w', ARGV[at + 3], 'rid', rid)
+  end
+  if ARGV[at + 4] ~= '' then
+    redis.call('HDEL', key, 'f:' .. ARGV[at + 4])
   end
 end
 local ids = {}
 for e = 0, k - 1 do
-  ids[#ids + 1] = ARGV[b + 4 * m + e]
+  ids[#ids + 1] = ARGV[b + 5 * m + e]
   if #ids >= 256 or e == k - 1 then
     redis.call('XACK', KEYS[2], ARGV[2], unpack(ids))
     redis.call('XDEL', KEYS[2], unpack(ids))

@@ -10,13 +10,15 @@ use crate::domain::UserId;
 use crate::store::{evalsha, hour_of, now_ms, query_scripted, SETTLE_GROUP};
 
 /// An account as a booking transaction committed it, for the Redis-only view.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
     pub user: UserId,
     pub version: i64,
     pub balance_cents: i64,
     pub total_income_cents: i64,
     pub withdrawn_cents: i64,
+    /// The fence this change lifts once stored ([`crate::tokens::Fence`]).
+    pub lifts: Option<String>,
 }
 
 /// One partition's share of a mark call.
@@ -89,6 +91,7 @@ impl Tokens {
                 args.push(s.balance_cents.to_string());
                 args.push(s.total_income_cents.to_string());
                 args.push(s.withdrawn_cents.to_string());
+                args.push(s.lifts.clone().unwrap_or_default());
             }
             args.extend(part.acks.iter().map(|id| id.to_string()));
             let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();

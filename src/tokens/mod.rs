@@ -23,7 +23,7 @@ use std::sync::Arc;
 use redis::Script;
 
 use crate::domain::UserId;
-use crate::store::Redis;
+use crate::store::{query_scripted, Redis};
 
 pub use counters::{ActivityCounters, Counters, Totals};
 pub use mark::Snapshot;
@@ -45,13 +45,66 @@ pub struct Tokens {
 struct Scripts {
     store: Script,
     mark: Script,
+    view: Script,
 }
 
-/// What Redis holds of one user's record for the degraded view: the pending tokens and
-/// the last account snapshot (`v`, `b`, `i`, `w`).
+/// What Redis holds of one user's record, read atomically (view.lua): the pending tokens
+/// and the last account snapshot (`v`, `b`, `i`, `w`, the identity `rid` of the Redis data
+/// it was written in, and a field `f:<id>` per open [`Fence`]).
 pub struct RedisRecord {
     pub pending: Vec<AwardEntry>,
-    pub snapshot: HashMap<String, i64>,
+    pub snapshot: HashMap<String, String>,
+    /// The identity of the Redis data when this was read.
+    pub identity: String,
+}
+
+/// The booked figures of an account as a snapshot holds them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Booked {
+    pub balance_cents: i64,
+    pub total_income_cents: i64,
+    pub withdrawn_cents: i64,
+}
+
+impl RedisRecord {
+    /// The snapshot's figures, whether or not they can be trusted (the degraded view).
+    pub fn snapshot_figures(&self) -> Booked {
+        let field = |k: &str| {
+            self.snapshot
+                .get(k)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        Booked {
+            balance_cents: field("b"),
+            total_income_cents: field("i"),
+            withdrawn_cents: field("w"),
+        }
+    }
+
+    /// The booked figures when the snapshot provably equals the ledger's account minus
+    /// the pending tokens read with it (DESIGN.md "View"): it exists, was written in this
+    /// very Redis data (a flush, a restart or a failover since would have rewound the
+    /// tokens beside it), and no change other than booking this user's pending tokens is
+    /// under way (no fence). `None`: only MySQL can say.
+    pub fn exact_booked(&self) -> Option<Booked> {
+        let written_here = self.snapshot.get("rid") == Some(&self.identity);
+        let fenced = self.snapshot.keys().any(|k| k.starts_with("f:"));
+        (written_here && !fenced && self.snapshot.contains_key("v"))
+            .then(|| self.snapshot_figures())
+    }
+}
+
+/// An announcement, in the user's snapshot hash, that a change other than booking their
+/// pending tokens (a withdrawal's debit, a reversal) may commit to their account: views
+/// go to MySQL until the snapshot written after that commit lifts it
+/// ([`Snapshot::lifts`]), or until the change is given up ([`Tokens::unfence`]). A fence
+/// left by a crash keeps that user's views on MySQL: exact, only slower.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence(pub String);
+
+fn with_identity(body: &str) -> Script {
+    crate::store::script(&format!("{}\n{}", crate::store::IDENTITY_LUA, body))
 }
 
 impl Tokens {
@@ -60,13 +113,39 @@ impl Tokens {
             redis,
             scripts: Arc::new(Scripts {
                 store: crate::store::script(include_str!("store.lua")),
-                mark: crate::store::script(include_str!("mark.lua")),
+                mark: with_identity(include_str!("mark.lua")),
+                view: with_identity(include_str!("view.lua")),
             }),
         }
     }
 
-    pub fn scripts(&self) -> [&Script; 2] {
-        [&self.scripts.store, &self.scripts.mark]
+    pub fn scripts(&self) -> [&Script; 3] {
+        [&self.scripts.store, &self.scripts.mark, &self.scripts.view]
+    }
+
+    /// Puts up a fence on `user`'s snapshot (see [`Fence`]), before the transaction
+    /// whose change it announces begins.
+    pub async fn fence(&self, user: UserId) -> redis::RedisResult<Fence> {
+        let id = crate::domain::hex(&rand::random::<[u8; 8]>());
+        let _: () = redis::AsyncCommands::hset(
+            &mut self.redis.conn(),
+            self.redis.snapshot_key(user),
+            format!("f:{id}"),
+            crate::store::now_ms(),
+        )
+        .await?;
+        Ok(Fence(id))
+    }
+
+    /// Takes a fence down when its change did not happen (the transaction rolled back
+    /// or found nothing to do).
+    pub async fn unfence(&self, user: UserId, fence: &Fence) -> redis::RedisResult<()> {
+        redis::AsyncCommands::hdel(
+            &mut self.redis.conn(),
+            self.redis.snapshot_key(user),
+            format!("f:{}", fence.0),
+        )
+        .await
     }
 
     pub fn redis(&self) -> &Redis {
@@ -137,18 +216,30 @@ impl Tokens {
         Ok(out)
     }
 
-    /// The user's pending tokens and account snapshot, read together (one atomic
-    /// pipeline), for the Redis-only view.
+    /// The user's tokens, account snapshot and the identity of the Redis data, read
+    /// atomically (view.lua).
     pub async fn redis_record(&self, user: UserId) -> redis::RedisResult<RedisRecord> {
-        let (statuses, snapshot): (Vec<(String, String)>, HashMap<String, i64>) = redis::pipe()
-            .atomic()
-            .hgetall(self.redis.status_key(user))
-            .hgetall(self.redis.snapshot_key(user))
-            .query_async(&mut self.redis.conn())
-            .await?;
+        let keys = [self.redis.status_key(user), self.redis.snapshot_key(user)];
+        let mut pipe = redis::pipe();
+        pipe.add_command(crate::store::evalsha(
+            &self.scripts.view,
+            &[keys[0].as_str(), keys[1].as_str()],
+        ));
+        let (statuses, snapshot, identity): (
+            Vec<(String, String)>,
+            HashMap<String, String>,
+            String,
+        ) = query_scripted::<Vec<_>>(&self.redis, &pipe, &self.scripts())
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                redis::RedisError::from((redis::ErrorKind::TypeError, "view.lua answered nothing"))
+            })?;
         Ok(RedisRecord {
             pending: status::pending_in(user, &statuses).collect(),
             snapshot,
+            identity,
         })
     }
 }

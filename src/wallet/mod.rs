@@ -2,11 +2,19 @@
 //! ([`Wallet::view`]), the flow list ([`flows`]), and client sync ([`sync`]: the
 //! client's copy of its tokens restores the server's).
 //!
-//! Exactness (DESIGN.md "View"): read the user's token statuses from Redis first, then in
-//! ONE MySQL statement the account row and which of the not-yet-settled tokens the
-//! ledger already holds. A token reaches the ledger only after it is in Redis, and is
-//! marked settled only after the commit, so in this order no token is counted twice
-//! (it is either pending-and-not-in-ledger or in the booked balance) and none is dropped.
+//! Exactness (DESIGN.md "View"), two ways:
+//! - **From Redis alone**, in one script read (view.lua): the user's token statuses and
+//!   account snapshot. The snapshot is the account as a committed transaction left it,
+//!   written with the tokens it booked marked settled, so it never includes a token still
+//!   pending; it is trusted only when written in this very Redis data (its `rid`) and no
+//!   fence is up (a withdrawal or reversal that may commit before its snapshot is
+//!   written). Booking changes nothing else, and a booking committed but not yet marked
+//!   leaves its tokens pending beside the older snapshot: still exact.
+//! - **Otherwise with MySQL**: in ONE statement the account row and which of the
+//!   not-yet-settled tokens the ledger already holds. A token reaches the ledger only
+//!   after it is in Redis, and is marked settled only after the commit, so in this order
+//!   no token is counted twice (it is either pending-and-not-in-ledger or in the booked
+//!   balance) and none is dropped.
 
 pub mod flows;
 pub mod sync;
@@ -21,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::keys::Keys;
 use crate::ledger::Ledger;
 use crate::switches::Switches;
-use crate::tokens::Tokens;
+use crate::tokens::{Booked, Tokens};
 
 pub use flows::{decode_cursor, encode_cursor, FlowItem, FlowsPage};
 pub use sync::{Rejected, SyncResult};
@@ -51,6 +59,27 @@ pub struct WalletView {
     pub degraded: bool,
 }
 
+/// Where a view's booked figures came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ViewSource {
+    /// The account snapshot in Redis, proven exact.
+    Redis,
+    /// The ledger.
+    Mysql,
+    /// The snapshot, unproven, while MySQL failed (`views_fallback`).
+    Degraded,
+}
+
+impl ViewSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ViewSource::Redis => "redis",
+            ViewSource::Mysql => "mysql",
+            ViewSource::Degraded => "degraded",
+        }
+    }
+}
+
 fn overflow() -> Error {
     Error::internal("wallet sums overflow")
 }
@@ -74,56 +103,66 @@ pub fn add_pending(view: &mut WalletView, pending: impl Iterator<Item = i64>) ->
 }
 
 impl Wallet {
-    /// The exact merge (see the module comment). When MySQL fails and the
-    /// `views_fallback` switch is on, the Redis-only view answers instead.
+    /// The exact merge (see the module comment): from Redis alone when the user's
+    /// snapshot proves exact ([`crate::tokens::RedisRecord::exact_booked`]), otherwise
+    /// the booked figures from MySQL. When MySQL fails and the `views_fallback` switch is
+    /// on, the snapshot answers anyway, marked degraded.
     pub async fn view(&self, user: UserId) -> Result<WalletView> {
-        let candidates = self.tokens.pending_of(user).await?;
+        let (view, source) = self.view_from(user).await?;
+        crate::metrics::view_served(source.as_str());
+        Ok(view)
+    }
+
+    /// [`Wallet::view`] and where its booked figures came from.
+    pub async fn view_from(&self, user: UserId) -> Result<(WalletView, ViewSource)> {
+        let record = self.tokens.redis_record(user).await?;
+        if let Some(booked) = record.exact_booked() {
+            let pending = record.pending.iter().map(|e| e.amount_cents);
+            return Ok((merged(user, booked, pending, false)?, ViewSource::Redis));
+        }
+        let candidates = &record.pending;
         let otns: Vec<&str> = candidates.iter().map(|c| c.out_trade_no.as_str()).collect();
         let account = match self.ledger.account_with(user, &otns).await {
             Ok(account) => account,
             Err(err) if self.switches.views_fallback() => {
                 tracing::warn!(error = %err, "mysql unavailable; serving the wallet from redis");
                 crate::metrics::dependency_error("mysql");
-                return self.degraded_view(user).await;
+                let pending = candidates.iter().map(|e| e.amount_cents);
+                let view = merged(user, record.snapshot_figures(), pending, true)?;
+                return Ok((view, ViewSource::Degraded));
             }
             Err(err) => return Err(err.into()),
         };
-        let mut view = WalletView {
-            user_id: user.get(),
-            booked_cents: account.balance_cents,
+        let booked = Booked {
+            balance_cents: account.balance_cents,
             total_income_cents: account.total_income_cents,
             withdrawn_cents: account.withdrawn_cents,
-            ..Default::default()
         };
-        add_pending(
-            &mut view,
-            candidates
-                .iter()
-                .filter(|c| !account.booked.contains(&c.out_trade_no))
-                .map(|c| c.amount_cents),
-        )?;
-        Ok(view)
+        let pending = candidates
+            .iter()
+            .filter(|c| !account.booked.contains(&c.out_trade_no))
+            .map(|c| c.amount_cents);
+        Ok((merged(user, booked, pending, false)?, ViewSource::Mysql))
     }
+}
 
-    /// Redis only: the account snapshot written with each settle mark, plus tokens
-    /// still pending in Redis. Both are written by one script, and a snapshot never
-    /// includes a token still pending (see `ledger`), so this view counts every token
-    /// once as of Redis; it is marked degraded because it cannot see ledger changes
-    /// Redis has not heard of.
-    pub async fn degraded_view(&self, user: UserId) -> Result<WalletView> {
-        let record = self.tokens.redis_record(user).await?;
-        let field = |k: &str| record.snapshot.get(k).copied().unwrap_or(0);
-        let mut view = WalletView {
-            user_id: user.get(),
-            booked_cents: field("b"),
-            total_income_cents: field("i"),
-            withdrawn_cents: field("w"),
-            degraded: true,
-            ..Default::default()
-        };
-        add_pending(&mut view, record.pending.iter().map(|e| e.amount_cents))?;
-        Ok(view)
-    }
+/// The view of `booked` figures and the pending amounts not in them.
+fn merged(
+    user: UserId,
+    booked: Booked,
+    pending: impl Iterator<Item = i64>,
+    degraded: bool,
+) -> Result<WalletView> {
+    let mut view = WalletView {
+        user_id: user.get(),
+        booked_cents: booked.balance_cents,
+        total_income_cents: booked.total_income_cents,
+        withdrawn_cents: booked.withdrawn_cents,
+        degraded,
+        ..Default::default()
+    };
+    add_pending(&mut view, pending)?;
+    Ok(view)
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::events::{self, EventType, NewEvent};
 use crate::ledger::{Account, Ledger, LedgerError};
 use crate::store::{now_ms, Db};
-use crate::tokens::{AwardEntry, Tokens};
+use crate::tokens::{AwardEntry, Fence, Tokens};
 
 #[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Withdrawal {
@@ -82,6 +82,9 @@ impl Withdrawals {
         request_id: &RequestId,
         amount: Cents,
     ) -> Result<Outcome> {
+        // Views go to MySQL while the debit may be committed and its snapshot not yet
+        // written (see `tokens::Fence`).
+        let fence = self.tokens.fence(user).await?;
         // Concurrent first bookings of one user can deadlock in InnoDB (creating the
         // account row); such a transaction rolled back whole, so it is retried, a
         // bounded number of times.
@@ -90,23 +93,49 @@ impl Withdrawals {
             attempt += 1;
             match self.withdraw_tx(user, request_id, amount).await {
                 Ok(Ok((Outcome::Created(w), Some(committed)))) => break (w, committed),
-                Ok(Ok((outcome, _))) => return Ok(outcome),
-                Ok(Err(err)) => return Err(err),
+                Ok(result) => {
+                    // Rolled back: nothing changed.
+                    self.lift(user, &fence).await;
+                    return result.map(|(outcome, _)| outcome);
+                }
                 Err(err) if attempt < MAX_TX_ATTEMPTS && err.is_retryable() => {
                     crate::metrics::tx_retry("withdraw");
                     let jitter = rand::random::<u64>() % 10;
                     tokio::time::sleep(std::time::Duration::from_millis((5 << attempt) + jitter))
                         .await;
                 }
-                Err(err) => return Err(err.into()),
+                Err(err) => {
+                    // Perhaps committed (a lost answer to COMMIT): the account as it is
+                    // now lifts the fence.
+                    self.refresh(user, fence).await;
+                    return Err(err.into());
+                }
             }
         };
         // Redis catches up after the commit. If this fails the worker marks the tokens
-        // when it reaches their stream entries; nothing is credited twice either way.
-        if let Err(err) = self.tokens.mark(&to_mark, &[account.snapshot()], &[]).await {
+        // when it reaches their stream entries; nothing is credited twice either way,
+        // and the fence keeps the views on MySQL.
+        let snapshot = account.snapshot_lifting(Some(fence));
+        if let Err(err) = self.tokens.mark(&to_mark, &[snapshot], &[]).await {
             tracing::warn!(error = %err, user = user.get(), "marking force-settled tokens failed; the worker will");
         }
         Ok(Outcome::Created(created))
+    }
+
+    /// Takes down a fence whose change rolled back (best effort: a fence left up only
+    /// keeps the user's views on MySQL).
+    async fn lift(&self, user: UserId, fence: &Fence) {
+        if let Err(err) = self.tokens.unfence(user, fence).await {
+            tracing::warn!(error = %err, user = user.get(), "taking a view fence down failed; views of this user stay on mysql");
+        }
+    }
+
+    /// Lifts a fence whose change may or may not have committed, with a snapshot of
+    /// the account read under its lock (best effort, as [`Withdrawals::lift`]).
+    async fn refresh(&self, user: UserId, fence: Fence) {
+        if let Err(err) = self.ledger.refresh_snapshot(user, fence).await {
+            tracing::warn!(error = %err, user = user.get(), "refreshing the account snapshot failed; views of this user stay on mysql");
+        }
     }
 
     /// One attempt at the withdrawal transaction. Business outcomes are `Ok(..)`; the
@@ -216,45 +245,94 @@ impl Withdrawals {
                 current.status.as_str()
             )));
         }
-        let mut snapshot = None;
-        let mut to_mark = Vec::new();
-        if verdict == WithdrawalStatus::Failed {
-            let user = UserId::parse(current.user_id)?;
-            let amount = Cents::positive(current.amount_cents, "amount_cents")?;
-            let mut accounts = self.ledger.lock_accounts(&mut tx, &[user]).await?;
-            // The snapshot written after the commit includes every token booked so far;
-            // those still pending in Redis are marked with it (see `ledger`), so the
-            // Redis-only view never counts one twice.
-            let pending = self.tokens.pending_of_users(&[user]).await?;
-            let otns: Vec<&str> = pending.iter().map(|e| e.out_trade_no.as_str()).collect();
-            let booked = Ledger::already_booked(&mut *tx, &otns).await?;
-            to_mark = pending
-                .into_iter()
-                .filter(|e| booked.contains(&e.out_trade_no))
-                .collect();
-            let account = accounts.get_mut(&user).ok_or(sqlx::Error::RowNotFound)?;
-            Ledger::reverse(&mut tx, account, amount, id, now_ms()).await?;
-            snapshot = Some(account.snapshot());
+        if verdict == WithdrawalStatus::Paid {
+            repo::set_status(&mut *tx, id, verdict).await?;
+            let settled = Withdrawal {
+                status: verdict,
+                ..current
+            };
+            let data = event_data(&settled);
+            events::record(
+                &mut tx,
+                &NewEvent::withdrawal(EventType::WithdrawalPaid, id, &data),
+            )
+            .await?;
+            tx.commit().await?;
+            return Ok(settled);
         }
+        // A reversal changes the account: the same fence as a withdrawal's debit. The
+        // transaction read so far is given up, so that the fence is up before it begins.
+        tx.rollback().await?;
+        let fence = self.tokens.fence(owner).await?;
+        match self.reverse_tx(shard, id, owner).await {
+            Ok(Ok((settled, Some((account, to_mark))))) => {
+                let snapshot = account.snapshot_lifting(Some(fence));
+                if let Err(err) = self.tokens.mark(&to_mark, &[snapshot], &[]).await {
+                    tracing::warn!(error = %err, "updating the account snapshot after a reversal failed");
+                }
+                Ok(settled)
+            }
+            Ok(result) => {
+                // Rolled back: the twin verdict landed first, or a conflict.
+                self.lift(owner, &fence).await;
+                result.map(|(settled, _)| settled)
+            }
+            Err(err) => {
+                self.refresh(owner, fence).await;
+                Err(err.into())
+            }
+        }
+    }
+
+    /// The reversal of a failed withdrawal, checked again under the locks: the
+    /// withdrawal is still `submitted` (a concurrent verdict may have landed since).
+    async fn reverse_tx(
+        &self,
+        shard: usize,
+        id: &str,
+        user: UserId,
+    ) -> Result<Result<(Withdrawal, Option<Committed>)>, LedgerError> {
+        let verdict = WithdrawalStatus::Failed;
+        let mut tx = self.db.shard(shard).begin().await?;
+        let Some(current) = repo::lock_by_id(&mut *tx, id).await? else {
+            return Ok(Err(Error::NotFound(format!("no withdrawal `{id}`"))));
+        };
+        self.ledger.own_buckets(&mut tx, &[user]).await?;
+        if current.status != WithdrawalStatus::Submitted {
+            tx.rollback().await?;
+            return Ok(if current.status == verdict {
+                Ok((current, None))
+            } else {
+                Err(Error::IdempotencyConflict(format!(
+                    "withdrawal `{id}` is already {}",
+                    current.status.as_str()
+                )))
+            });
+        }
+        let amount = match Cents::positive(current.amount_cents, "amount_cents") {
+            Ok(amount) => amount,
+            Err(err) => return Ok(Err(err.into())),
+        };
+        let mut accounts = self.ledger.lock_accounts(&mut tx, &[user]).await?;
+        // The snapshot written after the commit includes every token booked so far;
+        // those still pending in Redis are marked with it (see `ledger`), so the
+        // Redis-only view never counts one twice.
+        let to_mark = self.ledger.booked_pending(&mut tx, user).await?;
+        let account = accounts.get_mut(&user).ok_or(sqlx::Error::RowNotFound)?;
+        Ledger::reverse(&mut tx, account, amount, id, now_ms()).await?;
         repo::set_status(&mut *tx, id, verdict).await?;
         let settled = Withdrawal {
             status: verdict,
             ..current
         };
-        let kind = if verdict == WithdrawalStatus::Paid {
-            EventType::WithdrawalPaid
-        } else {
-            EventType::WithdrawalFailed
-        };
         let data = event_data(&settled);
-        events::record(&mut tx, &NewEvent::withdrawal(kind, id, &data)).await?;
+        events::record(
+            &mut tx,
+            &NewEvent::withdrawal(EventType::WithdrawalFailed, id, &data),
+        )
+        .await?;
         tx.commit().await?;
-        if let Some(snapshot) = snapshot {
-            if let Err(err) = self.tokens.mark(&to_mark, &[snapshot], &[]).await {
-                tracing::warn!(error = %err, "updating the account snapshot after a reversal failed");
-            }
-        }
-        Ok(settled)
+        Ok(Ok((settled, Some((*account, to_mark)))))
     }
 }
 

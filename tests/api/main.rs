@@ -11,5 +11,6 @@ mod operations;
 mod pages;
 mod reshard;
 mod settlement;
+mod views;
 mod wallet;
 mod webhooks;

@@ -875,12 +875,13 @@ async fn the_redis_only_view_never_counts_a_token_twice() {
     crashing.try_execute_batch(p).await.unwrap();
     issue_all(&t, vec![award(8, 2, 50)]).await;
     first.try_execute_batch(p).await.unwrap();
-    let view = t
+    let (view, source) = t
         .app
         .wallet
-        .degraded_view(redpacket_wallet::domain::UserId::parse(8).unwrap())
+        .view_from(redpacket_wallet::domain::UserId::parse(8).unwrap())
         .await
         .unwrap();
+    assert_eq!(source, redpacket_wallet::wallet::ViewSource::Redis);
     assert_eq!(view.balance_cents, 150, "{view:?}");
     assert_eq!(view.total_income_cents, 150, "{view:?}");
     t.stop().await;

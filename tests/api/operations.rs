@@ -392,6 +392,18 @@ async fn views_fall_back_to_redis_when_mysql_is_down_if_switched_on() {
     assert_eq!(exact["balance_cents"], 70);
 
     mariadb.stop();
+    // The snapshot proves the view exact: MySQL is not needed at all.
+    let (status, body) = t.get("/v1/wallet", Some(&jwt)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, exact, "exact from redis, not degraded");
+    // A change in doubt (a fence: a withdrawal whose commit Redis has not heard of)
+    // leaves only MySQL able to say.
+    let fence = t
+        .app
+        .tokens
+        .fence(redpacket_wallet::domain::UserId::parse(8).unwrap())
+        .await
+        .unwrap();
     let (status, body) = t.get("/v1/wallet", Some(&jwt)).await;
     assert_eq!(
         status, 503,
@@ -428,6 +440,12 @@ async fn views_fall_back_to_redis_when_mysql_is_down_if_switched_on() {
     }
     assert_eq!(back["balance_cents"], 70);
     assert!(back.get("degraded").is_none(), "{back}");
+    // A snapshot read under the account lock lifts the fence: Redis answers again.
+    let user = redpacket_wallet::domain::UserId::parse(8).unwrap();
+    t.app.ledger.refresh_snapshot(user, fence).await.unwrap();
+    let (view, source) = t.app.wallet.view_from(user).await.unwrap();
+    assert_eq!(source, redpacket_wallet::wallet::ViewSource::Redis);
+    assert_eq!(view.balance_cents, 70);
     t.stop().await;
 }
 

@@ -1,0 +1,323 @@
+//! Wallet views from Redis alone (issue 14, item 4): served from the account snapshot when
+//! it proves exact, from MySQL otherwise, and exact either way (invariant 4) through
+//! drains, withdrawals, reversals, a commit whose snapshot never came, trims and a Redis
+//! restart.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redpacket_wallet::domain::{Cents, UserId, WithdrawalStatus};
+use redpacket_wallet::ledger::Ledger;
+use redpacket_wallet::wallet::{ViewSource, WalletView};
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+fn user(id: i64) -> UserId {
+    UserId::parse(id).unwrap()
+}
+
+async fn view(t: &TestApp, id: i64) -> (WalletView, ViewSource) {
+    t.app.wallet.view_from(user(id)).await.unwrap()
+}
+
+/// The ledger's own figures for the user: balance, income, withdrawn.
+async fn ledger_account(t: &TestApp, id: i64) -> (i64, i64, i64) {
+    let sql =
+        |col: &str| format!("SELECT COALESCE(MAX({col}), 0) FROM accounts WHERE user_id = {id}");
+    (
+        t.sql_i64(&sql("balance_cents")).await,
+        t.sql_i64(&sql("total_income_cents")).await,
+        t.sql_i64(&sql("withdrawn_cents")).await,
+    )
+}
+
+async fn withdraw(t: &TestApp, id: i64, request: &str, cents: i64) -> Value {
+    let (status, w) = t
+        .post(
+            "/v1/withdrawals",
+            &t.jwt(id),
+            &json!({"request_id": request, "amount_cents": cents}),
+        )
+        .await;
+    assert_eq!(status, 201, "{w}");
+    w
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_come_from_redis_once_a_snapshot_proves_them_through_withdrawal_and_reversal() {
+    let t = spawn_app().await;
+    t.open_activity("cny2027", 100_000, 1_000).await;
+    issue_all(&t, (0..5).map(|i| award(11, i, 100)).collect()).await;
+
+    // No snapshot yet: only MySQL can say what is booked.
+    let (v, source) = view(&t, 11).await;
+    assert_eq!(source, ViewSource::Mysql);
+    assert_eq!((v.balance_cents, v.pending_cents), (500, 500));
+
+    t.drain().await;
+    let (v, source) = view(&t, 11).await;
+    assert_eq!(source, ViewSource::Redis, "the booking wrote the snapshot");
+    assert_eq!(
+        (v.balance_cents, v.booked_cents, v.pending_count),
+        (500, 500, 0)
+    );
+
+    issue_all(&t, (5..8).map(|i| award(11, i, 10)).collect()).await;
+    let (v, source) = view(&t, 11).await;
+    assert_eq!(source, ViewSource::Redis);
+    assert_eq!(
+        (v.balance_cents, v.booked_cents, v.pending_cents),
+        (530, 500, 30)
+    );
+
+    // A withdrawal books the pending tokens, debits, and its snapshot lifts its fence.
+    let w = withdraw(&t, 11, "r1", 200).await;
+    let (v, source) = view(&t, 11).await;
+    assert_eq!(source, ViewSource::Redis, "{v:?}");
+    assert_eq!(
+        (
+            v.balance_cents,
+            v.booked_cents,
+            v.pending_cents,
+            v.withdrawn_cents
+        ),
+        (330, 330, 0, 200)
+    );
+    assert_eq!(ledger_account(&t, 11).await, (330, 530, 200));
+
+    // A failed payout reverses it: fenced, then lifted by the reversal's snapshot.
+    let id = w["withdrawal_id"].as_str().unwrap();
+    t.app
+        .withdrawals
+        .settle_payout(id, WithdrawalStatus::Failed)
+        .await
+        .unwrap();
+    let (v, source) = view(&t, 11).await;
+    assert_eq!(source, ViewSource::Redis, "{v:?}");
+    assert_eq!((v.balance_cents, v.withdrawn_cents), (530, 0));
+    assert_eq!(ledger_account(&t, 11).await, (530, 530, 0));
+    // The HTTP view answers the same.
+    let w = t.wallet(11).await;
+    assert_eq!(
+        (w["balance_cents"].as_i64(), w["degraded"].as_bool()),
+        (Some(530), None)
+    );
+
+    // A refused withdrawal (rolled back) leaves no fence behind.
+    let (status, _) = t
+        .post(
+            "/v1/withdrawals",
+            &t.jwt(11),
+            &json!({"request_id": "r2", "amount_cents": 10_000}),
+        )
+        .await;
+    assert_eq!(status, 409);
+    assert_eq!(view(&t, 11).await.1, ViewSource::Redis);
+    t.stop().await;
+}
+
+/// A debit committed whose snapshot never reached Redis (the process died between the
+/// commit and the mark): the fence put up before the transaction keeps the view on MySQL,
+/// exact, until a snapshot read under the account lock lifts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_committed_without_its_snapshot_keeps_the_views_on_mysql() {
+    let t = spawn_app().await;
+    t.open_activity("cny2027", 100_000, 1_000).await;
+    issue_all(&t, (0..4).map(|i| award(12, i, 250)).collect()).await;
+    t.drain().await;
+    assert_eq!(view(&t, 12).await.1, ViewSource::Redis);
+
+    let fence = t.app.tokens.fence(user(12)).await.unwrap();
+    let mut tx = t.app.db.for_user(user(12)).begin().await.unwrap();
+    let mut accounts = t
+        .app
+        .ledger
+        .lock_accounts(&mut tx, &[user(12)])
+        .await
+        .unwrap();
+    let account = accounts.get_mut(&user(12)).unwrap();
+    Ledger::debit(
+        &mut tx,
+        account,
+        Cents::positive(300, "amount").unwrap(),
+        "crashed",
+        1,
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    // ... and no mark: the snapshot in Redis still says 1,000.
+
+    let (v, source) = view(&t, 12).await;
+    assert_eq!(source, ViewSource::Mysql);
+    assert_eq!((v.balance_cents, v.withdrawn_cents), (700, 300));
+    assert_eq!(t.wallet(12).await["balance_cents"], 700);
+
+    t.app
+        .ledger
+        .refresh_snapshot(user(12), fence)
+        .await
+        .unwrap();
+    let (v, source) = view(&t, 12).await;
+    assert_eq!(source, ViewSource::Redis);
+    assert_eq!((v.balance_cents, v.withdrawn_cents), (700, 300));
+    t.stop().await;
+}
+
+/// A snapshot written before a Redis restart (restored from the AOF) may sit beside
+/// rewound tokens: it is not trusted until a booking writes it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_sends_views_to_mysql_until_a_booking_writes_the_snapshot_again() {
+    let mut redis = PrivateRedis::start_with_aof();
+    let t = spawn_app_with(Options {
+        redis_url: Some(redis.url()),
+        ..Default::default()
+    })
+    .await;
+    t.open_activity("cny2027", 100_000, 1_000).await;
+    issue_all(&t, (0..3).map(|i| award(13, i, 100)).collect()).await;
+    t.drain().await;
+    assert_eq!(view(&t, 13).await.1, ViewSource::Redis);
+    // Let everysec write the snapshot to the AOF, then kill -9 and start again.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    redis.restart();
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (v, source) = loop {
+        match t.app.wallet.view_from(user(13)).await {
+            Ok(answer) => break answer,
+            Err(err) => {
+                assert!(Instant::now() < deadline, "redis is back: {err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let snapshot: std::collections::HashMap<String, String> = {
+        let mut conn = t.app.redis.conn();
+        redis::AsyncCommands::hgetall(&mut conn, t.app.redis.snapshot_key(user(13)))
+            .await
+            .unwrap()
+    };
+    assert!(
+        snapshot.contains_key("v"),
+        "the AOF kept the snapshot: {snapshot:?}"
+    );
+    assert_eq!(source, ViewSource::Mysql, "written by another Redis life");
+    assert_eq!(v.balance_cents, 300);
+
+    issue_all(&t, vec![award(13, 10, 5)]).await;
+    t.drain().await;
+    let (v, source) = view(&t, 13).await;
+    assert_eq!(source, ViewSource::Redis);
+    assert_eq!((v.balance_cents, v.pending_count), (305, 0));
+    t.stop().await;
+}
+
+/// Settled tokens trimmed from Redis are in the snapshot; the pending ones are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trimmed_tokens_leave_the_redis_view_exact() {
+    let t = spawn_app_with(Options {
+        env: vec![("RPW_WALLET__SETTLED_RETENTION_SECS".into(), "0".into())],
+        ..Default::default()
+    })
+    .await;
+    t.open_activity("cny2027", 100_000, 1_000).await;
+    issue_all(&t, (0..20).map(|i| award(14, i, 10)).collect()).await;
+    t.drain().await;
+    issue_all(&t, (20..23).map(|i| award(14, i, 10)).collect()).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(t.app.jobs.housekeeping().await.unwrap(), 20);
+    let (v, source) = view(&t, 14).await;
+    assert_eq!(source, ViewSource::Redis);
+    assert_eq!(
+        (
+            v.balance_cents,
+            v.booked_cents,
+            v.pending_cents,
+            v.pending_count
+        ),
+        (230, 200, 30, 3)
+    );
+    t.stop().await;
+}
+
+/// Withdrawals, a live drain and views of one user at once: every view is the ledger
+/// plus pending at some moment — income is all that was issued, balance is income less
+/// what was withdrawn, and what was withdrawn lies between the withdrawals answered
+/// before the view began and those sent before it ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_stay_exact_while_withdrawals_and_the_drain_run() {
+    let t = Arc::new(
+        spawn_app_with(Options {
+            worker: true,
+            env: vec![
+                ("RPW_SETTLE__MAX_TPS".into(), "400".into()),
+                ("RPW_SETTLE__BATCH_SIZE".into(), "20".into()),
+            ],
+            ..Default::default()
+        })
+        .await,
+    );
+    t.open_activity("cny2027", 1_000_000, 1_000).await;
+    let issued: i64 = (0..400).map(|i| 1 + i % 50).sum();
+    issue_all(&t, (0..400).map(|i| award(15, i, 1 + i % 50)).collect()).await;
+
+    let started = Arc::new(AtomicI64::new(0));
+    let answered = Arc::new(AtomicI64::new(0));
+    let mut from_redis = 0;
+    let mut views = 0;
+    let mut check = |v: WalletView, source: ViewSource, before: i64, after: i64| {
+        views += 1;
+        if source == ViewSource::Redis {
+            from_redis += 1;
+        }
+        assert_eq!(v.total_income_cents, issued, "{v:?}");
+        assert_eq!(v.balance_cents, issued - v.withdrawn_cents, "{v:?}");
+        assert_eq!(v.booked_cents + v.pending_cents, v.balance_cents, "{v:?}");
+        assert!(
+            (before..=after).contains(&v.withdrawn_cents),
+            "withdrawn {} outside [{before}, {after}] ({source:?})",
+            v.withdrawn_cents
+        );
+    };
+    // The drain alone first: views come from Redis once a booking wrote the snapshot.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (v, source) = view(&t, 15).await;
+        check(v, source, 0, 0);
+        if source == ViewSource::Redis && v.booked_cents > 0 && v.pending_cents > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a mid-drain view from redis: {v:?}"
+        );
+    }
+    let mut tasks = Vec::new();
+    for task in 0..4 {
+        let (t, started, answered) = (t.clone(), started.clone(), answered.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..6 {
+                started.fetch_add(100, Ordering::SeqCst);
+                withdraw(&t, 15, &format!("w{task}_{i}"), 100).await;
+                answered.fetch_add(100, Ordering::SeqCst);
+            }
+        }));
+    }
+    while tasks.iter().any(|h| !h.is_finished()) {
+        let before = answered.load(Ordering::SeqCst);
+        let (v, source) = view(&t, 15).await;
+        check(v, source, before, started.load(Ordering::SeqCst));
+    }
+    for h in tasks {
+        h.await.unwrap();
+    }
+    // Every fence is down once the withdrawals answered: Redis again.
+    let (v, source) = view(&t, 15).await;
+    check(v, source, 2_400, 2_400);
+    assert_eq!(source, ViewSource::Redis);
+    eprintln!("{from_redis} of {views} views from redis");
+    Arc::into_inner(t).unwrap().stop().await;
+}
