@@ -140,6 +140,22 @@ impl Api {
         Ok(true)
     }
 
+    /// The value of one series of the server's `/metrics` (`name{labels}` exactly as
+    /// the exposition writes it); 0 when absent.
+    pub async fn metric(&self, series: &str) -> anyhow::Result<f64> {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await?
+            .text()
+            .await?;
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0))
+    }
+
     /// A user's wallet in JSON.
     pub async fn wallet(&self, jwt: &str) -> anyhow::Result<Wallet> {
         let resp = self

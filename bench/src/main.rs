@@ -92,6 +92,8 @@ async fn main() -> anyhow::Result<()> {
 /// Every scenario, the table, the JSON and the plot; fails when conservation fails.
 async fn run(bench: &Arc<Bench>, args: &Args) -> anyhow::Result<()> {
     scenarios::create_activity(bench).await?;
+    bench.stage("history: one booked award per viewed user");
+    scenarios::views::history(bench).await?;
     let sampler = Sampler::start(bench.clone());
 
     bench.stage("ceiling: Ed25519 signing");

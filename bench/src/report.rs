@@ -106,6 +106,10 @@ pub struct View {
     pub requests: u64,
     pub requests_per_s: f64,
     pub p99_ms: f64,
+    /// The share of views the server answered from Redis alone (its
+    /// `rpw_wallet_views_total` counters); `null` when its metrics are not its own
+    /// (shadow traffic counts no metrics).
+    pub from_redis: Option<f64>,
 }
 
 /// The settlement worker draining the backlog, bounded then unbounded.
@@ -318,6 +322,10 @@ impl Summary {
                     Target::new("ms p99", self.view.p99_ms, AtMost(20.0), 2),
                     Target::new("x ceiling", self.view.requests_per_s / ceiling, Report, 2),
                 ],
+                note: self
+                    .view
+                    .from_redis
+                    .map(|share| format!("{:.0} % from redis alone", share * 100.0)),
                 ..row("view")
             },
             Row {
