@@ -29,6 +29,12 @@ pub enum Error {
     AmountOverCap(String),
     #[error("the request body is over the configured limit")]
     PayloadTooLarge,
+    /// Every share of the red packet is opened.
+    #[error("every share of this red packet has been opened")]
+    PacketFinished,
+    /// The red packet's time is over (its remainder goes back to the sender).
+    #[error("this red packet has expired")]
+    PacketExpired,
     #[error("rate limited")]
     RateLimited { retry_after_secs: u64 },
     #[error("{0}")]
@@ -54,6 +60,8 @@ impl Error {
             Error::AmountOverCap(_) => "amount_over_cap",
             Error::RateLimited { .. } => "rate_limited",
             Error::PayloadTooLarge => "payload_too_large",
+            Error::PacketFinished => "packet_finished",
+            Error::PacketExpired => "packet_expired",
             Error::Unavailable(_) => "unavailable",
             Error::Internal(_) => "internal",
         }
@@ -81,6 +89,8 @@ impl Error {
             Error::ActivityClosed(m) => Error::ActivityClosed(m.clone()),
             Error::AmountOverCap(m) => Error::AmountOverCap(m.clone()),
             Error::PayloadTooLarge => Error::PayloadTooLarge,
+            Error::PacketFinished => Error::PacketFinished,
+            Error::PacketExpired => Error::PacketExpired,
             Error::RateLimited { retry_after_secs } => Error::RateLimited {
                 retry_after_secs: *retry_after_secs,
             },

@@ -33,6 +33,7 @@ pub mod keys;
 pub mod ledger;
 pub mod metrics;
 pub mod ops;
+pub mod packets;
 pub mod settle;
 pub mod shadow;
 pub mod store;

@@ -114,6 +114,36 @@ pub fn view_served(source: &'static str) {
     counter!("rpw_wallet_views_total", "source" => source).increment(1);
 }
 
+/// A red packet grab answered (`eligible`, `finished`, `already_opened`, `expired`).
+pub fn packet_grab(outcome: crate::packets::Grab) {
+    if crate::shadow::active() {
+        return;
+    }
+    let outcome = match outcome {
+        crate::packets::Grab::Eligible => "eligible",
+        crate::packets::Grab::Finished => "finished",
+        crate::packets::Grab::AlreadyOpened => "already_opened",
+        crate::packets::Grab::Expired => "expired",
+    };
+    counter!("rpw_packet_grabs_total", "outcome" => outcome).increment(1);
+}
+
+/// A red packet share opened.
+pub fn packet_opened() {
+    if crate::shadow::active() {
+        return;
+    }
+    counter!("rpw_packet_shares_opened_total").increment(1);
+}
+
+/// A red packet's remainder refunded to its sender.
+pub fn packet_refunded() {
+    if crate::shadow::active() {
+        return;
+    }
+    counter!("rpw_packet_refunds_total").increment(1);
+}
+
 pub fn dependency_error(dependency: &'static str) {
     if crate::shadow::active() {
         return;

@@ -253,6 +253,12 @@ pub struct NewActivity {
 /// Checks every rule before anything is written.
 fn parse_new_activity(body: NewActivity) -> Result<Activity> {
     let id = ActivityId::parse(&body.id)?;
+    if id.as_str() == crate::packets::PACKETS_ACTIVITY {
+        return Err(Error::InvalidRequest(format!(
+            "id `{}` is reserved for red packet shares",
+            crate::packets::PACKETS_ACTIVITY
+        )));
+    }
     let name = body.name.trim();
     if name.is_empty() || name.len() > 128 {
         return Err(Error::InvalidRequest(

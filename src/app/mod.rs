@@ -45,6 +45,7 @@ pub struct App {
     pub coalescer: Coalescer,
     pub wallet: Wallet,
     pub withdrawals: Withdrawals,
+    pub packets: crate::packets::Packets,
     /// Webhook subscriptions, and the dispatcher that delivers their events.
     pub webhooks: crate::events::Subscriptions,
     pub dispatcher: crate::events::Dispatcher,
@@ -187,6 +188,14 @@ impl App {
             activities: cache.clone(),
         };
         let withdrawals = Withdrawals::new(db.clone(), ledger.clone(), tokens.clone());
+        let packets = crate::packets::Packets::new(
+            db.clone(),
+            redis.clone(),
+            ledger.clone(),
+            tokens.clone(),
+            keys.clone(),
+            settings.packets.clone(),
+        );
         let webhooks = crate::events::Subscriptions::new(db.clone());
         let dispatcher = crate::events::Dispatcher::new(db.clone(), settings.webhooks.clone())?;
         let settler = Settler {
@@ -223,6 +232,7 @@ impl App {
             activities: cache.clone(),
             cron: settings.cron.clone(),
             wallet: settings.wallet.clone(),
+            packets: packets.clone(),
         };
         let app = Arc::new(App {
             settings,
@@ -237,6 +247,7 @@ impl App {
             coalescer,
             wallet,
             withdrawals,
+            packets,
             webhooks,
             dispatcher,
             settler,
@@ -268,6 +279,7 @@ impl App {
     pub async fn load_scripts(&self) -> anyhow::Result<()> {
         let mut scripts: Vec<&redis::Script> = self.budget.scripts().to_vec();
         scripts.extend(self.tokens.scripts());
+        scripts.extend(self.packets.scripts());
         load_scripts(&mut self.redis.conn(), &scripts)
             .await
             .context("loading redis scripts")

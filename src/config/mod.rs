@@ -46,6 +46,20 @@ pub struct Settings {
     pub cron: CronSettings,
     pub shadow: ShadowSettings,
     pub webhooks: WebhookSettings,
+    pub packets: PacketSettings,
+}
+
+/// Group red packets (see `packets`).
+#[derive(Clone, Debug, Deserialize)]
+pub struct PacketSettings {
+    /// A packet's unclaimed remainder goes back to its sender this long after sending.
+    pub refund_after_secs: u64,
+    /// The most shares one packet may be split into.
+    pub max_shares: u32,
+    /// The largest packet, in cents.
+    pub max_total_cents: i64,
+    /// Opens of one packet running at once, per instance (more wait their turn).
+    pub open_concurrency: usize,
 }
 
 /// Events to webhooks (API.md, "Events"; see `events`).
@@ -223,6 +237,8 @@ pub struct CronSettings {
     pub reconcile_hourly: String,
     pub reconcile_live: String,
     pub housekeeping: String,
+    /// Refunds of red packets past their time.
+    pub packet_refunds: String,
     pub lock_ttl_ms: u64,
     /// Housekeeping trims this many tokens per round trip...
     pub housekeeping_batch: usize,
@@ -356,6 +372,15 @@ impl Settings {
                 "webhooks.lease_ms",
                 "must be longer than webhooks.timeout_ms, which must be positive",
             ));
+        }
+        if self.packets.max_shares == 0 || self.packets.max_shares > 10_000 {
+            return Err(invalid("packets.max_shares", "must be 1..=10000"));
+        }
+        if self.packets.max_total_cents < 1 {
+            return Err(invalid("packets.max_total_cents", "must be positive"));
+        }
+        if self.packets.open_concurrency == 0 {
+            return Err(invalid("packets.open_concurrency", "must be positive"));
         }
         if !(0.0..1.0).contains(&self.webhooks.budget_low_fraction) {
             return Err(invalid("webhooks.budget_low_fraction", "must be in [0, 1)"));

@@ -26,9 +26,11 @@ pub fn status(err: &Error) -> StatusCode {
         Error::Unauthorized => StatusCode::UNAUTHORIZED,
         Error::Forbidden(_) => StatusCode::FORBIDDEN,
         Error::NotFound(_) => StatusCode::NOT_FOUND,
-        Error::IdempotencyConflict(_) | Error::BudgetExhausted | Error::InsufficientBalance => {
-            StatusCode::CONFLICT
-        }
+        Error::IdempotencyConflict(_)
+        | Error::BudgetExhausted
+        | Error::InsufficientBalance
+        | Error::PacketFinished
+        | Error::PacketExpired => StatusCode::CONFLICT,
         Error::ActivityClosed(_) | Error::AmountOverCap(_) => StatusCode::UNPROCESSABLE_ENTITY,
         Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         Error::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod awards;
 pub mod error;
 pub mod openapi;
+pub mod packets;
 pub mod pages;
 pub mod public;
 pub mod request_id;
@@ -129,6 +130,7 @@ fn described() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(awards::router())
         .merge(wallet::router())
         .merge(withdrawals::router())
+        .merge(packets::router())
         .merge(admin::router())
         .split_for_parts()
 }

@@ -183,6 +183,44 @@ impl IntoResponses for WithdrawErrors {
     }
 }
 
+/// Errors of sending a red packet.
+pub struct PacketSendErrors;
+impl IntoResponses for PacketSendErrors {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        errors(&[
+            BAD,
+            UNAUTH,
+            (
+                409,
+                "idempotency_conflict (request_id used for another packet) or insufficient_balance",
+            ),
+            TOO_LARGE,
+            (422, "amount_over_cap: more than packets.max_total_cents"),
+            DOWN,
+        ])
+    }
+}
+
+/// Errors of opening a red packet.
+pub struct PacketOpenErrors;
+impl IntoResponses for PacketOpenErrors {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        errors(&[
+            UNAUTH,
+            NOT_FOUND,
+            (
+                409,
+                "packet_finished (every share opened) or packet_expired",
+            ),
+            (
+                429,
+                "rate_limited: too many opens of this packet wait already",
+            ),
+            DOWN,
+        ])
+    }
+}
+
 /// Errors of a payout verdict.
 pub struct PayoutErrors;
 impl IntoResponses for PayoutErrors {

@@ -332,6 +332,34 @@ impl Ledger {
         withdrawal_id: &str,
         at_ms: i64,
     ) -> Result<(), LedgerError> {
+        let row = format!("wd_{withdrawal_id}");
+        Self::move_out(tx, account, amount, "withdraw", &row, at_ms).await
+    }
+
+    /// Gives a failed withdrawal's money back to a locked account, with a `reversal`
+    /// ledger row (`rv_{id}`).
+    pub async fn reverse(
+        tx: &mut Transaction<'_, MySql>,
+        account: &mut Account,
+        amount: Cents,
+        withdrawal_id: &str,
+        at_ms: i64,
+    ) -> Result<(), LedgerError> {
+        let row = format!("rv_{withdrawal_id}");
+        Self::move_back(tx, account, amount, "reversal", &row, at_ms).await
+    }
+
+    /// Moves `amount` out of a locked account (a withdrawal, a red packet sent): the
+    /// balance falls, the withdrawn total grows, and a ledger row of `kind` under the
+    /// unique `out_trade_no` says so. Never below zero.
+    pub async fn move_out(
+        tx: &mut Transaction<'_, MySql>,
+        account: &mut Account,
+        amount: Cents,
+        kind: &str,
+        out_trade_no: &str,
+        at_ms: i64,
+    ) -> Result<(), LedgerError> {
         let cents = amount.get();
         let balance = account
             .balance_cents
@@ -344,28 +372,22 @@ impl Ledger {
             .withdrawn_cents
             .checked_add(cents)
             .ok_or(LedgerError::Overflow("withdrawn total overflows"))?;
-        write_withdrawal_row(
-            tx,
-            account.user,
-            -cents,
-            "withdraw",
-            &format!("wd_{withdrawal_id}"),
-            at_ms,
-        )
-        .await?;
+        write_withdrawal_row(tx, account.user, -cents, kind, out_trade_no, at_ms).await?;
         account.balance_cents = balance;
         account.withdrawn_cents = withdrawn;
         account.version += 1;
         Ok(())
     }
 
-    /// Gives a failed withdrawal's money back to a locked account, with a `reversal`
-    /// ledger row (`rv_{id}`).
-    pub async fn reverse(
+    /// Gives back money a [`Ledger::move_out`] took (a failed withdrawal, a red packet's
+    /// unclaimed remainder), with a ledger row of `kind` under the unique `out_trade_no`:
+    /// a second give-back of the same row is refused by the ledger's unique key.
+    pub async fn move_back(
         tx: &mut Transaction<'_, MySql>,
         account: &mut Account,
         amount: Cents,
-        withdrawal_id: &str,
+        kind: &str,
+        out_trade_no: &str,
         at_ms: i64,
     ) -> Result<(), LedgerError> {
         let cents = amount.get();
@@ -373,15 +395,7 @@ impl Ledger {
             .balance_cents
             .checked_add(cents)
             .ok_or(LedgerError::Overflow("balance overflows"))?;
-        write_withdrawal_row(
-            tx,
-            account.user,
-            cents,
-            "reversal",
-            &format!("rv_{withdrawal_id}"),
-            at_ms,
-        )
-        .await?;
+        write_withdrawal_row(tx, account.user, cents, kind, out_trade_no, at_ms).await?;
         account.balance_cents = balance;
         account.withdrawn_cents -= cents;
         account.version += 1;

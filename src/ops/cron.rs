@@ -118,6 +118,7 @@ pub struct Jobs {
     pub activities: Arc<ActivityCache>,
     pub cron: CronSettings,
     pub wallet: WalletSettings,
+    pub packets: crate::packets::Packets,
 }
 
 impl Jobs {
@@ -186,6 +187,14 @@ impl Jobs {
                 let trimmed = self.housekeeping().await?;
                 tracing::info!(job = name, trimmed, "housekeeping done");
             }
+            "packet_refunds" => {
+                let refunded = self
+                    .packets
+                    .refund_due(now_ms())
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{}: {e:#}", e.code()))?;
+                tracing::info!(job = name, refunded, "red packet refunds done");
+            }
             other => anyhow::bail!("unknown job {other}"),
         }
         Ok(())
@@ -194,11 +203,12 @@ impl Jobs {
     /// Registers every job with a non-empty schedule and starts the scheduler.
     pub async fn start(&self) -> anyhow::Result<JobScheduler> {
         let scheduler = JobScheduler::new().await?;
-        let jobs: [(&'static str, &String); 4] = [
+        let jobs: [(&'static str, &String); 5] = [
             ("settle", &self.cron.settle),
             ("reconcile_hourly", &self.cron.reconcile_hourly),
             ("reconcile_live", &self.cron.reconcile_live),
             ("housekeeping", &self.cron.housekeeping),
+            ("packet_refunds", &self.cron.packet_refunds),
         ];
         for (name, schedule) in jobs {
             if schedule.trim().is_empty() {

@@ -289,6 +289,11 @@ impl Redis {
     pub fn parked_key(&self, partition: u32) -> String {
         format!("{}{{{}}}:parked", self.prefix, partition)
     }
+    /// A group red packet's cache (see `packets`): its own hash tag, so every operation
+    /// on one packet runs in one slot.
+    pub fn packet_key(&self, packet: &str) -> String {
+        format!("{}{{pk:{}}}:packet", self.prefix, packet)
+    }
     pub fn markers_key(&self, partition: u32) -> String {
         format!("{}{{{}}}:markers", self.prefix, partition)
     }

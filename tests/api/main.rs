@@ -8,6 +8,7 @@ mod issuance;
 mod money_safety;
 mod openapi;
 mod operations;
+mod packets;
 mod pages;
 mod reshard;
 mod settlement;
