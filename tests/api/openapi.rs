@@ -39,6 +39,10 @@ const CONTRACT: &[&str] = &[
     "POST /v1/awards",
     "POST /v1/awards:batch",
     "GET /v1/keys",
+    "POST /v1/packets",
+    "GET /v1/packets/{id}",
+    "POST /v1/packets/{id}/grab",
+    "POST /v1/packets/{id}/open",
     "GET /v1/wallet",
     "GET /v1/wallet/flows",
     "POST /v1/wallet/tokens:sync",
@@ -515,7 +519,50 @@ async fn real_answers_match_their_documented_schemas() {
         Some(ADMIN),
         none
     );
+    let packet = call!(
+        "POST",
+        "/v1/packets",
+        "/v1/packets",
+        Some(jwt.as_str()),
+        json!({"request_id": "doc-p", "total_cents": 3, "shares": 1, "greeting": "hi"})
+    );
+    let pid = packet["packet_id"].as_str().unwrap().to_string();
+    call!(
+        "POST",
+        "/v1/packets",
+        "/v1/packets",
+        Some(jwt.as_str()),
+        json!({"request_id": "doc-q", "total_cents": 3, "shares": 0})
+    );
+    call!(
+        "POST",
+        "/v1/packets/{id}/grab",
+        &format!("/v1/packets/{pid}/grab"),
+        Some(jwt.as_str()),
+        json!({})
+    );
+    call!(
+        "POST",
+        "/v1/packets/{id}/open",
+        &format!("/v1/packets/{pid}/open"),
+        Some(jwt.as_str()),
+        json!({})
+    );
+    call!(
+        "POST",
+        "/v1/packets/{id}/open",
+        &format!("/v1/packets/{pid}/open"),
+        Some(jwt.as_str()),
+        json!({})
+    );
+    call!(
+        "GET",
+        "/v1/packets/{id}",
+        &format!("/v1/packets/{pid}"),
+        Some(jwt.as_str()),
+        none
+    );
     call!("GET", "/v1/wallet", "/v1/wallet", None, none);
-    assert!(checked >= 30, "{checked}");
+    assert!(checked >= 36, "{checked}");
     t.stop().await;
 }
