@@ -29,6 +29,9 @@ pub enum Error {
     AmountOverCap(String),
     #[error("the request body is over the configured limit")]
     PayloadTooLarge,
+    /// The scene gives one win per user, and this user won it already.
+    #[error("{0}")]
+    AlreadyWon(String),
     /// Every share of the red packet is opened.
     #[error("every share of this red packet has been opened")]
     PacketFinished,
@@ -60,6 +63,7 @@ impl Error {
             Error::AmountOverCap(_) => "amount_over_cap",
             Error::RateLimited { .. } => "rate_limited",
             Error::PayloadTooLarge => "payload_too_large",
+            Error::AlreadyWon(_) => "already_won",
             Error::PacketFinished => "packet_finished",
             Error::PacketExpired => "packet_expired",
             Error::Unavailable(_) => "unavailable",
@@ -89,6 +93,7 @@ impl Error {
             Error::ActivityClosed(m) => Error::ActivityClosed(m.clone()),
             Error::AmountOverCap(m) => Error::AmountOverCap(m.clone()),
             Error::PayloadTooLarge => Error::PayloadTooLarge,
+            Error::AlreadyWon(m) => Error::AlreadyWon(m.clone()),
             Error::PacketFinished => Error::PacketFinished,
             Error::PacketExpired => Error::PacketExpired,
             Error::RateLimited { retry_after_secs } => Error::RateLimited {

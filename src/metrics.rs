@@ -128,6 +128,22 @@ pub fn packet_grab(outcome: crate::packets::Grab) {
     counter!("rpw_packet_grabs_total", "outcome" => outcome).increment(1);
 }
 
+/// An award refused by a seckill guard (`blacklist`, `early`, `flagged`, `one_win`).
+pub fn guard_refusal(guard: &'static str) {
+    if crate::shadow::active() {
+        return;
+    }
+    counter!("rpw_guard_refusals_total", "guard" => guard).increment(1);
+}
+
+/// A user flagged (`early`, `burst`).
+pub fn user_flagged(reason: &'static str) {
+    if crate::shadow::active() {
+        return;
+    }
+    counter!("rpw_flagged_users_total", "reason" => reason).increment(1);
+}
+
 /// A red packet share opened.
 pub fn packet_opened() {
     if crate::shadow::active() {

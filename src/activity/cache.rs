@@ -59,7 +59,7 @@ impl ActivityCache {
         .fetch_all(pool)
         .await?;
         let scenes = sqlx::query(
-            "SELECT activity_id, id, name, award_type, rate_limit_per_s, admission_fraction FROM scenes",
+            "SELECT activity_id, id, name, award_type, rate_limit_per_s, admission_fraction, guards FROM scenes",
         )
         .fetch_all(pool)
         .await?;
@@ -151,5 +151,13 @@ pub(super) fn scene_from_row(row: &sqlx::mysql::MySqlRow) -> anyhow::Result<Scen
             .try_get::<Option<i32>, _>("rate_limit_per_s")?
             .map(|v| v.max(0) as u32),
         admission_fraction: row.try_get("admission_fraction")?,
+        guards: {
+            let text: String = row.try_get("guards")?;
+            if text.is_empty() {
+                Default::default()
+            } else {
+                serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("stored guards: {e}"))?
+            }
+        },
     })
 }

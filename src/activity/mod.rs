@@ -52,6 +52,33 @@ pub struct Scene {
     pub award_type: AwardType,
     pub rate_limit_per_s: Option<u32>,
     pub admission_fraction: Option<f64>,
+    /// The seckill guards this scene turns on (all off by default).
+    #[serde(default)]
+    pub guards: SceneGuards,
+}
+
+/// Seckill guards of a scene (see `issue::guards`), each optional.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct SceneGuards {
+    /// A user wins this scene once, whatever the rain: a second award is refused with
+    /// 409 `already_won` (a retry of the winning one is still answered).
+    pub one_win_per_user: bool,
+    /// Awards before this moment are refused (422 `activity_closed`) and the user
+    /// flagged (`early`).
+    #[schema(value_type = Option<String>)]
+    pub opens_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// A user whose requests reach issuing more than once within one second is flagged
+    /// (`burst`).
+    pub flag_bursts: bool,
+    /// Flagged users are refused here (403 `forbidden`).
+    pub refuse_flagged: bool,
+}
+
+impl SceneGuards {
+    pub fn any(&self) -> bool {
+        *self != SceneGuards::default()
+    }
 }
 
 /// The activities capability. Cheap to clone.
@@ -323,6 +350,8 @@ pub struct NewScene {
     pub rate_limit_per_s: Option<u32>,
     #[serde(default)]
     pub admission_fraction: Option<f64>,
+    #[serde(default)]
+    pub guards: SceneGuards,
 }
 
 /// Checks every rule of a new scene before anything is written.
@@ -354,5 +383,6 @@ fn parse_new_scene(activity_id: &ActivityId, body: NewScene) -> Result<Scene> {
         award_type,
         rate_limit_per_s: body.rate_limit_per_s,
         admission_fraction: body.admission_fraction,
+        guards: body.guards,
     })
 }

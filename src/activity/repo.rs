@@ -78,7 +78,7 @@ pub async fn add_budget(pool: &MySqlPool, id: &str, delta: Cents) -> Result<bool
 /// False when the scene exists.
 pub async fn insert_scene(pool: &MySqlPool, scene: &Scene) -> Result<bool> {
     let inserted = sqlx::query(
-        "INSERT IGNORE INTO scenes (activity_id, id, name, award_type, rate_limit_per_s, admission_fraction) VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT IGNORE INTO scenes (activity_id, id, name, award_type, rate_limit_per_s, admission_fraction, guards) VALUES (?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(scene.activity_id.as_str())
     .bind(scene.id.as_str())
@@ -86,6 +86,11 @@ pub async fn insert_scene(pool: &MySqlPool, scene: &Scene) -> Result<bool> {
     .bind(scene.award_type.as_str())
     .bind(scene.rate_limit_per_s.map(|v| v as i32))
     .bind(scene.admission_fraction)
+    .bind(if scene.guards.any() {
+        serde_json::to_string(&scene.guards).unwrap_or_default()
+    } else {
+        String::new()
+    })
     .execute(pool)
     .await?
     .rows_affected();
@@ -94,7 +99,7 @@ pub async fn insert_scene(pool: &MySqlPool, scene: &Scene) -> Result<bool> {
 
 pub async fn scenes_of(pool: &MySqlPool, activity: &str) -> Result<Vec<Scene>> {
     let rows = sqlx::query(
-        "SELECT activity_id, id, name, award_type, rate_limit_per_s, admission_fraction FROM scenes WHERE activity_id = ? ORDER BY id",
+        "SELECT activity_id, id, name, award_type, rate_limit_per_s, admission_fraction, guards FROM scenes WHERE activity_id = ? ORDER BY id",
     )
     .bind(activity)
     .fetch_all(pool)

@@ -46,6 +46,7 @@ pub struct App {
     pub wallet: Wallet,
     pub withdrawals: Withdrawals,
     pub packets: crate::packets::Packets,
+    pub guards: Arc<crate::issue::guards::Guards>,
     /// Webhook subscriptions, and the dispatcher that delivers their events.
     pub webhooks: crate::events::Subscriptions,
     pub dispatcher: crate::events::Dispatcher,
@@ -155,7 +156,9 @@ impl App {
             tokens.clone(),
             ledger.clone(),
         );
+        let guards = Arc::new(crate::issue::guards::Guards::new(redis.clone(), db.clone()));
         let issuer = Arc::new(Issuer {
+            guards: guards.clone(),
             redis: redis.clone(),
             db: db.clone(),
             tokens: tokens.clone(),
@@ -248,6 +251,7 @@ impl App {
             wallet,
             withdrawals,
             packets,
+            guards,
             webhooks,
             dispatcher,
             settler,
@@ -265,6 +269,9 @@ impl App {
         app.switches.refresh(&app.redis).await?;
         // MySQL may be down at start: the instance still comes up (readiness says so)
         // and the background refresh fills the cache once MySQL answers.
+        if let Err(err) = app.guards.refresh().await {
+            tracing::warn!(error = %err, "blacklist not loaded at start; will retry");
+        }
         if let Err(err) = app.activities.refresh().await {
             tracing::warn!(
                 error = format!("{err:#}"),

@@ -38,6 +38,9 @@ impl App {
                 tokio::select! {
                     _ = shutdown.changed() => break,
                     _ = cache_tick.tick() => {
+                        if let Err(err) = app.guards.refresh().await {
+                            tracing::warn!(error = %err, "blacklist refresh failed; keeping the last copy");
+                        }
                         if let Err(err) = app.activities.refresh().await {
                             tracing::warn!(error = format!("{err:#}"), "activity cache refresh failed; serving the last snapshot");
                         }

@@ -33,6 +33,84 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(parked))
         .routes(routes!(switches))
         .routes(routes!(set_switch))
+        .routes(routes!(blacklist, set_blacklist))
+        .routes(routes!(flagged))
+        .routes(routes!(packet_totals))
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+struct BlacklistAnswer {
+    entries: Vec<crate::issue::guards::BlacklistEntry>,
+}
+
+#[utoipa::path(get, path = "/v1/admin/blacklist", security(("operator" = [])), tag = "operators",
+    responses((status = 200, description = "Blacklisted users and callers: their awards are refused (403 forbidden)", body = BlacklistAnswer), doc::OperatorErrors))]
+async fn blacklist(State(app): State<AppState>, _op: Operator) -> Result<Json<BlacklistAnswer>> {
+    Ok(Json(BlacklistAnswer {
+        entries: app.guards.blacklist().await?,
+    }))
+}
+
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+struct SetBlacklist {
+    /// user or caller.
+    kind: String,
+    /// A user id, or a caller name.
+    value: String,
+    /// On the list (true) or off it (false).
+    on: bool,
+    #[serde(default)]
+    reason: String,
+}
+
+#[utoipa::path(put, path = "/v1/admin/blacklist", security(("operator" = [])), tag = "operators",
+    request_body = SetBlacklist,
+    responses((status = 200, description = "The blacklist after the change (this instance at once, the others within a cache refresh)", body = BlacklistAnswer), doc::OperatorErrors))]
+async fn set_blacklist(
+    State(app): State<AppState>,
+    _op: Operator,
+    JsonBody(body): JsonBody<SetBlacklist>,
+) -> Result<Json<BlacklistAnswer>> {
+    app.guards
+        .set_blacklisted(&body.kind, &body.value, &body.reason, body.on)
+        .await?;
+    Ok(Json(BlacklistAnswer {
+        entries: app.guards.blacklist().await?,
+    }))
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+struct FlaggedAnswer {
+    users: Vec<crate::issue::guards::Flagged>,
+}
+
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+struct FlaggedQuery {
+    /// At most this many (default 100, at most 1000).
+    limit: Option<usize>,
+}
+
+#[utoipa::path(get, path = "/v1/admin/flagged", security(("operator" = [])), tag = "operators",
+    params(FlaggedQuery),
+    responses((status = 200, description = "Users the seckill guards flagged, the latest first", body = FlaggedAnswer), doc::OperatorErrors))]
+async fn flagged(
+    State(app): State<AppState>,
+    _op: Operator,
+    axum::extract::Query(q): axum::extract::Query<FlaggedQuery>,
+) -> Result<Json<FlaggedAnswer>> {
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    Ok(Json(FlaggedAnswer {
+        users: app.guards.flagged(limit).await?,
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/admin/packets", security(("operator" = [])), tag = "operators",
+    responses((status = 200, description = "Every red packet's money summed: sent = opened + refunded + open remainder", body = crate::packets::PacketTotals), doc::OperatorErrors))]
+async fn packet_totals(
+    State(app): State<AppState>,
+    _op: Operator,
+) -> Result<Json<crate::packets::PacketTotals>> {
+    Ok(Json(app.packets.totals().await?))
 }
 
 /// An activity id from the path: one that cannot exist is not found.

@@ -29,6 +29,7 @@ pub fn status(err: &Error) -> StatusCode {
         Error::IdempotencyConflict(_)
         | Error::BudgetExhausted
         | Error::InsufficientBalance
+        | Error::AlreadyWon(_)
         | Error::PacketFinished
         | Error::PacketExpired => StatusCode::CONFLICT,
         Error::ActivityClosed(_) | Error::AmountOverCap(_) => StatusCode::UNPROCESSABLE_ENTITY,

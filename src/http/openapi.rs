@@ -124,13 +124,14 @@ impl IntoResponses for AwardErrors {
             NOT_FOUND,
             (
                 409,
-                "idempotency_conflict (same award, different content) or budget_exhausted",
+                "idempotency_conflict (same award, different content), budget_exhausted or already_won (the scene gives one win per user)",
             ),
             TOO_LARGE,
             (
                 422,
                 "activity_closed (outside the window, wrong stage) or amount_over_cap",
             ),
+            (403, "forbidden: the user or the caller is blacklisted, or the user is flagged where the scene refuses flagged users"),
             (429, "rate_limited; Retry-After says when to retry"),
             DOWN,
         ])

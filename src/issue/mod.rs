@@ -18,6 +18,7 @@
 
 pub mod admission;
 pub mod coalesce;
+pub mod guards;
 pub mod stats;
 mod validate;
 
@@ -59,6 +60,7 @@ pub struct Issuer {
     pub activities: Arc<ActivityCache>,
     pub switches: Arc<Switches>,
     pub admission: Admission,
+    pub guards: Arc<guards::Guards>,
     pub stats: Arc<StatsCounter>,
 }
 
@@ -117,6 +119,7 @@ impl Issuer {
         let mut results: Vec<Option<Result<Issued>>> = (0..requests.len()).map(|_| None).collect();
         let mut checked: Vec<(usize, ValidAward)> = Vec::with_capacity(requests.len());
         let mut shared: Vec<Vec<SharedLimit>> = Vec::with_capacity(requests.len());
+        let mut flags = Vec::new();
         for (i, req) in requests.iter().enumerate() {
             if self.switches.issue_off() {
                 results[i] = Some(Err(Error::Unavailable("issuing is switched off".into())));
@@ -130,6 +133,15 @@ impl Issuer {
                     &req.activity_id,
                     &req.scene_id,
                 )?;
+                let scene_guards = cached
+                    .as_deref()
+                    .and_then(|c| c.scenes.get(&req.scene_id))
+                    .map(|s| &s.guards);
+                if let Err((err, flag)) = self.guards.check_local(caller, v.user, scene_guards, now)
+                {
+                    flags.extend(flag.map(|f| (v.user, f)));
+                    return Err(err);
+                }
                 Ok((v, limits))
             });
             match admitted {
@@ -140,6 +152,7 @@ impl Issuer {
                 Err(err) => results[i] = Some(Err(err)),
             }
         }
+        self.guards.flag(&flags, now).await;
         // The fleet-wide limits: one Redis round trip for the batch.
         let mut valid: Vec<(usize, ValidAward)> = Vec::with_capacity(checked.len());
         match self.admission.admit_shared(&shared).await {
@@ -175,7 +188,7 @@ impl Issuer {
             }
         }
         if !unique.is_empty() {
-            let outcomes = self.issue_unique(&unique).await;
+            let outcomes = self.issue_unique(&unique, now).await;
             for ((i, v), outcome) in unique.iter().zip(outcomes) {
                 if let Ok(issued) = &outcome {
                     if !issued.replayed {
@@ -206,7 +219,7 @@ impl Issuer {
         out
     }
 
-    async fn issue_unique(&self, awards: &[(usize, ValidAward)]) -> Vec<Result<Issued>> {
+    async fn issue_unique(&self, awards: &[(usize, ValidAward)], now: i64) -> Vec<Result<Issued>> {
         let (redis, db) = (&self.redis, &self.db);
         let mut out: Vec<Option<Result<Issued>>> = (0..awards.len()).map(|_| None).collect();
 
@@ -228,6 +241,56 @@ impl Issuer {
                 Some(bytes) => out[k] = Some(resolve_held(&self.ledger, bytes, &awards[k].1).await),
                 None => fresh.push(k),
             }
+        }
+
+        // Step 2b: the seckill guards kept in Redis, for the scenes that turn them on.
+        let cached: Vec<_> = fresh
+            .iter()
+            .map(|&k| self.activities.get(&awards[k].1.activity_id))
+            .collect();
+        let mut guarded: Vec<(usize, guards::Guarded<'_>)> = Vec::new();
+        for (&k, c) in fresh.iter().zip(&cached) {
+            let draft = &awards[k].1.draft;
+            let Some(scene) = c.as_deref().and_then(|c| c.scenes.get(&draft.scene_id)) else {
+                continue;
+            };
+            if scene.guards.flag_bursts
+                || scene.guards.refuse_flagged
+                || scene.guards.one_win_per_user
+            {
+                guarded.push((
+                    k,
+                    guards::Guarded {
+                        user: awards[k].1.user,
+                        guards: &scene.guards,
+                        scene: format!("{}/{}", draft.activity_id, draft.scene_id),
+                        out_trade_no: awards[k].1.out_trade_no.as_str(),
+                    },
+                ));
+            }
+        }
+        let mut claims: Vec<(usize, UserId, String)> = Vec::new();
+        if !guarded.is_empty() {
+            let list: Vec<guards::Guarded<'_>> = guarded
+                .iter()
+                .map(|(_, g)| guards::Guarded {
+                    user: g.user,
+                    guards: g.guards,
+                    scene: g.scene.clone(),
+                    out_trade_no: g.out_trade_no,
+                })
+                .collect();
+            let verdicts = self.guards.check_shared(&list, now).await;
+            for ((k, g), verdict) in guarded.iter().zip(verdicts) {
+                match verdict {
+                    Ok(()) if g.guards.one_win_per_user => {
+                        claims.push((*k, g.user, g.scene.clone()))
+                    }
+                    Ok(()) => {}
+                    Err(err) => out[*k] = Some(Err(err)),
+                }
+            }
+            fresh.retain(|k| out[*k].is_none());
         }
 
         // Step 3: budget. The awards' first takes go in one pipelined round trip, a few
@@ -364,6 +427,14 @@ impl Issuer {
                 }
             }
         }
+        // A one-win claim of an award that was surely not issued goes back. (After an
+        // unknown store outcome it stays: the award may exist.)
+        let unclaim: Vec<(UserId, String, String)> = claims
+            .into_iter()
+            .filter(|(k, ..)| matches!(out[*k], Some(Err(Error::BudgetExhausted))))
+            .map(|(k, user, scene)| (user, scene, awards[k].1.out_trade_no.to_string()))
+            .collect();
+        self.guards.release_wins(&unclaim).await;
         out.into_iter()
             .map(|r| r.unwrap_or_else(|| Err(Error::internal("award left without a result"))))
             .collect()

@@ -289,6 +289,33 @@ impl Redis {
     pub fn parked_key(&self, partition: u32) -> String {
         format!("{}{{{}}}:parked", self.prefix, partition)
     }
+    /// The scenes a user won, for scenes giving one win per user (field
+    /// `{activity}/{scene}`, value the winning out_trade_no).
+    pub fn wins_key(&self, user: UserId) -> String {
+        format!(
+            "{}{{{}}}:wins:{}",
+            self.prefix,
+            self.partition_of(user),
+            user
+        )
+    }
+    /// A user's requests reaching issuing in one second (`second`: ms / 1000).
+    pub fn burst_key(&self, user: UserId, second: i64) -> String {
+        format!(
+            "{}{{{}}}:burst:{}:{}",
+            self.prefix,
+            self.partition_of(user),
+            user,
+            second
+        )
+    }
+    /// Flagged users: a sorted set (score: when last flagged, ms) and the reasons.
+    pub fn flagged_keys(&self) -> (String, String) {
+        (
+            format!("{}{{guards}}:flagged", self.prefix),
+            format!("{}{{guards}}:flagged:why", self.prefix),
+        )
+    }
     /// A group red packet's cache (see `packets`): its own hash tag, so every operation
     /// on one packet runs in one slot.
     pub fn packet_key(&self, packet: &str) -> String {

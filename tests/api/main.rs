@@ -4,6 +4,7 @@ mod helpers;
 
 mod cluster;
 mod foundation;
+mod guards;
 mod issuance;
 mod money_safety;
 mod openapi;

@@ -1,0 +1,242 @@
+//! Seckill guards (issue 17): blacklist, open time, bursts, flagged users, one win per
+//! user, composed with admission, against real Redis and MariaDB.
+
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+async fn guarded_scene(t: &TestApp, scene: &str, guards: Value) {
+    let (status, body) = t
+        .post(
+            "/v1/admin/activities/cny2027/scenes",
+            ADMIN,
+            &json!({"id": scene, "name": "Guarded", "award_type": "cash", "guards": guards}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    // The issuing path reads scenes from the activity cache.
+    t.app.activities.refresh().await.unwrap();
+}
+
+fn award_in(user: i64, scene: &str, rain: i64, amount: i64) -> Value {
+    json!({"user_id": user, "app_id": 1, "activity_id": "cny2027", "scene_id": scene,
+           "rain_id": rain, "award_type": "cash", "amount_cents": amount})
+}
+
+async fn issue_one(t: &TestApp, award: &Value) -> (u16, Value) {
+    t.post("/v1/awards", CALLER, award).await
+}
+
+fn code(body: &Value) -> Option<&str> {
+    body["error"]["code"].as_str()
+}
+
+async fn flagged(t: &TestApp) -> Vec<(i64, String)> {
+    let (status, body) = t.get("/v1/admin/flagged", Some(ADMIN)).await;
+    assert_eq!(status, 200, "{body}");
+    body["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| {
+            (
+                u["user_id"].as_i64().unwrap(),
+                u["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blacklisted_users_and_callers_are_refused_until_taken_off() {
+    let t = spawn_app().await;
+    t.open_activity("cny2027", 100_000, 1_000).await;
+    let set = |kind: &str, value: &str, on: bool| json!({"kind": kind, "value": value, "on": on, "reason": "scripted clicks"});
+    let (status, body) = t
+        .put("/v1/admin/blacklist", ADMIN, &set("user", "70", true))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["entries"][0]["value"], "70");
+    let (status, body) = issue_one(&t, &award(70, 1, 10)).await;
+    assert_eq!((status, code(&body)), (403, Some("forbidden")), "{body}");
+    assert_eq!(issue_one(&t, &award(71, 1, 10)).await.0, 201);
+    t.put("/v1/admin/blacklist", ADMIN, &set("user", "70", false))
+        .await;
+    assert_eq!(issue_one(&t, &award(70, 1, 10)).await.0, 201);
+
+    t.put(
+        "/v1/admin/blacklist",
+        ADMIN,
+        &set("caller", "upstream", true),
+    )
+    .await;
+    let (status, body) = issue_one(&t, &award(72, 1, 10)).await;
+    assert_eq!((status, code(&body)), (403, Some("forbidden")), "{body}");
+    t.put(
+        "/v1/admin/blacklist",
+        ADMIN,
+        &set("caller", "upstream", false),
+    )
+    .await;
+    assert_eq!(issue_one(&t, &award(72, 1, 10)).await.0, 201);
+
+    for bad in [
+        json!({"kind": "robot", "value": "1", "on": true}),
+        json!({"kind": "user", "value": "x", "on": true}),
+        json!({"kind": "user", "value": "0", "on": true}),
+    ] {
+        let (status, body) = t.put("/v1/admin/blacklist", ADMIN, &bad).await;
+        assert_eq!(
+            (status, code(&body)),
+            (400, Some("invalid_request")),
+            "{bad}"
+        );
+    }
+    let (_, body) = t.get("/v1/admin/blacklist", Some(ADMIN)).await;
+    assert_eq!(body["entries"], json!([]));
+    // Refused awards took no budget.
+    let (_, activity) = t.get("/v1/admin/activities/cny2027", Some(ADMIN)).await;
+    assert_eq!(activity["issued_cents"], 30, "{activity}");
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_and_bursting_users_are_flagged_and_refused_where_the_scene_says() {
+    let t = spawn_app().await;
+    t.open_activity("cny2027", 100_000, 1_000).await;
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    guarded_scene(&t, "later", json!({"opens_at": later.to_rfc3339()})).await;
+    guarded_scene(
+        &t,
+        "strict",
+        json!({"flag_bursts": true, "refuse_flagged": true}),
+    )
+    .await;
+
+    let (status, body) = issue_one(&t, &award_in(80, "later", 1, 10)).await;
+    assert_eq!(
+        (status, code(&body)),
+        (422, Some("activity_closed")),
+        "{body}"
+    );
+    assert!(flagged(&t).await.contains(&(80, "early".to_string())));
+    // A flagged user is refused where the scene refuses flagged users; not elsewhere.
+    let (status, body) = issue_one(&t, &award_in(80, "strict", 1, 10)).await;
+    assert_eq!((status, code(&body)), (403, Some("forbidden")), "{body}");
+    assert_eq!(issue_one(&t, &award(80, 1, 10)).await.0, 201);
+
+    // Two requests of one user within a second (one batch: one moment): the second
+    // is a burst.
+    let (status, body) = t
+        .post(
+            "/v1/awards:batch",
+            CALLER,
+            &json!({"awards": [award_in(81, "strict", 1, 10), award_in(81, "strict", 2, 10)]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["results"][0]["error"].is_null(), "{body}");
+    assert_eq!(body["results"][1]["error"]["code"], "forbidden", "{body}");
+    assert!(flagged(&t).await.contains(&(81, "burst".to_string())));
+    // A user with one request a second is never flagged.
+    for rain in 0..3 {
+        let (status, body) = issue_one(&t, &award_in(82, "strict", rain, 10)).await;
+        assert_eq!(status, 201, "{body}");
+        tokio::time::sleep(std::time::Duration::from_millis(1_050)).await;
+    }
+    assert!(!flagged(&t).await.iter().any(|(u, _)| *u == 82));
+    let metrics = t.metrics_text().await;
+    assert!(
+        metrics.contains("rpw_guard_refusals_total{guard=\"early\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("rpw_flagged_users_total{reason=\"early\"}"));
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_win_per_user_holds_across_rains_and_concurrent_requests() {
+    let t = Arc::new(spawn_app().await);
+    t.open_activity("cny2027", 100_000, 1_000).await;
+    guarded_scene(&t, "once", json!({"one_win_per_user": true})).await;
+
+    let (status, first) = issue_one(&t, &award_in(90, "once", 1, 10)).await;
+    assert_eq!(status, 201, "{first}");
+    let (status, body) = issue_one(&t, &award_in(90, "once", 2, 10)).await;
+    assert_eq!((status, code(&body)), (409, Some("already_won")), "{body}");
+    // The winning award's retry is answered, byte for byte.
+    let (status, again) = issue_one(&t, &award_in(90, "once", 1, 10)).await;
+    assert!(status == 200 || status == 201, "{again}");
+    assert_eq!(again["token"], first["token"]);
+
+    // Twenty rains of one user at once: one wins.
+    let mut tasks = Vec::new();
+    for rain in 0..20 {
+        let t = t.clone();
+        tasks.push(tokio::spawn(async move {
+            issue_one(&t, &award_in(91, "once", rain, 10)).await
+        }));
+    }
+    let mut won = 0;
+    for task in tasks {
+        let (status, body) = task.await.unwrap();
+        match status {
+            201 => won += 1,
+            409 => assert_eq!(code(&body), Some("already_won"), "{body}"),
+            other => panic!("{other}: {body}"),
+        }
+    }
+    assert_eq!(won, 1);
+    // The same in one batch.
+    let (status, body) = t
+        .post(
+            "/v1/awards:batch",
+            CALLER,
+            &json!({"awards": (0..5).map(|r| award_in(92, "once", r, 10)).collect::<Vec<_>>()}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let issued = body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["error"].is_null())
+        .count();
+    assert_eq!(issued, 1, "{body}");
+    let w = t.wallet(91).await;
+    assert_eq!(w["pending_cents"], 10);
+    Arc::into_inner(t).unwrap().stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_win_refused_by_the_budget_is_not_a_win() {
+    let t = spawn_app().await;
+    t.open_activity("cny2027", 50, 1_000).await;
+    guarded_scene(&t, "once", json!({"one_win_per_user": true})).await;
+    let (status, body) = issue_one(&t, &award_in(95, "once", 1, 100)).await;
+    assert_eq!(
+        (status, code(&body)),
+        (409, Some("budget_exhausted")),
+        "{body}"
+    );
+    let (status, body) = issue_one(&t, &award_in(95, "once", 2, 50)).await;
+    assert_eq!(status, 201, "the claim went back: {body}");
+    let (status, body) = issue_one(&t, &award_in(95, "once", 3, 1)).await;
+    assert_eq!(status, 409, "{body}");
+    // A scene's guards must be known ones.
+    let (status, body) = t
+        .post(
+            "/v1/admin/activities/cny2027/scenes",
+            ADMIN,
+            &json!({"id": "odd", "name": "Odd", "award_type": "cash", "guards": {"one_win": true}}),
+        )
+        .await;
+    assert_eq!(
+        (status, code(&body)),
+        (400, Some("invalid_request")),
+        "{body}"
+    );
+    t.stop().await;
+}
