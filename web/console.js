@@ -94,7 +94,10 @@
       if (state.selected) loadDetail();
     } else if (state.tab === "reconciliation") loadReports();
     else if (state.tab === "switches") loadSwitches();
-    else if (state.tab === "health") loadHealth();
+    else if (state.tab === "health") {
+      loadHealth();
+      loadGuards();
+    }
   }
 
   function poll() {
@@ -487,6 +490,38 @@
           ),
         ),
     );
+  }
+
+  async function loadGuards() {
+    let packets, flagged;
+    try {
+      [packets, flagged] = await Promise.all([
+        admin("GET", "/v1/admin/packets"),
+        admin("GET", "/v1/admin/flagged?limit=100"),
+      ]);
+    } catch (err) {
+      return failed(err, "Loading red packets and flagged users");
+    }
+    const conserved = packets.sent_cents === packets.opened_cents + packets.refunded_cents + packets.open_remainder_cents;
+    showFigures($("packet-figures"), [
+      ["Packets", count(packets.packets), "packets", false],
+      ["Sent", money(packets.sent_cents), "sent", !conserved],
+      ["Opened", money(packets.opened_cents), "opened", false],
+      ["Refunded", money(packets.refunded_cents), "refunded", false],
+      ["Still open", money(packets.open_remainder_cents), "open-remainder", false],
+    ]);
+    $("flagged-list").tBodies[0].replaceChildren(
+      ...flagged.users.map((u) =>
+        el(
+          "tr",
+          {},
+          el("td", { text: u.user_id }),
+          el("td", { text: u.reason }),
+          el("td", { text: time(new Date(u.flagged_at_ms).toISOString()) }),
+        ),
+      ),
+    );
+    $("flagged-empty").hidden = flagged.users.length > 0;
   }
 
   // ---- wiring ---------------------------------------------------------------------------

@@ -383,12 +383,35 @@ def console(driver, svc, out):
     _, sw = svc.admin("GET", "/v1/admin/switches")
     check(not any(s["name"] == "issue_off" and s["on"] for s in sw["switches"]), "the API says issue_off is off again")
 
+    # A user flagged by a scene that is not open yet, for the console's list.
+    later = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
+    status, body = svc.admin("POST", "/v1/admin/activities/lantern/scenes",
+                             {"id": "later", "name": "Later", "award_type": "cash", "guards": {"opens_at": later}})
+    assert status == 201, (status, body)
+    early = dict(user_id=777, app_id=1, activity_id="lantern", scene_id="later", rain_id=1,
+                 award_type="cash", amount_cents=5)
+    deadline = time.time() + 10
+    while True:
+        results = svc.award_batch([early])
+        if results[0]["error"] and results[0]["error"]["code"] == "activity_closed":
+            break
+        assert time.time() < deadline, results
+        time.sleep(0.3)
+
     # Health.
     d.find_element(By.CSS_SELECTOR, ".tabs button[data-tab='health']").click()
     wait(d, lambda: d.find_elements(By.CSS_SELECTOR, "#health-figures [data-figure='redis']"), "the health figures")
     check(figure(d, "redis", "health-figures") == "ok" and figure(d, "mysql", "health-figures") == "ok", "Redis and MySQL ok")
     check(figure(d, "bound", "health-figures") == "10 /s", "the booking bound is the configured 10 /s")
     wait(d, lambda: figure(d, "rate", "health-figures").endswith("/s"), "a measured booking rate", timeout=10)
+    # Red packets and flagged users, as the API says them.
+    wait(d, lambda: d.find_elements(By.CSS_SELECTOR, "#packet-figures [data-figure='packets']"), "the red packet figures")
+    _, packets = svc.admin("GET", "/v1/admin/packets")
+    check(figure(d, "packets", "packet-figures") == f"{packets['packets']:,}", "the console counts the packets the API sums")
+    _, flagged = svc.admin("GET", "/v1/admin/flagged")
+    rows = d.find_elements(By.CSS_SELECTOR, "#flagged-list tbody tr")
+    check(len(rows) == len(flagged["users"]) == 1 and "777" in rows[0].text and "early" in rows[0].text
+          and not visible(d, "flagged-empty"), "the console lists the user flagged early, as the API does")
 
     # Reconciliation: a report of the live activity, then a real mismatch (a ledger row
     # removed behind the service's back) highlighted.
