@@ -213,6 +213,7 @@ impl Guards {
         };
         let int = |i: usize| -> Option<i64> { redis::from_redis_value(&values[i]).ok() };
         let mut flags = Vec::new();
+        let mut unclaim = Vec::new();
         let mut out = Vec::with_capacity(awards.len());
         for (a, (burst, flagged, win)) in awards.iter().zip(slots) {
             let bursting = burst.and_then(int).is_some_and(|count| count > 1);
@@ -222,6 +223,10 @@ impl Guards {
             let was_flagged = flagged.is_some_and(|i| values[i] != redis::Value::Nil);
             if a.guards.refuse_flagged && (was_flagged || bursting) {
                 crate::metrics::guard_refusal("flagged");
+                if a.guards.one_win_per_user {
+                    // Claimed in the same round trip: given back.
+                    unclaim.push((a.user, a.scene.clone(), a.out_trade_no.to_string()));
+                }
                 out.push(Err(Error::Forbidden(format!("user {} is flagged", a.user))));
                 continue;
             }
@@ -239,25 +244,31 @@ impl Guards {
             out.push(Ok(()));
         }
         self.flag(&flags, now_ms).await;
+        self.release_wins(&unclaim).await;
         out
     }
 
-    /// Gives back one-win claims of awards that were not issued (best effort: a claim
-    /// left behind refuses that user's next win of the scene).
+    /// Gives back one-win claims of awards that were not issued: a claim goes only when
+    /// it is this award's and no token of that out_trade_no is held (a twin request of
+    /// the same award may have issued it), checked atomically in the user's slot. Best
+    /// effort: a claim left behind refuses that user's next win of the scene.
     pub async fn release_wins(&self, claims: &[(UserId, String, String)]) {
         if claims.is_empty() {
             return;
         }
         let mut pipe = redis::pipe();
         for (user, scene, otn) in claims {
-            // Only this award's own claim (the claim of an award issued is its otn).
             pipe.cmd("EVAL")
-                .arg("if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0")
-                .arg(1)
+                .arg(
+                    "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] \
+                     and redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then \
+                     return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0",
+                )
+                .arg(2)
                 .arg(self.redis.wins_key(*user))
+                .arg(self.redis.tokens_key(*user))
                 .arg(scene)
-                .arg(otn)
-                .ignore();
+                .arg(otn);
         }
         if let Err(err) = self.redis.query::<()>(&pipe).await {
             tracing::warn!(error = %err, "releasing one-win claims failed");

@@ -188,12 +188,21 @@ impl Jobs {
                 tracing::info!(job = name, trimmed, "housekeeping done");
             }
             "packet_refunds" => {
+                let now = now_ms();
                 let refunded = self
                     .packets
-                    .refund_due(now_ms())
+                    .refund_due(now)
                     .await
                     .map_err(|e| anyhow::anyhow!("{}: {e:#}", e.code()))?;
-                tracing::info!(job = name, refunded, "red packet refunds done");
+                // Shares opened in the last hour (and not in the last half minute, whose
+                // opens may still be storing them) whose token neither Redis nor the
+                // ledger holds.
+                let restored = self
+                    .packets
+                    .restore_shares(now - 3_600_000, now - 30_000)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{}: {e:#}", e.code()))?;
+                tracing::info!(job = name, refunded, restored, "red packet refunds done");
             }
             other => anyhow::bail!("unknown job {other}"),
         }

@@ -477,12 +477,69 @@ impl Packets {
             }
         };
         // The token goes to Redis (again, when this is an earlier share: a lost copy
-        // comes back; one already held or booked is left as it is).
-        self.store_share(user, &token_bytes).await?;
+        // comes back; one already held or booked is left as it is). In a task of its
+        // own, so that a request given up after the commit does not cut it off; a
+        // share whose store failed is stored by `restore_shares` (the refund job).
         let (OpenOutcome::Created(opened) | OpenOutcome::Existing(opened)) = &outcome;
-        self.cache(&packet, &[(user.get(), opened.share.amount_cents)])
-            .await;
+        let cents = opened.share.amount_cents;
+        let me = self.clone();
+        tokio::spawn(async move {
+            me.store_share(user, &token_bytes).await?;
+            me.cache(&packet, &[(user.get(), cents)]).await;
+            Ok::<(), Error>(())
+        })
+        .await
+        .map_err(|e| Error::internal(format!("storing a share: {e}")))??;
         Ok(outcome)
+    }
+
+    /// Stores again the share tokens opened between `from_ms` and `to_ms` that neither
+    /// the ledger nor Redis holds (their store failed, or Redis lost them); returns how
+    /// many. The ledger is asked first, so a share already booked and trimmed never
+    /// comes back as pending.
+    pub async fn restore_shares(&self, from_ms: i64, to_ms: i64) -> Result<usize> {
+        let mut restored = 0;
+        for pool in self.db.shards() {
+            let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+                "SELECT user_id, token FROM packet_shares WHERE opened_at_ms >= ? AND opened_at_ms < ? LIMIT 10000",
+            )
+            .bind(from_ms)
+            .bind(to_ms)
+            .fetch_all(pool)
+            .await?;
+            for (user, bytes) in rows {
+                let user = UserId::parse(user)?;
+                let token = crate::token::decode_trusted(&bytes)
+                    .map_err(|e| Error::internal(format!("a stored share token: {e}")))?;
+                let held = self
+                    .tokens
+                    .held(&[(user, token.out_trade_no.as_str())])
+                    .await?;
+                if held.first().is_some_and(Option::is_some) {
+                    continue;
+                }
+                let booked = self
+                    .ledger
+                    .booked_of(user, &[token.out_trade_no.as_str()])
+                    .await?;
+                if booked.contains(&token.out_trade_no) {
+                    continue;
+                }
+                let stored = self
+                    .tokens
+                    .store(std::iter::once((user, &token, bytes.as_slice())))
+                    .await?;
+                if stored.first().is_some_and(Option::is_none) {
+                    tracing::warn!(
+                        user = user.get(),
+                        otn = token.out_trade_no,
+                        "a red packet share missing from redis stored again"
+                    );
+                    restored += 1;
+                }
+            }
+        }
+        Ok(restored)
     }
 
     async fn store_share(&self, user: UserId, bytes: &[u8]) -> Result<()> {
@@ -725,8 +782,14 @@ impl Packets {
             for (id, sender) in due {
                 let id = String::from_utf8_lossy(&id).into_owned();
                 let sender = UserId::parse(sender)?;
-                if self.refund_one(shard, &id, sender, now).await? {
-                    refunded += 1;
+                // One packet that cannot be refunded now (a deadlock, a bucket being
+                // moved) does not hold up the others; the next run tries it again.
+                match self.refund_one(shard, &id, sender, now).await {
+                    Ok(true) => refunded += 1,
+                    Ok(false) => {}
+                    Err(err) => {
+                        tracing::warn!(packet = id, error = %err, "refunding a red packet failed; the next run tries again");
+                    }
                 }
             }
         }

@@ -358,17 +358,19 @@ async fn a_share_token_lost_by_redis_comes_back_by_sync_or_by_opening_again() {
     let t = spawn_app().await;
     t.open_activity("cny2027", 1_000_000, 1_000).await;
     fund(&t, 60, 1_000).await;
-    let (_, sent) = send(&t, 60, "s", 500, 2).await;
+    let (_, sent) = send(&t, 60, "s", 500, 3).await;
     let id = sent["packet_id"].as_str().unwrap().to_string();
     let (_, a) = open(&t, 61, &id).await;
     let (_, b) = open(&t, 62, &id).await;
+    let (_, c) = open(&t, 63, &id).await;
+    let c_cents = c["share"]["amount_cents"].as_i64().unwrap();
     let (a_cents, b_cents) = (
         a["share"]["amount_cents"].as_i64().unwrap(),
         b["share"]["amount_cents"].as_i64().unwrap(),
     );
     // Redis loses both users' tokens.
     let mut conn = t.app.redis.conn();
-    for who in [61, 62] {
+    for who in [61, 62, 63] {
         let _: () = redis::AsyncCommands::del(
             &mut conn,
             &[
@@ -396,7 +398,23 @@ async fn a_share_token_lost_by_redis_comes_back_by_sync_or_by_opening_again() {
     let (status, again) = open(&t, 62, &id).await;
     assert_eq!(status, 200, "{again}");
     assert_eq!(t.wallet(62).await["balance_cents"], b_cents);
+    // The third never comes back by itself: the refund job's sweep stores it again from
+    // the share row, and only it (the others are held again).
+    let now = redpacket_wallet::store::now_ms();
+    assert_eq!(t.app.packets.restore_shares(0, now + 1).await.unwrap(), 1);
+    assert_eq!(t.wallet(63).await["balance_cents"], c_cents);
     t.drain().await;
     assert_eq!(ledger_sum(&t, "award").await, 1_000 + 500);
+    // Booked, then gone from Redis: the ledger says so, and nothing comes back.
+    let _: () = redis::AsyncCommands::del(
+        &mut conn,
+        &[
+            t.app.redis.tokens_key(user(63)),
+            t.app.redis.status_key(user(63)),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(t.app.packets.restore_shares(0, now + 1).await.unwrap(), 0);
     t.stop().await;
 }
