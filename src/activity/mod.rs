@@ -58,7 +58,7 @@ pub struct Scene {
 }
 
 /// Seckill guards of a scene (see `issue::guards`), each optional.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct SceneGuards {
     /// A user wins this scene once, whatever the rain: a second award is refused with
@@ -78,6 +78,11 @@ pub struct SceneGuards {
 impl SceneGuards {
     pub fn any(&self) -> bool {
         *self != SceneGuards::default()
+    }
+
+    /// Whether a guard kept in Redis is on (`issue::guards::Guards::check_shared`).
+    pub fn in_redis(&self) -> bool {
+        self.flag_bursts || self.refuse_flagged || self.one_win_per_user
     }
 }
 

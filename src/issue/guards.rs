@@ -120,7 +120,7 @@ impl Guards {
         &self,
         caller: &str,
         user: UserId,
-        guards: Option<&SceneGuards>,
+        guards: &SceneGuards,
         now_ms: i64,
     ) -> std::result::Result<(), (Error, Option<FlagReason>)> {
         let list = self.list.read().expect("blacklist lock poisoned").clone();
@@ -138,7 +138,7 @@ impl Guards {
                 None,
             ));
         }
-        if let Some(opens) = guards.and_then(|g| g.opens_at) {
+        if let Some(opens) = guards.opens_at {
             if now_ms < opens.timestamp_millis() {
                 crate::metrics::guard_refusal("early");
                 return Err((

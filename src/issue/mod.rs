@@ -133,12 +133,7 @@ impl Issuer {
                     &req.activity_id,
                     &req.scene_id,
                 )?;
-                let scene_guards = cached
-                    .as_deref()
-                    .and_then(|c| c.scenes.get(&req.scene_id))
-                    .map(|s| &s.guards);
-                if let Err((err, flag)) = self.guards.check_local(caller, v.user, scene_guards, now)
-                {
+                if let Err((err, flag)) = self.guards.check_local(caller, v.user, &v.guards, now) {
                     flags.extend(flag.map(|f| (v.user, f)));
                     return Err(err);
                 }
@@ -244,50 +239,28 @@ impl Issuer {
         }
 
         // Step 2b: the seckill guards kept in Redis, for the scenes that turn them on.
-        let cached: Vec<_> = fresh
+        let (guarded_at, guarded): (Vec<usize>, Vec<guards::Guarded<'_>>) = fresh
             .iter()
-            .map(|&k| self.activities.get(&awards[k].1.activity_id))
-            .collect();
-        let mut guarded: Vec<(usize, guards::Guarded<'_>)> = Vec::new();
-        for (&k, c) in fresh.iter().zip(&cached) {
-            let draft = &awards[k].1.draft;
-            let Some(scene) = c.as_deref().and_then(|c| c.scenes.get(&draft.scene_id)) else {
-                continue;
-            };
-            if scene.guards.flag_bursts
-                || scene.guards.refuse_flagged
-                || scene.guards.one_win_per_user
-            {
-                guarded.push((
-                    k,
-                    guards::Guarded {
-                        user: awards[k].1.user,
-                        guards: &scene.guards,
-                        scene: format!("{}/{}", draft.activity_id, draft.scene_id),
-                        out_trade_no: awards[k].1.out_trade_no.as_str(),
-                    },
-                ));
-            }
-        }
+            .filter(|&&k| awards[k].1.guards.in_redis())
+            .map(|&k| {
+                let v = &awards[k].1;
+                let guarded = guards::Guarded {
+                    user: v.user,
+                    guards: &v.guards,
+                    scene: format!("{}/{}", v.draft.activity_id, v.draft.scene_id),
+                    out_trade_no: v.out_trade_no.as_str(),
+                };
+                (k, guarded)
+            })
+            .unzip();
         let mut claims: Vec<(usize, UserId, String)> = Vec::new();
         if !guarded.is_empty() {
-            let list: Vec<guards::Guarded<'_>> = guarded
-                .iter()
-                .map(|(_, g)| guards::Guarded {
-                    user: g.user,
-                    guards: g.guards,
-                    scene: g.scene.clone(),
-                    out_trade_no: g.out_trade_no,
-                })
-                .collect();
-            let verdicts = self.guards.check_shared(&list, now).await;
-            for ((k, g), verdict) in guarded.iter().zip(verdicts) {
+            let verdicts = self.guards.check_shared(&guarded, now).await;
+            for ((k, g), verdict) in guarded_at.into_iter().zip(guarded).zip(verdicts) {
                 match verdict {
-                    Ok(()) if g.guards.one_win_per_user => {
-                        claims.push((*k, g.user, g.scene.clone()))
-                    }
+                    Ok(()) if g.guards.one_win_per_user => claims.push((k, g.user, g.scene)),
                     Ok(()) => {}
-                    Err(err) => out[*k] = Some(Err(err)),
+                    Err(err) => out[k] = Some(Err(err)),
                 }
             }
             fresh.retain(|k| out[*k].is_none());

@@ -1,7 +1,7 @@
 //! Validation of award requests against the cached activity settings (no MySQL on
 //! this path), and what makes two awards "the same award".
 
-use crate::activity::ActivityCache;
+use crate::activity::{ActivityCache, SceneGuards};
 use crate::domain::{
     parse_rain_id, ActivityId, AwardType, Cents, OutTradeNo, SceneId, Stage, UserId,
 };
@@ -52,6 +52,8 @@ pub struct ValidAward {
     pub amount: Cents,
     /// The token as it would be minted now (signature and key id not yet set).
     pub draft: pb::RedPacketToken,
+    /// The scene's seckill guards.
+    pub guards: SceneGuards,
 }
 
 /// The fields that make two awards "the same award". The open time is the client's
@@ -144,5 +146,6 @@ pub fn validate(activities: &ActivityCache, req: &AwardRequest, now_ms: i64) -> 
         activity_id: activity_id.as_str().to_string(),
         amount,
         draft,
+        guards: scene.guards,
     })
 }

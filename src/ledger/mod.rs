@@ -71,6 +71,17 @@ impl Account {
     }
 }
 
+/// How a fenced change to an account ended ([`Ledger::end_fence`]).
+pub enum ChangeEnd {
+    /// Committed: the account as committed, and the tokens to mark with its snapshot.
+    Committed(Account, Vec<AwardEntry>),
+    /// Rolled back: nothing changed.
+    RolledBack,
+    /// Unknown (an error after the transaction began, perhaps a lost answer to COMMIT):
+    /// the account as it is now, read under its lock, lifts the fence.
+    InDoubt,
+}
+
 #[derive(Debug, Default)]
 pub struct Booked {
     /// Entries whose ledger row this transaction inserted.
@@ -283,6 +294,33 @@ impl Ledger {
             .collect())
     }
 
+    /// Takes down `fence` as its change ended (see [`crate::tokens::Fence`]), best
+    /// effort: a fence left up only keeps the user's views on MySQL.
+    pub async fn end_fence(&self, user: UserId, fence: Fence, end: ChangeEnd) {
+        let (result, what) = match end {
+            // If this fails, the worker marks the tokens when it reaches their stream
+            // entries; nothing is credited twice either way.
+            ChangeEnd::Committed(account, to_mark) => (
+                self.mark_lifting(&account, &to_mark, fence).await,
+                "writing the account snapshot after a commit",
+            ),
+            ChangeEnd::RolledBack => (
+                self.tokens
+                    .unfence(user, &fence)
+                    .await
+                    .map_err(LedgerError::from),
+                "taking a view fence down",
+            ),
+            ChangeEnd::InDoubt => (
+                self.refresh_snapshot(user, fence).await,
+                "refreshing the account snapshot",
+            ),
+        };
+        if let Err(err) = result {
+            tracing::warn!(error = %err, user = user.get(), "{what} failed; views of this user stay on mysql");
+        }
+    }
+
     /// Writes `user`'s snapshot from the account as it is now (read under its lock,
     /// so a transaction that held the lock has ended, committed or not) and lifts
     /// `fence` with it: what a fenced change does when it cannot tell whether its
@@ -293,9 +331,18 @@ impl Ledger {
         let to_mark = self.booked_pending(&mut tx, user).await?;
         tx.commit().await?;
         let account = accounts.remove(&user).ok_or(sqlx::Error::RowNotFound)?;
-        self.tokens
-            .mark(&to_mark, &[account.snapshot_lifting(Some(fence))], &[])
-            .await?;
+        self.mark_lifting(&account, &to_mark, fence).await
+    }
+
+    /// Marks `to_mark` settled with `account`'s snapshot, which lifts `fence`.
+    async fn mark_lifting(
+        &self,
+        account: &Account,
+        to_mark: &[AwardEntry],
+        fence: Fence,
+    ) -> Result<(), LedgerError> {
+        let snapshot = account.snapshot_lifting(Some(fence));
+        self.tokens.mark(to_mark, &[snapshot], &[]).await?;
         Ok(())
     }
 

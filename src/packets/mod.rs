@@ -37,10 +37,10 @@ use crate::config::PacketSettings;
 use crate::domain::{ActivityId, AwardType, Cents, OutTradeNo, RequestId, SceneId, Stage, UserId};
 use crate::error::{Error, Result};
 use crate::keys::Keys;
-use crate::ledger::{Account, Ledger, LedgerError};
+use crate::ledger::{Account, ChangeEnd, Ledger, LedgerError};
 use crate::pb;
 use crate::store::{now_ms, query_scripted, Db, Redis};
-use crate::tokens::{AwardEntry, Fence, Tokens};
+use crate::tokens::{AwardEntry, Tokens};
 
 /// The activity id of every share token; no operator activity may take it.
 pub const PACKETS_ACTIVITY: &str = "packets";
@@ -171,6 +171,21 @@ fn packet_of(row: &sqlx::mysql::MySqlRow) -> Result<Packet, sqlx::Error> {
     })
 }
 
+/// Packet `id`, its row locked to the end of `tx`: every change of one packet goes
+/// through this lock.
+async fn lock_packet(
+    tx: &mut Transaction<'_, MySql>,
+    id: &str,
+) -> Result<Option<Packet>, sqlx::Error> {
+    let row = sqlx::query(&format!(
+        "SELECT {PACKET_COLUMNS} FROM packets WHERE id = ? FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    row.as_ref().map(packet_of).transpose()
+}
+
 /// The token of a share, its bytes for the ledger and Redis.
 struct Minted {
     token: pb::RedPacketToken,
@@ -254,15 +269,15 @@ impl Packets {
                 .await
             {
                 Ok(Ok((Sent::Created(packet, balance), Some((account, to_mark))))) => {
-                    let snapshot = account.snapshot_lifting(Some(fence));
-                    if let Err(err) = self.tokens.mark(&to_mark, &[snapshot], &[]).await {
-                        tracing::warn!(error = %err, "marking after a packet send failed; the worker will");
-                    }
+                    let end = ChangeEnd::Committed(account, to_mark);
+                    self.ledger.end_fence(sender, fence, end).await;
                     self.cache(&packet, &[]).await;
                     return Ok(Sent::Created(packet, balance));
                 }
                 Ok(result) => {
-                    self.lift(sender, &fence).await;
+                    self.ledger
+                        .end_fence(sender, fence, ChangeEnd::RolledBack)
+                        .await;
                     return result.map(|(sent, _)| sent);
                 }
                 Err(err) if attempt < 6 && err.is_retryable() => {
@@ -270,7 +285,9 @@ impl Packets {
                     tokio::time::sleep(Duration::from_millis(5 << attempt)).await;
                 }
                 Err(err) => {
-                    self.refresh(sender, fence).await;
+                    self.ledger
+                        .end_fence(sender, fence, ChangeEnd::InDoubt)
+                        .await;
                     return Err(err.into());
                 }
             }
@@ -366,18 +383,6 @@ impl Packets {
             Sent::Created(packet, balance),
             Some((account, booked.to_mark)),
         )))
-    }
-
-    async fn lift(&self, user: UserId, fence: &Fence) {
-        if let Err(err) = self.tokens.unfence(user, fence).await {
-            tracing::warn!(error = %err, user = user.get(), "taking a view fence down failed; views of this user stay on mysql");
-        }
-    }
-
-    async fn refresh(&self, user: UserId, fence: Fence) {
-        if let Err(err) = self.ledger.refresh_snapshot(user, fence).await {
-            tracing::warn!(error = %err, user = user.get(), "refreshing the account snapshot failed; views of this user stay on mysql");
-        }
     }
 
     /// Writes what the cache holds of `packet` (best effort: the cache only filters).
@@ -484,7 +489,8 @@ impl Packets {
         let cents = opened.share.amount_cents;
         let me = self.clone();
         tokio::spawn(async move {
-            me.store_share(user, &token_bytes).await?;
+            me.store_share(user, &decode_share(&token_bytes)?, &token_bytes)
+                .await?;
             me.cache(&packet, &[(user.get(), cents)]).await;
             Ok::<(), Error>(())
         })
@@ -509,30 +515,15 @@ impl Packets {
             .await?;
             for (user, bytes) in rows {
                 let user = UserId::parse(user)?;
-                let token = crate::token::decode_trusted(&bytes)
-                    .map_err(|e| Error::internal(format!("a stored share token: {e}")))?;
-                let held = self
-                    .tokens
-                    .held(&[(user, token.out_trade_no.as_str())])
-                    .await?;
-                if held.first().is_some_and(Option::is_some) {
+                let token = decode_share(&bytes)?;
+                // Held (the common case): no MySQL read.
+                let otn = token.out_trade_no.as_str();
+                if self.tokens.held(&[(user, otn)]).await?[0].is_some() {
                     continue;
                 }
-                let booked = self
-                    .ledger
-                    .booked_of(user, &[token.out_trade_no.as_str()])
-                    .await?;
-                if booked.contains(&token.out_trade_no) {
-                    continue;
-                }
-                let stored = self
-                    .tokens
-                    .store(std::iter::once((user, &token, bytes.as_slice())))
-                    .await?;
-                if stored.first().is_some_and(Option::is_none) {
+                if self.store_share(user, &token, &bytes).await? {
                     tracing::warn!(
                         user = user.get(),
-                        otn = token.out_trade_no,
                         "a red packet share missing from redis stored again"
                     );
                     restored += 1;
@@ -542,20 +533,23 @@ impl Packets {
         Ok(restored)
     }
 
-    async fn store_share(&self, user: UserId, bytes: &[u8]) -> Result<()> {
-        let token = crate::token::decode_trusted(bytes)
-            .map_err(|e| Error::internal(format!("a stored share token: {e}")))?;
-        let booked = self
-            .ledger
-            .booked_of(user, &[token.out_trade_no.as_str()])
-            .await?;
-        if booked.contains(&token.out_trade_no) {
-            return Ok(());
+    /// Stores a share's token in Redis unless the ledger already holds it (so a share
+    /// booked and trimmed never comes back as pending); true when stored now.
+    async fn store_share(
+        &self,
+        user: UserId,
+        token: &pb::RedPacketToken,
+        bytes: &[u8],
+    ) -> Result<bool> {
+        let otn = token.out_trade_no.as_str();
+        if self.ledger.booked_of(user, &[otn]).await?.contains(otn) {
+            return Ok(false);
         }
-        self.tokens
-            .store(std::iter::once((user, &token, bytes)))
+        let held = self
+            .tokens
+            .store(std::iter::once((user, token, bytes)))
             .await?;
-        Ok(())
+        Ok(held.first().is_some_and(Option::is_none))
     }
 
     /// The shard holding packet `id`.
@@ -612,16 +606,9 @@ impl Packets {
         id: &str,
     ) -> Result<Result<(OpenOutcome, Packet, Vec<u8>)>, LedgerError> {
         let mut tx = self.db.shard(shard).begin().await?;
-        let Some(row) = sqlx::query(&format!(
-            "SELECT {PACKET_COLUMNS} FROM packets WHERE id = ? FOR UPDATE"
-        ))
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?
-        else {
+        let Some(mut packet) = lock_packet(&mut tx, id).await? else {
             return Ok(Err(Error::NotFound(format!("no red packet `{id}`"))));
         };
-        let mut packet = packet_of(&row)?;
         let sender =
             UserId::parse(packet.sender_id).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
         // The packet moves with its sender's bucket: nothing opens on a shard handing
@@ -798,25 +785,20 @@ impl Packets {
 
     async fn refund_one(&self, shard: usize, id: &str, sender: UserId, now: i64) -> Result<bool> {
         let fence = self.tokens.fence(sender).await?;
-        match self.refund_tx(shard, id, sender, now).await {
+        let (end, refunded) = match self.refund_tx(shard, id, sender, now).await {
             Ok(Some((packet, account, to_mark))) => {
-                let snapshot = account.snapshot_lifting(Some(fence));
-                if let Err(err) = self.tokens.mark(&to_mark, &[snapshot], &[]).await {
-                    tracing::warn!(error = %err, "updating the snapshot after a packet refund failed");
-                }
-                self.cache(&packet, &[]).await;
-                crate::metrics::packet_refunded();
-                Ok(true)
+                (ChangeEnd::Committed(account, to_mark), Ok(Some(packet)))
             }
-            Ok(None) => {
-                self.lift(sender, &fence).await;
-                Ok(false)
-            }
-            Err(err) => {
-                self.refresh(sender, fence).await;
-                Err(err.into())
-            }
-        }
+            Ok(None) => (ChangeEnd::RolledBack, Ok(None)),
+            Err(err) => (ChangeEnd::InDoubt, Err(err)),
+        };
+        self.ledger.end_fence(sender, fence, end).await;
+        let Some(packet) = refunded? else {
+            return Ok(false);
+        };
+        self.cache(&packet, &[]).await;
+        crate::metrics::packet_refunded();
+        Ok(true)
     }
 
     async fn refund_tx(
@@ -826,17 +808,10 @@ impl Packets {
         sender: UserId,
         now: i64,
     ) -> Result<Option<(Packet, Account, Vec<AwardEntry>)>, LedgerError> {
-        let mut tx: Transaction<'_, MySql> = self.db.shard(shard).begin().await?;
-        let Some(row) = sqlx::query(&format!(
-            "SELECT {PACKET_COLUMNS} FROM packets WHERE id = ? FOR UPDATE"
-        ))
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?
-        else {
+        let mut tx = self.db.shard(shard).begin().await?;
+        let Some(mut packet) = lock_packet(&mut tx, id).await? else {
             return Ok(None);
         };
-        let mut packet = packet_of(&row)?;
         if packet.status != "open" || packet.expires_at_ms > now {
             tx.rollback().await?;
             return Ok(None);
@@ -902,6 +877,11 @@ pub struct PacketTotals {
     pub open_remainder_cents: i64,
     /// The sum of the share rows (equal to `opened_cents`).
     pub shares_cents: i64,
+}
+
+fn decode_share(bytes: &[u8]) -> Result<pb::RedPacketToken> {
+    crate::token::decode_trusted(bytes)
+        .map_err(|e| Error::internal(format!("a stored share token: {e}")))
 }
 
 fn opened_answer(id: &str, share: Share, bytes: &[u8]) -> Result<Opened, sqlx::Error> {

@@ -16,9 +16,9 @@ use serde::Serialize;
 use crate::domain::{Cents, RequestId, UserId, WithdrawalStatus};
 use crate::error::{Error, Result};
 use crate::events::{self, EventType, NewEvent};
-use crate::ledger::{Account, Ledger, LedgerError};
+use crate::ledger::{Account, ChangeEnd, Ledger, LedgerError};
 use crate::store::{now_ms, Db};
-use crate::tokens::{AwardEntry, Fence, Tokens};
+use crate::tokens::{AwardEntry, Tokens};
 
 #[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Withdrawal {
@@ -94,8 +94,9 @@ impl Withdrawals {
             match self.withdraw_tx(user, request_id, amount).await {
                 Ok(Ok((Outcome::Created(w), Some(committed)))) => break (w, committed),
                 Ok(result) => {
-                    // Rolled back: nothing changed.
-                    self.lift(user, &fence).await;
+                    self.ledger
+                        .end_fence(user, fence, ChangeEnd::RolledBack)
+                        .await;
                     return result.map(|(outcome, _)| outcome);
                 }
                 Err(err) if attempt < MAX_TX_ATTEMPTS && err.is_retryable() => {
@@ -105,37 +106,16 @@ impl Withdrawals {
                         .await;
                 }
                 Err(err) => {
-                    // Perhaps committed (a lost answer to COMMIT): the account as it is
-                    // now lifts the fence.
-                    self.refresh(user, fence).await;
+                    self.ledger.end_fence(user, fence, ChangeEnd::InDoubt).await;
                     return Err(err.into());
                 }
             }
         };
-        // Redis catches up after the commit. If this fails the worker marks the tokens
-        // when it reaches their stream entries; nothing is credited twice either way,
-        // and the fence keeps the views on MySQL.
-        let snapshot = account.snapshot_lifting(Some(fence));
-        if let Err(err) = self.tokens.mark(&to_mark, &[snapshot], &[]).await {
-            tracing::warn!(error = %err, user = user.get(), "marking force-settled tokens failed; the worker will");
-        }
+        // Redis catches up after the commit: the force-settled tokens and the snapshot.
+        self.ledger
+            .end_fence(user, fence, ChangeEnd::Committed(account, to_mark))
+            .await;
         Ok(Outcome::Created(created))
-    }
-
-    /// Takes down a fence whose change rolled back (best effort: a fence left up only
-    /// keeps the user's views on MySQL).
-    async fn lift(&self, user: UserId, fence: &Fence) {
-        if let Err(err) = self.tokens.unfence(user, fence).await {
-            tracing::warn!(error = %err, user = user.get(), "taking a view fence down failed; views of this user stay on mysql");
-        }
-    }
-
-    /// Lifts a fence whose change may or may not have committed, with a snapshot of
-    /// the account read under its lock (best effort, as [`Withdrawals::lift`]).
-    async fn refresh(&self, user: UserId, fence: Fence) {
-        if let Err(err) = self.ledger.refresh_snapshot(user, fence).await {
-            tracing::warn!(error = %err, user = user.get(), "refreshing the account snapshot failed; views of this user stay on mysql");
-        }
     }
 
     /// One attempt at the withdrawal transaction. Business outcomes are `Ok(..)`; the
@@ -246,17 +226,7 @@ impl Withdrawals {
             )));
         }
         if verdict == WithdrawalStatus::Paid {
-            repo::set_status(&mut *tx, id, verdict).await?;
-            let settled = Withdrawal {
-                status: verdict,
-                ..current
-            };
-            let data = event_data(&settled);
-            events::record(
-                &mut tx,
-                &NewEvent::withdrawal(EventType::WithdrawalPaid, id, &data),
-            )
-            .await?;
+            let settled = record_verdict(&mut tx, current, verdict).await?;
             tx.commit().await?;
             return Ok(settled);
         }
@@ -264,24 +234,16 @@ impl Withdrawals {
         // transaction read so far is given up, so that the fence is up before it begins.
         tx.rollback().await?;
         let fence = self.tokens.fence(owner).await?;
-        match self.reverse_tx(shard, id, owner).await {
+        let (end, result) = match self.reverse_tx(shard, id, owner).await {
             Ok(Ok((settled, Some((account, to_mark))))) => {
-                let snapshot = account.snapshot_lifting(Some(fence));
-                if let Err(err) = self.tokens.mark(&to_mark, &[snapshot], &[]).await {
-                    tracing::warn!(error = %err, "updating the account snapshot after a reversal failed");
-                }
-                Ok(settled)
+                (ChangeEnd::Committed(account, to_mark), Ok(settled))
             }
-            Ok(result) => {
-                // Rolled back: the twin verdict landed first, or a conflict.
-                self.lift(owner, &fence).await;
-                result.map(|(settled, _)| settled)
-            }
-            Err(err) => {
-                self.refresh(owner, fence).await;
-                Err(err.into())
-            }
-        }
+            // Rolled back: the twin verdict landed first, or a conflict.
+            Ok(result) => (ChangeEnd::RolledBack, result.map(|(settled, _)| settled)),
+            Err(err) => (ChangeEnd::InDoubt, Err(err.into())),
+        };
+        self.ledger.end_fence(owner, fence, end).await;
+        result
     }
 
     /// The reversal of a failed withdrawal, checked again under the locks: the
@@ -320,20 +282,35 @@ impl Withdrawals {
         let to_mark = self.ledger.booked_pending(&mut tx, user).await?;
         let account = accounts.get_mut(&user).ok_or(sqlx::Error::RowNotFound)?;
         Ledger::reverse(&mut tx, account, amount, id, now_ms()).await?;
-        repo::set_status(&mut *tx, id, verdict).await?;
-        let settled = Withdrawal {
-            status: verdict,
-            ..current
-        };
-        let data = event_data(&settled);
-        events::record(
-            &mut tx,
-            &NewEvent::withdrawal(EventType::WithdrawalFailed, id, &data),
-        )
-        .await?;
+        let settled = record_verdict(&mut tx, current, verdict).await?;
         tx.commit().await?;
         Ok(Ok((settled, Some((*account, to_mark)))))
     }
+}
+
+/// Writes the payout channel's final verdict on `current` and its event, in `tx`.
+async fn record_verdict(
+    tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
+    current: Withdrawal,
+    verdict: WithdrawalStatus,
+) -> Result<Withdrawal, LedgerError> {
+    repo::set_status(&mut **tx, &current.withdrawal_id, verdict).await?;
+    let settled = Withdrawal {
+        status: verdict,
+        ..current
+    };
+    let kind = if verdict == WithdrawalStatus::Paid {
+        EventType::WithdrawalPaid
+    } else {
+        EventType::WithdrawalFailed
+    };
+    let data = event_data(&settled);
+    events::record(
+        tx,
+        &NewEvent::withdrawal(kind, &settled.withdrawal_id, &data),
+    )
+    .await?;
+    Ok(settled)
 }
 
 /// What a withdrawal event carries: the withdrawal as the API shows it.
