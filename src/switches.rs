@@ -1,12 +1,14 @@
 //! Degradation switches: operators flip them at run time; every instance sees the change
-//! within a second (they live in one Redis hash, polled by each instance).
+//! within a second (they live in one Redis hash, polled by each instance). A change and a
+//! poll of this instance are serialized, so a poll that read the hash before a change
+//! never puts the old state back after it.
 //!
 //! | switch | effect when on |
 //! |---|---|
 //! | `issue_off` | `POST /v1/awards*` answer 503 `unavailable`; nothing is issued |
 //! | `booking_paused` | the accounting worker and the cron sweep book nothing (the backlog grows); withdrawals still force-settle |
 //! | `sync_off` | `POST /v1/wallet/tokens:sync` answers 503 `unavailable` |
-//! | `views_fallback` | when MySQL fails, `GET /v1/wallet` answers from Redis alone, marked `"degraded": true` |
+//! | `views_fallback` | when MySQL fails and the account snapshot cannot prove the view exact, `GET /v1/wallet` answers from Redis anyway, marked `"degraded": true` |
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,7 +31,7 @@ pub const SWITCHES: [(&str, &str); 4] = [
     ("sync_off", "client token sync answers 503 unavailable"),
     (
         "views_fallback",
-        "when MySQL fails, the wallet view is served from Redis alone and marked degraded",
+        "when MySQL fails and the account snapshot cannot prove the view exact, the wallet view is served from Redis anyway and marked degraded",
     ),
 ];
 
@@ -39,6 +41,8 @@ pub struct Switches {
     booking_paused: AtomicBool,
     sync_off: AtomicBool,
     views_fallback: AtomicBool,
+    /// Held by a poll from its read to its store, and by a change likewise.
+    writing: tokio::sync::Mutex<()>,
 }
 
 impl Switches {
@@ -66,6 +70,7 @@ impl Switches {
 
     /// Reads the shared state from Redis.
     pub async fn refresh(&self, redis: &Redis) -> redis::RedisResult<()> {
+        let _writing = self.writing.lock().await;
         let mut conn = redis.conn();
         let stored: HashMap<String, String> = conn.hgetall(redis.switches_key()).await?;
         for (name, _) in SWITCHES {
@@ -81,6 +86,7 @@ impl Switches {
         let flag = self
             .flag(name)
             .ok_or_else(|| Error::NotFound(format!("no switch `{name}`")))?;
+        let _writing = self.writing.lock().await;
         let mut conn = redis.conn();
         let _: () = conn
             .hset(redis.switches_key(), name, if on { "1" } else { "0" })
