@@ -66,11 +66,21 @@ impl IntoResponse for Error {
             body["error"]["request_id"] = serde_json::Value::String(id);
         }
         let mut response = (status(&self), axum::Json(body)).into_response();
-        if let Error::RateLimited { retry_after_secs } = self {
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(retry_after_secs.max(1)),
-            );
+        match self {
+            Error::RateLimited { retry_after_secs } => {
+                response.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after_secs.max(1)),
+                );
+            }
+            // The body is refused unread, so the server drops the connection after this
+            // answer; saying so keeps a client from sending its next request down it.
+            Error::PayloadTooLarge => {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
         }
         response
     }

@@ -733,6 +733,12 @@ async fn every_error_carries_the_envelope() {
         .await
         .unwrap();
     assert_eq!(resp.status().as_u16(), 413);
+    // The body was left unread, so the server ends this connection: it says so, and the
+    // client does not send the next request down a connection about to close.
+    assert_eq!(
+        resp.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
     let body: Value = resp.json().await.unwrap_or(Value::Null);
     assert_eq!(body["error"]["code"], "payload_too_large", "{body}");
 
