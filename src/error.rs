@@ -38,6 +38,15 @@ pub enum Error {
     /// The red packet's time is over (its remainder goes back to the sender).
     #[error("this red packet has expired")]
     PacketExpired,
+    /// The coupon was used by another redemption.
+    #[error("this coupon has been used")]
+    CouponUsed,
+    /// The coupon's validity is over (or has not begun).
+    #[error("{0}")]
+    CouponExpired(String),
+    /// The order does not reach the coupon's minimum spend.
+    #[error("{0}")]
+    BelowMinSpend(String),
     #[error("rate limited")]
     RateLimited { retry_after_secs: u64 },
     #[error("{0}")]
@@ -66,6 +75,9 @@ impl Error {
             Error::AlreadyWon(_) => "already_won",
             Error::PacketFinished => "packet_finished",
             Error::PacketExpired => "packet_expired",
+            Error::CouponUsed => "coupon_used",
+            Error::CouponExpired(_) => "coupon_expired",
+            Error::BelowMinSpend(_) => "below_min_spend",
             Error::Unavailable(_) => "unavailable",
             Error::Internal(_) => "internal",
         }
@@ -96,6 +108,9 @@ impl Error {
             Error::AlreadyWon(m) => Error::AlreadyWon(m.clone()),
             Error::PacketFinished => Error::PacketFinished,
             Error::PacketExpired => Error::PacketExpired,
+            Error::CouponUsed => Error::CouponUsed,
+            Error::CouponExpired(m) => Error::CouponExpired(m.clone()),
+            Error::BelowMinSpend(m) => Error::BelowMinSpend(m.clone()),
             Error::RateLimited { retry_after_secs } => Error::RateLimited {
                 retry_after_secs: *retry_after_secs,
             },

@@ -24,6 +24,7 @@ pub mod activity;
 pub mod app;
 pub mod budget;
 pub mod config;
+pub mod coupons;
 pub mod domain;
 pub mod error;
 pub mod events;

@@ -210,3 +210,35 @@ pub fn parked(partition: u32, entries: u64) {
     }
     counter!("rpw_parked_entries_total", "partition" => partition.to_string()).increment(entries);
 }
+
+/// Coupons booked (their `coupons` rows written).
+pub fn coupons_booked(n: usize) {
+    if crate::shadow::active() || n == 0 {
+        return;
+    }
+    counter!("rpw_coupons_booked_total").increment(n as u64);
+}
+
+/// Coupons the expiry job turned `expired`.
+pub fn coupons_expired(n: u64) {
+    if crate::shadow::active() || n == 0 {
+        return;
+    }
+    counter!("rpw_coupons_expired_total").increment(n);
+}
+
+/// A coupon used by a merchant.
+pub fn coupon_redeemed() {
+    if crate::shadow::active() {
+        return;
+    }
+    counter!("rpw_coupons_redeemed_total").increment(1);
+}
+
+/// A coupon scene handed out its fallback (`template` or `greeting`).
+pub fn coupon_fallback(kind: &'static str) {
+    if crate::shadow::active() {
+        return;
+    }
+    counter!("rpw_coupon_fallbacks_total", "kind" => kind).increment(1);
+}

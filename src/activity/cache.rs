@@ -7,6 +7,7 @@ use std::sync::{Arc, RwLock};
 use sqlx::Row;
 
 use super::{Activity, Scene};
+use crate::coupons::Template;
 use crate::domain::{ActivityId, AwardType, Cents, SceneId};
 
 /// One activity with its scenes, as the cache holds it.
@@ -27,6 +28,8 @@ pub struct ActivityCache {
     /// next one).
     started: std::sync::atomic::AtomicU64,
     installed: std::sync::atomic::AtomicU64,
+    /// Coupon templates (never changed once created), installed with the activities.
+    templates: RwLock<Arc<HashMap<String, Arc<Template>>>>,
 }
 
 impl ActivityCache {
@@ -36,6 +39,14 @@ impl ActivityCache {
             .expect("activity cache lock poisoned")
             .get(id)
             .cloned()
+    }
+
+    /// The coupon templates.
+    pub fn templates(&self) -> Arc<HashMap<String, Arc<Template>>> {
+        self.templates
+            .read()
+            .expect("template cache lock poisoned")
+            .clone()
     }
 
     pub fn all(&self) -> Vec<Arc<CachedActivity>> {
@@ -59,10 +70,11 @@ impl ActivityCache {
         .fetch_all(pool)
         .await?;
         let scenes = sqlx::query(
-            "SELECT activity_id, id, name, award_type, rate_limit_per_s, admission_fraction, guards FROM scenes",
+            "SELECT activity_id, id, name, award_type, rate_limit_per_s, admission_fraction, guards, coupon FROM scenes",
         )
         .fetch_all(pool)
         .await?;
+        let templates = crate::coupons::load_templates(pool, None).await?;
         let mut map: HashMap<String, CachedActivity> = HashMap::with_capacity(activities.len());
         for row in activities {
             // One bad row (a hand edit, a value out of range) must not keep every other
@@ -108,6 +120,15 @@ impl ActivityCache {
         if seq > self.installed.load(Ordering::SeqCst) {
             self.installed.store(seq, Ordering::SeqCst);
             *snapshot = Arc::new(fresh);
+            *self
+                .templates
+                .write()
+                .expect("template cache lock poisoned") = Arc::new(
+                templates
+                    .into_iter()
+                    .map(|t| (t.id.clone(), Arc::new(t)))
+                    .collect(),
+            );
         }
         Ok(())
     }
@@ -157,6 +178,17 @@ pub(super) fn scene_from_row(row: &sqlx::mysql::MySqlRow) -> anyhow::Result<Scen
                 Default::default()
             } else {
                 serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("stored guards: {e}"))?
+            }
+        },
+        coupon: {
+            let text: String = row.try_get("coupon")?;
+            if text.is_empty() {
+                None
+            } else {
+                Some(
+                    serde_json::from_str(&text)
+                        .map_err(|e| anyhow::anyhow!("stored coupon: {e}"))?,
+                )
             }
         },
     })

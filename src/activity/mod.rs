@@ -55,6 +55,34 @@ pub struct Scene {
     /// The seckill guards this scene turns on (all off by default).
     #[serde(default)]
     pub guards: SceneGuards,
+    /// A coupon scene's template and fallback (award_type `coupon`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coupon: Option<SceneCoupon>,
+}
+
+/// What a coupon scene hands out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SceneCoupon {
+    /// The template each award is a coupon of.
+    pub template_id: String,
+    /// Handed out instead once the template runs low.
+    #[serde(default)]
+    pub fallback: Option<CouponFallback>,
+}
+
+/// A coupon scene's fallback: once the template's remaining stock is under
+/// `under_share` of its stock (or gone), awards get a coupon of `template_id`, or
+/// only `greeting` (no value, no token). Exactly one of the two.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CouponFallback {
+    /// 0.0-1.0 (the seed used 0.1).
+    pub under_share: f64,
+    #[serde(default)]
+    pub template_id: Option<String>,
+    #[serde(default)]
+    pub greeting: Option<String>,
 }
 
 /// Seckill guards of a scene (see `issue::guards`), each optional.
@@ -229,6 +257,14 @@ impl Activities {
     pub async fn create_scene(&self, activity_id: &ActivityId, body: NewScene) -> Result<Scene> {
         let scene = parse_new_scene(activity_id, body)?;
         self.load(activity_id.as_str()).await?;
+        if let Some(c) = &scene.coupon {
+            let mut ids = vec![c.template_id.as_str()];
+            ids.extend(c.fallback.as_ref().and_then(|f| f.template_id.as_deref()));
+            let found = crate::coupons::load_templates(self.db.main(), Some(&ids)).await?;
+            if let Some(missing) = ids.iter().find(|id| !found.iter().any(|t| t.id == **id)) {
+                return Err(Error::NotFound(format!("no coupon template `{missing}`")));
+            }
+        }
         if !repo::insert_scene(self.db.main(), &scene).await? {
             return Err(Error::IdempotencyConflict(format!(
                 "scene `{}` already exists in activity `{}`",
@@ -357,6 +393,53 @@ pub struct NewScene {
     pub admission_fraction: Option<f64>,
     #[serde(default)]
     pub guards: SceneGuards,
+    /// Required when award_type is `coupon`, refused otherwise.
+    #[serde(default)]
+    pub coupon: Option<SceneCoupon>,
+}
+
+/// Checks a coupon scene's settings (the templates' existence is checked on write).
+fn check_scene_coupon(award_type: &AwardType, coupon: &Option<SceneCoupon>) -> Result<()> {
+    match (award_type.as_str() == "coupon", coupon) {
+        (false, None) => return Ok(()),
+        (false, Some(_)) => {
+            return Err(Error::InvalidRequest(
+                "coupon settings are for award_type `coupon` only".into(),
+            ))
+        }
+        (true, None) => {
+            return Err(Error::InvalidRequest(
+                "a coupon scene needs `coupon.template_id`".into(),
+            ))
+        }
+        (true, Some(_)) => {}
+    }
+    let Some(c) = coupon else { return Ok(()) };
+    ActivityId::parse(&c.template_id)?;
+    if let Some(f) = &c.fallback {
+        if !(f.under_share > 0.0 && f.under_share <= 1.0) {
+            return Err(Error::InvalidRequest(
+                "coupon.fallback.under_share must be above 0.0 and at most 1.0".into(),
+            ));
+        }
+        match (&f.template_id, &f.greeting) {
+            (Some(t), None) => {
+                ActivityId::parse(t)?;
+                if *t == c.template_id {
+                    return Err(Error::InvalidRequest(
+                        "the fallback template must be another template".into(),
+                    ));
+                }
+            }
+            (None, Some(g)) if !g.trim().is_empty() && g.len() <= 200 => {}
+            _ => {
+                return Err(Error::InvalidRequest(
+                    "coupon.fallback needs either template_id or a greeting of 1-200 bytes".into(),
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Checks every rule of a new scene before anything is written.
@@ -381,6 +464,7 @@ fn parse_new_scene(activity_id: &ActivityId, body: NewScene) -> Result<Scene> {
             "rate_limit_per_s must be 1..=10000000".into(),
         ));
     }
+    check_scene_coupon(&award_type, &body.coupon)?;
     Ok(Scene {
         activity_id: activity_id.clone(),
         id: scene_id,
@@ -389,5 +473,6 @@ fn parse_new_scene(activity_id: &ActivityId, body: NewScene) -> Result<Scene> {
         rate_limit_per_s: body.rate_limit_per_s,
         admission_fraction: body.admission_fraction,
         guards: body.guards,
+        coupon: body.coupon,
     })
 }

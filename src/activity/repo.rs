@@ -11,7 +11,7 @@ use crate::store::Db;
 
 pub async fn load_activity(pool: &MySqlPool, id: &str) -> Result<Activity> {
     let row = sqlx::query(
-        "SELECT id, name, stage, starts_at, ends_at, budget_cents, max_award_cents FROM activities WHERE id = ?",
+        "SELECT id, name, stage, starts_at, ends_at, budget_cents, max_award_cents FROM activities WHERE id = ? AND kind = 'cash'",
     )
     .bind(id)
     .fetch_optional(pool)
@@ -23,7 +23,7 @@ pub async fn load_activity(pool: &MySqlPool, id: &str) -> Result<Activity> {
 /// Every activity, the latest to start first (at most `limit`).
 pub async fn list_activities(pool: &MySqlPool, limit: u32) -> Result<Vec<Activity>> {
     let rows = sqlx::query(
-        "SELECT id, name, stage, starts_at, ends_at, budget_cents, max_award_cents FROM activities ORDER BY starts_at DESC, id LIMIT ?",
+        "SELECT id, name, stage, starts_at, ends_at, budget_cents, max_award_cents FROM activities WHERE kind = 'cash' ORDER BY starts_at DESC, id LIMIT ?",
     )
     .bind(limit)
     .fetch_all(pool)
@@ -63,7 +63,7 @@ pub async fn insert_activity(db: &Db, budget: &Budget, activity: &Activity) -> R
 /// statement so a concurrent add cannot pass it; false when refused.
 pub async fn add_budget(pool: &MySqlPool, id: &str, delta: Cents) -> Result<bool> {
     let updated = sqlx::query(
-        "UPDATE activities SET budget_cents = budget_cents + ? WHERE id = ? AND budget_cents <= ? - ?",
+        "UPDATE activities SET budget_cents = budget_cents + ? WHERE id = ? AND kind = 'cash' AND budget_cents <= ? - ?",
     )
     .bind(delta.get())
     .bind(id)
@@ -78,7 +78,7 @@ pub async fn add_budget(pool: &MySqlPool, id: &str, delta: Cents) -> Result<bool
 /// False when the scene exists.
 pub async fn insert_scene(pool: &MySqlPool, scene: &Scene) -> Result<bool> {
     let inserted = sqlx::query(
-        "INSERT IGNORE INTO scenes (activity_id, id, name, award_type, rate_limit_per_s, admission_fraction, guards) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT IGNORE INTO scenes (activity_id, id, name, award_type, rate_limit_per_s, admission_fraction, guards, coupon) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(scene.activity_id.as_str())
     .bind(scene.id.as_str())
@@ -91,6 +91,13 @@ pub async fn insert_scene(pool: &MySqlPool, scene: &Scene) -> Result<bool> {
     } else {
         String::new()
     })
+    .bind(
+        scene
+            .coupon
+            .as_ref()
+            .map(|c| serde_json::to_string(c).unwrap_or_default())
+            .unwrap_or_default(),
+    )
     .execute(pool)
     .await?
     .rows_affected();
@@ -99,7 +106,7 @@ pub async fn insert_scene(pool: &MySqlPool, scene: &Scene) -> Result<bool> {
 
 pub async fn scenes_of(pool: &MySqlPool, activity: &str) -> Result<Vec<Scene>> {
     let rows = sqlx::query(
-        "SELECT activity_id, id, name, award_type, rate_limit_per_s, admission_fraction, guards FROM scenes WHERE activity_id = ? ORDER BY id",
+        "SELECT activity_id, id, name, award_type, rate_limit_per_s, admission_fraction, guards, coupon FROM scenes WHERE activity_id = ? ORDER BY id",
     )
     .bind(activity)
     .fetch_all(pool)

@@ -46,6 +46,7 @@ pub struct App {
     pub wallet: Wallet,
     pub withdrawals: Withdrawals,
     pub packets: crate::packets::Packets,
+    pub coupons: crate::coupons::Coupons,
     pub guards: Arc<crate::issue::guards::Guards>,
     /// Webhook subscriptions, and the dispatcher that delivers their events.
     pub webhooks: crate::events::Subscriptions,
@@ -176,6 +177,9 @@ impl App {
                 redis.clone(),
             ),
             stats: stats.clone(),
+            stock_gauge: Arc::new(crate::coupons::StockGauge::new(
+                std::time::Duration::from_secs(1),
+            )),
         });
         let coalescer = Coalescer::start(
             issuer.clone(),
@@ -198,6 +202,14 @@ impl App {
             tokens.clone(),
             keys.clone(),
             settings.packets.clone(),
+        );
+        let coupons = crate::coupons::Coupons::new(
+            db.clone(),
+            redis.clone(),
+            tokens.clone(),
+            ledger.clone(),
+            budget.clone(),
+            cache.clone(),
         );
         let webhooks = crate::events::Subscriptions::new(db.clone());
         let dispatcher = crate::events::Dispatcher::new(db.clone(), settings.webhooks.clone())?;
@@ -236,6 +248,7 @@ impl App {
             cron: settings.cron.clone(),
             wallet: settings.wallet.clone(),
             packets: packets.clone(),
+            coupons: coupons.clone(),
         };
         let app = Arc::new(App {
             settings,
@@ -251,6 +264,7 @@ impl App {
             wallet,
             withdrawals,
             packets,
+            coupons,
             guards,
             webhooks,
             dispatcher,

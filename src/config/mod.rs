@@ -239,6 +239,8 @@ pub struct CronSettings {
     pub housekeeping: String,
     /// Refunds of red packets past their time.
     pub packet_refunds: String,
+    /// Coupons past their validity become `expired`.
+    pub coupon_expiry: String,
     pub lock_ttl_ms: u64,
     /// Housekeeping trims this many tokens per round trip...
     pub housekeeping_batch: usize,

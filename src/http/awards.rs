@@ -30,10 +30,26 @@ pub fn router() -> OpenApiRouter<AppState> {
 pub struct AwardBody {
     /// `{user_id}_{activity_id}_{scene_id}_{rain_id}_{award_type}_{stage}`.
     pub out_trade_no: String,
-    /// base64url SignedToken.
+    /// base64url SignedToken; empty when only a greeting was handed out.
     pub token: String,
+    /// `pending` (a token, waiting to be booked), or `greeting` (a coupon scene's
+    /// fallback handed out no token).
     pub status: &'static str,
     pub replayed: bool,
+    /// Coupon scenes: `template` when the fallback template was handed out, `greeting`
+    /// when only its greeting was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub greeting: Option<String>,
+}
+
+fn status_of(i: &Issued) -> &'static str {
+    if i.token.is_empty() {
+        "greeting"
+    } else {
+        "pending"
+    }
 }
 
 impl From<&Issued> for AwardBody {
@@ -41,8 +57,10 @@ impl From<&Issued> for AwardBody {
         Self {
             out_trade_no: i.out_trade_no.clone(),
             token: token::to_base64(&i.token),
-            status: "pending",
+            status: status_of(i),
             replayed: i.replayed,
+            fallback: i.fallback,
+            greeting: i.greeting.clone(),
         }
     }
 }
@@ -51,8 +69,10 @@ fn award_pb(i: &Issued) -> pb::AwardResponse {
     pb::AwardResponse {
         out_trade_no: i.out_trade_no.clone(),
         token: i.token.clone(),
-        status: "pending".into(),
+        status: status_of(i).into(),
         replayed: i.replayed,
+        fallback: i.fallback.unwrap_or_default().into(),
+        greeting: i.greeting.clone().unwrap_or_default(),
     }
 }
 

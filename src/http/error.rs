@@ -31,8 +31,12 @@ pub fn status(err: &Error) -> StatusCode {
         | Error::InsufficientBalance
         | Error::AlreadyWon(_)
         | Error::PacketFinished
-        | Error::PacketExpired => StatusCode::CONFLICT,
-        Error::ActivityClosed(_) | Error::AmountOverCap(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        | Error::PacketExpired
+        | Error::CouponUsed
+        | Error::CouponExpired(_) => StatusCode::CONFLICT,
+        Error::ActivityClosed(_) | Error::AmountOverCap(_) | Error::BelowMinSpend(_) => {
+            StatusCode::UNPROCESSABLE_ENTITY
+        }
         Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         Error::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,

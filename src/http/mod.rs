@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod auth;
 pub mod awards;
+pub mod coupons;
 pub mod error;
 pub mod openapi;
 pub mod packets;
@@ -131,6 +132,7 @@ fn described() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(wallet::router())
         .merge(withdrawals::router())
         .merge(packets::router())
+        .merge(coupons::router())
         .merge(admin::router())
         .split_for_parts()
 }

@@ -129,7 +129,7 @@ impl IntoResponses for AwardErrors {
             TOO_LARGE,
             (
                 422,
-                "activity_closed (outside the window, wrong stage) or amount_over_cap",
+                "activity_closed (outside the window, wrong stage, a coupon template no longer valid) or amount_over_cap",
             ),
             (403, "forbidden: the user or the caller is blacklisted, or the user is flagged where the scene refuses flagged users"),
             (429, "rate_limited; Retry-After says when to retry"),
@@ -217,6 +217,25 @@ impl IntoResponses for PacketOpenErrors {
                 429,
                 "rate_limited: too many opens of this packet wait already",
             ),
+            DOWN,
+        ])
+    }
+}
+
+/// Errors of redeeming a coupon.
+pub struct RedeemErrors;
+impl IntoResponses for RedeemErrors {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        errors(&[
+            BAD,
+            UNAUTH,
+            (404, "not_found: the user has no such coupon"),
+            (
+                409,
+                "coupon_used (by another request), coupon_expired (outside its validity) or idempotency_conflict (request_id used for another coupon or order)",
+            ),
+            TOO_LARGE,
+            (422, "below_min_spend: order_cents under the coupon's minimum spend"),
             DOWN,
         ])
     }

@@ -39,14 +39,71 @@ use crate::tokens::{Tokens, TRIMMED};
 
 pub use admission::{Admission, SharedLimit};
 pub use stats::StatsCounter;
-pub use validate::{same_award, validate, AwardRequest, ValidAward};
+pub use validate::{
+    same_award, validate, AwardRequest, CouponPlan, Fallback, FallbackTo, ValidAward,
+};
 
 /// A successful award: the token bytes, and whether this was a replay.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Issued {
     pub out_trade_no: String,
+    /// Empty when a coupon scene's fallback handed out only a greeting.
     pub token: Vec<u8>,
     pub replayed: bool,
+    /// A coupon scene's fallback: `template` or `greeting`.
+    pub fallback: Option<&'static str>,
+    pub greeting: Option<String>,
+}
+
+impl Issued {
+    fn token(out_trade_no: &str, token: Vec<u8>, replayed: bool, fallback: bool) -> Self {
+        Self {
+            out_trade_no: out_trade_no.to_string(),
+            token,
+            replayed,
+            fallback: fallback.then_some("template"),
+            greeting: None,
+        }
+    }
+}
+
+/// Which stock an award takes from: its activity's budget, or for a coupon the one
+/// unit of its template's stock (the scene's template, or the fallback template).
+#[derive(Debug, Clone)]
+struct Stock {
+    owner: String,
+    amount: i64,
+    /// A coupon's template and whether it is the scene's fallback.
+    coupon: Option<(Arc<crate::coupons::Template>, bool)>,
+}
+
+impl Stock {
+    fn of(v: &ValidAward) -> Self {
+        match &v.coupon {
+            Some(plan) => Self {
+                owner: plan.template.id.clone(),
+                amount: 1,
+                coupon: Some((plan.template.clone(), false)),
+            },
+            None => Self {
+                owner: v.activity_id.clone(),
+                amount: v.amount.get(),
+                coupon: None,
+            },
+        }
+    }
+
+    fn fallback_to(template: &Arc<crate::coupons::Template>) -> Self {
+        Self {
+            owner: template.id.clone(),
+            amount: 1,
+            coupon: Some((template.clone(), true)),
+        }
+    }
+
+    fn is_fallback(&self) -> bool {
+        self.coupon.as_ref().is_some_and(|(_, f)| *f)
+    }
 }
 
 /// The issuing capability: what it reads and writes, handed over by the wiring.
@@ -62,6 +119,8 @@ pub struct Issuer {
     pub admission: Admission,
     pub guards: Arc<guards::Guards>,
     pub stats: Arc<StatsCounter>,
+    /// Coupon templates' remaining shares, for scene fallbacks.
+    pub stock_gauge: Arc<crate::coupons::StockGauge>,
 }
 
 /// What Redis holds under an award's out_trade_no, answered: the token itself, or, once
@@ -88,11 +147,13 @@ fn replay_or_conflict(stored: Vec<u8>, award: &ValidAward) -> Result<Issued> {
     let token = token::decode_trusted(&stored)
         .map_err(|e| Error::Internal(anyhow::anyhow!("stored token unreadable: {e}")))?;
     if same_award(&token, &award.draft) {
-        Ok(Issued {
-            out_trade_no: award.out_trade_no.to_string(),
-            token: stored,
-            replayed: true,
-        })
+        let fallback = token.coupon.as_ref().is_some_and(|c| c.fallback);
+        Ok(Issued::token(
+            award.out_trade_no.as_str(),
+            stored,
+            true,
+            fallback,
+        ))
     } else {
         Err(Error::IdempotencyConflict(format!(
             "out_trade_no `{}` was issued with other fields",
@@ -187,7 +248,7 @@ impl Issuer {
             for ((i, v), outcome) in unique.iter().zip(outcomes) {
                 if let Ok(issued) = &outcome {
                     if !issued.replayed {
-                        self.stats.add(&v.activity_id, 1, v.amount.get());
+                        self.stats.add(&v.activity_id, 1, v.cash_cents());
                     }
                 }
                 results[*i] = Some(outcome);
@@ -212,6 +273,77 @@ impl Issuer {
             });
         }
         out
+    }
+
+    /// The fallback of a coupon award: a coupon of the fallback template, or (as the
+    /// `Err` side) the answer that hands out only the greeting.
+    fn fall_back(&self, v: &ValidAward, f: &Fallback) -> std::result::Result<Stock, Issued> {
+        match &f.to {
+            FallbackTo::Template(t) => {
+                metrics::coupon_fallback("template");
+                Ok(Stock::fallback_to(t))
+            }
+            FallbackTo::Greeting(text) => {
+                metrics::coupon_fallback("greeting");
+                Err(Issued {
+                    out_trade_no: v.out_trade_no.to_string(),
+                    token: Vec::new(),
+                    replayed: false,
+                    fallback: Some("greeting"),
+                    greeting: Some(text.clone()),
+                })
+            }
+        }
+    }
+
+    /// Takes each award's stock: batched first takes, then walks and grants for the
+    /// rest. Awards nothing covered are answered `budget_exhausted` (or `unavailable`
+    /// when the budget could not be read) in `out`.
+    async fn take(
+        &self,
+        at: &[usize],
+        stocks: &HashMap<usize, Stock>,
+        out: &mut [Option<Result<Issued>>],
+    ) -> HashMap<usize, budget::Taken> {
+        let (redis, db) = (&self.redis, &self.db);
+        let mut taken: HashMap<usize, budget::Taken> = HashMap::with_capacity(at.len());
+        let firsts: Vec<(usize, &str, i64)> = at
+            .iter()
+            .map(|&k| (k, stocks[&k].owner.as_str(), stocks[&k].amount))
+            .collect();
+        match self.budget.take_batched(redis, db, &firsts).await {
+            Ok(got) => taken.extend(got),
+            Err(err) => {
+                tracing::warn!(
+                    error = format!("{err:#}"),
+                    "batched budget take failed; taking one by one"
+                )
+            }
+        }
+        let rest: Vec<(usize, &str, i64)> = firsts
+            .iter()
+            .filter(|(k, ..)| !taken.contains_key(k))
+            .copied()
+            .collect();
+        if !rest.is_empty() {
+            match self.budget.take_each(redis, db, &rest).await {
+                Ok(got) => taken.extend(got),
+                Err(err) => {
+                    tracing::warn!(error = format!("{err:#}"), "budget take failed");
+                    for (k, ..) in &rest {
+                        if !taken.contains_key(k) {
+                            out[*k] = Some(Err(Error::Unavailable("budget unavailable".into())));
+                        }
+                    }
+                }
+            }
+            for (k, ..) in &rest {
+                if !taken.contains_key(k) && out[*k].is_none() {
+                    out[*k] = Some(Err(Error::BudgetExhausted));
+                }
+            }
+        }
+        taken
     }
 
     async fn issue_unique(&self, awards: &[(usize, ValidAward)], now: i64) -> Vec<Result<Issued>> {
@@ -269,48 +401,57 @@ impl Issuer {
         // Step 3: budget. The awards' first takes go in one pipelined round trip, a few
         // awards per call on random sub-stocks; awards it did not cover walk the
         // sub-stocks, and those still uncovered share a grant (budget moved from MySQL).
-        let mut taken: HashMap<usize, budget::Taken> = HashMap::with_capacity(fresh.len());
-        let firsts: Vec<(usize, &str, i64)> = fresh
-            .iter()
-            .map(|&k| {
-                (
-                    k,
-                    awards[k].1.activity_id.as_str(),
-                    awards[k].1.amount.get(),
-                )
-            })
-            .collect();
-        match self.budget.take_batched(redis, db, &firsts).await {
-            Ok(got) => taken.extend(got),
-            Err(err) => {
-                tracing::warn!(
-                    error = format!("{err:#}"),
-                    "batched budget take failed; taking one by one"
-                )
-            }
-        }
-        let rest: Vec<(usize, &str, i64)> = firsts
-            .iter()
-            .filter(|(k, ..)| !taken.contains_key(k))
-            .copied()
-            .collect();
-        if !rest.is_empty() {
-            match self.budget.take_each(redis, db, &rest).await {
-                Ok(got) => taken.extend(got),
-                Err(err) => {
-                    tracing::warn!(error = format!("{err:#}"), "budget take failed");
-                    for (k, ..) in &rest {
-                        if !taken.contains_key(k) {
-                            out[*k] = Some(Err(Error::Unavailable("budget unavailable".into())));
+        // A coupon takes one unit of its template's stock; a coupon scene whose
+        // template runs low hands out its fallback instead.
+        let mut stocks: HashMap<usize, Stock> = HashMap::with_capacity(fresh.len());
+        for &k in &fresh {
+            let v = &awards[k].1;
+            let mut stock = Stock::of(v);
+            if let Some(plan) = &v.coupon {
+                if let Some(f) = &plan.fallback {
+                    let share = self
+                        .stock_gauge
+                        .share(&self.budget, redis, db, &plan.template)
+                        .await;
+                    if share.is_some_and(|s| s < f.under_share) {
+                        match self.fall_back(v, f) {
+                            Ok(fallback) => stock = fallback,
+                            Err(greeting) => {
+                                out[k] = Some(Ok(greeting));
+                                continue;
+                            }
                         }
                     }
                 }
             }
-            for (k, ..) in &rest {
-                if !taken.contains_key(k) && out[*k].is_none() {
-                    out[*k] = Some(Err(Error::BudgetExhausted));
-                }
+            stocks.insert(k, stock);
+        }
+        fresh.retain(|k| out[*k].is_none());
+        let mut taken = self.take(&fresh, &stocks, &mut out).await;
+        // Coupons their template could not cover get the scene's fallback, once.
+        let mut second: Vec<usize> = Vec::new();
+        for &k in &fresh {
+            if taken.contains_key(&k) || !matches!(out[k], Some(Err(Error::BudgetExhausted))) {
+                continue;
             }
+            let v = &awards[k].1;
+            let Some(f) = v.coupon.as_ref().and_then(|p| p.fallback.as_ref()) else {
+                continue;
+            };
+            if stocks[&k].is_fallback() {
+                continue;
+            }
+            match self.fall_back(v, f) {
+                Ok(fallback) => {
+                    stocks.insert(k, fallback);
+                    out[k] = None;
+                    second.push(k);
+                }
+                Err(greeting) => out[k] = Some(Ok(greeting)),
+            }
+        }
+        if !second.is_empty() {
+            taken.extend(self.take(&second, &stocks, &mut out).await);
         }
 
         // Step 4: mint, recording the budget generation the money came from. Every
@@ -326,6 +467,9 @@ impl Issuer {
             .map(|&k| {
                 let mut draft = awards[k].1.draft.clone();
                 draft.budget_gen = taken[&k].gen;
+                if let Some((template, fallback)) = &stocks[&k].coupon {
+                    draft.coupon = Some(template.terms_at(draft.issued_at_ms, *fallback));
+                }
                 draft
             })
             .collect();
@@ -335,10 +479,7 @@ impl Issuer {
                 // Nothing was stored: the budget goes back at once.
                 for &k in &to_mint {
                     if let Some(t) = taken.remove(&k) {
-                        let _ = self
-                            .budget
-                            .give_back(redis, &awards[k].1.activity_id, &t)
-                            .await;
+                        let _ = self.budget.give_back(redis, &stocks[&k].owner, &t).await;
                     }
                     out[k] = Some(Err(Error::Unavailable(err.to_string())));
                 }
@@ -373,20 +514,21 @@ impl Issuer {
                             // Another request stored first: a replay, or a conflict.
                             Some(bytes) => {
                                 if let Some(t) = taken.remove(&k) {
-                                    give_back.push((v.activity_id.clone(), t));
+                                    give_back.push((stocks[&k].owner.clone(), t));
                                 }
                                 resolve_held(&self.ledger, bytes, v).await
                             }
-                            None => Ok(Issued {
-                                out_trade_no: v.out_trade_no.to_string(),
-                                token: award.bytes,
-                                replayed: false,
-                            }),
+                            None => Ok(Issued::token(
+                                v.out_trade_no.as_str(),
+                                award.bytes,
+                                false,
+                                stocks[&k].is_fallback(),
+                            )),
                         });
                     }
-                    for (activity, t) in give_back {
-                        if let Err(err) = self.budget.give_back(redis, &activity, &t).await {
-                            tracing::error!(error = %err, activity, cents = t.total(), "giving back a lost race's budget failed; reconciliation will show the leak");
+                    for (owner, t) in give_back {
+                        if let Err(err) = self.budget.give_back(redis, &owner, &t).await {
+                            tracing::error!(error = %err, owner, amount = t.total(), "giving back a lost race's budget failed; reconciliation will show the leak");
                         }
                     }
                 }

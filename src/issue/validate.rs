@@ -1,7 +1,10 @@
 //! Validation of award requests against the cached activity settings (no MySQL on
 //! this path), and what makes two awards "the same award".
 
+use std::sync::Arc;
+
 use crate::activity::{ActivityCache, SceneGuards};
+use crate::coupons::Template;
 use crate::domain::{
     parse_rain_id, ActivityId, AwardType, Cents, OutTradeNo, SceneId, Stage, UserId,
 };
@@ -19,6 +22,9 @@ pub struct AwardRequest {
     #[serde(default)]
     pub rain_id: i64,
     pub award_type: String,
+    /// Cash awards: the amount. Coupon awards: 0 or absent (a coupon's worth is its
+    /// template's).
+    #[serde(default)]
     pub amount_cents: i64,
     /// Optional: when present it must be the activity's stage.
     #[serde(default)]
@@ -54,6 +60,39 @@ pub struct ValidAward {
     pub draft: pb::RedPacketToken,
     /// The scene's seckill guards.
     pub guards: SceneGuards,
+    /// A coupon award: its template and the scene's fallback.
+    pub coupon: Option<CouponPlan>,
+}
+
+/// What a coupon award hands out: a coupon of `template`, or once it runs low the
+/// scene's fallback.
+#[derive(Debug, Clone)]
+pub struct CouponPlan {
+    pub template: Arc<Template>,
+    pub fallback: Option<Fallback>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Fallback {
+    pub under_share: f64,
+    pub to: FallbackTo,
+}
+
+#[derive(Debug, Clone)]
+pub enum FallbackTo {
+    Template(Arc<Template>),
+    Greeting(String),
+}
+
+impl ValidAward {
+    /// The cash this award carries (none for a coupon).
+    pub fn cash_cents(&self) -> i64 {
+        if self.coupon.is_some() {
+            0
+        } else {
+            self.amount.get()
+        }
+    }
 }
 
 /// The fields that make two awards "the same award". The open time is the client's
@@ -73,7 +112,6 @@ pub fn same_award(a: &pb::RedPacketToken, b: &pb::RedPacketToken) -> bool {
 /// Validates one request against the cached activity settings.
 pub fn validate(activities: &ActivityCache, req: &AwardRequest, now_ms: i64) -> Result<ValidAward> {
     let user = UserId::parse(req.user_id)?;
-    let amount = Cents::positive(req.amount_cents, "amount_cents")?;
     let rain_id = parse_rain_id(req.rain_id)?;
     let activity_id = ActivityId::parse(&req.activity_id)?;
     let scene_id = SceneId::parse(&req.scene_id)?;
@@ -91,6 +129,48 @@ pub fn validate(activities: &ActivityCache, req: &AwardRequest, now_ms: i64) -> 
             scene.award_type
         )));
     }
+    let coupon = match &scene.coupon {
+        None => None,
+        Some(c) => {
+            if req.amount_cents != 0 {
+                return Err(Error::InvalidRequest(
+                    "a coupon award carries no amount_cents (0 or absent)".into(),
+                ));
+            }
+            let templates = activities.templates();
+            let template = |id: &str| {
+                templates.get(id).cloned().ok_or_else(|| {
+                    Error::Unavailable(format!("coupon template `{id}` is not loaded yet"))
+                })
+            };
+            let fallback = match &c.fallback {
+                None => None,
+                Some(f) => Some(Fallback {
+                    under_share: f.under_share,
+                    to: match (&f.template_id, &f.greeting) {
+                        (Some(t), _) => FallbackTo::Template(template(t)?),
+                        (None, g) => FallbackTo::Greeting(g.clone().unwrap_or_default()),
+                    },
+                }),
+            };
+            let plan = CouponPlan {
+                template: template(&c.template_id)?,
+                fallback,
+            };
+            if !plan.template.issuable_at(now_ms) {
+                return Err(Error::ActivityClosed(format!(
+                    "coupon template `{}` is no longer valid",
+                    c.template_id
+                )));
+            }
+            Some(plan)
+        }
+    };
+    // A coupon takes one unit of its template's stock.
+    let amount = match coupon {
+        Some(_) => Cents::positive(1, "amount_cents")?,
+        None => Cents::positive(req.amount_cents, "amount_cents")?,
+    };
     let activity = &cached.activity;
     let now = chrono::DateTime::from_timestamp_millis(now_ms).unwrap_or_default();
     if !activity.is_open_at(now) {
@@ -109,7 +189,7 @@ pub fn validate(activities: &ActivityCache, req: &AwardRequest, now_ms: i64) -> 
             )));
         }
     }
-    if amount > activity.max_award_cents {
+    if coupon.is_none() && amount > activity.max_award_cents {
         return Err(Error::AmountOverCap(format!(
             "amount_cents {} is above the cap of {}",
             amount.get(),
@@ -129,7 +209,7 @@ pub fn validate(activities: &ActivityCache, req: &AwardRequest, now_ms: i64) -> 
         user_id: user.get(),
         activity_id: activity_id.as_str().to_string(),
         scene_id: scene_id.as_str().to_string(),
-        amount_cents: amount.get(),
+        amount_cents: if coupon.is_some() { 0 } else { amount.get() },
         out_trade_no: out_trade_no.as_str().to_string(),
         open_time_ms: req.open_time_ms.unwrap_or(now_ms),
         rain_id,
@@ -139,6 +219,7 @@ pub fn validate(activities: &ActivityCache, req: &AwardRequest, now_ms: i64) -> 
         key_id: String::new(),
         issued_at_ms: now_ms,
         budget_gen: 0,
+        coupon: coupon.as_ref().map(|c| c.template.terms_at(now_ms, false)),
     };
     Ok(ValidAward {
         user,
@@ -147,5 +228,6 @@ pub fn validate(activities: &ActivityCache, req: &AwardRequest, now_ms: i64) -> 
         amount,
         draft,
         guards: scene.guards,
+        coupon,
     })
 }

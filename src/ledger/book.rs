@@ -9,10 +9,13 @@ use super::{Booked, Ledger, LedgerError};
 use crate::domain::UserId;
 use crate::tokens::{AwardEntry, TRIMMED};
 
-/// Sums per user, refusing what would overflow a 64-bit balance.
-pub(super) fn credits(entries: &[AwardEntry]) -> Result<BTreeMap<UserId, i64>, LedgerError> {
+/// Sums the cash awards per user, refusing what would overflow a 64-bit balance.
+/// Coupons carry no cash and are left out.
+pub(super) fn credits<'a>(
+    entries: impl IntoIterator<Item = &'a AwardEntry>,
+) -> Result<BTreeMap<UserId, i64>, LedgerError> {
     let mut credit: BTreeMap<UserId, i64> = BTreeMap::new();
-    for e in entries {
+    for e in entries.into_iter().filter(|e| !e.coupon) {
         if e.amount_cents <= 0 {
             return Err(LedgerError::Overflow("awards are positive"));
         }
@@ -28,13 +31,16 @@ impl Ledger {
     /// Books `entries` inside `tx`: inserts the ledger rows the ledger does not hold yet
     /// and credits each account by exactly what was inserted for it. With `force`, that
     /// user's pending tokens (read after the lock) are booked too: a withdrawal's forced
-    /// settlement.
+    /// settlement. A coupon gets its ledger row (kind `coupon`, one unit of its
+    /// template's stock) and its `coupons` row; no account is touched for it.
     pub async fn book_in_tx(
         &self,
         tx: &mut Transaction<'_, MySql>,
         entries: &[AwardEntry],
         force: Option<UserId>,
     ) -> Result<Booked, LedgerError> {
+        // A coupon's user is locked too: the lock proves this shard owns the user's
+        // bucket (see `own_buckets`), and the coupon moves with the bucket.
         let mut users: Vec<UserId> = entries.iter().map(|e| e.user).collect();
         users.extend(force);
         users.sort_unstable();
@@ -77,8 +83,8 @@ impl Ledger {
                 newly.push(e.clone());
             }
         }
+        let credit = credits(&newly)?;
         if !newly.is_empty() {
-            let credit = credits(&newly)?;
             let tokens = self.tokens.token_bytes(&newly).await?;
             let mut insert = QueryBuilder::<MySql>::new(
                 "INSERT INTO ledger_entries (user_id, out_trade_no, kind, amount_cents, activity_id, scene_id, at_ms, budget_gen, token) ",
@@ -86,7 +92,7 @@ impl Ledger {
             insert.push_values(newly.iter().zip(&tokens), |mut b, (e, token)| {
                 b.push_bind(e.user.get())
                     .push_bind(&e.out_trade_no)
-                    .push_bind("award")
+                    .push_bind(if e.coupon { "coupon" } else { "award" })
                     .push_bind(e.amount_cents)
                     .push_bind(&e.activity_id)
                     .push_bind(&e.scene_id)
@@ -95,7 +101,10 @@ impl Ledger {
                     .push_bind(token.as_deref().filter(|t| *t != TRIMMED));
             });
             insert.build().execute(&mut **tx).await?;
-
+            let coupons: Vec<&AwardEntry> = newly.iter().filter(|e| e.coupon).collect();
+            crate::coupons::book_in_tx(tx, &self.db, &coupons).await?;
+        }
+        if !credit.is_empty() {
             let mut update = QueryBuilder::<MySql>::new(
                 "INSERT INTO accounts (user_id, balance_cents, total_income_cents) ",
             );
@@ -165,6 +174,7 @@ mod tests {
             at_ms: 0,
             stream_id: None,
             budget_gen: 1,
+            coupon: false,
         }
     }
 
@@ -174,6 +184,19 @@ mod tests {
         assert_eq!(
             c.into_iter().map(|(u, c)| (u.get(), c)).collect::<Vec<_>>(),
             vec![(1, 15), (2, 7)]
+        );
+    }
+
+    #[test]
+    fn a_coupon_credits_no_cash() {
+        let coupon = AwardEntry {
+            coupon: true,
+            ..award(1, 1)
+        };
+        let c = credits(&[award(2, 7), coupon]).unwrap();
+        assert_eq!(
+            c.into_iter().map(|(u, c)| (u.get(), c)).collect::<Vec<_>>(),
+            vec![(2, 7)]
         );
     }
 

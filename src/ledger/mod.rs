@@ -110,6 +110,9 @@ pub enum LedgerError {
     Redis(#[from] redis::RedisError),
     #[error("{0}")]
     Overflow(&'static str),
+    /// An entry that can never be booked as it is (a coupon naming no template).
+    #[error("{0}")]
+    Unbookable(String),
     /// The shard does not own the user's bucket (being moved, or moved away and this
     /// instance's map is stale; the map has been read again).
     #[error("bucket {0} is not on this shard (moving, or moved)")]
@@ -127,7 +130,7 @@ impl LedgerError {
     pub fn is_data_error(&self) -> bool {
         match self {
             LedgerError::Sql(err) => is_data_error(err),
-            LedgerError::Overflow(_) => true,
+            LedgerError::Overflow(_) | LedgerError::Unbookable(_) => true,
             LedgerError::Redis(_) | LedgerError::Moved(_) => false,
         }
     }
@@ -141,6 +144,7 @@ impl From<LedgerError> for Error {
             LedgerError::Sql(e) => e.into(),
             LedgerError::Redis(e) => e.into(),
             LedgerError::Overflow(what) => Error::internal(what),
+            LedgerError::Unbookable(what) => Error::internal(what),
             LedgerError::Moved(bucket) => Error::Unavailable(format!(
                 "this user's ledger is moving between database shards (bucket {bucket}); retry in a moment"
             )),

@@ -128,7 +128,7 @@ impl Ledger {
             return Err(LedgerError::Moved(bucket_of(user)));
         }
         let mut q = QueryBuilder::<MySql>::new(
-            "SELECT out_trade_no, kind, amount_cents, activity_id, scene_id, at_ms FROM ledger_entries WHERE user_id = ",
+            "SELECT out_trade_no, kind, amount_cents, activity_id, scene_id, at_ms FROM ledger_entries WHERE kind <> 'coupon' AND user_id = ",
         );
         q.push_bind(user.get());
         if let Some((at, otn)) = cursor {
@@ -228,7 +228,7 @@ impl Ledger {
         let mut totals = Totals::default();
         for pool in self.db.shards() {
             let row = sqlx::query(
-                "SELECT COUNT(*), CAST(COALESCE(SUM(amount_cents), 0) AS SIGNED) FROM ledger_entries WHERE activity_id = ? AND kind = 'award' AND at_ms >= ? AND at_ms < ?",
+                "SELECT COUNT(*), CAST(COALESCE(SUM(amount_cents), 0) AS SIGNED) FROM ledger_entries WHERE activity_id = ? AND kind IN ('award', 'coupon') AND at_ms >= ? AND at_ms < ?",
             )
             .bind(activity)
             .bind(start)
@@ -249,7 +249,7 @@ impl Ledger {
         let mut out: BTreeMap<i64, Totals> = BTreeMap::new();
         for pool in self.db.shards() {
             let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
-                "SELECT budget_gen, COUNT(*), CAST(COALESCE(SUM(amount_cents), 0) AS SIGNED) FROM ledger_entries WHERE activity_id = ? AND kind = 'award' GROUP BY budget_gen",
+                "SELECT budget_gen, COUNT(*), CAST(COALESCE(SUM(amount_cents), 0) AS SIGNED) FROM ledger_entries WHERE activity_id = ? AND kind IN ('award', 'coupon') GROUP BY budget_gen",
             )
             .bind(activity)
             .fetch_all(pool)

@@ -119,6 +119,7 @@ pub struct Jobs {
     pub cron: CronSettings,
     pub wallet: WalletSettings,
     pub packets: crate::packets::Packets,
+    pub coupons: crate::coupons::Coupons,
 }
 
 impl Jobs {
@@ -204,6 +205,14 @@ impl Jobs {
                     .map_err(|e| anyhow::anyhow!("{}: {e:#}", e.code()))?;
                 tracing::info!(job = name, refunded, restored, "red packet refunds done");
             }
+            "coupon_expiry" => {
+                let expired = self
+                    .coupons
+                    .expire_due(now_ms())
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{}: {e:#}", e.code()))?;
+                tracing::info!(job = name, expired, "coupon expiry done");
+            }
             other => anyhow::bail!("unknown job {other}"),
         }
         Ok(())
@@ -212,12 +221,13 @@ impl Jobs {
     /// Registers every job with a non-empty schedule and starts the scheduler.
     pub async fn start(&self) -> anyhow::Result<JobScheduler> {
         let scheduler = JobScheduler::new().await?;
-        let jobs: [(&'static str, &String); 5] = [
+        let jobs: [(&'static str, &String); 6] = [
             ("settle", &self.cron.settle),
             ("reconcile_hourly", &self.cron.reconcile_hourly),
             ("reconcile_live", &self.cron.reconcile_live),
             ("housekeeping", &self.cron.housekeeping),
             ("packet_refunds", &self.cron.packet_refunds),
+            ("coupon_expiry", &self.cron.coupon_expiry),
         ];
         for (name, schedule) in jobs {
             if schedule.trim().is_empty() {

@@ -590,6 +590,7 @@ impl Packets {
             key_id: String::new(),
             issued_at_ms: now,
             budget_gen: 0,
+            coupon: None,
         };
         let signed = crate::token::mint(&self.keys.current(), token)
             .map_err(|e| Error::Unavailable(format!("signing a share: {e}")))?;

@@ -34,8 +34,10 @@ for i = 0, n - 1 do
   local otn, hour, amount, user = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3]
   local gen, counters_key = ARGV[a + 4], KEYS[tonumber(ARGV[a + 5])]
   local status = redis.call('HGET', status_key, otn)
-  if status and string.sub(status, 1, 1) == 'p' then
-    redis.call('HSET', status_key, otn, 's' .. string.sub(status, 2))
+  local letter = status and string.sub(status, 1, 1)
+  if letter == 'p' or letter == 'c' then
+    -- cash p -> s, coupon c -> d
+    redis.call('HSET', status_key, otn, (letter == 'p' and 's' or 'd') .. string.sub(status, 2))
     add(counters_key, hour .. ':sn', 1)
     add(counters_key, hour .. ':sc', amount)
     add(counters_key, 'g' .. gen .. ':sn', 1)

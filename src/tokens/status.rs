@@ -2,8 +2,9 @@
 //! settlement stream entry that carries a token to the accounting worker.
 //!
 //! A status is `p|amount|at_ms|activity|scene|gen` while pending and the same with `s`
-//! once booked and marked (mark.lua). Entries written before budget generations have no
-//! `gen` part: generation 0. Ids are `[a-z0-9-]` and out_trade_nos never hold `|`, so
+//! once booked and marked (mark.lua); a coupon's status starts with `c`, then `d`, its
+//! activity is its template and its amount the one unit of stock it took. Entries
+//! written before budget generations have no `gen` part: generation 0. Ids are `[a-z0-9-]` and out_trade_nos never hold `|`, so
 //! the parts never run together.
 
 use redis::streams::StreamId;
@@ -25,6 +26,9 @@ pub struct AwardEntry {
     pub stream_id: Option<String>,
     /// The budget generation its money was taken from.
     pub budget_gen: i64,
+    /// A coupon: `activity_id` is its template (the stock it came from) and
+    /// `amount_cents` the one unit of stock it took; it carries no cash.
+    pub coupon: bool,
 }
 
 /// One entry of a user's status hash.
@@ -34,20 +38,46 @@ pub struct StatusEntry {
     pub entry: AwardEntry,
 }
 
+/// The first letter of a pending status: `p` for cash, `c` for a coupon.
+pub fn pending_letter(coupon: bool) -> &'static str {
+    if coupon {
+        "c"
+    } else {
+        "p"
+    }
+}
+
 /// The status value of a freshly stored token (what store.lua writes).
 pub fn pending_status(e: &AwardEntry) -> String {
     format!(
-        "p|{}|{}|{}|{}|{}",
-        e.amount_cents, e.at_ms, e.activity_id, e.scene_id, e.budget_gen
+        "{}|{}|{}|{}|{}|{}",
+        pending_letter(e.coupon),
+        e.amount_cents,
+        e.at_ms,
+        e.activity_id,
+        e.scene_id,
+        e.budget_gen
     )
 }
 
-/// Reads a status value (see the module comment); `None` for anything else.
+/// Reads a cash status value (see the module comment); `None` for anything else, a
+/// coupon's included: cash views and forced settlement never see coupons.
 pub fn parse_status(user: UserId, otn: &str, value: &str) -> Option<StatusEntry> {
+    parse_any_status(user, otn, value).filter(|s| !s.entry.coupon)
+}
+
+/// Reads a coupon's status value; `None` for anything else.
+pub fn parse_coupon_status(user: UserId, otn: &str, value: &str) -> Option<StatusEntry> {
+    parse_any_status(user, otn, value).filter(|s| s.entry.coupon)
+}
+
+fn parse_any_status(user: UserId, otn: &str, value: &str) -> Option<StatusEntry> {
     let mut parts = value.split('|');
-    let pending = match parts.next()? {
-        "p" => true,
-        "s" => false,
+    let (pending, coupon) = match parts.next()? {
+        "p" => (true, false),
+        "s" => (false, false),
+        "c" => (true, true),
+        "d" => (false, true),
         _ => return None,
     };
     let amount_cents: i64 = parts.next()?.parse().ok().filter(|a| *a > 0)?;
@@ -72,6 +102,7 @@ pub fn parse_status(user: UserId, otn: &str, value: &str) -> Option<StatusEntry>
             at_ms,
             stream_id: None,
             budget_gen,
+            coupon,
         },
     })
 }
@@ -91,7 +122,7 @@ pub fn pending_in(
 /// The fields of a settlement stream entry (what store.lua's XADD writes), with `extra`
 /// fields after them (a parked entry's original id and error).
 pub fn entry_fields(e: &AwardEntry) -> Vec<(&'static str, String)> {
-    vec![
+    let mut fields = vec![
         ("u", e.user.to_string()),
         ("o", e.out_trade_no.clone()),
         ("a", e.amount_cents.to_string()),
@@ -99,13 +130,18 @@ pub fn entry_fields(e: &AwardEntry) -> Vec<(&'static str, String)> {
         ("sc", e.scene_id.clone()),
         ("t", e.at_ms.to_string()),
         ("g", e.budget_gen.to_string()),
-    ]
+    ];
+    if e.coupon {
+        fields.push(("k", "c".to_string()));
+    }
+    fields
 }
 
 /// Reads a settlement stream entry: the tokens it carries, each with the entry's id, or
 /// `None` when it is not one. store.lua writes one entry per call, field `b` holding a
-/// line `user|out_trade_no|amount|activity|scene|at|gen` per token; an entry of one token
-/// in separate fields (earlier releases, [`entry_fields`]) is read as well.
+/// line `user|out_trade_no|amount|activity|scene|at|gen` per token (`...|gen|c` for a
+/// coupon); an entry of one token in separate fields (earlier releases,
+/// [`entry_fields`]) is read as well.
 pub fn parse_entry(id: &StreamId) -> Option<Vec<AwardEntry>> {
     let Some(lines) = id.get::<String>("b") else {
         let user: i64 = id.get("u")?;
@@ -118,6 +154,7 @@ pub fn parse_entry(id: &StreamId) -> Option<Vec<AwardEntry>> {
             at_ms: id.get("t")?,
             stream_id: Some(id.id.clone()),
             budget_gen: id.get("g").unwrap_or(0),
+            coupon: id.get::<String>("k").as_deref() == Some("c"),
         }]);
     };
     lines
@@ -133,6 +170,16 @@ pub fn parse_entry(id: &StreamId) -> Option<Vec<AwardEntry>> {
                 at_ms: parts.next()?.parse().ok()?,
                 stream_id: Some(id.id.clone()),
                 budget_gen: parts.next()?.parse().ok()?,
+                coupon: false,
+            };
+            // A coupon's line ends in `|c`.
+            let entry = match parts.next() {
+                None => entry,
+                Some("c") => AwardEntry {
+                    coupon: true,
+                    ..entry
+                },
+                Some(_) => return None,
             };
             parts.next().is_none().then_some(entry)
         })
@@ -167,6 +214,7 @@ mod tests {
             at_ms: 1_700_000_000_123,
             stream_id: None,
             budget_gen: 3,
+            coupon: false,
         }
     }
 
@@ -180,6 +228,33 @@ mod tests {
         let parsed = parse_status(e.user, &e.out_trade_no, &settled).unwrap();
         assert!(!parsed.pending);
         assert_eq!(parsed.entry, e);
+    }
+
+    #[test]
+    fn a_coupon_status_is_never_read_as_cash() {
+        let e = AwardEntry {
+            activity_id: "tpl-5off".into(),
+            amount_cents: 1,
+            coupon: true,
+            ..entry()
+        };
+        let pending = pending_status(&e);
+        assert!(pending.starts_with("c|"), "{pending}");
+        assert_eq!(parse_status(e.user, &e.out_trade_no, &pending), None);
+        let parsed = parse_coupon_status(e.user, &e.out_trade_no, &pending).unwrap();
+        assert!(parsed.pending);
+        assert_eq!(parsed.entry, e);
+        let booked = format!("d{}", &pending[1..]);
+        assert_eq!(parse_status(e.user, &e.out_trade_no, &booked), None);
+        assert!(
+            !parse_coupon_status(e.user, &e.out_trade_no, &booked)
+                .unwrap()
+                .pending
+        );
+        let cash = pending_status(&entry());
+        assert_eq!(parse_coupon_status(e.user, "o", &cash), None);
+        let statuses = vec![("o".to_string(), pending)];
+        assert_eq!(pending_in(e.user, &statuses).count(), 0);
     }
 
     #[test]
@@ -238,9 +313,20 @@ mod tests {
             parsed,
             vec![AwardEntry {
                 stream_id: Some("1-1".into()),
-                ..e
+                ..e.clone()
             }]
         );
+        let coupon = AwardEntry { coupon: true, ..e };
+        let map: HashMap<String, redis::Value> = entry_fields(&coupon)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), redis::Value::BulkString(v.into_bytes())))
+            .collect();
+        let parsed = parse_entry(&StreamId {
+            id: "1-2".into(),
+            map,
+        })
+        .unwrap();
+        assert!(parsed[0].coupon);
     }
 
     #[test]
@@ -272,7 +358,16 @@ mod tests {
             ..e.clone()
         };
         assert_eq!(parsed, vec![with_id(&e), with_id(&second)]);
+        let coupon = parse_entry(&entry_of(format!("{}|c", line(&e)))).unwrap();
+        assert_eq!(
+            coupon,
+            vec![AwardEntry {
+                coupon: true,
+                ..with_id(&e)
+            }]
+        );
         for bad in [
+            format!("{}|d", line(&e)),
             format!("{}\n", line(&e)),
             format!("{}|extra", line(&e)),
             "42|o|0|cny|rain|1|1".to_string(),

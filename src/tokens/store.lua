@@ -1,15 +1,18 @@
 -- Stores freshly minted tokens of one partition, atomically: each token and its status,
 -- the hourly counters, and one settlement stream entry for every token stored by this
--- call (field `b`: one line per token, `user|out_trade_no|amount|activity|scene|at|gen`).
+-- call (field `b`: one line per token, `user|out_trade_no|amount|activity|scene|at|gen`,
+-- and `|c` after it for a coupon).
 -- Every key is in the partition's slot.
 -- KEYS[1]: the partition's settlement stream
 -- then, for token i (1-based): KEYS[2i] its user's token hash (out_trade_no -> encoded
 --   SignedToken, or the trim marker once settled and trimmed), KEYS[2i+1] its user's
---   status hash (out_trade_no -> "p|amount|at_ms|activity|scene|gen"); after those, the
+--   status hash (out_trade_no -> "p|amount|at_ms|activity|scene|gen", "c|..." for a
+--   coupon, whose activity is its template and amount one unit of stock); after those, the
 --   activities' counter hashes (per hour: n, c; per budget generation: g{gen}:n, g{gen}:c).
--- ARGV[1]: number of tokens n; then 10 values per token:
+-- ARGV[1]: number of tokens n; then 11 values per token:
 --   out_trade_no, token bytes, hour (YYYYMMDDHH), amount cents, user id, activity id,
---   scene id, issued at (ms), index in KEYS of its activity's counter hash, budget gen.
+--   scene id, issued at (ms), index in KEYS of its activity's counter hash, budget gen,
+--   status letter ('p' cash, 'c' coupon).
 -- Returns one value per token: false when stored now, or what is already held under its
 -- out_trade_no (a concurrent duplicate won the race, or the token was trimmed: the
 -- caller gives its budget back). Amounts are at most 10^13 and a call carries at most
@@ -19,18 +22,18 @@ local out = {}
 local counts = {}
 local lines = {}
 for i = 1, n do
-  local a = 2 + (i - 1) * 10
+  local a = 2 + (i - 1) * 11
   local otn, bytes, hour, amount = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   local user, activity, scene, at = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
   local counters = KEYS[tonumber(ARGV[a + 8])]
-  local gen = ARGV[a + 9]
+  local gen, letter = ARGV[a + 9], ARGV[a + 10]
   if redis.call('HSETNX', KEYS[2 * i], otn, bytes) == 0 then
     out[i] = redis.call('HGET', KEYS[2 * i], otn)
   else
     redis.call('HSET', KEYS[2 * i + 1], otn,
-      'p|' .. amount .. '|' .. at .. '|' .. activity .. '|' .. scene .. '|' .. gen)
+      letter .. '|' .. amount .. '|' .. at .. '|' .. activity .. '|' .. scene .. '|' .. gen)
     lines[#lines + 1] = user .. '|' .. otn .. '|' .. amount .. '|' .. activity .. '|' ..
-      scene .. '|' .. at .. '|' .. gen
+      scene .. '|' .. at .. '|' .. gen .. (letter == 'c' and '|c' or '')
     local slot = counts[counters]
     if not slot then
       slot = {}

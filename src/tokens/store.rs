@@ -7,6 +7,16 @@ use super::Tokens;
 use crate::domain::UserId;
 use crate::pb;
 use crate::store::{hour_of, query_scripted};
+use crate::tokens::status::pending_letter;
+
+/// Whose budget a token spent and how much of it: its activity and cents, or for a
+/// coupon its template and one unit of stock.
+pub fn stock_of(token: &pb::RedPacketToken) -> (&str, i64) {
+    match &token.coupon {
+        Some(terms) => (terms.template_id.as_str(), 1),
+        None => (token.activity_id.as_str(), token.amount_cents),
+    }
+}
 
 /// Tokens stored per store.lua call at most, so one call never holds Redis for long.
 pub const STORE_CHUNK: usize = 128;
@@ -70,8 +80,9 @@ impl Tokens {
         let mut counters_at: HashMap<&str, usize> = HashMap::new();
         for (_, _, token, _) in tokens {
             let next = keys.len() + 1;
-            counters_at.entry(&token.activity_id).or_insert_with(|| {
-                keys.push(redis.counters_key(partition, &token.activity_id));
+            let owner = stock_of(token).0;
+            counters_at.entry(owner).or_insert_with(|| {
+                keys.push(redis.counters_key(partition, owner));
                 next
             });
         }
@@ -81,16 +92,18 @@ impl Tokens {
             .arg(&keys);
         cmd.arg(tokens.len());
         for (_, _, token, bytes) in tokens {
+            let (owner, amount) = stock_of(token);
             cmd.arg(&token.out_trade_no)
                 .arg(*bytes)
                 .arg(hour_of(token.issued_at_ms))
-                .arg(token.amount_cents)
+                .arg(amount)
                 .arg(token.user_id)
-                .arg(&token.activity_id)
+                .arg(owner)
                 .arg(&token.scene_id)
                 .arg(token.issued_at_ms)
-                .arg(counters_at[token.activity_id.as_str()])
-                .arg(token.budget_gen);
+                .arg(counters_at[owner])
+                .arg(token.budget_gen)
+                .arg(pending_letter(token.coupon.is_some()));
         }
         cmd
     }

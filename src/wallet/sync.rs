@@ -64,8 +64,14 @@ impl Wallet {
                 stage,
             ))
         })();
-        if expected.as_ref().map(OutTradeNo::as_str) != Some(token.out_trade_no.as_str())
-            || token.amount_cents <= 0
+        // Cash carries a positive amount; a coupon none, and names a known template.
+        let worth = match &token.coupon {
+            None => token.amount_cents > 0,
+            Some(c) => {
+                token.amount_cents == 0 && self.activities.templates().contains_key(&c.template_id)
+            }
+        };
+        if expected.as_ref().map(OutTradeNo::as_str) != Some(token.out_trade_no.as_str()) || !worth
         {
             return Err("invalid_request");
         }

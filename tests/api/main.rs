@@ -3,6 +3,7 @@
 mod helpers;
 
 mod cluster;
+mod coupons;
 mod foundation;
 mod guards;
 mod issuance;

@@ -1381,7 +1381,7 @@ impl Run<'_> {
             sqlx::query_as("SELECT user_id, balance_cents FROM accounts")
                 .fetch_all(&pool)
                 .await?;
-        let sums: Vec<(i64, i64)> = sqlx::query_as("SELECT user_id, CAST(SUM(amount_cents) AS SIGNED) FROM ledger_entries GROUP BY user_id").fetch_all(&pool).await?;
+        let sums: Vec<(i64, i64)> = sqlx::query_as("SELECT user_id, CAST(SUM(amount_cents) AS SIGNED) FROM ledger_entries WHERE kind <> 'coupon' GROUP BY user_id").fetch_all(&pool).await?;
         let sums: HashMap<i64, i64> = sums.into_iter().collect();
         for (user, balance) in &accounts {
             if *balance < 0 {
