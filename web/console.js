@@ -493,15 +493,33 @@
   }
 
   async function loadGuards() {
-    let packets, flagged;
+    let packets, flagged, coupons;
     try {
-      [packets, flagged] = await Promise.all([
+      [packets, flagged, coupons] = await Promise.all([
         admin("GET", "/v1/admin/packets"),
         admin("GET", "/v1/admin/flagged?limit=100"),
+        admin("GET", "/v1/admin/coupon-templates"),
       ]);
     } catch (err) {
-      return failed(err, "Loading red packets and flagged users");
+      return failed(err, "Loading red packets, coupons and flagged users");
     }
+    $("coupon-list").tBodies[0].replaceChildren(
+      ...coupons.templates.map((t) =>
+        el(
+          "tr",
+          { "data-template": t.id, class: t.conserved ? "ok" : "mismatch" },
+          el("td", { text: `${t.id} (${t.name})` }),
+          el("td", { class: "num", text: count(t.stock) }),
+          el("td", { class: "num", text: count(t.issued) }),
+          el("td", { class: "num", text: count(t.remaining) }),
+          el("td", { class: "num", text: count(t.active) }),
+          el("td", { class: "num", text: count(t.used) }),
+          el("td", { class: "num", text: count(t.expired) }),
+          el("td", { text: t.conserved ? "yes" : "NO" }),
+        ),
+      ),
+    );
+    $("coupon-empty").hidden = coupons.templates.length > 0;
     const conserved = packets.sent_cents === packets.opened_cents + packets.refunded_cents + packets.open_remainder_cents;
     showFigures($("packet-figures"), [
       ["Packets", count(packets.packets), "packets", false],

@@ -67,6 +67,8 @@ impl Coupons {
         self.book_if_waiting(user, &req.out_trade_no).await?;
         let pool = self.db.for_user(user);
         let mut tx = pool.begin().await?;
+        // The bucket's shared lock: a move between shards waits for this redemption.
+        self.ledger.own_buckets(&mut tx, &[user]).await?;
         let row = sqlx::query(
             "SELECT user_id, template_id, face_value_cents, min_spend_cents, valid_from_ms, valid_until_ms, state, used_by, used_request_id FROM coupons WHERE out_trade_no = ? FOR UPDATE",
         )

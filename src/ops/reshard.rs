@@ -5,7 +5,7 @@
 //!    bucket's shared lock (every ledger transaction takes one, see
 //!    `Ledger::own_buckets`) and keeps new ones out: bookings and withdrawals of the
 //!    bucket's users are answered "moving, retry" until the move ends.
-//! 2. **Copy** the bucket's accounts, ledger rows and withdrawals to the target, in one
+//! 2. **Copy** the bucket's accounts, ledger rows, withdrawals and coupons to the target, in one
 //!    transaction (rows a crashed earlier attempt left there are replaced).
 //! 3. **Verify** counts, sums and a checksum of every row on both sides; a mismatch
 //!    gives the bucket back to the source and stops.
@@ -56,6 +56,8 @@ struct Figures {
     withdrawals: i64,
     withdrawal_cents: i64,
     withdrawal_sum: i64,
+    coupons: i64,
+    coupon_sum: i64,
 }
 
 /// Moves `bucket` to shard `to` (see the module comment).
@@ -259,6 +261,30 @@ type WithdrawalRow = (
     chrono::NaiveDateTime,
 );
 
+/// A `coupons` row, every column (text columns as bytes: their collation is the
+/// target's).
+type CouponRow = (
+    Vec<u8>,
+    i64,
+    Vec<u8>,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    Vec<u8>,
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+);
+
+const COUPON_COLUMNS: &str = "out_trade_no, user_id, template_id, face_value_cents, min_spend_cents, valid_from_ms, valid_until_ms, issued_at_ms, state, used_by, used_request_id, used_order_cents, used_at_ms, expired_at_ms";
+
+/// The tables holding a bucket's rows, each `user_id`-keyed.
+const TABLES: [&str; 4] = ["ledger_entries", "withdrawals", "coupons", "accounts"];
+
 /// Rows per insert statement.
 const CHUNK: usize = 500;
 
@@ -281,6 +307,12 @@ async fn copy(source: &MySqlPool, target: &MySqlPool, bucket: u16) -> anyhow::Re
     .bind(bucket)
     .fetch_all(source)
     .await?;
+    let coupons: Vec<CouponRow> = sqlx::query_as(&format!(
+        "SELECT {COUPON_COLUMNS} FROM coupons WHERE user_id % 1024 = ?"
+    ))
+    .bind(bucket)
+    .fetch_all(source)
+    .await?;
     let mut tx = target.begin().await?;
     sqlx::query(
         "INSERT INTO bucket_owner (bucket, owned) VALUES (?, 0) ON DUPLICATE KEY UPDATE owned = 0",
@@ -288,11 +320,31 @@ async fn copy(source: &MySqlPool, target: &MySqlPool, bucket: u16) -> anyhow::Re
     .bind(bucket)
     .execute(&mut *tx)
     .await?;
-    for table in ["ledger_entries", "withdrawals", "accounts"] {
+    for table in TABLES {
         sqlx::query(&format!("DELETE FROM {table} WHERE user_id % 1024 = ?"))
             .bind(bucket)
             .execute(&mut *tx)
             .await?;
+    }
+    for chunk in coupons.chunks(CHUNK) {
+        let mut q = QueryBuilder::<MySql>::new(format!("INSERT INTO coupons ({COUPON_COLUMNS}) "));
+        q.push_values(chunk, |mut b, r| {
+            b.push_bind(&r.0)
+                .push_bind(r.1)
+                .push_bind(&r.2)
+                .push_bind(r.3)
+                .push_bind(r.4)
+                .push_bind(r.5)
+                .push_bind(r.6)
+                .push_bind(r.7)
+                .push_bind(&r.8)
+                .push_bind(&r.9)
+                .push_bind(&r.10)
+                .push_bind(r.11)
+                .push_bind(r.12)
+                .push_bind(r.13);
+        });
+        q.build().execute(&mut *tx).await?;
     }
     for chunk in accounts.chunks(CHUNK) {
         let mut q = QueryBuilder::<MySql>::new(
@@ -349,7 +401,7 @@ async fn copy(source: &MySqlPool, target: &MySqlPool, bucket: u16) -> anyhow::Re
 /// Deletes the bucket's rows from one shard, in one transaction.
 async fn clear(pool: &MySqlPool, bucket: u16) -> sqlx::Result<()> {
     let mut tx = pool.begin().await?;
-    for table in ["ledger_entries", "withdrawals", "accounts"] {
+    for table in TABLES {
         sqlx::query(&format!("DELETE FROM {table} WHERE user_id % 1024 = ?"))
             .bind(bucket)
             .execute(&mut *tx)
@@ -377,7 +429,20 @@ async fn figures(pool: &MySqlPool, bucket: u16) -> sqlx::Result<Figures> {
     .bind(bucket)
     .fetch_one(pool)
     .await?;
+    let (coupons, coupon_sum): (i64, i64) = sqlx::query_as(&format!(
+        "SELECT COUNT(*), CAST(COALESCE(BIT_XOR(CRC32(CONCAT_WS('|', {}))), 0) AS SIGNED) FROM coupons WHERE user_id % 1024 = ?",
+        COUPON_COLUMNS
+            .split(", ")
+            .map(|c| format!("COALESCE(HEX({c}), '')"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+    .bind(bucket)
+    .fetch_one(pool)
+    .await?;
     Ok(Figures {
+        coupons,
+        coupon_sum,
         accounts,
         balance,
         income,

@@ -35,6 +35,10 @@ const CONTRACT: &[&str] = &[
     "PUT /v1/admin/blacklist",
     "GET /v1/admin/flagged",
     "GET /v1/admin/packets",
+    "GET /v1/admin/coupon-templates",
+    "POST /v1/admin/coupon-templates",
+    "POST /v1/coupons:redeem",
+    "GET /v1/wallet/coupons",
     "PUT /v1/admin/switches/{name}",
     "GET /v1/admin/webhooks",
     "POST /v1/admin/webhooks",
@@ -566,7 +570,64 @@ async fn real_answers_match_their_documented_schemas() {
         Some(jwt.as_str()),
         none
     );
+    call!(
+        "POST",
+        "/v1/admin/coupon-templates",
+        "/v1/admin/coupon-templates",
+        Some(ADMIN),
+        json!({"id": "tpl-doc", "name": "doc", "face_value_cents": 100, "stock": 3, "valid_days": 1})
+    );
+    call!(
+        "POST",
+        "/v1/admin/coupon-templates",
+        "/v1/admin/coupon-templates",
+        Some(ADMIN),
+        json!({"id": "tpl-doc", "name": "doc", "face_value_cents": 0, "stock": 3, "valid_days": 1})
+    );
+    call!(
+        "POST",
+        "/v1/admin/activities/{id}/scenes",
+        "/v1/admin/activities/cny2027/scenes",
+        Some(ADMIN),
+        json!({"id": "coupons", "name": "c", "award_type": "coupon", "coupon": {"template_id": "tpl-doc"}})
+    );
+    let coupon = call!(
+        "POST",
+        "/v1/awards",
+        "/v1/awards",
+        Some(CALLER),
+        json!({"user_id": 1, "activity_id": "cny2027", "scene_id": "coupons", "rain_id": 1, "award_type": "coupon"})
+    );
+    call!(
+        "GET",
+        "/v1/wallet/coupons",
+        "/v1/wallet/coupons",
+        Some(jwt.as_str()),
+        none
+    );
+    let otn = coupon["out_trade_no"].as_str().unwrap().to_string();
+    call!(
+        "POST",
+        "/v1/coupons:redeem",
+        "/v1/coupons:redeem",
+        Some(CALLER),
+        json!({"user_id": 1, "out_trade_no": otn, "request_id": "doc-r", "order_cents": 100})
+    );
+    call!(
+        "POST",
+        "/v1/coupons:redeem",
+        "/v1/coupons:redeem",
+        Some(CALLER),
+        json!({"user_id": 1, "out_trade_no": otn, "request_id": "doc-s", "order_cents": 100})
+    );
+    call!(
+        "GET",
+        "/v1/admin/coupon-templates",
+        "/v1/admin/coupon-templates",
+        Some(ADMIN),
+        none
+    );
     call!("GET", "/v1/wallet", "/v1/wallet", None, none);
-    assert!(checked >= 36, "{checked}");
+    assert!(checked >= 44, "{checked}");
     t.stop().await;
 }

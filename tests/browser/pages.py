@@ -398,6 +398,24 @@ def console(driver, svc, out):
         assert time.time() < deadline, results
         time.sleep(0.3)
 
+    # A coupon template with three coupons handed out, for the console's coupon list.
+    status, body = svc.admin("POST", "/v1/admin/coupon-templates",
+                             {"id": "tpl-lantern", "name": "Lantern 5 off", "face_value_cents": 500,
+                              "min_spend_cents": 2000, "stock": 40, "valid_days": 7})
+    assert status == 201, (status, body)
+    status, body = svc.admin("POST", "/v1/admin/activities/lantern/scenes",
+                             {"id": "coupons", "name": "Coupons", "award_type": "coupon",
+                              "coupon": {"template_id": "tpl-lantern"}})
+    assert status == 201, (status, body)
+    deadline = time.time() + 10
+    while True:
+        results = svc.award_batch([dict(user_id=800 + i, app_id=1, activity_id="lantern", scene_id="coupons",
+                                         rain_id=1, award_type="coupon") for i in range(3)])
+        if all(r["error"] is None for r in results):
+            break
+        assert time.time() < deadline, results
+        time.sleep(0.3)
+
     # Health.
     d.find_element(By.CSS_SELECTOR, ".tabs button[data-tab='health']").click()
     wait(d, lambda: d.find_elements(By.CSS_SELECTOR, "#health-figures [data-figure='redis']"), "the health figures")
@@ -412,6 +430,14 @@ def console(driver, svc, out):
     rows = d.find_elements(By.CSS_SELECTOR, "#flagged-list tbody tr")
     check(len(rows) == len(flagged["users"]) == 1 and "777" in rows[0].text and "early" in rows[0].text
           and not visible(d, "flagged-empty"), "the console lists the user flagged early, as the API does")
+
+    wait(d, lambda: d.find_elements(By.CSS_SELECTOR, "#coupon-list tr[data-template='tpl-lantern']"), "the coupon template row")
+    _, templates = svc.admin("GET", "/v1/admin/coupon-templates")
+    api = next(t for t in templates["templates"] if t["id"] == "tpl-lantern")
+    cells = [c.text for c in d.find_elements(By.CSS_SELECTOR, "#coupon-list tr[data-template='tpl-lantern'] td")]
+    check(cells[1:4] == ["40", f"{api['issued']:,}", f"{api['remaining']:,}"] and api["issued"] == 3
+          and api["remaining"] == 37 and cells[7] == "yes" and not visible(d, "coupon-empty"),
+          "the console shows the coupon template's stock, issued and remaining as the API does")
 
     # Reconciliation: a report of the live activity, then a real mismatch (a ledger row
     # removed behind the service's back) highlighted.
