@@ -42,7 +42,7 @@ CREATE TABLE coupons (
     -- active, used or expired
     state             VARCHAR(8)   NOT NULL,
     -- The merchant caller and its request id that used it (idempotency of redemption).
-    used_by           VARCHAR(64)  CHARACTER SET ascii COLLATE ascii_bin NULL,
+    used_by           VARCHAR(128) CHARACTER SET ascii COLLATE ascii_bin NULL,
     used_request_id   VARBINARY(64) NULL,
     used_order_cents  BIGINT       NULL,
     used_at_ms        BIGINT       NULL,

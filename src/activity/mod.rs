@@ -220,7 +220,15 @@ impl Activities {
         let activity = parse_new_activity(body)?;
         let inserted = repo::insert_activity(&self.db, &self.budget, &activity).await?;
         if !inserted {
-            let existing = self.load(activity.id.as_str()).await?;
+            let existing = match self.load(activity.id.as_str()).await {
+                Err(Error::NotFound(_)) => {
+                    return Err(Error::IdempotencyConflict(format!(
+                        "`{}` is the id of a coupon template",
+                        activity.id
+                    )))
+                }
+                other => other?,
+            };
             if existing == activity {
                 return Ok(Created::Existing(existing));
             }

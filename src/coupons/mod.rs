@@ -255,8 +255,11 @@ impl Coupons {
         let mut expired = 0;
         for pool in self.db.shards() {
             loop {
+                // Only buckets this shard owns, read with their shared lock: a bucket
+                // being moved is left alone (its copy is checked row by row), and the
+                // move waits for this statement.
                 let changed = sqlx::query(
-                    "UPDATE coupons SET state = 'expired', expired_at_ms = ? WHERE state = 'active' AND valid_until_ms <= ? LIMIT ?",
+                    "UPDATE coupons SET state = 'expired', expired_at_ms = ? WHERE state = 'active' AND valid_until_ms <= ? AND user_id % 1024 IN (SELECT bucket FROM bucket_owner WHERE owned = 1) LIMIT ?",
                 )
                 .bind(now_ms)
                 .bind(now_ms)

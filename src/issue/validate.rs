@@ -145,12 +145,18 @@ pub fn validate(activities: &ActivityCache, req: &AwardRequest, now_ms: i64) -> 
             };
             let fallback = match &c.fallback {
                 None => None,
-                Some(f) => Some(Fallback {
+                Some(f) => match (&f.template_id, &f.greeting) {
+                    (Some(t), _) => {
+                        let t = template(t)?;
+                        // A fallback whose window is over would hand out coupons
+                        // expired at birth: there is no fallback then.
+                        t.issuable_at(now_ms).then_some(FallbackTo::Template(t))
+                    }
+                    (None, g) => Some(FallbackTo::Greeting(g.clone().unwrap_or_default())),
+                }
+                .map(|to| Fallback {
                     under_share: f.under_share,
-                    to: match (&f.template_id, &f.greeting) {
-                        (Some(t), _) => FallbackTo::Template(template(t)?),
-                        (None, g) => FallbackTo::Greeting(g.clone().unwrap_or_default()),
-                    },
+                    to,
                 }),
             };
             let plan = CouponPlan {

@@ -309,9 +309,12 @@ impl Reconciler {
             return Ok(low);
         }
         let now = Utc::now();
+        let templates = self.activities.templates();
         for cached in self.activities.all() {
             let a = &cached.activity;
-            if a.ends_at <= now || a.starts_at > now {
+            // A coupon template's stock is not a budget of cents (its figures are on
+            // `GET /v1/admin/coupon-templates`).
+            if a.ends_at <= now || a.starts_at > now || templates.contains_key(a.id.as_str()) {
                 continue;
             }
             let figures = self

@@ -551,7 +551,22 @@ async fn bad_coupon_input_is_refused_and_changes_nothing() {
             "{scene}: {body}"
         );
     }
-    // A template is not an activity: no scene under it, no award from it.
+    // A template is not an activity: no activity of its id, no scene under it, no award
+    // from it.
+    let (status, body) = t
+        .post(
+            "/v1/admin/activities",
+            ADMIN,
+            &json!({"id": "tpl-ok", "name": "x", "stage": "live",
+            "starts_at": "2020-01-01T00:00:00Z", "ends_at": "2099-01-01T00:00:00Z",
+            "budget_cents": 100, "max_award_cents": 10}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("idempotency_conflict")),
+        "{body}"
+    );
     let (status, _) = t
         .post(
             "/v1/admin/activities/tpl-ok/scenes",

@@ -411,7 +411,7 @@ def console(driver, svc, out):
     while True:
         results = svc.award_batch([dict(user_id=800 + i, app_id=1, activity_id="lantern", scene_id="coupons",
                                          rain_id=1, award_type="coupon") for i in range(3)])
-        if all(r["error"] is None for r in results):
+        if all(r.get("error") is None for r in results):
             break
         assert time.time() < deadline, results
         time.sleep(0.3)
@@ -564,9 +564,10 @@ def command_line(svc):
     out = subprocess.run([svc.binary, "reconcile"], env=svc.env, capture_output=True, text=True, timeout=120)
     reports = json.loads(out.stdout)
     activities = sorted(r["activity_id"] for r in reports)
-    check(activities == ["lantern", "spring"], f"reconcile without --activity covers every activity of the hour: {activities}")
+    check(activities == ["lantern", "spring", "tpl-lantern"],
+          f"reconcile without --activity covers every activity and coupon template of the hour: {activities}")
     check(out.returncode == 3, "and exits 3, since lantern has a mismatch")
-    check(any(l.startswith("reconcile: hour ") and "2 activities, 1 with a mismatch" in l for l in out.stderr.splitlines()),
+    check(any(l.startswith("reconcile: hour ") and "3 activities, 1 with a mismatch" in l for l in out.stderr.splitlines()),
           f"with its progress line: {out.stderr.strip().splitlines()[-1:]!r}")
 
 
