@@ -293,6 +293,7 @@ impl SyncLedger {
             at_ms: redpacket_wallet::store::now_ms(),
             stream_id: None,
             budget_gen: 0,
+            coupon: false,
         };
         self.ledger.book(&[entry]).await?;
         Ok(())
