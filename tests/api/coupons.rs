@@ -328,11 +328,14 @@ async fn expiry_happens_on_time_and_a_used_or_expired_coupon_is_never_used() {
     let t = spawn_app().await;
     t.open_activity("cny2027", 100_000, 1_000).await;
     let now = chrono::Utc::now().timestamp_millis();
+    // Long enough for the steps before the end on a loaded machine; the test waits
+    // for the end whatever it took.
+    let until = now + 4_000;
     template(
         &t,
         "tpl-brief",
         10,
-        json!({"valid_from_ms": now - 1_000, "valid_until_ms": now + 1_500}),
+        json!({"valid_from_ms": now - 1_000, "valid_until_ms": until}),
     )
     .await;
     coupon_scene(
@@ -358,7 +361,9 @@ async fn expiry_happens_on_time_and_a_used_or_expired_coupon_is_never_used() {
         .await;
     assert_eq!(status, 201, "{c}");
 
-    tokio::time::sleep(Duration::from_millis(1_700)).await;
+    let left = until - chrono::Utc::now().timestamp_millis();
+    assert!(left > 0, "the steps before the end took over 4 s");
+    tokio::time::sleep(Duration::from_millis(left as u64 + 200)).await;
     let list = coupons(&t, 1).await;
     assert_eq!(
         (
