@@ -28,9 +28,7 @@ use crate::budget::Budget;
 use crate::domain::UserId;
 use crate::error::Result;
 use crate::ledger::{Ledger, LedgerError};
-use crate::pb;
 use crate::store::{Db, Redis};
-use crate::tokens::status::parse_coupon_status;
 use crate::tokens::{AwardEntry, Tokens};
 
 pub use redeem::{Redeem, Redeemed};
@@ -160,16 +158,11 @@ impl Coupons {
     /// (Redis), each once. Redis is read first: a coupon booked in between is then in
     /// the MySQL read.
     pub async fn list(&self, user: UserId, now_ms: i64) -> Result<CouponList> {
-        let raw: Vec<(String, String)> = {
-            let mut conn = self.redis.conn();
-            redis::cmd("HGETALL")
-                .arg(self.redis.status_key(user))
-                .query_async(&mut conn)
-                .await?
-        };
-        let waiting: Vec<AwardEntry> = raw
-            .iter()
-            .filter_map(|(otn, v)| parse_coupon_status(user, otn, v))
+        let waiting: Vec<AwardEntry> = self
+            .tokens
+            .coupon_statuses_of(user)
+            .await?
+            .into_iter()
             .filter(|s| s.pending)
             .map(|s| s.entry)
             .collect();
@@ -276,9 +269,4 @@ impl Coupons {
         crate::metrics::coupons_expired(expired);
         Ok(expired)
     }
-}
-
-/// The terms of a coupon token, if it is one.
-pub fn terms_of(token: &pb::RedPacketToken) -> Option<&pb::CouponTerms> {
-    token.coupon.as_ref()
 }

@@ -6,7 +6,6 @@ use sqlx::Row;
 use super::{state_at, Coupons};
 use crate::domain::UserId;
 use crate::error::{Error, Result};
-use crate::tokens::status::parse_coupon_status;
 
 /// A merchant's redemption request.
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
@@ -196,19 +195,7 @@ impl Coupons {
         if booked.is_some() {
             return Ok(());
         }
-        let status: Option<String> = {
-            let mut conn = self.redis.conn();
-            redis::cmd("HGET")
-                .arg(self.redis.status_key(user))
-                .arg(otn)
-                .query_async(&mut conn)
-                .await?
-        };
-        let Some(entry) = status
-            .as_deref()
-            .and_then(|v| parse_coupon_status(user, otn, v))
-            .map(|s| s.entry)
-        else {
+        let Some(entry) = self.tokens.coupon_status(user, otn).await?.map(|s| s.entry) else {
             return Ok(());
         };
         let booked = self.ledger.book(std::slice::from_ref(&entry)).await?;

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use super::wire::JsonBody;
 use super::{AppState, Operator};
-use crate::activity::{Activity, ActivityView, Created, NewActivity, NewScene, Scene};
+use crate::activity::{Activity, ActivityView, NewActivity, NewScene, Scene};
 use crate::domain::{ActivityId, Cents};
 use crate::error::{Error, Result};
 
@@ -129,10 +129,7 @@ async fn create_activity(
     _op: Operator,
     JsonBody(body): JsonBody<NewActivity>,
 ) -> Result<(StatusCode, Json<Activity>)> {
-    Ok(match app.activities.create(body).await? {
-        Created::New(a) => (StatusCode::CREATED, Json(a)),
-        Created::Existing(a) => (StatusCode::OK, Json(a)),
-    })
+    Ok(super::created(app.activities.create(body).await?))
 }
 
 #[derive(Deserialize)]

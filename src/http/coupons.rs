@@ -4,7 +4,6 @@
 
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -12,7 +11,6 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use super::openapi as doc;
 use super::wire::JsonBody;
 use super::{AppState, Caller, Operator, User};
-use crate::activity::Created;
 use crate::coupons::{CouponList, NewTemplate, Redeem, Redeemed, TemplateFigures};
 use crate::error::{Error, Result};
 use crate::store::now_ms;
@@ -89,9 +87,6 @@ async fn create_template(
     State(app): State<AppState>,
     _op: Operator,
     JsonBody(body): JsonBody<NewTemplate>,
-) -> Result<Response> {
-    Ok(match app.coupons.create_template(body).await? {
-        Created::New(t) => (StatusCode::CREATED, Json(t)).into_response(),
-        Created::Existing(t) => (StatusCode::OK, Json(t)).into_response(),
-    })
+) -> Result<(StatusCode, Json<crate::coupons::Template>)> {
+    Ok(super::created(app.coupons.create_template(body).await?))
 }

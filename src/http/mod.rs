@@ -225,6 +225,15 @@ pub async fn envelope_errors(response: Response) -> Response {
     rewritten
 }
 
+/// A create's answer: 201 with the new resource, or 200 with the identical one that
+/// existed.
+pub fn created<T>(created: crate::activity::Created<T>) -> (StatusCode, axum::Json<T>) {
+    match created {
+        crate::activity::Created::New(t) => (StatusCode::CREATED, axum::Json(t)),
+        crate::activity::Created::Existing(t) => (StatusCode::OK, axum::Json(t)),
+    }
+}
+
 /// Unknown routes: 404 with the envelope.
 pub async fn not_found() -> Error {
     Error::NotFound("no such route".into())

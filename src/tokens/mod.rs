@@ -177,14 +177,40 @@ impl Tokens {
         self.held(&keys).await
     }
 
-    /// Every status entry of `user`.
+    /// Every cash status entry of `user`.
     pub async fn statuses_of(&self, user: UserId) -> redis::RedisResult<Vec<StatusEntry>> {
+        self.parsed_statuses(user, status::parse_status).await
+    }
+
+    /// Every coupon status entry of `user`.
+    pub async fn coupon_statuses_of(&self, user: UserId) -> redis::RedisResult<Vec<StatusEntry>> {
+        self.parsed_statuses(user, status::parse_coupon_status)
+            .await
+    }
+
+    /// The coupon `otn` of `user` as its status says, if Redis holds it.
+    pub async fn coupon_status(
+        &self,
+        user: UserId,
+        otn: &str,
+    ) -> redis::RedisResult<Option<StatusEntry>> {
+        let value: Option<String> =
+            redis::AsyncCommands::hget(&mut self.redis.conn(), self.redis.status_key(user), otn)
+                .await?;
+        Ok(value.and_then(|v| status::parse_coupon_status(user, otn, &v)))
+    }
+
+    async fn parsed_statuses(
+        &self,
+        user: UserId,
+        parse: fn(UserId, &str, &str) -> Option<StatusEntry>,
+    ) -> redis::RedisResult<Vec<StatusEntry>> {
         let statuses: Vec<(String, String)> =
             redis::AsyncCommands::hgetall(&mut self.redis.conn(), self.redis.status_key(user))
                 .await?;
         Ok(statuses
             .iter()
-            .filter_map(|(otn, v)| status::parse_status(user, otn, v))
+            .filter_map(|(otn, v)| parse(user, otn, v))
             .collect())
     }
 
