@@ -220,36 +220,25 @@ impl Coupons {
         Ok(Created::New(template))
     }
 
-    /// Every template with its figures.
+    /// Every template with its figures. Each shard's booked coupons and their states are
+    /// read in one snapshot (a booking writes both in one transaction), then the issuance
+    /// counters, then the stock: each figure is read after the ones it must not exceed.
     pub async fn templates(&self, now_ms: i64) -> Result<Vec<TemplateFigures>> {
         let templates = load(self.db.main(), None).await?;
-        let mut states: HashMap<String, [i64; 3]> = HashMap::new();
-        for pool in self.db.shards() {
-            let rows: Vec<(String, String, i64)> = sqlx::query_as(
-                "SELECT template_id, CASE WHEN state = 'active' AND valid_until_ms <= ? THEN 'expired' ELSE state END AS s, COUNT(*) FROM coupons GROUP BY template_id, s",
-            )
-            .bind(now_ms)
-            .fetch_all(pool)
+        let mut booked_states = self
+            .ledger
+            .stable(|| booked_coupons(&self.db, &templates, now_ms))
             .await?;
-            for (template, state, n) in rows {
-                let slot = states.entry(template).or_default();
-                match state.as_str() {
-                    "active" => slot[0] += n,
-                    "used" => slot[1] += n,
-                    _ => slot[2] += n,
-                }
-            }
-        }
         let mut out = Vec::with_capacity(templates.len());
         for template in templates {
+            let [booked, active, used, expired] =
+                booked_states.remove(&template.id).unwrap_or_default();
+            let issued = self.tokens.issued_totals(&template.id).await?.cents;
             let stock = self
                 .budget
                 .figures(&self.redis, &self.db, &template.id)
                 .await
                 .map_err(Error::Internal)?;
-            let issued = self.tokens.issued_totals(&template.id).await?.cents;
-            let booked = self.ledger.totals(&template.id, None).await?.cents;
-            let [active, used, expired] = states.remove(&template.id).unwrap_or_default();
             let conserved = stock.taken_cents + stock.remaining_cents + stock.in_doubt_cents
                 == template.stock
                 && issued <= stock.taken_cents + stock.in_doubt_cents
@@ -270,6 +259,57 @@ impl Coupons {
         }
         Ok(out)
     }
+}
+
+/// Per template, over every shard: booked coupons (ledger rows) and how many of them are
+/// active, used and expired, each shard read in one repeatable-read snapshot.
+async fn booked_coupons(
+    db: &Db,
+    templates: &[Template],
+    now_ms: i64,
+) -> Result<HashMap<String, [i64; 4]>, sqlx::Error> {
+    let mut out: HashMap<String, [i64; 4]> = HashMap::new();
+    if templates.is_empty() {
+        return Ok(out);
+    }
+    let booked_sql = format!(
+        "SELECT activity_id, CAST(COALESCE(SUM(amount_cents), 0) AS SIGNED) FROM ledger_entries WHERE activity_id IN ({}) AND kind = 'coupon' GROUP BY activity_id",
+        vec!["?"; templates.len()].join(", ")
+    );
+    for pool in db.shards() {
+        // The server's default is READ COMMITTED (a snapshot per statement): this one
+        // transaction reads both tables in one snapshot.
+        let mut conn = pool.acquire().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            .execute(&mut *conn)
+            .await?;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        let mut booked = sqlx::query_as::<_, (Vec<u8>, i64)>(&booked_sql);
+        for t in templates {
+            booked = booked.bind(&t.id);
+        }
+        let booked = booked.fetch_all(&mut *tx).await?;
+        let states: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT template_id, CASE WHEN state = 'active' AND valid_until_ms <= ? THEN 'expired' ELSE state END AS s, COUNT(*) FROM coupons GROUP BY template_id, s",
+        )
+        .bind(now_ms)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        for (template, n) in booked {
+            out.entry(String::from_utf8_lossy(&template).into_owned())
+                .or_default()[0] += n;
+        }
+        for (template, state, n) in states {
+            let slot = out.entry(template).or_default();
+            match state.as_str() {
+                "active" => slot[1] += n,
+                "used" => slot[2] += n,
+                _ => slot[3] += n,
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Inserts the template and its stock (an `activities` row of kind `coupon` with its

@@ -186,7 +186,7 @@ impl Ledger {
 
     /// Runs a scan over every shard again until no bucket moved during it (a moving
     /// bucket's rows may be counted twice or not at all). One shard: at once.
-    async fn stable<T, F, Fut>(&self, scan: F) -> Result<T, sqlx::Error>
+    pub(crate) async fn stable<T, F, Fut>(&self, scan: F) -> Result<T, sqlx::Error>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<T, sqlx::Error>>,

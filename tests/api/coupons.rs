@@ -241,6 +241,70 @@ async fn stock_is_never_over_issued_under_concurrency() {
     Arc::try_unwrap(t).ok().unwrap().stop().await;
 }
 
+/// The operator figures stay conserved while the worker books: every booked coupon is
+/// counted in exactly one state, read from the same snapshot as the ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_figures_are_conserved_while_coupons_are_booked() {
+    use redpacket_wallet::settle::worker::{Outcome, Worker, WorkerOptions};
+    let t = Arc::new(spawn_app().await);
+    t.open_activity("cny2027", 100_000, 1_000).await;
+    template(&t, "tpl-busy", 200, json!({"valid_days": 1})).await;
+    coupon_scene(&t, "cny2027", "coupons", json!({"template_id": "tpl-busy"})).await;
+    let awards: Vec<Value> = (0..120)
+        .map(|i| coupon_award(300 + i, "coupons", 1))
+        .collect();
+    for chunk in awards.chunks(40) {
+        let (status, body) = t
+            .post("/v1/awards:batch", CALLER, &json!({"awards": chunk}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            body["results"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|r| r["error"].is_null()),
+            "{body}"
+        );
+    }
+    // One coupon per batch, so bookings land between any two reads of the figures.
+    let booker = {
+        let t = t.clone();
+        tokio::spawn(async move {
+            let mut worker = Worker::new(
+                t.app.settler.clone(),
+                WorkerOptions {
+                    consumer: "one-by-one".into(),
+                    batch_size: 1,
+                    claim_idle: Duration::from_secs(60),
+                    stop_after_commit: false,
+                },
+            );
+            for p in 0..t.app.redis.partitions() {
+                while let Outcome::Booked { .. } = worker.try_execute_batch(p).await.expect("batch")
+                {
+                }
+            }
+        })
+    };
+    let mut reads = 0;
+    while !booker.is_finished() {
+        let f = figures(&t, "tpl-busy").await;
+        assert_eq!(f["conserved"], true, "read {reads} while booking: {f}");
+        reads += 1;
+    }
+    booker.await.unwrap();
+    let f = figures(&t, "tpl-busy").await;
+    assert_eq!(
+        (f["booked"].as_i64(), f["active"].as_i64()),
+        (Some(120), Some(120)),
+        "{f}"
+    );
+    assert_eq!(f["conserved"], true, "{f}");
+    assert!(reads > 0, "the figures were never read while booking");
+    Arc::try_unwrap(t).ok().unwrap().stop().await;
+}
+
 /// Under the configured share the scene hands out its fallback template, and says so;
 /// a greeting fallback hands out no token and takes no stock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -47,10 +47,11 @@ PHONE = (360, 760)
 checks = 0
 
 
-def check(condition, what):
+def check(condition, what, seen=None):
+    """One check; `seen` is what was compared, printed when it fails."""
     global checks
     if not condition:
-        raise AssertionError(what)
+        raise AssertionError(what if seen is None else f"{what}; seen: {seen!r}")
     checks += 1
     print(f"  ok  {what}")
 
@@ -437,7 +438,8 @@ def console(driver, svc, out):
     cells = [c.text for c in d.find_elements(By.CSS_SELECTOR, "#coupon-list tr[data-template='tpl-lantern'] td")]
     check(cells[1:4] == ["40", f"{api['issued']:,}", f"{api['remaining']:,}"] and api["issued"] == 3
           and api["remaining"] == 37 and cells[7] == "yes" and not visible(d, "coupon-empty"),
-          "the console shows the coupon template's stock, issued and remaining as the API does")
+          "the console shows the coupon template's stock, issued and remaining as the API does",
+          seen=(cells, api))
 
     # Reconciliation: a report of the live activity, then a real mismatch (a ledger row
     # removed behind the service's back) highlighted.
