@@ -386,7 +386,7 @@ async fn main() -> anyhow::Result<()> {
             let app: Arc<App> = App::build(settings, false).await?;
             let release = app
                 .budget
-                .release_in_doubt(&app.db, &activity)
+                .release_in_doubt(&app.redis, &app.db, &activity)
                 .await
                 .context("releasing in-doubt budget")?;
             println!("{}", serde_json::to_string_pretty(&release)?);

@@ -17,6 +17,10 @@ use crate::ledger::Ledger;
 use crate::store::{Db, Redis};
 use crate::tokens::Tokens;
 
+/// How old a budget close still waiting for its drain must be before the refresh
+/// finishes it: a close in progress drains within milliseconds of committing.
+const CUT_OFF_CLOSE_AGE: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub use cache::{ActivityCache, CachedActivity};
 
 #[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
@@ -160,6 +164,16 @@ impl Activities {
     pub async fn refresh(&self) -> anyhow::Result<()> {
         self.cache.refresh(self.db.main()).await?;
         self.budget.refresh_live(&self.redis, &self.db).await?;
+        if let Err(err) = self
+            .budget
+            .finish_cut_off_closes(&self.redis, &self.db, CUT_OFF_CLOSE_AGE)
+            .await
+        {
+            tracing::warn!(
+                error = format!("{err:#}"),
+                "looking for cut-off budget closes failed"
+            );
+        }
         let now = Utc::now();
         for cached in self.cache.all() {
             let a = &cached.activity;

@@ -271,6 +271,54 @@ impl Budget {
         Ok(returned_all)
     }
 
+    /// Finishes the closes cut off before their drain (a process died after committing
+    /// the close, or Redis failed the drain) once they are older than `min_age`: until
+    /// then what their generation was granted counts as taken, neither remaining nor in
+    /// doubt. Runs with the periodic refresh; one activity failing does not stop the
+    /// others. Returns how many activities it finished.
+    pub async fn finish_cut_off_closes(
+        &self,
+        redis: &Redis,
+        db: &Db,
+        min_age: std::time::Duration,
+    ) -> anyhow::Result<usize> {
+        let activities: Vec<(String,)> = sqlx::query_as(
+            "SELECT DISTINCT activity_id FROM budget_generations WHERE state = 'closing' AND closed_at <= CURRENT_TIMESTAMP(3) - INTERVAL ? MICROSECOND",
+        )
+        .bind(min_age.as_micros() as i64)
+        .fetch_all(db.main())
+        .await?;
+        let mut finished = 0;
+        for (activity,) in activities {
+            let _queue = self.maintenance.lock().await;
+            let result = match ActivityLock::take(db, &activity).await {
+                Ok(lock) => {
+                    let result = self.finish_closing(redis, db, &activity).await;
+                    lock.release().await;
+                    result
+                }
+                Err(err) => Err(err),
+            };
+            match result {
+                Ok(returned) => {
+                    finished += 1;
+                    tracing::warn!(
+                        activity,
+                        returned_cents = returned,
+                        "a budget close cut off before its drain was finished"
+                    );
+                }
+                Err(err) => tracing::warn!(
+                    activity,
+                    error = format!("{err:#}"),
+                    "finishing a cut-off budget close failed; will retry"
+                ),
+            }
+            self.forget_exhausted(&activity);
+        }
+        Ok(finished)
+    }
+
     /// Closes the live generation when its layout differs from `issue.sub_stocks`, so a
     /// changed setting moves the budget into the new layout instead of creating any.
     pub async fn relayout(&self, redis: &Redis, db: &Db, activity: &str) -> anyhow::Result<()> {

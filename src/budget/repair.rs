@@ -239,11 +239,21 @@ impl Budget {
     /// Releases the part of lost (in-doubt) generations that is provably unspent: their
     /// grants less what the ledger booked from them and what synced tokens of theirs
     /// still wait to be booked. Only generations lost longer ago than
-    /// `issue.in_doubt_grace_ms`, so clients had time to sync. Serialized per activity;
-    /// a second run finds nothing.
-    pub async fn release_in_doubt(&self, db: &Db, activity: &str) -> anyhow::Result<Release> {
+    /// `issue.in_doubt_grace_ms`, so clients had time to sync. A close cut off before
+    /// its drain is finished first, so a generation it finds lost is released too.
+    /// Serialized per activity; a second run finds nothing.
+    pub async fn release_in_doubt(
+        &self,
+        redis: &Redis,
+        db: &Db,
+        activity: &str,
+    ) -> anyhow::Result<Release> {
+        let _queue = self.maintenance.lock().await;
         let lock = ActivityLock::take(db, activity).await?;
-        let result = self.release_locked(db, activity).await;
+        let result = match self.finish_closing(redis, db, activity).await {
+            Ok(_) => self.release_locked(db, activity).await,
+            Err(err) => Err(err),
+        };
         lock.release().await;
         if result.is_ok() {
             self.forget_exhausted(activity);

@@ -421,7 +421,7 @@ impl Reconciler {
     pub async fn release_in_doubt(&self, activity: &str) -> Result<Release> {
         self.known(activity)?;
         self.budget
-            .release_in_doubt(&self.db, activity)
+            .release_in_doubt(&self.redis, &self.db, activity)
             .await
             .map_err(Error::Internal)
     }

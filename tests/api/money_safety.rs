@@ -295,6 +295,99 @@ async fn a_redis_restart_from_its_aof_never_spends_a_sub_stock_twice() {
     t.stop().await;
 }
 
+/// A process dying between closing a generation and draining it (or Redis failing the
+/// drain) leaves the generation `closing`, with everything it was granted counted as
+/// taken. Simulated by committing the close by hand, then losing Redis.
+async fn cut_off_close(t: &TestApp, redis: &PrivateRedis) -> HashMap<i64, Vec<String>> {
+    t.open_activity("cny2027", 2_000, 100).await;
+    let awards: Vec<(i64, i64, i64)> = (0..5).map(|i| (700 + i, 1, 100)).collect();
+    let (held, results) = issue_to_clients(t, "cny2027", &awards).await;
+    assert!(results.iter().all(|r| r["error"].is_null()), "{results:?}");
+    let main = t.app.db.main();
+    sqlx::query("UPDATE budget_generations SET state = 'closing', closed_at = CURRENT_TIMESTAMP(3) WHERE activity_id = 'cny2027' AND gen = 1")
+        .execute(main)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO budget_generations (activity_id, gen, sub_stocks, state) SELECT activity_id, 2, sub_stocks, 'live' FROM budget_generations WHERE activity_id = 'cny2027' AND gen = 1")
+        .execute(main)
+        .await
+        .unwrap();
+    flushall(redis).await;
+    held
+}
+
+/// A close cut off before its drain is finished by the release of in-doubt budget: the
+/// generation Redis lost is in doubt, and what the ledger proves unspent comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_finishes_a_close_cut_off_before_its_drain() {
+    let redis = PrivateRedis::start();
+    let t = spawn_app_with(Options {
+        redis_url: Some(redis.url()),
+        env: vec![
+            ("RPW_ISSUE__IN_DOUBT_GRACE_MS".into(), "0".into()),
+            // No periodic refresh: only the release may finish the close here.
+            ("RPW_ISSUE__CACHE_REFRESH_MS".into(), "600000".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let held = cut_off_close(&t, &redis).await;
+    assert_eq!(sync_all(&t, &held).await, 5);
+    t.drain().await;
+    let (status, body) = t
+        .post(
+            "/v1/admin/activities/cny2027/release-in-doubt",
+            ADMIN,
+            &json!({}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["resolved_generations"], 1, "{body}");
+    let (booked, _) = ledger_awards(&t, "cny2027").await;
+    assert_eq!(booked, 500);
+    let view = activity(&t, "cny2027").await;
+    assert_eq!(view["budget_in_doubt_cents"], 0, "{view}");
+    assert_eq!(
+        view["budget_remaining_cents"].as_i64().unwrap() + booked,
+        2_000,
+        "every cent booked or still to issue: {view}"
+    );
+    t.stop().await;
+}
+
+/// Nobody has to ask: the periodic refresh finishes a close cut off before its drain,
+/// so the generation Redis lost shows in doubt instead of silently taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_cut_off_before_its_drain_is_finished_by_the_refresh() {
+    let redis = PrivateRedis::start();
+    let t = spawn_app_with(Options {
+        redis_url: Some(redis.url()),
+        ..Default::default()
+    })
+    .await;
+    cut_off_close(&t, &redis).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = t
+            .sql_i64("SELECT COUNT(*) FROM budget_generations WHERE activity_id = 'cny2027' AND gen = 1 AND state = 'in_doubt'")
+            .await;
+        if state == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "generation 1 is still not finished"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let view = activity(&t, "cny2027").await;
+    assert!(
+        view["budget_in_doubt_cents"].as_i64().unwrap() >= 500,
+        "{view}"
+    );
+    t.stop().await;
+}
+
 /// A drained generation awaiting its leak settlement when Redis is flushed: its issued
 /// counters are gone, so repair must not call its issued budget a leak; the generation
 /// is in doubt instead, and once clients synced and the ledger booked their awards,
