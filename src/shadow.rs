@@ -182,6 +182,7 @@ const DATA_TABLES: &[&str] = &[
     "ledger_entries",
     "accounts",
     "withdrawals",
+    "coupon_redemption_keys",
     "coupons",
     "coupon_templates",
     "packet_shares",

@@ -180,6 +180,7 @@ impl App {
             stock_gauge: Arc::new(crate::coupons::StockGauge::new(
                 std::time::Duration::from_secs(1),
             )),
+            retry_grace_ms: (settings.wallet.retry_grace_secs as i64).saturating_mul(1000),
         });
         let coalescer = Coalescer::start(
             issuer.clone(),

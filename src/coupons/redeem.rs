@@ -63,6 +63,85 @@ impl Coupons {
         if let Some(done) = self.replay(caller, user, req).await? {
             return Ok(done);
         }
+        let claimed = self.claim(caller, user, req, now_ms).await?;
+        let result = self.redeem_claimed(caller, user, req, now_ms).await;
+        if claimed && result.as_ref().is_err_and(is_refusal) {
+            self.unclaim(caller, user, req).await?;
+        }
+        result
+    }
+
+    /// Claims the request id on the main database for this body: true when claimed now,
+    /// false when it already names this very body (a retry, or a concurrent copy); a
+    /// conflict when it names another user's, coupon's or order's redemption.
+    async fn claim(&self, caller: &str, user: UserId, req: &Redeem, now_ms: i64) -> Result<bool> {
+        let main = self.db.main();
+        loop {
+            let inserted = sqlx::query(
+                "INSERT IGNORE INTO coupon_redemption_keys (caller, request_id, user_id, out_trade_no, order_cents, at_ms) VALUES (?, ?, ?, ?, ?, ?)",
+            )
+            .bind(caller)
+            .bind(req.request_id.as_bytes())
+            .bind(user.get())
+            .bind(&req.out_trade_no)
+            .bind(req.order_cents)
+            .bind(now_ms)
+            .execute(main)
+            .await?
+            .rows_affected();
+            if inserted == 1 {
+                return Ok(true);
+            }
+            let held: Option<(i64, Vec<u8>, i64)> = sqlx::query_as(
+                "SELECT user_id, out_trade_no, order_cents FROM coupon_redemption_keys WHERE caller = ? AND request_id = ?",
+            )
+            .bind(caller)
+            .bind(req.request_id.as_bytes())
+            .fetch_optional(main)
+            .await?;
+            match held {
+                // Freed by a refusal in between: claim it again.
+                None => continue,
+                Some((u, otn, order))
+                    if u == user.get()
+                        && otn == req.out_trade_no.as_bytes()
+                        && order == req.order_cents =>
+                {
+                    return Ok(false)
+                }
+                Some(_) => {
+                    return Err(Error::IdempotencyConflict(format!(
+                        "request_id `{}` names another redemption",
+                        req.request_id
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Frees a claim whose redemption was refused, so the corrected request may use it.
+    async fn unclaim(&self, caller: &str, user: UserId, req: &Redeem) -> Result<()> {
+        sqlx::query(
+            "DELETE FROM coupon_redemption_keys WHERE caller = ? AND request_id = ? AND user_id = ? AND out_trade_no = ? AND order_cents = ?",
+        )
+        .bind(caller)
+        .bind(req.request_id.as_bytes())
+        .bind(user.get())
+        .bind(&req.out_trade_no)
+        .bind(req.order_cents)
+        .execute(self.db.main())
+        .await?;
+        Ok(())
+    }
+
+    /// The redemption itself, on the coupon's shard, once the request id is claimed.
+    async fn redeem_claimed(
+        &self,
+        caller: &str,
+        user: UserId,
+        req: &Redeem,
+        now_ms: i64,
+    ) -> Result<Redeemed> {
         self.book_if_waiting(user, &req.out_trade_no).await?;
         let pool = self.db.for_user(user);
         let mut tx = pool.begin().await?;
@@ -209,4 +288,17 @@ impl Coupons {
         }
         Ok(())
     }
+}
+
+/// A refusal leaves the coupon untouched by this request: its claim is freed. Any other
+/// error (a commit whose answer was lost among them) keeps the claim bound to its body.
+fn is_refusal(err: &Error) -> bool {
+    matches!(
+        err,
+        Error::NotFound(_)
+            | Error::CouponUsed
+            | Error::CouponExpired(_)
+            | Error::BelowMinSpend(_)
+            | Error::IdempotencyConflict(_)
+    )
 }

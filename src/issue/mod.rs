@@ -35,7 +35,7 @@ use crate::metrics;
 use crate::store::{now_ms, Db, Redis};
 use crate::switches::Switches;
 use crate::token::{self, SignedAward};
-use crate::tokens::{Tokens, TRIMMED};
+use crate::tokens::{Tokens, GREETING, TRIMMED};
 
 pub use admission::{Admission, SharedLimit};
 pub use stats::StatsCounter;
@@ -121,12 +121,18 @@ pub struct Issuer {
     pub stats: Arc<StatsCounter>,
     /// Coupon templates' remaining shares, for scene fallbacks.
     pub stock_gauge: Arc<crate::coupons::StockGauge>,
+    /// How long after its activity ends a greeting answer is still replayed (ms), as
+    /// trimmed tokens' markers are (`wallet.retry_grace_secs`).
+    pub retry_grace_ms: i64,
 }
 
 /// What Redis holds under an award's out_trade_no, answered: the token itself, or, once
 /// trimmed, the signed token the ledger row keeps (the only MySQL read of the issuing
 /// path, and only for such a late retry).
 async fn resolve_held(ledger: &Ledger, held: Vec<u8>, award: &ValidAward) -> Result<Issued> {
+    if held == GREETING {
+        return replay_greeting(award);
+    }
     if held != TRIMMED {
         return replay_or_conflict(held, award);
     }
@@ -140,6 +146,30 @@ async fn resolve_held(ledger: &Ledger, held: Vec<u8>, award: &ValidAward) -> Res
             award.out_trade_no
         ))),
     }
+}
+
+/// The greeting an award was answered with before, again: the scene's greeting (the
+/// out_trade_no names the scene; a scene's fallback never changes).
+fn replay_greeting(award: &ValidAward) -> Result<Issued> {
+    let greeting = match award.coupon.as_ref().and_then(|p| p.fallback.as_ref()) {
+        Some(Fallback {
+            to: FallbackTo::Greeting(text),
+            ..
+        }) => text.clone(),
+        _ => {
+            return Err(Error::IdempotencyConflict(format!(
+                "out_trade_no `{}` was answered with a greeting, not this award",
+                award.out_trade_no
+            )))
+        }
+    };
+    Ok(Issued {
+        out_trade_no: award.out_trade_no.to_string(),
+        token: Vec::new(),
+        replayed: true,
+        fallback: Some("greeting"),
+        greeting: Some(greeting),
+    })
 }
 
 /// Compares a stored token with a request for the same out_trade_no.
@@ -292,6 +322,51 @@ impl Issuer {
                     fallback: Some("greeting"),
                     greeting: Some(text.clone()),
                 })
+            }
+        }
+    }
+
+    /// Records the awards answered with only a greeting under their out_trade_no, so a
+    /// retry is answered the same even once stock came back; an award whose token was
+    /// stored first is answered with that token instead. A greeting carries no value:
+    /// when Redis cannot record it, it is answered all the same.
+    async fn record_greetings(
+        &self,
+        awards: &[(usize, ValidAward)],
+        out: &mut [Option<Result<Issued>>],
+    ) {
+        let at: Vec<usize> = (0..awards.len())
+            .filter(|&k| matches!(&out[k], Some(Ok(i)) if i.token.is_empty() && !i.replayed))
+            .collect();
+        if at.is_empty() {
+            return;
+        }
+        let greetings: Vec<(UserId, &str, i64)> = at
+            .iter()
+            .map(|&k| {
+                let v = &awards[k].1;
+                let ends_ms = self
+                    .activities
+                    .get(&v.activity_id)
+                    .map(|a| a.activity.ends_at.timestamp_millis())
+                    .unwrap_or_else(crate::store::now_ms);
+                (
+                    v.user,
+                    v.out_trade_no.as_str(),
+                    ends_ms.saturating_add(self.retry_grace_ms),
+                )
+            })
+            .collect();
+        match self.tokens.record_greetings(&greetings).await {
+            Ok(held) => {
+                for (&k, held) in at.iter().zip(held) {
+                    if let Some(bytes) = held {
+                        out[k] = Some(resolve_held(&self.ledger, bytes, &awards[k].1).await);
+                    }
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "recording greeting answers failed; a retry may get another answer")
             }
         }
     }
@@ -453,6 +528,7 @@ impl Issuer {
         if !second.is_empty() {
             taken.extend(self.take(&second, &stocks, &mut out).await);
         }
+        self.record_greetings(awards, &mut out).await;
 
         // Step 4: mint, recording the budget generation the money came from. Every
         // token of the batch is signed together: one signature over their Merkle root.

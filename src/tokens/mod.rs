@@ -35,6 +35,10 @@ pub use trim::TrimSettings;
 /// of an encoded SignedToken (those start with field 1's tag, 0x0a).
 pub const TRIMMED: &[u8] = b"~";
 
+/// What the token hash holds for an award answered with only a greeting (no token): a
+/// retry gets the greeting again. Like [`TRIMMED`], never a prefix of a SignedToken.
+pub const GREETING: &[u8] = b"~g";
+
 /// The token record's reader and writer. Cheap to clone.
 #[derive(Clone)]
 pub struct Tokens {
@@ -46,6 +50,7 @@ struct Scripts {
     store: Script,
     mark: Script,
     view: Script,
+    greet: Script,
 }
 
 /// What Redis holds of one user's record, read atomically (view.lua): the pending tokens
@@ -115,12 +120,42 @@ impl Tokens {
                 store: crate::store::script(include_str!("store.lua")),
                 mark: with_identity(include_str!("mark.lua")),
                 view: with_identity(include_str!("view.lua")),
+                greet: crate::store::script(include_str!("greet.lua")),
             }),
         }
     }
 
-    pub fn scripts(&self) -> [&Script; 3] {
-        [&self.scripts.store, &self.scripts.mark, &self.scripts.view]
+    pub fn scripts(&self) -> [&Script; 4] {
+        [
+            &self.scripts.store,
+            &self.scripts.mark,
+            &self.scripts.view,
+            &self.scripts.greet,
+        ]
+    }
+
+    /// Records awards answered with only a greeting, `(user, out_trade_no, marker kept
+    /// until ms)`, in one round trip. Per award: `None` when recorded now, or what the
+    /// token hash already holds (a token stored first, or the greeting before).
+    pub async fn record_greetings(
+        &self,
+        greetings: &[(UserId, &str, i64)],
+    ) -> redis::RedisResult<Vec<Option<Vec<u8>>>> {
+        if greetings.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for (user, otn, until_ms) in greetings {
+            let tokens = self.redis.tokens_key(*user);
+            let markers = self.redis.markers_key(self.redis.partition_of(*user));
+            let mut cmd = crate::store::evalsha(&self.scripts.greet, &[&tokens, &markers]);
+            cmd.arg(*otn)
+                .arg(GREETING)
+                .arg(status::index_member(*user, otn))
+                .arg(*until_ms);
+            pipe.add_command(cmd);
+        }
+        query_scripted(&self.redis, &pipe, &self.scripts()).await
     }
 
     /// Puts up a fence on `user`'s snapshot (see [`Fence`]), before the transaction

@@ -305,6 +305,66 @@ async fn the_figures_are_conserved_while_coupons_are_booked() {
     Arc::try_unwrap(t).ok().unwrap().stop().await;
 }
 
+/// A merchant's request id names one redemption whatever shard the coupon's user lives
+/// on: reused for another user's coupon (on the other shard) it is a conflict, and that
+/// coupon stays active; a refused request frees its id for the corrected one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_names_one_redemption_across_shards() {
+    let second = create_database().await;
+    let t = spawn_app_with(Options {
+        env: vec![("RPW_MYSQL__SHARD_URLS".into(), mysql_url_for(&second))],
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(t.app.db.shards().len(), 2);
+    t.open_activity("cny2027", 100_000, 1_000).await;
+    template(&t, "tpl-shards", 10, json!({"valid_days": 1})).await;
+    coupon_scene(
+        &t,
+        "cny2027",
+        "coupons",
+        json!({"template_id": "tpl-shards"}),
+    )
+    .await;
+    let mut otns = Vec::new();
+    for user in [1, 2] {
+        let (status, body) = t
+            .post("/v1/awards", CALLER, &coupon_award(user, "coupons", 1))
+            .await;
+        assert_eq!(status, 201, "{body}");
+        otns.push(body["out_trade_no"].as_str().unwrap().to_string());
+    }
+    t.drain().await;
+    let shard = |u: i64| {
+        t.app
+            .db
+            .shard_index(redpacket_wallet::domain::UserId::parse(u).unwrap())
+    };
+    assert_ne!(shard(1), shard(2), "users 1 and 2 live on different shards");
+
+    // Refused (under the minimum spend): the id is free for the corrected request.
+    let (status, body) = redeem(&t, 1, &otns[0], "pos-7", 100).await;
+    assert_eq!(status, 422, "{body}");
+    let (status, body) = redeem(&t, 1, &otns[0], "pos-7", 5_000).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = redeem(&t, 2, &otns[1], "pos-7", 5_000).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("idempotency_conflict")),
+        "{body}"
+    );
+    let list = coupons(&t, 2).await;
+    assert_eq!(list["coupons"][0]["state"], "active", "{list}");
+    // The first request still replays.
+    let (status, body) = redeem(&t, 1, &otns[0], "pos-7", 5_000).await;
+    assert_eq!(
+        (status, body["replayed"].as_bool()),
+        (200, Some(true)),
+        "{body}"
+    );
+    t.stop().await;
+}
+
 /// Under the configured share the scene hands out its fallback template, and says so;
 /// a greeting fallback hands out no token and takes no stock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -371,6 +431,23 @@ async fn a_low_template_falls_back_to_another_template_or_a_greeting() {
     );
     assert_eq!(body["greeting"], "新年快乐");
     assert_eq!(body["token"], "");
+    // A retry is answered with the greeting it had, recorded under its out_trade_no.
+    let (status, again) = t
+        .post("/v1/awards", CALLER, &coupon_award(2, "greet", 1))
+        .await;
+    assert_eq!(
+        (
+            status,
+            again["status"].as_str(),
+            again["replayed"].as_bool()
+        ),
+        (200, Some("greeting"), Some(true)),
+        "{again}"
+    );
+    assert_eq!(
+        (&again["greeting"], &again["out_trade_no"]),
+        (&body["greeting"], &body["out_trade_no"])
+    );
     assert_eq!(
         coupons(&t, 2).await["coupons"].as_array().unwrap().len(),
         1,
