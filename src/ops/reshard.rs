@@ -5,8 +5,8 @@
 //!    bucket's shared lock (every ledger transaction takes one, see
 //!    `Ledger::own_buckets`) and keeps new ones out: bookings and withdrawals of the
 //!    bucket's users are answered "moving, retry" until the move ends.
-//! 2. **Copy** the bucket's accounts, ledger rows, withdrawals and coupons to the target, in one
-//!    transaction (rows a crashed earlier attempt left there are replaced).
+//! 2. **Copy** the bucket's accounts, ledger rows, withdrawals, coupons, and the red
+//!    packets its users sent (with their shares) to the target, in one transaction (rows a crashed earlier attempt left there are replaced).
 //! 3. **Verify** counts, sums and a checksum of every row on both sides; a mismatch
 //!    gives the bucket back to the source and stops.
 //! 4. **Switch**: the target owns the bucket, the source gives it up (`owned = 0`:
@@ -40,6 +40,8 @@ pub struct Moved {
     pub accounts: i64,
     pub ledger_rows: i64,
     pub withdrawals: i64,
+    pub coupons: i64,
+    pub packets: i64,
     pub balance_cents: i64,
 }
 
@@ -58,6 +60,10 @@ struct Figures {
     withdrawal_sum: i64,
     coupons: i64,
     coupon_sum: i64,
+    packets: i64,
+    packet_sum: i64,
+    packet_shares: i64,
+    packet_share_sum: i64,
 }
 
 /// Moves `bucket` to shard `to` (see the module comment).
@@ -137,6 +143,8 @@ impl Mover<'_> {
             accounts: 0,
             ledger_rows: 0,
             withdrawals: 0,
+            coupons: 0,
+            packets: 0,
             balance_cents: 0,
         };
         if from == to {
@@ -202,6 +210,8 @@ impl Mover<'_> {
             accounts: before.accounts,
             ledger_rows: before.ledger,
             withdrawals: before.withdrawals,
+            coupons: before.coupons,
+            packets: before.packets,
             balance_cents: before.balance,
             ..nothing
         })
@@ -282,8 +292,38 @@ type CouponRow = (
 
 const COUPON_COLUMNS: &str = "out_trade_no, user_id, template_id, face_value_cents, min_spend_cents, valid_from_ms, valid_until_ms, issued_at_ms, state, used_by, used_request_id, used_order_cents, used_at_ms, expired_at_ms";
 
+/// A `packets` row, every column (text as bytes).
+type PacketRow = (
+    Vec<u8>,
+    i64,
+    Vec<u8>,
+    i64,
+    i32,
+    Vec<u8>,
+    i32,
+    i64,
+    i64,
+    Vec<u8>,
+    i64,
+    i64,
+);
+
+const PACKET_COLUMNS: &str = "id, sender_id, request_id, total_cents, shares, greeting, opened_count, opened_cents, refunded_cents, status, created_at_ms, expires_at_ms";
+
+/// A `packet_shares` row, every column.
+type ShareRow = (Vec<u8>, i64, i32, i64, i64, Vec<u8>);
+
+const SHARE_COLUMNS: &str = "packet_id, user_id, seq, amount_cents, opened_at_ms, token";
+
 /// The tables holding a bucket's rows, each `user_id`-keyed.
 const TABLES: [&str; 4] = ["ledger_entries", "withdrawals", "coupons", "accounts"];
+
+/// The bucket's packets are those its users sent (`sender_id`); their shares (opened by
+/// anyone) live beside them. Shares go first: they are found through their packet.
+const PACKET_DELETES: [&str; 2] = [
+    "DELETE s FROM packet_shares s JOIN packets p ON p.id = s.packet_id WHERE p.sender_id % 1024 = ?",
+    "DELETE FROM packets WHERE sender_id % 1024 = ?",
+];
 
 /// Rows per insert statement.
 const CHUNK: usize = 500;
@@ -313,6 +353,23 @@ async fn copy(source: &MySqlPool, target: &MySqlPool, bucket: u16) -> anyhow::Re
     .bind(bucket)
     .fetch_all(source)
     .await?;
+    let packets: Vec<PacketRow> = sqlx::query_as(&format!(
+        "SELECT {PACKET_COLUMNS} FROM packets WHERE sender_id % 1024 = ?"
+    ))
+    .bind(bucket)
+    .fetch_all(source)
+    .await?;
+    let shares: Vec<ShareRow> = sqlx::query_as(&format!(
+        "SELECT {} FROM packet_shares s JOIN packets p ON p.id = s.packet_id WHERE p.sender_id % 1024 = ?",
+        SHARE_COLUMNS
+            .split(", ")
+            .map(|c| format!("s.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+    .bind(bucket)
+    .fetch_all(source)
+    .await?;
     let mut tx = target.begin().await?;
     sqlx::query(
         "INSERT INTO bucket_owner (bucket, owned) VALUES (?, 0) ON DUPLICATE KEY UPDATE owned = 0",
@@ -325,6 +382,40 @@ async fn copy(source: &MySqlPool, target: &MySqlPool, bucket: u16) -> anyhow::Re
             .bind(bucket)
             .execute(&mut *tx)
             .await?;
+    }
+    for delete in PACKET_DELETES {
+        sqlx::query(delete).bind(bucket).execute(&mut *tx).await?;
+    }
+    for chunk in packets.chunks(CHUNK) {
+        let mut q = QueryBuilder::<MySql>::new(format!("INSERT INTO packets ({PACKET_COLUMNS}) "));
+        q.push_values(chunk, |mut b, r| {
+            b.push_bind(&r.0)
+                .push_bind(r.1)
+                .push_bind(&r.2)
+                .push_bind(r.3)
+                .push_bind(r.4)
+                .push_bind(&r.5)
+                .push_bind(r.6)
+                .push_bind(r.7)
+                .push_bind(r.8)
+                .push_bind(&r.9)
+                .push_bind(r.10)
+                .push_bind(r.11);
+        });
+        q.build().execute(&mut *tx).await?;
+    }
+    for chunk in shares.chunks(CHUNK) {
+        let mut q =
+            QueryBuilder::<MySql>::new(format!("INSERT INTO packet_shares ({SHARE_COLUMNS}) "));
+        q.push_values(chunk, |mut b, r| {
+            b.push_bind(&r.0)
+                .push_bind(r.1)
+                .push_bind(r.2)
+                .push_bind(r.3)
+                .push_bind(r.4)
+                .push_bind(&r.5);
+        });
+        q.build().execute(&mut *tx).await?;
     }
     for chunk in coupons.chunks(CHUNK) {
         let mut q = QueryBuilder::<MySql>::new(format!("INSERT INTO coupons ({COUPON_COLUMNS}) "));
@@ -407,6 +498,9 @@ async fn clear(pool: &MySqlPool, bucket: u16) -> sqlx::Result<()> {
             .execute(&mut *tx)
             .await?;
     }
+    for delete in PACKET_DELETES {
+        sqlx::query(delete).bind(bucket).execute(&mut *tx).await?;
+    }
     tx.commit().await
 }
 
@@ -430,17 +524,31 @@ async fn figures(pool: &MySqlPool, bucket: u16) -> sqlx::Result<Figures> {
     .fetch_one(pool)
     .await?;
     let (coupons, coupon_sum): (i64, i64) = sqlx::query_as(&format!(
-        "SELECT COUNT(*), CAST(COALESCE(BIT_XOR(CRC32(CONCAT_WS('|', {}))), 0) AS SIGNED) FROM coupons WHERE user_id % 1024 = ?",
-        COUPON_COLUMNS
-            .split(", ")
-            .map(|c| format!("COALESCE(HEX({c}), '')"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        "SELECT COUNT(*), {} FROM coupons WHERE user_id % 1024 = ?",
+        checksum(COUPON_COLUMNS, "")
+    ))
+    .bind(bucket)
+    .fetch_one(pool)
+    .await?;
+    let (packets, packet_sum): (i64, i64) = sqlx::query_as(&format!(
+        "SELECT COUNT(*), {} FROM packets WHERE sender_id % 1024 = ?",
+        checksum(PACKET_COLUMNS, "")
+    ))
+    .bind(bucket)
+    .fetch_one(pool)
+    .await?;
+    let (packet_shares, packet_share_sum): (i64, i64) = sqlx::query_as(&format!(
+        "SELECT COUNT(*), {} FROM packet_shares s JOIN packets p ON p.id = s.packet_id WHERE p.sender_id % 1024 = ?",
+        checksum(SHARE_COLUMNS, "s.")
     ))
     .bind(bucket)
     .fetch_one(pool)
     .await?;
     Ok(Figures {
+        packets,
+        packet_sum,
+        packet_shares,
+        packet_share_sum,
         coupons,
         coupon_sum,
         accounts,
@@ -454,4 +562,16 @@ async fn figures(pool: &MySqlPool, bucket: u16) -> sqlx::Result<Figures> {
         withdrawal_cents,
         withdrawal_sum,
     })
+}
+
+/// A checksum of every listed column of every row (`prefix`: the table's alias).
+fn checksum(columns: &str, prefix: &str) -> String {
+    format!(
+        "CAST(COALESCE(BIT_XOR(CRC32(CONCAT_WS('|', {}))), 0) AS SIGNED)",
+        columns
+            .split(", ")
+            .map(|c| format!("COALESCE(HEX({prefix}{c}), '')"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
 }

@@ -552,18 +552,31 @@ impl Packets {
         Ok(held.first().is_some_and(Option::is_none))
     }
 
-    /// The shard holding packet `id`.
+    /// The shard holding packet `id`. While its sender's bucket moves, the packet is on
+    /// two shards for a moment: the one the shard map gives the sender is preferred.
     async fn shard_of(&self, id: &str) -> Result<usize> {
         for (i, pool) in self.db.shards().iter().enumerate() {
-            let found = sqlx::query("SELECT 1 FROM packets WHERE id = ?")
-                .bind(id)
-                .fetch_optional(pool)
-                .await?;
-            if found.is_some() {
-                return Ok(i);
+            let Some(sender) = self.sender_on(pool, id).await? else {
+                continue;
+            };
+            let mapped = UserId::parse(sender)
+                .map(|u| self.db.shard_index(u))
+                .unwrap_or(i);
+            if mapped != i && self.sender_on(self.db.shard(mapped), id).await?.is_some() {
+                return Ok(mapped);
             }
+            return Ok(i);
         }
         Err(Error::NotFound(format!("no red packet `{id}`")))
+    }
+
+    async fn sender_on(&self, pool: &sqlx::MySqlPool, id: &str) -> Result<Option<i64>> {
+        Ok(
+            sqlx::query_scalar("SELECT sender_id FROM packets WHERE id = ?")
+                .bind(id)
+                .fetch_optional(pool)
+                .await?,
+        )
     }
 
     fn mint_share(&self, user: UserId, id: &str, cents: i64, now: i64) -> Result<Minted> {

@@ -418,3 +418,63 @@ async fn a_share_token_lost_by_redis_comes_back_by_sync_or_by_opening_again() {
     assert_eq!(t.app.packets.restore_shares(0, now + 1).await.unwrap(), 0);
     t.stop().await;
 }
+
+/// A packet lives on its sender's shard and moves with the sender's bucket: after the
+/// move its detail, its next opening and its totals come from the new shard, and the old
+/// shard holds none of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_packet_moves_with_its_senders_bucket() {
+    let second = create_database().await;
+    let t = spawn_app_with(Options {
+        env: vec![("RPW_MYSQL__SHARD_URLS".into(), mysql_url_for(&second))],
+        ..Default::default()
+    })
+    .await;
+    t.open_activity("cny2027", 1_000_000, 1_000).await;
+    fund(&t, 40, 1_000).await;
+    let (status, sent) = send(&t, 40, "r", 600, 3).await;
+    assert_eq!(status, 201, "{sent}");
+    let id = sent["packet_id"].as_str().unwrap().to_string();
+    let (status, first) = open(&t, 41, &id).await;
+    assert_eq!(status, 201, "{first}");
+
+    let from = t.app.db.shard_index(user(40));
+    let to = 1 - from;
+    let moved = redpacket_wallet::ops::reshard::reshard(&t.app.db, 40, to)
+        .await
+        .unwrap();
+    assert_eq!((moved.from as usize, moved.to as usize), (from, to));
+    let count = |shard: usize, sql: &'static str| {
+        let pool = t.app.db.shard(shard).clone();
+        let id = id.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    const PACKETS: &str = "SELECT COUNT(*) FROM packets WHERE id = ?";
+    const SHARES: &str = "SELECT COUNT(*) FROM packet_shares WHERE packet_id = ?";
+    assert_eq!((count(to, PACKETS).await, count(to, SHARES).await), (1, 1));
+    assert_eq!(
+        (count(from, PACKETS).await, count(from, SHARES).await),
+        (0, 0)
+    );
+
+    let (status, second_share) = open(&t, 42, &id).await;
+    assert_eq!(status, 201, "{second_share}");
+    let (status, again) = open(&t, 41, &id).await;
+    assert_eq!(
+        status, 200,
+        "the first opener's share is still theirs: {again}"
+    );
+    assert_eq!(again["share"], first["share"]);
+    let (status, detail) = t.get(&format!("/v1/packets/{id}"), Some(&t.jwt(40))).await;
+    assert_eq!(status, 200, "{detail}");
+    assert_eq!(detail["opened"].as_array().unwrap().len(), 2, "{detail}");
+    let totals = assert_conserved(&t).await;
+    assert_eq!(totals.sent_cents, 600, "counted once: {totals:?}");
+    t.stop().await;
+}
