@@ -579,13 +579,10 @@ impl Issuer {
                         let v = &awards[k].1;
                         // On a cluster the client sends a call again when its answer
                         // was lost (a timeout, a failover): bytes held that equal ours
-                        // may be our own store, so nothing is given back for them (a
-                        // twin that minted the same award in the same millisecond then
-                        // leaks its take, which repair returns; giving ours back could
-                        // mint its amount twice). A single node never runs a call twice:
-                        // there such bytes are a twin's, and its take goes back.
-                        let winner = winner
-                            .filter(|held| !(self.redis.is_cluster() && *held == award.bytes));
+                        // are our own store. No twin request holds them: every mint has
+                        // its own salt (`token::mint_all`), so held bytes that differ
+                        // are a twin's, and our take goes back.
+                        let winner = winner.filter(|held| *held != award.bytes);
                         out[k] = Some(match winner {
                             // Another request stored first: a replay, or a conflict.
                             Some(bytes) => {

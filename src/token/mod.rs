@@ -42,37 +42,37 @@ pub struct SignedAward {
     pub token: pb::RedPacketToken,
 }
 
-/// Encodes `token` (its key id set to the active key's), signs the encoding and wraps both.
+/// Encodes `token` (its key id set to the active key's), signs the encoding and wraps both
+/// (a token signed singly: the same award minted again has the same bytes).
 pub fn mint(keys: &KeyRing, token: pb::RedPacketToken) -> Result<SignedAward, TokenError> {
-    let mut minted = mint_all(keys, vec![token])?;
+    let mut minted = mint_with(keys, vec![token], None)?;
     Ok(minted.pop().expect("one token in, one out"))
 }
 
-/// Mints tokens together: one alone is signed over its payload; two or more share one
-/// signature over the Merkle root of their leaves, with fresh random tree id and salts.
+/// Mints tokens together: they share one signature over the Merkle root of their leaves,
+/// with a fresh random tree id and salts. A lone token is a tree of one, so no two
+/// mints share bytes: the issuer tells its own store from a twin request's by them.
 pub fn mint_all(
     keys: &KeyRing,
     tokens: Vec<pb::RedPacketToken>,
 ) -> Result<Vec<SignedAward>, TokenError> {
+    use rand::RngCore;
+    let mut rng = rand::rng();
     let mut tree_id = [0u8; ID_LEN];
+    rng.fill_bytes(&mut tree_id);
     let mut salts = vec![[0u8; ID_LEN]; tokens.len()];
-    if tokens.len() > 1 {
-        use rand::RngCore;
-        let mut rng = rand::rng();
-        rng.fill_bytes(&mut tree_id);
-        for salt in &mut salts {
-            rng.fill_bytes(salt);
-        }
+    for salt in &mut salts {
+        rng.fill_bytes(salt);
     }
-    mint_with(keys, tokens, tree_id, &salts)
+    mint_with(keys, tokens, Some((tree_id, &salts)))
 }
 
-/// [`mint_all`] with the tree id and salts given (test vectors are reproducible).
+/// Mints `tokens`: one alone signed singly when `tree` is `None`, else a tree with the
+/// given id and salts (test vectors are reproducible).
 fn mint_with(
     keys: &KeyRing,
     mut tokens: Vec<pb::RedPacketToken>,
-    tree_id: [u8; ID_LEN],
-    salts: &[[u8; ID_LEN]],
+    tree: Option<([u8; ID_LEN], &[[u8; ID_LEN]])>,
 ) -> Result<Vec<SignedAward>, TokenError> {
     if tokens.is_empty() {
         return Ok(Vec::new());
@@ -99,7 +99,10 @@ fn mint_with(
         .encode_to_vec(),
         token,
     };
-    if tokens.len() == 1 {
+    let Some((tree_id, salts)) = tree else {
+        if tokens.len() != 1 {
+            return Err(TokenError::BadEncoding("only one token is signed singly"));
+        }
         let (_, signature) = keys.sign(&payloads[0]).ok_or(TokenError::NoSigner)?;
         let (token, payload) = (tokens.pop(), payloads.into_iter().next());
         return Ok(vec![wrap(
@@ -108,7 +111,7 @@ fn mint_with(
             signature,
             None,
         )]);
-    }
+    };
     let size =
         u32::try_from(tokens.len()).map_err(|_| TokenError::BadEncoding("batch too large"))?;
     let leaves: Vec<Hash> = payloads
@@ -228,6 +231,21 @@ mod tests {
             stage: pb::Stage::Live as i32,
             issued_at_ms: 2,
             ..Default::default()
+        }
+    }
+
+    /// The issuer tells its own store (a cluster call sent again) from a twin request's
+    /// by the bytes: two mints of the same award, even alone and in the same
+    /// millisecond, never share them.
+    #[test]
+    fn two_mints_of_the_same_award_never_share_bytes() {
+        let (_dir, ring) = ring();
+        let a = mint_all(&ring, vec![sample()]).unwrap().remove(0);
+        let b = mint_all(&ring, vec![sample()]).unwrap().remove(0);
+        assert_eq!(a.token, b.token);
+        assert_ne!(a.bytes, b.bytes);
+        for award in [a, b] {
+            assert_eq!(verify(&ring, &award.bytes).unwrap(), award.token);
         }
     }
 

@@ -64,15 +64,18 @@ fn altered(bytes: &[u8], change: impl FnOnce(&mut pb::SignedToken)) -> Vec<u8> {
 fn build() -> Value {
     let ring = KeyRing::from_seed(KEY_ID, &SEED).unwrap();
     let stranger = KeyRing::from_seed(STRANGER_ID, &STRANGER_SEED).unwrap();
-    let single = mint_with(&ring, vec![draft(0)], [0; ID_LEN], &salts(1))
+    let single = mint_with(&ring, vec![draft(0)], None)
+        .unwrap()
+        .remove(0)
+        .bytes;
+    let alone = mint_with(&ring, vec![draft(11)], Some(([0x3c; ID_LEN], &salts(1))))
         .unwrap()
         .remove(0)
         .bytes;
     let batch: Vec<Vec<u8>> = mint_with(
         &ring,
         (1..=5).map(draft).collect(),
-        [0xa5; ID_LEN],
-        &salts(5),
+        Some(([0xa5; ID_LEN], &salts(5))),
     )
     .unwrap()
     .into_iter()
@@ -81,13 +84,15 @@ fn build() -> Value {
     let unlisted = mint_with(
         &stranger,
         vec![draft(9), draft(10)],
-        [0x5a; ID_LEN],
-        &salts(2),
+        Some(([0x5a; ID_LEN], &salts(2))),
     )
     .unwrap()
     .remove(0)
     .bytes;
-    let mut vectors = vec![entry("single", &single, true, "")];
+    let mut vectors = vec![
+        entry("single", &single, true, ""),
+        entry("batch of 1 (a token minted alone)", &alone, true, ""),
+    ];
     for (i, bytes) in batch.iter().enumerate() {
         vectors.push(entry(&format!("batch of 5, leaf {i}"), bytes, true, ""));
     }
