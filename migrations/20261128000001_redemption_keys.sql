@@ -2,7 +2,8 @@
 -- shard is touched: one request id names one redemption (user, coupon, order) whatever
 -- shard the coupon lives on. A refused redemption frees its claim; a claim whose
 -- redemption a crash cut off stays bound to the same body, which may retry it.
--- (Created on every database; only the main database's table is used.)
+-- (Created on every database; only the main database's table is used. No coupon was
+-- redeemed by a release without this table: the coupons came in the same release.)
 CREATE TABLE coupon_redemption_keys (
     caller        VARCHAR(128) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
     request_id    VARBINARY(64) NOT NULL,
@@ -13,7 +14,3 @@ CREATE TABLE coupon_redemption_keys (
     PRIMARY KEY (caller, request_id)
 ) ENGINE = InnoDB;
 
--- Redemptions made before the table existed, where their coupons live on this database.
-INSERT IGNORE INTO coupon_redemption_keys (caller, request_id, user_id, out_trade_no, order_cents, at_ms)
-SELECT used_by, used_request_id, user_id, out_trade_no, used_order_cents, used_at_ms
-FROM coupons WHERE state = 'used' AND used_by IS NOT NULL AND used_request_id IS NOT NULL;

@@ -274,8 +274,8 @@ impl Budget {
     /// Finishes the closes cut off before their drain (a process died after committing
     /// the close, or Redis failed the drain) once they are older than `min_age`: until
     /// then what their generation was granted counts as taken, neither remaining nor in
-    /// doubt. Runs with the periodic refresh; one activity failing does not stop the
-    /// others. Returns how many activities it finished.
+    /// doubt. Runs with the periodic refresh, never waiting for a lock; one activity
+    /// failing does not stop the others. Returns how many activities it finished.
     pub async fn finish_cut_off_closes(
         &self,
         redis: &Redis,
@@ -290,13 +290,18 @@ impl Budget {
         .await?;
         let mut finished = 0;
         for (activity,) in activities {
-            let _queue = self.maintenance.lock().await;
-            let result = match ActivityLock::take(db, &activity).await {
-                Ok(lock) => {
+            // Never waits: a busy activity (another instance finishing it, a repair) is
+            // left to the next refresh.
+            let Ok(_queue) = self.maintenance.try_lock() else {
+                break;
+            };
+            let result = match ActivityLock::try_take(db, &activity).await {
+                Ok(Some(lock)) => {
                     let result = self.finish_closing(redis, db, &activity).await;
                     lock.release().await;
                     result
                 }
+                Ok(None) => continue,
                 Err(err) => Err(err),
             };
             match result {

@@ -356,20 +356,29 @@ struct ActivityLock {
 
 impl ActivityLock {
     pub(super) async fn take(db: &Db, activity: &str) -> anyhow::Result<Self> {
+        match Self::take_within(db, activity, LOCK_WAIT_SECS).await? {
+            Some(lock) => Ok(lock),
+            None => anyhow::bail!("activity `{activity}` is busy with another budget repair"),
+        }
+    }
+
+    /// The lock if it is free now (`None` when another holder has it).
+    pub(super) async fn try_take(db: &Db, activity: &str) -> anyhow::Result<Option<Self>> {
+        Self::take_within(db, activity, 0).await
+    }
+
+    async fn take_within(db: &Db, activity: &str, secs: i64) -> anyhow::Result<Option<Self>> {
         let mut conn = db.main().acquire().await?;
         let name = format!("rpw-budget-{activity}");
         let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, ?)")
             .bind(&name)
-            .bind(LOCK_WAIT_SECS)
+            .bind(secs)
             .fetch_one(&mut *conn)
             .await?;
-        if got != Some(1) {
-            anyhow::bail!("activity `{activity}` is busy with another budget repair");
-        }
-        Ok(Self {
+        Ok((got == Some(1)).then_some(Self {
             conn: Some(conn),
             name,
-        })
+        }))
     }
 
     pub(super) async fn release(mut self) {

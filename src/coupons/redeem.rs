@@ -65,8 +65,25 @@ impl Coupons {
         }
         let claimed = self.claim(caller, user, req, now_ms).await?;
         let result = self.redeem_claimed(caller, user, req, now_ms).await;
-        if claimed && result.as_ref().is_err_and(is_refusal) {
-            self.unclaim(caller, user, req).await?;
+        match &result {
+            // A concurrent copy of this request that was refused may have freed the claim
+            // meanwhile (a coupon not valid yet at its instant, valid at ours): claimed
+            // again, it names this redemption. The coupon is used whatever this answers.
+            Ok(_) if !claimed => {
+                if let Err(err) = self.claim(caller, user, req, now_ms).await {
+                    tracing::warn!(error = %err, request_id = %req.request_id, "claiming a redemption's request id again failed");
+                }
+            }
+            // Refused: freed for the corrected request, unless a concurrent copy of it
+            // used the coupon meanwhile (or that cannot be read now).
+            Err(err)
+                if claimed
+                    && is_refusal(err)
+                    && matches!(self.replay(caller, user, req).await, Ok(None)) =>
+            {
+                self.unclaim(caller, user, req).await?;
+            }
+            _ => {}
         }
         result
     }

@@ -280,6 +280,9 @@ async fn booked_coupons(
         // The server's default is READ COMMITTED (a snapshot per statement): this one
         // transaction reads both tables in one snapshot.
         let mut conn = pool.acquire().await?;
+        // Not returned to the pool: should anything fail before the commit, the setting
+        // would apply to another request's next transaction.
+        conn.close_on_drop();
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             .execute(&mut *conn)
             .await?;

@@ -156,6 +156,24 @@ impl Mover<'_> {
         }
         let source = db.shard(usize::from(from));
         let target = db.shard(usize::from(to));
+        if moving == 0 {
+            // Packets of this bucket anywhere but its shard were left by a move that did
+            // not carry packets yet: the copy and the clean-up would delete them.
+            for (i, pool) in db.shards().iter().enumerate() {
+                if i == usize::from(from) {
+                    continue;
+                }
+                let stray: i64 =
+                    sqlx::query_scalar("SELECT COUNT(*) FROM packets WHERE sender_id % 1024 = ?")
+                        .bind(bucket)
+                        .fetch_one(pool)
+                        .await?;
+                anyhow::ensure!(
+                    stray == 0,
+                    "bucket {bucket}: {stray} red packet(s) of its senders are on shard {i}, not on its shard {from}; move them there by hand first (nothing moved)"
+                );
+            }
+        }
         // 1. Pause.
         sqlx::query("UPDATE shard_map SET moving = 1, moving_to = ? WHERE bucket = ?")
             .bind(to)

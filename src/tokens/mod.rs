@@ -134,6 +134,29 @@ impl Tokens {
         ]
     }
 
+    /// Takes down the greeting markers of `(user, out_trade_no)` (only where the token
+    /// hash still holds one), so a client's real token for them can be restored: a
+    /// greeting recorded after Redis lost that token must not hide it.
+    pub async fn forget_greetings(&self, keys: &[(UserId, &str)]) -> redis::RedisResult<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (user, otn) in keys {
+            pipe.cmd("EVAL")
+                .arg(
+                    "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then \
+                     return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0",
+                )
+                .arg(1)
+                .arg(self.redis.tokens_key(*user))
+                .arg(*otn)
+                .arg(GREETING)
+                .ignore();
+        }
+        self.redis.query(&pipe).await
+    }
+
     /// Records awards answered with only a greeting, `(user, out_trade_no, marker kept
     /// until ms)`, in one round trip. Per award: `None` when recorded now, or what the
     /// token hash already holds (a token stored first, or the greeting before).

@@ -117,7 +117,23 @@ impl Wallet {
             .iter()
             .map(|(t, _)| (user, t.out_trade_no.as_str()))
             .collect();
-        let held = self.tokens.held(&keys).await?;
+        let mut held = self.tokens.held(&keys).await?;
+        // A greeting recorded for an award whose token Redis had lost: the client's
+        // token is the award, and replaces the marker.
+        let greeted: Vec<(UserId, &str)> = held
+            .iter()
+            .zip(&keys)
+            .filter(|(h, _)| h.as_deref() == Some(crate::tokens::GREETING))
+            .map(|(_, k)| *k)
+            .collect();
+        if !greeted.is_empty() {
+            self.tokens.forget_greetings(&greeted).await?;
+            for h in held.iter_mut() {
+                if h.as_deref() == Some(crate::tokens::GREETING) {
+                    *h = None;
+                }
+            }
+        }
         let missing: Vec<usize> = held
             .iter()
             .enumerate()

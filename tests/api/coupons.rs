@@ -365,6 +365,60 @@ async fn a_request_id_names_one_redemption_across_shards() {
     t.stop().await;
 }
 
+/// A coupon Redis lost, retried into a greeting (its stock is frozen in doubt), then
+/// synced back by the client: the real token wins over the recorded greeting, is
+/// restored and booked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_synced_coupon_wins_over_a_greeting_recorded_after_redis_lost_it() {
+    let redis = PrivateRedis::start();
+    let mut t = spawn_app_with(Options {
+        redis_url: Some(redis.url()),
+        ..Default::default()
+    })
+    .await;
+    t.open_activity("cny2027", 100_000, 1_000).await;
+    template(&t, "tpl-2", 2, json!({"valid_days": 1})).await;
+    coupon_scene(
+        &t,
+        "cny2027",
+        "greet",
+        json!({"template_id": "tpl-2",
+        "fallback": {"under_share": 0.01, "greeting": "新年快乐"}}),
+    )
+    .await;
+    let (status, body) = t
+        .post("/v1/awards", CALLER, &coupon_award(5, "greet", 1))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let token = body["token"].as_str().unwrap().to_string();
+    {
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    }
+    t.restart(&[]).await;
+    let (status, again) = t
+        .post("/v1/awards", CALLER, &coupon_award(5, "greet", 1))
+        .await;
+    assert_eq!(status, 201, "{again}");
+    assert_eq!(
+        again["status"], "greeting",
+        "the stock is in doubt: {again}"
+    );
+
+    let held = std::collections::HashMap::from([(5, vec![token])]);
+    assert_eq!(
+        sync_all(&t, &held).await,
+        1,
+        "the client's coupon is restored"
+    );
+    t.drain().await;
+    assert_eq!(coupons(&t, 5).await["active"], 1);
+    let f = figures(&t, "tpl-2").await;
+    assert_eq!(f["booked"], 1, "{f}");
+    t.stop().await;
+}
+
 /// Under the configured share the scene hands out its fallback template, and says so;
 /// a greeting fallback hands out no token and takes no stock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

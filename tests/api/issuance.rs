@@ -464,11 +464,15 @@ async fn a_token_verifies_offline_with_the_published_key() {
     assert_eq!(token.out_trade_no, "42_cny2027_rain_7_cash_live");
     assert_eq!(token.stage, pb::Stage::Live as i32);
     assert_eq!(token.status, pb::TokenStatus::Pending as i32);
+    // A payload changed by one bit leads to another root, which the signature refuses.
     let mut tampered = signed.payload.clone();
     tampered[0] ^= 1;
+    let bent_root = sha(&[&[0u8], &batch.tree_id, &batch.salt, &tampered]);
+    let mut bent = message[..message.len() - bent_root.len()].to_vec();
+    bent.extend_from_slice(&bent_root);
     assert!(
         ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &public)
-            .verify(&tampered, &signed.signature)
+            .verify(&bent, &signed.signature)
             .is_err()
     );
     t.stop().await;

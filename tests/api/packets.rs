@@ -476,5 +476,28 @@ async fn a_packet_moves_with_its_senders_bucket() {
     assert_eq!(detail["opened"].as_array().unwrap().len(), 2, "{detail}");
     let totals = assert_conserved(&t).await;
     assert_eq!(totals.sent_cents, 600, "counted once: {totals:?}");
+
+    // A packet of the bucket stranded on another shard (as a move that did not carry
+    // packets left them): the next move refuses and deletes nothing.
+    sqlx::query("INSERT INTO packets (id, sender_id, request_id, total_cents, shares, greeting, status, created_at_ms, expires_at_ms) VALUES ('pkstray', 40, 'stray', 100, 1, 'g', 'open', 0, 9999999999999)")
+        .execute(t.app.db.shard(from))
+        .await
+        .unwrap();
+    let refused = redpacket_wallet::ops::reshard::reshard(&t.app.db, 40, from)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("red packet"), "{refused}");
+    assert_eq!(t.app.db.shard_index(user(40)), to, "nothing moved");
+    assert_eq!(
+        (count(from, PACKETS).await, count(to, PACKETS).await),
+        (0, 1),
+        "the packet stays where it is"
+    );
+    let stray: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM packets WHERE id = 'pkstray'")
+        .fetch_one(t.app.db.shard(from))
+        .await
+        .unwrap();
+    assert_eq!(stray, 1, "the stranded packet is not deleted");
     t.stop().await;
 }
