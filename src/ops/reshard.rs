@@ -20,8 +20,9 @@
 //! bucket: a named MySQL lock, checked again before every change of ownership.
 
 use serde::Serialize;
-use sqlx::{MySql, MySqlPool, QueryBuilder};
+use sqlx::{MySql, MySqlPool, QueryBuilder, Transaction};
 
+use crate::packets::PACKET_COLUMNS;
 use crate::store::{Db, BUCKETS};
 
 /// `bucket_owner.owned`: the shard holds the bucket and takes its transactions...
@@ -326,8 +327,6 @@ type PacketRow = (
     i64,
 );
 
-const PACKET_COLUMNS: &str = "id, sender_id, request_id, total_cents, shares, greeting, opened_count, opened_cents, refunded_cents, status, created_at_ms, expires_at_ms";
-
 /// A `packet_shares` row, every column.
 type ShareRow = (Vec<u8>, i64, i32, i64, i64, Vec<u8>);
 
@@ -395,15 +394,7 @@ async fn copy(source: &MySqlPool, target: &MySqlPool, bucket: u16) -> anyhow::Re
     .bind(bucket)
     .execute(&mut *tx)
     .await?;
-    for table in TABLES {
-        sqlx::query(&format!("DELETE FROM {table} WHERE user_id % 1024 = ?"))
-            .bind(bucket)
-            .execute(&mut *tx)
-            .await?;
-    }
-    for delete in PACKET_DELETES {
-        sqlx::query(delete).bind(bucket).execute(&mut *tx).await?;
-    }
+    delete_rows(&mut tx, bucket).await?;
     for chunk in packets.chunks(CHUNK) {
         let mut q = QueryBuilder::<MySql>::new(format!("INSERT INTO packets ({PACKET_COLUMNS}) "));
         q.push_values(chunk, |mut b, r| {
@@ -510,16 +501,22 @@ async fn copy(source: &MySqlPool, target: &MySqlPool, bucket: u16) -> anyhow::Re
 /// Deletes the bucket's rows from one shard, in one transaction.
 async fn clear(pool: &MySqlPool, bucket: u16) -> sqlx::Result<()> {
     let mut tx = pool.begin().await?;
+    delete_rows(&mut tx, bucket).await?;
+    tx.commit().await
+}
+
+/// Deletes every row of the bucket inside `tx` (a copy's target first, a source last).
+async fn delete_rows(tx: &mut Transaction<'_, MySql>, bucket: u16) -> sqlx::Result<()> {
     for table in TABLES {
         sqlx::query(&format!("DELETE FROM {table} WHERE user_id % 1024 = ?"))
             .bind(bucket)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
     }
     for delete in PACKET_DELETES {
-        sqlx::query(delete).bind(bucket).execute(&mut *tx).await?;
+        sqlx::query(delete).bind(bucket).execute(&mut **tx).await?;
     }
-    tx.commit().await
+    Ok(())
 }
 
 async fn figures(pool: &MySqlPool, bucket: u16) -> sqlx::Result<Figures> {
@@ -541,26 +538,29 @@ async fn figures(pool: &MySqlPool, bucket: u16) -> sqlx::Result<Figures> {
     .bind(bucket)
     .fetch_one(pool)
     .await?;
-    let (coupons, coupon_sum): (i64, i64) = sqlx::query_as(&format!(
-        "SELECT COUNT(*), {} FROM coupons WHERE user_id % 1024 = ?",
-        checksum(COUPON_COLUMNS, "")
-    ))
-    .bind(bucket)
-    .fetch_one(pool)
+    let (coupons, coupon_sum) = counted(
+        pool,
+        bucket,
+        "coupons WHERE user_id % 1024 = ?",
+        COUPON_COLUMNS,
+        "",
+    )
     .await?;
-    let (packets, packet_sum): (i64, i64) = sqlx::query_as(&format!(
-        "SELECT COUNT(*), {} FROM packets WHERE sender_id % 1024 = ?",
-        checksum(PACKET_COLUMNS, "")
-    ))
-    .bind(bucket)
-    .fetch_one(pool)
+    let (packets, packet_sum) = counted(
+        pool,
+        bucket,
+        "packets WHERE sender_id % 1024 = ?",
+        PACKET_COLUMNS,
+        "",
+    )
     .await?;
-    let (packet_shares, packet_share_sum): (i64, i64) = sqlx::query_as(&format!(
-        "SELECT COUNT(*), {} FROM packet_shares s JOIN packets p ON p.id = s.packet_id WHERE p.sender_id % 1024 = ?",
-        checksum(SHARE_COLUMNS, "s.")
-    ))
-    .bind(bucket)
-    .fetch_one(pool)
+    let (packet_shares, packet_share_sum) = counted(
+        pool,
+        bucket,
+        "packet_shares s JOIN packets p ON p.id = s.packet_id WHERE p.sender_id % 1024 = ?",
+        SHARE_COLUMNS,
+        "s.",
+    )
     .await?;
     Ok(Figures {
         packets,
@@ -580,6 +580,24 @@ async fn figures(pool: &MySqlPool, bucket: u16) -> sqlx::Result<Figures> {
         withdrawal_cents,
         withdrawal_sum,
     })
+}
+
+/// The bucket's rows of `rows` (a table and its filter on the bucket), counted and
+/// checksummed over `columns`.
+async fn counted(
+    pool: &MySqlPool,
+    bucket: u16,
+    rows: &str,
+    columns: &str,
+    prefix: &str,
+) -> sqlx::Result<(i64, i64)> {
+    sqlx::query_as(&format!(
+        "SELECT COUNT(*), {} FROM {rows}",
+        checksum(columns, prefix)
+    ))
+    .bind(bucket)
+    .fetch_one(pool)
+    .await
 }
 
 /// A checksum of every listed column of every row (`prefix`: the table's alias).

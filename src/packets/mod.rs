@@ -151,7 +151,7 @@ fn packet_id_ok(id: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-const PACKET_COLUMNS: &str = "id, sender_id, request_id, total_cents, shares, greeting, opened_count, opened_cents, refunded_cents, status, created_at_ms, expires_at_ms";
+pub(crate) const PACKET_COLUMNS: &str = "id, sender_id, request_id, total_cents, shares, greeting, opened_count, opened_cents, refunded_cents, status, created_at_ms, expires_at_ms";
 
 fn packet_of(row: &sqlx::mysql::MySqlRow) -> Result<Packet, sqlx::Error> {
     let request: Vec<u8> = row.try_get(2)?;

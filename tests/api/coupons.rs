@@ -391,11 +391,7 @@ async fn a_synced_coupon_wins_over_a_greeting_recorded_after_redis_lost_it() {
         .await;
     assert_eq!(status, 201, "{body}");
     let token = body["token"].as_str().unwrap().to_string();
-    {
-        let client = redis::Client::open(redis.url()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
-    }
+    redis.flushall().await;
     t.restart(&[]).await;
     let (status, again) = t
         .post("/v1/awards", CALLER, &coupon_award(5, "greet", 1))
@@ -652,11 +648,7 @@ async fn a_redis_flush_never_refunds_spent_coupon_stock() {
         assert_eq!(status, 201, "{body}");
         held.insert(user, vec![body["token"].as_str().unwrap().to_string()]);
     }
-    {
-        let client = redis::Client::open(redis.url()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
-    }
+    redis.flushall().await;
     t.restart(&[]).await;
     for user in 9..=12 {
         let (status, body) = t

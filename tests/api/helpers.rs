@@ -503,6 +503,13 @@ impl PrivateRedis {
         self.spawn();
     }
 
+    /// Loses everything this Redis holds, for real.
+    pub async fn flushall(&self) {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }

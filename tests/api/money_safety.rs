@@ -58,12 +58,6 @@ async fn ledger_awards(t: &TestApp, activity: &str) -> (i64, HashSet<String>) {
     )
 }
 
-async fn flushall(redis: &PrivateRedis) {
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
-}
-
 /// Item 1: budget 2,000, twenty awards of 100, FLUSHALL, restart. The spent budget is
 /// not funded again: nothing more is issued, what Redis lost is in doubt, and once the
 /// clients synced and the ledger booked their awards, nothing of it was unspent.
@@ -81,7 +75,7 @@ async fn a_redis_flush_never_refunds_a_spent_budget() {
     let (held, results) = issue_to_clients(&t, "cny2027", &first).await;
     assert!(results.iter().all(|r| r["error"].is_null()), "{results:?}");
 
-    flushall(&redis).await;
+    redis.flushall().await;
     t.restart(&[]).await;
 
     let more: Vec<(i64, i64, i64)> = (0..20).map(|i| (100 + i, 2, 100)).collect();
@@ -131,7 +125,7 @@ async fn invariant_6_a_flush_mid_activity_over_issues_nothing_and_loses_no_clien
     let (mut held, results) = issue_to_clients(&t, "cny2027", &before).await;
     assert!(results.iter().all(|r| r["error"].is_null()));
 
-    flushall(&redis).await;
+    redis.flushall().await;
     t.restart(&[]).await;
 
     let mut issued_after = 0;
@@ -312,7 +306,7 @@ async fn cut_off_close(t: &TestApp, redis: &PrivateRedis) -> HashMap<i64, Vec<St
         .execute(main)
         .await
         .unwrap();
-    flushall(redis).await;
+    redis.flushall().await;
     held
 }
 
@@ -416,7 +410,7 @@ async fn a_repair_after_redis_lost_a_drained_generation_returns_nothing() {
         .await;
     assert_eq!(status, 200, "{first}");
     assert_eq!(first["settling_generations"], 1, "{first}");
-    flushall(&redis).await;
+    redis.flushall().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (status, second) = t
         .post(
