@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use sqlx::{MySql, QueryBuilder, Transaction};
 
-use super::{Booked, Ledger, LedgerError};
+use super::{is_duplicate, read_accounts, Account, Booked, Ledger, LedgerError};
 use crate::domain::UserId;
 use crate::tokens::{AwardEntry, TRIMMED};
 
@@ -27,13 +27,98 @@ pub(super) fn credits<'a>(
     Ok(credit)
 }
 
+/// The users of `entries` (and `force`), sorted and distinct: the order accounts are
+/// locked in.
+fn users_of(entries: &[AwardEntry], force: Option<UserId>) -> Vec<UserId> {
+    let mut users: Vec<UserId> = entries.iter().map(|e| e.user).collect();
+    users.extend(force);
+    users.sort_unstable();
+    users.dedup();
+    users
+}
+
 impl Ledger {
     /// Books `entries` inside `tx`: inserts the ledger rows the ledger does not hold yet
     /// and credits each account by exactly what was inserted for it. With `force`, that
     /// user's pending tokens (read after the lock) are booked too: a withdrawal's forced
     /// settlement. A coupon gets its ledger row (kind `coupon`, one unit of its
     /// template's stock) and its `coupons` row; no account is touched for it.
+    ///
+    /// Without `force`, the common case (no entry booked yet) takes one statement per
+    /// step ([`Ledger::book_new`]); an entry the ledger already holds sends the batch
+    /// down the locked path, in the same transaction.
     pub async fn book_in_tx(
+        &self,
+        tx: &mut Transaction<'_, MySql>,
+        entries: &[AwardEntry],
+        force: Option<UserId>,
+    ) -> Result<Booked, LedgerError> {
+        if force.is_none() {
+            if let Some(booked) = self.book_new(tx, entries).await? {
+                return Ok(booked);
+            }
+        }
+        self.book_locked(tx, entries, force).await
+    }
+
+    /// The booking of entries none of which the ledger holds, in four statements: the
+    /// bucket check, the ledger rows, the coupons (if any), and one account statement
+    /// per batch that creates, locks, credits and reads every account at once
+    /// (`INSERT … ON DUPLICATE KEY UPDATE … RETURNING`). The users' pending tokens are
+    /// read after that statement, when every earlier booker of theirs has committed,
+    /// as the module comment requires. `None` when an entry is already in the ledger
+    /// (its row's insert hit the unique key; the statement was undone, nothing else
+    /// was written).
+    async fn book_new(
+        &self,
+        tx: &mut Transaction<'_, MySql>,
+        entries: &[AwardEntry],
+    ) -> Result<Option<Booked>, LedgerError> {
+        let users = users_of(entries, None);
+        if users.is_empty() {
+            return Ok(Some(Booked::default()));
+        }
+        self.own_buckets(tx, &users).await?;
+        let mut seen: HashSet<&str> = HashSet::with_capacity(entries.len());
+        let newly: Vec<AwardEntry> = entries
+            .iter()
+            .filter(|e| seen.insert(e.out_trade_no.as_str()))
+            .cloned()
+            .collect();
+        let credit = credits(&newly)?;
+        match self.insert_rows(tx, &newly).await {
+            Err(LedgerError::Sql(err)) if is_duplicate(&err) => return Ok(None),
+            other => other?,
+        }
+        // Past this point the rows are in: any failure fails the transaction.
+        self.insert_coupons(tx, &newly).await?;
+        let accounts = Self::credit_accounts(tx, &users, &credit).await?;
+        // After the account statement: every earlier booker of these users has committed.
+        let extras: Vec<AwardEntry> = self
+            .tokens
+            .pending_of_users(&users)
+            .await?
+            .into_iter()
+            .filter(|e| !seen.contains(e.out_trade_no.as_str()))
+            .collect();
+        let otns: Vec<&str> = extras.iter().map(|e| e.out_trade_no.as_str()).collect();
+        let known = Self::already_booked(&mut **tx, &otns).await?;
+        let mut to_mark: Vec<AwardEntry> = extras
+            .into_iter()
+            .filter(|e| known.contains(&e.out_trade_no))
+            .collect();
+        to_mark.extend_from_slice(entries);
+        Ok(Some(Booked {
+            newly_booked: newly,
+            accounts: accounts.into_values().collect(),
+            to_mark,
+        }))
+    }
+
+    /// The booking that locks the accounts first: forced settlement (the forced user's
+    /// pending tokens are only known under the lock) and batches holding an entry the
+    /// ledger already has.
+    async fn book_locked(
         &self,
         tx: &mut Transaction<'_, MySql>,
         entries: &[AwardEntry],
@@ -41,14 +126,11 @@ impl Ledger {
     ) -> Result<Booked, LedgerError> {
         // A coupon's user is locked too: the lock proves this shard owns the user's
         // bucket (see `own_buckets`), and the coupon moves with the bucket.
-        let mut users: Vec<UserId> = entries.iter().map(|e| e.user).collect();
-        users.extend(force);
-        users.sort_unstable();
-        users.dedup();
+        let users = users_of(entries, force);
         if users.is_empty() {
             return Ok(Booked::default());
         }
-        let mut accounts = self.lock_accounts(tx, &users).await?;
+        let locked = self.lock_accounts(tx, &users).await?;
 
         // After the locks: every earlier booker of these users has committed.
         let pending = self.tokens.pending_of_users(&users).await?;
@@ -84,58 +166,89 @@ impl Ledger {
             }
         }
         let credit = credits(&newly)?;
-        if !newly.is_empty() {
-            let tokens = self.tokens.token_bytes(&newly).await?;
-            let mut insert = QueryBuilder::<MySql>::new(
-                "INSERT INTO ledger_entries (user_id, out_trade_no, kind, amount_cents, activity_id, scene_id, at_ms, budget_gen, token) ",
-            );
-            insert.push_values(newly.iter().zip(&tokens), |mut b, (e, token)| {
-                b.push_bind(e.user.get())
-                    .push_bind(&e.out_trade_no)
-                    .push_bind(if e.coupon { "coupon" } else { "award" })
-                    .push_bind(e.amount_cents)
-                    .push_bind(&e.activity_id)
-                    .push_bind(&e.scene_id)
-                    .push_bind(e.at_ms)
-                    .push_bind(e.budget_gen)
-                    .push_bind(token.as_deref().filter(|t| *t != TRIMMED));
-            });
-            insert.build().execute(&mut **tx).await?;
-            let coupons: Vec<&AwardEntry> = newly.iter().filter(|e| e.coupon).collect();
-            crate::coupons::book_in_tx(tx, &self.db, &coupons).await?;
-        }
-        if !credit.is_empty() {
-            let mut update = QueryBuilder::<MySql>::new(
-                "INSERT INTO accounts (user_id, balance_cents, total_income_cents) ",
-            );
-            update.push_values(&credit, |mut b, (user, cents)| {
-                b.push_bind(user.get()).push_bind(*cents).push_bind(*cents);
-            });
-            update.push(
-                " ON DUPLICATE KEY UPDATE balance_cents = balance_cents + VALUES(balance_cents), \
-                 total_income_cents = total_income_cents + VALUES(total_income_cents), version = version + 1",
-            );
-            update.build().execute(&mut **tx).await?;
-            for (user, cents) in credit {
-                if let Some(a) = accounts.get_mut(&user) {
-                    a.balance_cents = a
-                        .balance_cents
-                        .checked_add(cents)
-                        .ok_or(LedgerError::Overflow("balance overflows"))?;
-                    a.total_income_cents = a
-                        .total_income_cents
-                        .checked_add(cents)
-                        .ok_or(LedgerError::Overflow("income overflows"))?;
-                    a.version += 1;
-                }
-            }
-        }
+        self.insert_rows(tx, &newly).await?;
+        self.insert_coupons(tx, &newly).await?;
+        // Credited, the accounts as they will be committed (every user again).
+        let accounts = if credit.is_empty() {
+            locked
+        } else {
+            Self::credit_accounts(tx, &users, &credit).await?
+        };
         to_mark.extend(all);
         Ok(Booked {
             newly_booked: newly,
             accounts: accounts.into_values().collect(),
             to_mark,
         })
+    }
+
+    /// Inserts the ledger rows of `newly`, with each token's signed bytes as Redis holds
+    /// them. A row the ledger holds already fails the whole statement on the unique
+    /// key, and InnoDB undoes the statement whole.
+    async fn insert_rows(
+        &self,
+        tx: &mut Transaction<'_, MySql>,
+        newly: &[AwardEntry],
+    ) -> Result<(), LedgerError> {
+        if newly.is_empty() {
+            return Ok(());
+        }
+        let tokens = self.tokens.token_bytes(newly).await?;
+        let mut insert = QueryBuilder::<MySql>::new(
+            "INSERT INTO ledger_entries (user_id, out_trade_no, kind, amount_cents, activity_id, scene_id, at_ms, budget_gen, token) ",
+        );
+        insert.push_values(newly.iter().zip(&tokens), |mut b, (e, token)| {
+            b.push_bind(e.user.get())
+                .push_bind(&e.out_trade_no)
+                .push_bind(if e.coupon { "coupon" } else { "award" })
+                .push_bind(e.amount_cents)
+                .push_bind(&e.activity_id)
+                .push_bind(&e.scene_id)
+                .push_bind(e.at_ms)
+                .push_bind(e.budget_gen)
+                .push_bind(token.as_deref().filter(|t| *t != TRIMMED));
+        });
+        insert.build().execute(&mut **tx).await?;
+        Ok(())
+    }
+
+    /// The `coupons` rows of the coupons among `newly` (after their ledger rows).
+    async fn insert_coupons(
+        &self,
+        tx: &mut Transaction<'_, MySql>,
+        newly: &[AwardEntry],
+    ) -> Result<(), LedgerError> {
+        let coupons: Vec<&AwardEntry> = newly.iter().filter(|e| e.coupon).collect();
+        crate::coupons::book_in_tx(tx, &self.db, &coupons).await?;
+        Ok(())
+    }
+
+    /// One statement for every account of `users` (sorted, distinct): created if new,
+    /// locked (in user id order, so two bookers cannot deadlock on them), credited by
+    /// `credit` (nothing for a user it does not name) and read back as it will be
+    /// committed. Every account's version grows by one.
+    async fn credit_accounts(
+        tx: &mut Transaction<'_, MySql>,
+        users: &[UserId],
+        credit: &BTreeMap<UserId, i64>,
+    ) -> Result<BTreeMap<UserId, Account>, LedgerError> {
+        let mut q = QueryBuilder::<MySql>::new(
+            "INSERT INTO accounts (user_id, balance_cents, total_income_cents, version) ",
+        );
+        q.push_values(users, |mut b, user| {
+            let cents = credit.get(user).copied().unwrap_or(0);
+            b.push_bind(user.get())
+                .push_bind(cents)
+                .push_bind(cents)
+                .push_bind(1i64);
+        });
+        q.push(
+            " ON DUPLICATE KEY UPDATE balance_cents = balance_cents + VALUES(balance_cents), \
+             total_income_cents = total_income_cents + VALUES(total_income_cents), version = version + 1 \
+             RETURNING user_id, balance_cents, total_income_cents, withdrawn_cents, version",
+        );
+        let rows = q.build().fetch_all(&mut **tx).await?;
+        read_accounts(&rows)
     }
 
     /// Books `entries` in one transaction per MySQL shard.

@@ -7,8 +7,12 @@
 //!
 //! Invariant (no double credit): a token's amount enters a balance only together with
 //! the insert of its ledger row, and `ledger_entries.out_trade_no` is unique. Account
-//! rows are locked first (in user id order, so two bookers cannot deadlock on them),
-//! which serialises bookers of the same user; the unique key backs that up.
+//! rows are locked in user id order (so two bookers cannot deadlock on them), which
+//! serialises bookers of the same user: first, where the change depends on what the
+//! user holds (a debit, a forced settlement, a batch with a token booked before); after
+//! the ledger rows, in the same statement that credits them, where the batch is new
+//! (a row booked meanwhile fails its insert on the unique key, and the batch takes the
+//! locking path).
 //!
 //! Invariant (exact Redis-only view): an account snapshot written to Redis never
 //! includes a token still marked pending there. The users' token statuses are read
@@ -172,6 +176,30 @@ fn is_data_error(err: &sqlx::Error) -> bool {
             .is_some_and(|e| matches!(e.number(), 1048 | 1264 | 1366 | 1406 | 3819))
 }
 
+/// A duplicate key: the row is there already.
+fn is_duplicate(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .and_then(|e| e.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
+        .is_some_and(|e| e.number() == 1062)
+}
+
+/// Account rows as `user_id, balance_cents, total_income_cents, withdrawn_cents, version`.
+fn read_accounts(rows: &[sqlx::mysql::MySqlRow]) -> Result<BTreeMap<UserId, Account>, LedgerError> {
+    let mut accounts = BTreeMap::new();
+    for row in rows {
+        let user = UserId::parse(row.try_get(0)?).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+        let account = Account {
+            user,
+            balance_cents: row.try_get(1)?,
+            total_income_cents: row.try_get(2)?,
+            withdrawn_cents: row.try_get(3)?,
+            version: row.try_get(4)?,
+        };
+        accounts.insert(user, account);
+    }
+    Ok(accounts)
+}
+
 /// A text column under a binary collation (the ledger's keys), which the driver hands
 /// over as bytes.
 pub fn text(row: &sqlx::mysql::MySqlRow, index: usize) -> Result<String, sqlx::Error> {
@@ -237,48 +265,34 @@ impl Ledger {
         Ok(())
     }
 
-    /// Creates (if needed) and locks the account rows of `users`, in user id order,
-    /// after checking this shard owns their buckets ([`Ledger::own_buckets`]).
+    /// Creates (if needed), locks and reads the account rows of `users`, in user id
+    /// order, in one statement, after checking this shard owns their buckets
+    /// ([`Ledger::own_buckets`]).
     pub async fn lock_accounts(
         &self,
         tx: &mut Transaction<'_, MySql>,
         users: &[UserId],
     ) -> Result<BTreeMap<UserId, Account>, LedgerError> {
-        let mut accounts = BTreeMap::new();
         if users.is_empty() {
-            return Ok(accounts);
+            return Ok(BTreeMap::new());
         }
         self.own_buckets(tx, users).await?;
-        // ON DUPLICATE KEY UPDATE takes an exclusive lock on an existing row, where INSERT
-        // IGNORE would take a shared one that the FOR UPDATE below must then upgrade: two
-        // bookers of one user holding shared locks would deadlock on that upgrade.
+        let mut users = users.to_vec();
+        users.sort_unstable();
+        users.dedup();
+        // ON DUPLICATE KEY UPDATE takes an exclusive lock on an existing row (INSERT
+        // IGNORE would take a shared one, and two bookers of one user holding shared
+        // locks would deadlock on the upgrade); RETURNING reads the row under that lock.
         let mut insert = QueryBuilder::<MySql>::new("INSERT INTO accounts (user_id) ");
-        insert.push_values(users, |mut b, u| {
+        insert.push_values(&users, |mut b, u| {
             b.push_bind(u.get());
         });
-        insert.push(" ON DUPLICATE KEY UPDATE user_id = user_id");
-        insert.build().execute(&mut **tx).await?;
-        let mut select = QueryBuilder::<MySql>::new(
-            "SELECT user_id, balance_cents, total_income_cents, withdrawn_cents, version FROM accounts WHERE user_id IN (",
+        insert.push(
+            " ON DUPLICATE KEY UPDATE user_id = user_id \
+             RETURNING user_id, balance_cents, total_income_cents, withdrawn_cents, version",
         );
-        let mut list = select.separated(", ");
-        for u in users {
-            list.push_bind(u.get());
-        }
-        select.push(") ORDER BY user_id FOR UPDATE");
-        for row in select.build().fetch_all(&mut **tx).await? {
-            let user =
-                UserId::parse(row.try_get(0)?).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
-            let account = Account {
-                user,
-                balance_cents: row.try_get(1)?,
-                total_income_cents: row.try_get(2)?,
-                withdrawn_cents: row.try_get(3)?,
-                version: row.try_get(4)?,
-            };
-            accounts.insert(user, account);
-        }
-        Ok(accounts)
+        let rows = insert.build().fetch_all(&mut **tx).await?;
+        read_accounts(&rows)
     }
 
     /// Under `user`'s account lock in `tx`: the tokens to mark with a snapshot of that
