@@ -3,7 +3,7 @@
 # (worker off, so awards become a backlog), runs the scenarios with rpw-bench, stops what
 # it started and prints a table.
 #
-#   scripts/bench.sh [--quick] [--cluster] [--json FILE] [--plot FILE.png|FILE.svg]
+#   scripts/bench.sh [--quick] [--cluster] [--h2c] [--json FILE] [--plot FILE.png|FILE.svg]
 #   scripts/bench.sh --shadow URL [--quick] [--json FILE]
 #
 # --shadow URL loads an instance already running at URL with shadow traffic
@@ -12,6 +12,9 @@
 # RPW_BENCH_BASELINE_MYSQL_URL must name a scratch database for the synchronous
 # baseline. Its real balances, budgets, reports and metrics are not touched; its shadow
 # data expires (shadow.expire_after_secs).
+#
+# --h2c sends every request as an HTTP/2 stream without TLS (prior knowledge); the
+# server answers HTTP/1.1 and h2c on the same port.
 #
 # --cluster runs it on the local Redis Cluster of `scripts/services.sh cluster`
 # (3 masters, one replica each) instead of the single node.
@@ -30,9 +33,10 @@ while [[ $# -gt 0 ]]; do
     --plot) PLOT="$(realpath -m "$2")"; BENCH_ARGS+=(--plot "$PLOT"); shift 2 ;;
     --drain-tps) BENCH_ARGS+=(--drain-tps "$2"); shift 2 ;;
     --keep) BENCH_ARGS+=(--keep); shift ;;
+    --h2c) BENCH_ARGS+=(--h2c); shift ;;
     --cluster) CLUSTER=1; shift ;;
     --shadow) SHADOW_URL="$2"; shift 2 ;;
-    *) echo "usage: $0 [--quick] [--cluster | --shadow URL] [--json FILE] [--plot FILE] [--drain-tps N] [--keep]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--quick] [--cluster | --shadow URL] [--h2c] [--json FILE] [--plot FILE] [--drain-tps N] [--keep]" >&2; exit 2 ;;
   esac
 done
 

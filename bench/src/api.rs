@@ -36,12 +36,14 @@ pub struct Wallet {
 }
 
 impl Api {
-    /// With `shadow`, every request carries `X-RPW-Shadow: 1` (API.md, "Shadow traffic").
+    /// With `shadow`, every request carries `X-RPW-Shadow: 1` (API.md, "Shadow traffic");
+    /// with `h2c`, requests are HTTP/2 streams (prior knowledge, no TLS).
     pub fn new(
         url: String,
         admin_key: String,
         caller_key: String,
         shadow: bool,
+        h2c: bool,
     ) -> anyhow::Result<Self> {
         let mut headers = reqwest::header::HeaderMap::new();
         if shadow {
@@ -50,12 +52,16 @@ impl Api {
                 reqwest::header::HeaderValue::from_static("1"),
             );
         }
+        let mut http = reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
+            .default_headers(headers);
+        if h2c {
+            http = http.http2_prior_knowledge();
+        }
         Ok(Self {
             url,
-            http: reqwest::Client::builder()
-                .pool_max_idle_per_host(256)
-                .default_headers(headers)
-                .build()?,
+            http: http.build()?,
             admin_key,
             caller_key,
         })

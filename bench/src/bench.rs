@@ -103,9 +103,10 @@ impl Bench {
 
     /// Issued, booked and backlog now.
     pub async fn sample(&self) -> anyhow::Result<Sample> {
+        let (issued, booked) = self.product.issued_and_settled(ACTIVITY).await?;
         Ok(Sample {
-            issued: self.product.issued_count(ACTIVITY).await?,
-            booked: self.product.booked_count().await?,
+            issued,
+            booked,
             backlog: self.product.backlog().await?,
             t_s: self.started.elapsed().as_secs_f64(),
         })

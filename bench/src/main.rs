@@ -65,6 +65,11 @@ struct Args {
     /// to expire.
     #[arg(long)]
     shadow: bool,
+    /// Speaks HTTP/2 without TLS (h2c, prior knowledge) to the server: every request of
+    /// the bench goes as a stream over shared connections instead of one HTTP/1.1
+    /// connection per request in flight.
+    #[arg(long)]
+    h2c: bool,
 }
 
 #[tokio::main]
@@ -76,6 +81,7 @@ async fn main() -> anyhow::Result<()> {
         product.admin_key(),
         product.caller_key()?,
         args.shadow,
+        args.h2c,
     )?;
     let bench = Arc::new(Bench::new(Plan::new(args.quick), product, api));
 
@@ -144,6 +150,7 @@ async fn run(bench: &Arc<Bench>, args: &Args) -> anyhow::Result<()> {
 
     let summary = Summary {
         quick: args.quick,
+        protocol: if args.h2c { "h2c" } else { "http1.1" }.to_string(),
         ceiling,
         http_floor,
         sync_baseline,

@@ -19,6 +19,8 @@ pub fn round2(x: f64) -> f64 {
 #[derive(Debug, Serialize)]
 pub struct Summary {
     pub quick: bool,
+    /// How the bench spoke to the server: `http1.1` or `h2c`.
+    pub protocol: String,
     pub ceiling: Ceiling,
     pub sync_baseline: SyncBaseline,
     pub http_floor: HttpFloor,
@@ -348,8 +350,8 @@ impl Summary {
     pub fn print(&self) {
         let run = if self.quick { "quick" } else { "full" };
         println!(
-            "\nredpacket-wallet benchmark ({run} run, {} cores)",
-            self.ceiling.cores
+            "\nredpacket-wallet benchmark ({run} run, {} cores, {})",
+            self.ceiling.cores, self.protocol
         );
         println!(
             "{:<16} {:>14} {:>9} {:>9}  against target",
