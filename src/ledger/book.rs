@@ -5,7 +5,10 @@ use std::collections::{BTreeMap, HashSet};
 
 use sqlx::{MySql, QueryBuilder, Transaction};
 
-use super::{is_duplicate, read_accounts, Account, Booked, Ledger, LedgerError};
+use super::{
+    is_duplicate, read_accounts, select_accounts, Account, Booked, Ledger, LedgerError,
+    ACCOUNT_COLUMNS,
+};
 use crate::domain::UserId;
 use crate::tokens::{AwardEntry, TRIMMED};
 
@@ -61,14 +64,15 @@ impl Ledger {
         self.book_locked(tx, entries, force).await
     }
 
-    /// The booking of entries none of which the ledger holds, in four statements: the
-    /// bucket check, the ledger rows, the coupons (if any), and one account statement
-    /// per batch that creates, locks, credits and reads every account at once
-    /// (`INSERT … ON DUPLICATE KEY UPDATE … RETURNING`). The users' pending tokens are
-    /// read after that statement, when every earlier booker of theirs has committed,
-    /// as the module comment requires. `None` when an entry is already in the ledger
-    /// (its row's insert hit the unique key; the statement was undone, nothing else
-    /// was written).
+    /// The booking of entries none of which the ledger holds: the bucket check, the
+    /// ledger rows, the coupons (if any), one account statement per batch that creates,
+    /// locks, credits and reads every account at once (`INSERT … ON DUPLICATE KEY UPDATE
+    /// … RETURNING`), and a check of the users' other pending tokens when they have
+    /// some. Those are read after the account statement, when every earlier booker of
+    /// these users has committed, as the module comment requires. `None` when an entry
+    /// is already in the ledger: its row's insert hit the unique key and InnoDB undid
+    /// that statement; the bucket locks stay, the transaction goes on with
+    /// [`Ledger::book_locked`].
     async fn book_new(
         &self,
         tx: &mut Transaction<'_, MySql>,
@@ -92,7 +96,7 @@ impl Ledger {
         }
         // Past this point the rows are in: any failure fails the transaction.
         self.insert_coupons(tx, &newly).await?;
-        let accounts = Self::credit_accounts(tx, &users, &credit).await?;
+        let accounts = self.credit_accounts(tx, &users, &credit).await?;
         // After the account statement: every earlier booker of these users has committed.
         let extras: Vec<AwardEntry> = self
             .tokens
@@ -124,8 +128,8 @@ impl Ledger {
         entries: &[AwardEntry],
         force: Option<UserId>,
     ) -> Result<Booked, LedgerError> {
-        // A coupon's user is locked too: the lock proves this shard owns the user's
-        // bucket (see `own_buckets`), and the coupon moves with the bucket.
+        // A coupon's user is locked too: `lock_accounts` checks this shard owns the
+        // user's bucket (`own_buckets`), and the coupon moves with the bucket.
         let users = users_of(entries, force);
         if users.is_empty() {
             return Ok(Booked::default());
@@ -172,7 +176,7 @@ impl Ledger {
         let accounts = if credit.is_empty() {
             locked
         } else {
-            Self::credit_accounts(tx, &users, &credit).await?
+            self.credit_accounts(tx, &users, &credit).await?
         };
         to_mark.extend(all);
         Ok(Booked {
@@ -224,14 +228,16 @@ impl Ledger {
     }
 
     /// One statement for every account of `users` (sorted, distinct): created if new,
-    /// locked (in user id order, so two bookers cannot deadlock on them), credited by
-    /// `credit` (nothing for a user it does not name) and read back as it will be
-    /// committed. Every account's version grows by one.
+    /// locked, credited by `credit` (nothing for a user it does not name) and read back
+    /// as it will be committed (a second statement, `SELECT … FOR UPDATE`, on a server
+    /// without `INSERT … RETURNING`). Every account's version grows by one.
     async fn credit_accounts(
+        &self,
         tx: &mut Transaction<'_, MySql>,
         users: &[UserId],
         credit: &BTreeMap<UserId, i64>,
     ) -> Result<BTreeMap<UserId, Account>, LedgerError> {
+        let returning = self.db.returning(tx).await?;
         let mut q = QueryBuilder::<MySql>::new(
             "INSERT INTO accounts (user_id, balance_cents, total_income_cents, version) ",
         );
@@ -244,11 +250,15 @@ impl Ledger {
         });
         q.push(
             " ON DUPLICATE KEY UPDATE balance_cents = balance_cents + VALUES(balance_cents), \
-             total_income_cents = total_income_cents + VALUES(total_income_cents), version = version + 1 \
-             RETURNING user_id, balance_cents, total_income_cents, withdrawn_cents, version",
+             total_income_cents = total_income_cents + VALUES(total_income_cents), version = version + 1",
         );
+        if !returning {
+            q.build().execute(&mut **tx).await?;
+            return select_accounts(tx, users).await;
+        }
+        q.push(format!(" RETURNING {ACCOUNT_COLUMNS}"));
         let rows = q.build().fetch_all(&mut **tx).await?;
-        read_accounts(&rows)
+        read_accounts(&rows, users)
     }
 
     /// Books `entries` in one transaction per MySQL shard.

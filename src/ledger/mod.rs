@@ -7,12 +7,22 @@
 //!
 //! Invariant (no double credit): a token's amount enters a balance only together with
 //! the insert of its ledger row, and `ledger_entries.out_trade_no` is unique. Account
-//! rows are locked in user id order (so two bookers cannot deadlock on them), which
-//! serialises bookers of the same user: first, where the change depends on what the
-//! user holds (a debit, a forced settlement, a batch with a token booked before); after
-//! the ledger rows, in the same statement that credits them, where the batch is new
-//! (a row booked meanwhile fails its insert on the unique key, and the batch takes the
-//! locking path).
+//! rows are locked in user id order, which serialises bookers of the same user: first,
+//! where the change depends on what the user holds (a debit, a forced settlement, a
+//! batch with a token booked before); after the ledger rows, in the same statement that
+//! credits them, where the batch is new (a row booked meanwhile fails its insert on the
+//! unique key, and the batch takes the locking path).
+//!
+//! Deadlocks are possible and harmless: a new batch holds its ledger rows' key locks
+//! before its accounts', a locking path the accounts' first, and InnoDB also takes gap
+//! locks on inserts. InnoDB picks a victim and rolls it back whole (1213); a lock-wait
+//! timeout (1205) undoes only the statement, so every caller drops the transaction on
+//! either ([`LedgerError::is_retryable`]): withdrawals and packet operations run it
+//! again at once, the worker and the sweep leave the tokens pending for their next
+//! pass, a reversal or a redemption answers 503 to its caller, who retries.
+//!
+//! Accounts are read back with `INSERT … RETURNING` on MariaDB 10.5+, and with a
+//! `SELECT … FOR UPDATE` after the insert on MySQL 8 ([`Db::returning`]).
 //!
 //! Invariant (exact Redis-only view): an account snapshot written to Redis never
 //! includes a token still marked pending there. The users' token statuses are read
@@ -124,7 +134,8 @@ pub enum LedgerError {
 }
 
 impl LedgerError {
-    /// Deadlocks and lock-wait timeouts roll the whole transaction back; it may be retried.
+    /// A deadlock (the transaction was rolled back) or a lock-wait timeout (the statement
+    /// was): the caller drops the transaction and may run it again.
     pub fn is_retryable(&self) -> bool {
         matches!(self, LedgerError::Sql(err) if is_retryable(err))
     }
@@ -156,7 +167,8 @@ impl From<LedgerError> for Error {
     }
 }
 
-/// Deadlocks and lock-wait timeouts roll the whole transaction back; it may be retried.
+/// A deadlock (1213, the transaction rolled back) or a lock-wait timeout (1205, the
+/// statement undone): the transaction is to be dropped, and may be run again.
 pub fn is_retryable(err: &sqlx::Error) -> bool {
     err.as_database_error()
         .and_then(|e| e.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
@@ -183,8 +195,16 @@ fn is_duplicate(err: &sqlx::Error) -> bool {
         .is_some_and(|e| e.number() == 1062)
 }
 
-/// Account rows as `user_id, balance_cents, total_income_cents, withdrawn_cents, version`.
-fn read_accounts(rows: &[sqlx::mysql::MySqlRow]) -> Result<BTreeMap<UserId, Account>, LedgerError> {
+/// The columns an account is read with, in the order [`read_accounts`] takes them.
+const ACCOUNT_COLUMNS: &str =
+    "user_id, balance_cents, total_income_cents, withdrawn_cents, version";
+
+/// The account rows of `users` (sorted, distinct), each as `ACCOUNT_COLUMNS`: every one
+/// of them, or an error (a statement that should have created the row did not).
+fn read_accounts(
+    rows: &[sqlx::mysql::MySqlRow],
+    users: &[UserId],
+) -> Result<BTreeMap<UserId, Account>, LedgerError> {
     let mut accounts = BTreeMap::new();
     for row in rows {
         let user = UserId::parse(row.try_get(0)?).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
@@ -197,7 +217,32 @@ fn read_accounts(rows: &[sqlx::mysql::MySqlRow]) -> Result<BTreeMap<UserId, Acco
         };
         accounts.insert(user, account);
     }
+    if accounts.len() != users.len() || users.iter().any(|u| !accounts.contains_key(u)) {
+        return Err(LedgerError::Sql(sqlx::Error::Protocol(format!(
+            "{} account rows read back for {} users",
+            accounts.len(),
+            users.len()
+        ))));
+    }
     Ok(accounts)
+}
+
+/// Reads the account rows of `users` (sorted, distinct) in `tx`, locked: the second
+/// statement where the server has no `INSERT … RETURNING` (MySQL 8).
+async fn select_accounts(
+    tx: &mut Transaction<'_, MySql>,
+    users: &[UserId],
+) -> Result<BTreeMap<UserId, Account>, LedgerError> {
+    let mut q = QueryBuilder::<MySql>::new(format!(
+        "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE user_id IN ("
+    ));
+    let mut list = q.separated(", ");
+    for u in users {
+        list.push_bind(u.get());
+    }
+    q.push(") ORDER BY user_id FOR UPDATE");
+    let rows = q.build().fetch_all(&mut **tx).await?;
+    read_accounts(&rows, users)
 }
 
 /// A text column under a binary collation (the ledger's keys), which the driver hands
@@ -283,16 +328,19 @@ impl Ledger {
         // ON DUPLICATE KEY UPDATE takes an exclusive lock on an existing row (INSERT
         // IGNORE would take a shared one, and two bookers of one user holding shared
         // locks would deadlock on the upgrade); RETURNING reads the row under that lock.
+        let returning = self.db.returning(tx).await?;
         let mut insert = QueryBuilder::<MySql>::new("INSERT INTO accounts (user_id) ");
         insert.push_values(&users, |mut b, u| {
             b.push_bind(u.get());
         });
-        insert.push(
-            " ON DUPLICATE KEY UPDATE user_id = user_id \
-             RETURNING user_id, balance_cents, total_income_cents, withdrawn_cents, version",
-        );
+        insert.push(" ON DUPLICATE KEY UPDATE user_id = user_id");
+        if !returning {
+            insert.build().execute(&mut **tx).await?;
+            return select_accounts(tx, &users).await;
+        }
+        insert.push(format!(" RETURNING {ACCOUNT_COLUMNS}"));
         let rows = insert.build().fetch_all(&mut **tx).await?;
-        read_accounts(&rows)
+        read_accounts(&rows, &users)
     }
 
     /// Under `user`'s account lock in `tx`: the tokens to mark with a snapshot of that

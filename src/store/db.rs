@@ -1,6 +1,6 @@
 //! The MySQL databases and the stable shard map of users' ledgers.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -17,6 +17,18 @@ pub const BUCKETS: u16 = 1024;
 /// The bucket of a user.
 pub fn bucket_of(user: UserId) -> u16 {
     (user.get() % i64::from(BUCKETS)) as u16
+}
+
+/// Whether a server's `VERSION()` names MariaDB 10.5 or later, the first with
+/// `INSERT … RETURNING`.
+fn mariadb_with_returning(version: &str) -> bool {
+    if !version.contains("MariaDB") {
+        return false;
+    }
+    let mut parts = version.split(|c: char| !c.is_ascii_digit());
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (major, minor) >= (10, 5)
 }
 
 /// The map a deployment starts with: bucket `b` on shard `b mod n`.
@@ -42,7 +54,14 @@ pub struct Db {
     map: RwLock<Arc<Vec<u16>>>,
     /// Whether [`Db::load_map`] has run (it also gives each shard its buckets).
     loaded: AtomicBool,
+    /// Whether the servers take `INSERT … RETURNING` (MariaDB 10.5+; MySQL 8 does
+    /// not): [`RETURNING_UNKNOWN`] until the first statement that could use it asks.
+    returning: AtomicU8,
 }
+
+const RETURNING_UNKNOWN: u8 = 0;
+const RETURNING_YES: u8 = 1;
+const RETURNING_NO: u8 = 2;
 
 impl Db {
     pub fn connect_lazy(settings: &MysqlSettings) -> anyhow::Result<Self> {
@@ -82,7 +101,33 @@ impl Db {
             shards,
             map: RwLock::new(Arc::new(default_map(n))),
             loaded: AtomicBool::new(false),
+            returning: AtomicU8::new(RETURNING_UNKNOWN),
         })
+    }
+
+    /// Whether the ledger's statements may read rows back with `INSERT … RETURNING`
+    /// (MariaDB 10.5 and later) or must follow an insert with a `SELECT … FOR UPDATE`
+    /// (MySQL 8). Asked of the server on `conn` once (`SELECT VERSION()`); every shard
+    /// is taken to run the same server.
+    pub async fn returning(&self, conn: &mut sqlx::MySqlConnection) -> Result<bool, sqlx::Error> {
+        match self.returning.load(Ordering::Relaxed) {
+            RETURNING_YES => return Ok(true),
+            RETURNING_NO => return Ok(false),
+            _ => {}
+        }
+        let version: String = sqlx::query_scalar("SELECT VERSION()")
+            .fetch_one(conn)
+            .await?;
+        let yes = mariadb_with_returning(&version);
+        self.set_returning(yes);
+        Ok(yes)
+    }
+
+    /// Sets the statement form [`Db::returning`] answers: what a test of the MySQL 8
+    /// form on MariaDB uses.
+    pub fn set_returning(&self, yes: bool) {
+        let state = if yes { RETURNING_YES } else { RETURNING_NO };
+        self.returning.store(state, Ordering::Relaxed);
     }
 
     pub fn main(&self) -> &MySqlPool {
@@ -251,3 +296,18 @@ impl Db {
 }
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[cfg(test)]
+mod tests {
+    use super::mariadb_with_returning;
+
+    #[test]
+    fn returning_is_read_from_the_server_version() {
+        assert!(mariadb_with_returning("10.11.6-MariaDB-0+deb12u1"));
+        assert!(mariadb_with_returning("10.5.0-MariaDB"));
+        assert!(mariadb_with_returning("11.4.2-MariaDB-log"));
+        assert!(!mariadb_with_returning("10.4.32-MariaDB"));
+        assert!(!mariadb_with_returning("8.0.36"));
+        assert!(!mariadb_with_returning("8.4.0-commercial"));
+    }
+}

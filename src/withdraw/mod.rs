@@ -85,8 +85,8 @@ impl Withdrawals {
         // Views go to MySQL while the debit may be committed and its snapshot not yet
         // written (see `tokens::Fence`).
         let fence = self.tokens.fence(user).await?;
-        // Concurrent first bookings of one user can deadlock in InnoDB (creating the
-        // account row); such a transaction rolled back whole, so it is retried, a
+        // A deadlock with a booker of the same user (see `ledger`'s module comment) or
+        // a lock-wait timeout fails the transaction, which is dropped and retried, a
         // bounded number of times.
         let mut attempt = 0;
         let (created, (account, to_mark)) = loop {

@@ -188,6 +188,50 @@ async fn a_withdrawal_racing_the_worker_credits_each_token_once() {
     t.stop().await;
 }
 
+/// The statement form for MySQL 8 (no `INSERT … RETURNING`: the accounts are read
+/// with a `SELECT … FOR UPDATE` after the insert), run on MariaDB: new batches, a
+/// forced settlement, and a batch holding tokens booked meanwhile book every token once
+/// and leave balances and views exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mysql_8_statement_form_books_each_token_once() {
+    let t = spawn_app().await;
+    t.app.db.set_returning(false);
+    let mut conn = t.app.db.main().acquire().await.unwrap();
+    assert!(!t.app.db.returning(&mut conn).await.unwrap());
+    drop(conn);
+    t.open_activity("cny2027", 100_000_000, 1_000).await;
+    // Enough users that a partition's batch holds several of them.
+    let users: Vec<i64> = (100..164).collect();
+    let awards: Vec<Value> = users
+        .iter()
+        .flat_map(|u| (0..6).map(move |i| award(*u, i, 7)))
+        .collect();
+    issue_all(&t, awards).await;
+    // A withdrawal races the worker: its forced settlement and the worker's batches
+    // meet the same tokens, in either order.
+    let jwt = t.jwt(100);
+    let worker = async {
+        let mut w = t.worker("mysql8");
+        for p in 0..t.app.redis.partitions() {
+            w.try_execute_batch(p).await.unwrap();
+        }
+    };
+    let (_, (status, body)) = tokio::join!(worker, withdraw(&t, &jwt, "m8-1", 40));
+    assert_eq!(status, 201, "{body}");
+    t.drain().await;
+    assert_eq!(ledger_awards(&t).await, (64 * 6, 64 * 42));
+    let b = balances(&t).await;
+    for u in &users {
+        let expected = if *u == 100 { 42 - 40 } else { 42 };
+        assert_eq!(b[u], expected, "user {u}");
+        let w = t.wallet(*u).await;
+        assert_eq!(w["total_income_cents"], 42, "user {u}: {w}");
+        assert_eq!(w["balance_cents"], expected, "user {u}: {w}");
+        assert_eq!(w["pending_cents"], 0, "user {u}: {w}");
+    }
+    t.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_withdrawal_forces_settlement_of_pending_tokens() {
     let t = spawn_app().await;
