@@ -40,7 +40,7 @@ use crate::keys::Keys;
 use crate::ledger::{Account, ChangeEnd, Ledger, LedgerError};
 use crate::pb;
 use crate::store::{now_ms, query_scripted, Db, Redis};
-use crate::tokens::{AwardEntry, Tokens};
+use crate::tokens::{AwardEntry, Tokens, Totals};
 
 /// The activity id of every share token; no operator activity may take it.
 pub const PACKETS_ACTIVITY: &str = "packets";
@@ -884,6 +884,95 @@ impl Packets {
         }
         Ok(t)
     }
+}
+
+/// An hour of packets as reconciliation reads it (see `ops::reconcile`), over every
+/// shard, each shard's figures in one statement (one consistent read).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PacketHour {
+    /// Shares opened in the hour: each was minted as one share token.
+    pub shares: Totals,
+    /// Packets sent in the hour (count, total cents)...
+    pub sent: Totals,
+    /// ... and what their `packet_send` ledger rows (`ps_{id}`) debited.
+    pub sent_debited_cents: i64,
+    /// Packets that expired in the hour and were refunded (count, refunded cents)...
+    pub refunded: Totals,
+    /// ... what their `packet_refund` ledger rows (`pr_{id}`) gave back...
+    pub refunded_booked_cents: i64,
+    /// ... and how many of them did not give back exactly the unopened remainder.
+    pub inexact_refunds: i64,
+    /// Send and refund rows written in the hour whose packet is missing, or records
+    /// another amount (or no refund).
+    pub stray_rows: i64,
+}
+
+impl PacketHour {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// The figures of packets in `[start, end)` ms, read again while buckets move.
+pub async fn hour_figures(
+    ledger: &Ledger,
+    db: &Db,
+    start: i64,
+    end: i64,
+) -> Result<PacketHour, sqlx::Error> {
+    ledger.stable(|| hour_figures_once(db, start, end)).await
+}
+
+async fn hour_figures_once(db: &Db, start: i64, end: i64) -> Result<PacketHour, sqlx::Error> {
+    // Debits and refunds are ledger rows without an activity, on the sender's shard
+    // with their packet.
+    const FIGURES: &str = "SELECT \
+        (SELECT COUNT(*) FROM packet_shares WHERE opened_at_ms >= ? AND opened_at_ms < ?), \
+        (SELECT CAST(COALESCE(SUM(amount_cents), 0) AS SIGNED) FROM packet_shares \
+           WHERE opened_at_ms >= ? AND opened_at_ms < ?), \
+        (SELECT COUNT(*) FROM packets WHERE created_at_ms >= ? AND created_at_ms < ?), \
+        (SELECT CAST(COALESCE(SUM(total_cents), 0) AS SIGNED) FROM packets \
+           WHERE created_at_ms >= ? AND created_at_ms < ?), \
+        (SELECT CAST(COALESCE(-SUM(l.amount_cents), 0) AS SIGNED) FROM packets p \
+           JOIN ledger_entries l ON l.out_trade_no = CONCAT('ps_', p.id) AND l.kind = 'packet_send' \
+           WHERE p.created_at_ms >= ? AND p.created_at_ms < ?), \
+        (SELECT COUNT(*) FROM packets \
+           WHERE status = 'refunded' AND expires_at_ms >= ? AND expires_at_ms < ?), \
+        (SELECT CAST(COALESCE(SUM(refunded_cents), 0) AS SIGNED) FROM packets \
+           WHERE status = 'refunded' AND expires_at_ms >= ? AND expires_at_ms < ?), \
+        (SELECT CAST(COALESCE(SUM(l.amount_cents), 0) AS SIGNED) FROM packets p \
+           JOIN ledger_entries l ON l.out_trade_no = CONCAT('pr_', p.id) AND l.kind = 'packet_refund' \
+           WHERE p.status = 'refunded' AND p.expires_at_ms >= ? AND p.expires_at_ms < ?), \
+        (SELECT COUNT(*) FROM packets WHERE status = 'refunded' \
+           AND refunded_cents <> total_cents - opened_cents \
+           AND expires_at_ms >= ? AND expires_at_ms < ?), \
+        (SELECT COUNT(*) FROM ledger_entries l LEFT JOIN packets p ON p.id = SUBSTRING(l.out_trade_no, 4) \
+           WHERE l.activity_id IS NULL AND l.kind IN ('packet_send', 'packet_refund') \
+           AND l.at_ms >= ? AND l.at_ms < ? \
+           AND (p.id IS NULL \
+             OR (l.kind = 'packet_send' AND -l.amount_cents <> p.total_cents) \
+             OR (l.kind = 'packet_refund' AND (p.status <> 'refunded' OR p.refunded_cents <> l.amount_cents))))";
+    let mut hour = PacketHour::default();
+    for pool in db.shards() {
+        // Every subquery reads one `[start, end)` window: two placeholders each.
+        let mut q = sqlx::query(FIGURES);
+        for _ in 0..FIGURES.matches('?').count() / 2 {
+            q = q.bind(start).bind(end);
+        }
+        let row = q.fetch_one(pool).await?;
+        let get = |i: usize| row.try_get::<i64, _>(i);
+        hour.shares.count += get(0)?;
+        hour.shares.cents += get(1)?;
+        hour.sent.count += get(2)?;
+        hour.sent.cents += get(3)?;
+        hour.sent_debited_cents += get(4)?;
+        hour.refunded.count += get(5)?;
+        hour.refunded.cents += get(6)?;
+        hour.refunded_booked_cents += get(7)?;
+        hour.inexact_refunds += get(8)?;
+        hour.stray_rows += get(9)?;
+    }
+    Ok(hour)
 }
 
 /// The packets' money, summed (see [`Packets::totals`]).

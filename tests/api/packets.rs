@@ -281,6 +281,105 @@ async fn the_unclaimed_remainder_goes_back_to_the_sender_exactly_once_across_res
     t.stop().await;
 }
 
+/// The hourly reconciliation covers packets (activity `packets`): the shares opened in
+/// the hour against the share tokens issued, booked and marked, the packets sent against
+/// their debits, the refunds against what their packets record; a debit or a refund
+/// missing from the ledger is reported, with its event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_covers_packets_shares_debits_and_refunds() {
+    let t = spawn_app_with(Options {
+        env: vec![("RPW_PACKETS__REFUND_AFTER_SECS".into(), "1".into())],
+        ..Default::default()
+    })
+    .await;
+    let hour = redpacket_wallet::store::hour_of(redpacket_wallet::store::now_ms());
+    t.open_activity("cny2027", 1_000_000, 1_000).await;
+    fund(&t, 50, 2_000).await;
+    let (status, first) = send(&t, 50, "a", 600, 3).await;
+    assert_eq!(status, 201, "{first}");
+    let (status, second) = send(&t, 50, "b", 300, 2).await;
+    assert_eq!(status, 201, "{second}");
+    let first = first["packet_id"].as_str().unwrap().to_string();
+    let second = second["packet_id"].as_str().unwrap().to_string();
+    let mut shares = 0;
+    for (who, id) in [(51, &first), (52, &first), (53, &second)] {
+        let (status, opened) = open(&t, who, id).await;
+        assert_eq!(status, 201, "{opened}");
+        shares += opened["share"]["amount_cents"].as_i64().unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let refunded = t
+        .app
+        .packets
+        .refund_due(redpacket_wallet::store::now_ms())
+        .await
+        .unwrap();
+    assert_eq!(refunded, 2);
+    t.drain().await;
+
+    let reports = t
+        .app
+        .reconciler
+        .reconcile_hour(&hour, "manual")
+        .await
+        .unwrap();
+    let report = reports
+        .iter()
+        .find(|r| r.activity_id == "packets")
+        .unwrap_or_else(|| panic!("no packets report among {reports:?}"));
+    assert!(report.ok, "{report:?}");
+    assert_eq!((report.issued.count, report.issued.cents), (3, shares));
+    assert_eq!(report.booked, report.issued);
+    assert_eq!(report.settled, report.issued);
+    assert_eq!(report.pending.cents, 0);
+    assert_eq!(report.budget_taken_cents, shares, "the shares opened");
+    assert_eq!(report.leak_cents, 0);
+
+    // A refund row gone from the ledger, a send's debit too, and a packet whose
+    // recorded refund is a cent short of its row and of its remainder: all reported.
+    sqlx::query("UPDATE packets SET refunded_cents = refunded_cents - 1 WHERE id = ?")
+        .bind(&first)
+        .execute(t.app.db.main())
+        .await
+        .unwrap();
+    for row in [format!("pr_{second}"), format!("ps_{first}")] {
+        sqlx::query("DELETE FROM ledger_entries WHERE out_trade_no = ?")
+            .bind(&row)
+            .execute(t.app.db.main())
+            .await
+            .unwrap();
+    }
+    let report = t
+        .app
+        .reconciler
+        .reconcile("packets", &hour, "manual")
+        .await
+        .unwrap();
+    assert!(!report.ok, "{report:?}");
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains("sent without their debit")),
+        "{report:?}"
+    );
+    for problem in [
+        "refunded without their refund row",
+        "not the unopened remainder",
+        "records another amount",
+    ] {
+        assert!(
+            report.problems.iter().any(|p| p.contains(problem)),
+            "{problem}: {report:?}"
+        );
+    }
+    let mismatches = t
+        .sql_i64("SELECT COUNT(*) FROM events WHERE type = 'reconciliation.mismatch'")
+        .await;
+    assert_eq!(mismatches, 1);
+    t.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_sends_and_opens_are_refused_and_change_nothing() {
     let t = spawn_app_with(Options {
