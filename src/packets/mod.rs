@@ -719,34 +719,14 @@ impl Packets {
         if !packet_id_ok(id) {
             return Err(Error::NotFound(format!("no red packet `{id}`")));
         }
-        let shard = self.shard_of(id).await?;
-        let pool = self.db.shard(shard);
-        let row = sqlx::query(&format!(
-            "SELECT {PACKET_COLUMNS} FROM packets WHERE id = ?"
-        ))
-        .bind(id)
-        .fetch_optional(pool)
-        .await?
-        .ok_or_else(|| Error::NotFound(format!("no red packet `{id}`")))?;
-        let packet = packet_of(&row)?;
-        let rows = sqlx::query(
-            "SELECT user_id, seq, amount_cents, opened_at_ms FROM packet_shares WHERE packet_id = ? ORDER BY seq",
-        )
-        .bind(id)
-        .fetch_all(pool)
-        .await?;
-        let mut shares = rows
-            .iter()
-            .map(|r| -> Result<Share, sqlx::Error> {
-                Ok(Share {
-                    user_id: r.try_get(0)?,
-                    seq: i64::from(r.try_get::<i32, _>(1)?),
-                    amount_cents: r.try_get(2)?,
-                    opened_at_ms: r.try_get(3)?,
-                    best_luck: false,
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut found = self.find_detail(id).await?;
+        if found.is_none() && self.db.shards().len() > 1 {
+            // Not on any shard: a move may have copied it after the first shard was read
+            // and cleared it before the second; read again once no bucket is moving.
+            found = self.ledger.stable(|| self.find_detail(id)).await?;
+        }
+        let (packet, mut shares) =
+            found.ok_or_else(|| Error::NotFound(format!("no red packet `{id}`")))?;
         // Best luck is known once nothing more will be opened.
         if packet.status != "open" {
             let best = shares
@@ -759,6 +739,26 @@ impl Packets {
             }
         }
         Ok((packet, shares))
+    }
+
+    /// A packet and its shares from the shard holding it: the one the shard map gives
+    /// its sender when it is on two for a moment (see [`Packets::shard_of`]).
+    async fn find_detail(&self, id: &str) -> Result<Option<(Packet, Vec<Share>)>, sqlx::Error> {
+        for (i, pool) in self.db.shards().iter().enumerate() {
+            let Some(found) = detail_on(pool, id).await? else {
+                continue;
+            };
+            let mapped = UserId::parse(found.0.sender_id)
+                .map(|u| self.db.shard_index(u))
+                .unwrap_or(i);
+            if mapped != i {
+                if let Some(there) = detail_on(self.db.shard(mapped), id).await? {
+                    return Ok(Some(there));
+                }
+            }
+            return Ok(Some(found));
+        }
+        Ok(None)
     }
 
     /// A packet and who got what.
@@ -985,6 +985,39 @@ pub struct PacketTotals {
     pub open_remainder_cents: i64,
     /// The sum of the share rows (equal to `opened_cents`).
     pub shares_cents: i64,
+}
+
+/// A packet and its shares on one shard, in one statement: one consistent read, so a
+/// move clearing the shard in between never leaves the shares out.
+async fn detail_on(
+    pool: &sqlx::MySqlPool,
+    id: &str,
+) -> Result<Option<(Packet, Vec<Share>)>, sqlx::Error> {
+    let rows = sqlx::query(&format!(
+        "SELECT {PACKET_COLUMNS}, s.user_id, s.seq, s.amount_cents, s.opened_at_ms \
+         FROM packets p LEFT JOIN packet_shares s ON s.packet_id = p.id WHERE p.id = ? ORDER BY s.seq"
+    ))
+    .bind(id)
+    .fetch_all(pool)
+    .await?;
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
+    let packet = packet_of(first)?;
+    let mut shares = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let Some(user_id) = r.try_get::<Option<i64>, _>(12)? else {
+            continue;
+        };
+        shares.push(Share {
+            user_id,
+            seq: i64::from(r.try_get::<i32, _>(13)?),
+            amount_cents: r.try_get(14)?,
+            opened_at_ms: r.try_get(15)?,
+            best_luck: false,
+        });
+    }
+    Ok(Some((packet, shares)))
 }
 
 fn decode_share(bytes: &[u8]) -> Result<pb::RedPacketToken> {

@@ -600,3 +600,59 @@ async fn a_packet_moves_with_its_senders_bucket() {
     assert_eq!(stray, 1, "the stranded packet is not deleted");
     t.stop().await;
 }
+
+/// A packet's detail, read while its sender's bucket moves back and forth between two
+/// shards, is always found, and always whole (every opened share listed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_packets_detail_is_found_whole_while_its_bucket_moves() {
+    let second = create_database().await;
+    let t = spawn_app_with(Options {
+        env: vec![("RPW_MYSQL__SHARD_URLS".into(), mysql_url_for(&second))],
+        ..Default::default()
+    })
+    .await;
+    t.open_activity("cny2027", 1_000_000, 1_000).await;
+    fund(&t, 60, 1_000).await;
+    let (status, sent) = send(&t, 60, "r", 600, 3).await;
+    assert_eq!(status, 201, "{sent}");
+    let id = sent["packet_id"].as_str().unwrap().to_string();
+    for who in [61, 62] {
+        let (status, opened) = open(&t, who, &id).await;
+        assert_eq!(status, 201, "{opened}");
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let app = t.app.clone();
+        let id = id.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut reads = 0;
+            let mut bad = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match app.packets.detail(&id).await {
+                    Ok(d) if d.opened.len() == 2 && d.packet.opened_count == 2 => {}
+                    Ok(d) => bad.push(format!("{} shares listed: {d:?}", d.opened.len())),
+                    Err(err) => bad.push(err.to_string()),
+                }
+                reads += 1;
+            }
+            (reads, bad)
+        })
+    };
+    for i in 0..10 {
+        let to = (t.app.db.shard_index(user(60)) + 1) % 2;
+        redpacket_wallet::ops::reshard::reshard(&t.app.db, 60, to)
+            .await
+            .unwrap_or_else(|e| panic!("move {i}: {e:#}"));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (reads, bad) = reader.await.unwrap();
+    assert!(reads > 10, "{reads} reads");
+    assert!(
+        bad.is_empty(),
+        "{} of {reads} reads: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(5)]
+    );
+    t.stop().await;
+}
