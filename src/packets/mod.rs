@@ -898,34 +898,50 @@ pub struct PacketHour {
     pub sent_debited_cents: i64,
     /// Packets that expired in the hour and were refunded (count, refunded cents)...
     pub refunded: Totals,
-    /// ... what their `packet_refund` ledger rows (`pr_{id}`) gave back...
+    /// ... and what their `packet_refund` ledger rows (`pr_{id}`) gave back.
     pub refunded_booked_cents: i64,
-    /// ... and how many of them did not give back exactly the unopened remainder.
+    /// Refund rows written in the hour that gave back other than the packet's total
+    /// less its share rows.
     pub inexact_refunds: i64,
     /// Send and refund rows written in the hour whose packet is missing, or records
     /// another amount (or no refund).
     pub stray_rows: i64,
+    /// Packets, of any hour, still open longer than `overdue_ms` after they expired:
+    /// refunds the refund job has not made.
+    pub overdue: i64,
 }
 
 impl PacketHour {
+    /// Nothing of the hour (overdue refunds of other hours aside).
     pub fn is_empty(&self) -> bool {
-        *self == Self::default()
+        Self {
+            overdue: 0,
+            ..*self
+        } == Self::default()
     }
 }
 
-/// The figures of packets in `[start, end)` ms, read again while buckets move.
+/// The figures of packets in `[start, end)` ms, read again while buckets move; packets
+/// still open `overdue_ms` after expiring, as of `now`, are counted as overdue.
 pub async fn hour_figures(
     ledger: &Ledger,
     db: &Db,
-    start: i64,
-    end: i64,
+    (start, end): (i64, i64),
+    overdue_before: i64,
 ) -> Result<PacketHour, sqlx::Error> {
-    ledger.stable(|| hour_figures_once(db, start, end)).await
+    ledger
+        .stable(|| hour_figures_once(db, start, end, overdue_before))
+        .await
 }
 
-async fn hour_figures_once(db: &Db, start: i64, end: i64) -> Result<PacketHour, sqlx::Error> {
+async fn hour_figures_once(
+    db: &Db,
+    start: i64,
+    end: i64,
+    overdue_before: i64,
+) -> Result<PacketHour, sqlx::Error> {
     // Debits and refunds are ledger rows without an activity, on the sender's shard
-    // with their packet.
+    // with their packet. Every subquery but the last reads the `[start, end)` window.
     const FIGURES: &str = "SELECT \
         (SELECT COUNT(*) FROM packet_shares WHERE opened_at_ms >= ? AND opened_at_ms < ?), \
         (SELECT CAST(COALESCE(SUM(amount_cents), 0) AS SIGNED) FROM packet_shares \
@@ -943,23 +959,27 @@ async fn hour_figures_once(db: &Db, start: i64, end: i64) -> Result<PacketHour, 
         (SELECT CAST(COALESCE(SUM(l.amount_cents), 0) AS SIGNED) FROM packets p \
            JOIN ledger_entries l ON l.out_trade_no = CONCAT('pr_', p.id) AND l.kind = 'packet_refund' \
            WHERE p.status = 'refunded' AND p.expires_at_ms >= ? AND p.expires_at_ms < ?), \
-        (SELECT COUNT(*) FROM packets WHERE status = 'refunded' \
-           AND refunded_cents <> total_cents - opened_cents \
-           AND expires_at_ms >= ? AND expires_at_ms < ?), \
+        (SELECT COUNT(*) FROM ledger_entries l JOIN packets p ON p.id = SUBSTRING(l.out_trade_no, 4) \
+           WHERE l.activity_id IS NULL AND l.kind = 'packet_refund' \
+           AND l.at_ms >= ? AND l.at_ms < ? \
+           AND l.amount_cents <> p.total_cents - (SELECT COALESCE(SUM(s.amount_cents), 0) \
+             FROM packet_shares s WHERE s.packet_id = p.id)), \
         (SELECT COUNT(*) FROM ledger_entries l LEFT JOIN packets p ON p.id = SUBSTRING(l.out_trade_no, 4) \
            WHERE l.activity_id IS NULL AND l.kind IN ('packet_send', 'packet_refund') \
            AND l.at_ms >= ? AND l.at_ms < ? \
            AND (p.id IS NULL \
              OR (l.kind = 'packet_send' AND -l.amount_cents <> p.total_cents) \
-             OR (l.kind = 'packet_refund' AND (p.status <> 'refunded' OR p.refunded_cents <> l.amount_cents))))";
+             OR (l.kind = 'packet_refund' AND (p.status <> 'refunded' OR p.refunded_cents <> l.amount_cents)))), \
+        (SELECT COUNT(*) FROM packets WHERE status = 'open' AND expires_at_ms < ?)";
+    const WINDOWS: usize = 10;
+    debug_assert_eq!(FIGURES.matches('?').count(), 2 * WINDOWS + 1);
     let mut hour = PacketHour::default();
     for pool in db.shards() {
-        // Every subquery reads one `[start, end)` window: two placeholders each.
         let mut q = sqlx::query(FIGURES);
-        for _ in 0..FIGURES.matches('?').count() / 2 {
+        for _ in 0..WINDOWS {
             q = q.bind(start).bind(end);
         }
-        let row = q.fetch_one(pool).await?;
+        let row = q.bind(overdue_before).fetch_one(pool).await?;
         let get = |i: usize| row.try_get::<i64, _>(i);
         hour.shares.count += get(0)?;
         hour.shares.cents += get(1)?;
@@ -971,6 +991,7 @@ async fn hour_figures_once(db: &Db, start: i64, end: i64) -> Result<PacketHour, 
         hour.refunded_booked_cents += get(7)?;
         hour.inexact_refunds += get(8)?;
         hour.stray_rows += get(9)?;
+        hour.overdue += get(10)?;
     }
     Ok(hour)
 }
@@ -993,13 +1014,18 @@ async fn detail_on(
     pool: &sqlx::MySqlPool,
     id: &str,
 ) -> Result<Option<(Packet, Vec<Share>)>, sqlx::Error> {
-    let rows = sqlx::query(&format!(
-        "SELECT {PACKET_COLUMNS}, s.user_id, s.seq, s.amount_cents, s.opened_at_ms \
-         FROM packets p LEFT JOIN packet_shares s ON s.packet_id = p.id WHERE p.id = ? ORDER BY s.seq"
-    ))
-    .bind(id)
-    .fetch_all(pool)
-    .await?;
+    static QUERY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let packet: Vec<String> = PACKET_COLUMNS
+            .split(", ")
+            .map(|c| format!("p.{c}"))
+            .collect();
+        format!(
+            "SELECT {}, s.user_id, s.seq, s.amount_cents, s.opened_at_ms \
+             FROM packets p LEFT JOIN packet_shares s ON s.packet_id = p.id WHERE p.id = ? ORDER BY s.seq",
+            packet.join(", ")
+        )
+    });
+    let rows = sqlx::query(QUERY.as_str()).bind(id).fetch_all(pool).await?;
     let Some(first) = rows.first() else {
         return Ok(None);
     };

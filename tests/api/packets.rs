@@ -292,6 +292,11 @@ async fn reconciliation_covers_packets_shares_debits_and_refunds() {
         ..Default::default()
     })
     .await;
+    // The figures are of one hour: not too near its end.
+    let into_hour = redpacket_wallet::store::now_ms() % 3_600_000;
+    if into_hour > 3_600_000 - 30_000 {
+        tokio::time::sleep(Duration::from_millis((3_600_000 - into_hour + 100) as u64)).await;
+    }
     let hour = redpacket_wallet::store::hour_of(redpacket_wallet::store::now_ms());
     t.open_activity("cny2027", 1_000_000, 1_000).await;
     fund(&t, 50, 2_000).await;
@@ -335,10 +340,19 @@ async fn reconciliation_covers_packets_shares_debits_and_refunds() {
     assert_eq!(report.budget_taken_cents, shares, "the shares opened");
     assert_eq!(report.leak_cents, 0);
 
-    // A refund row gone from the ledger, a send's debit too, and a packet whose
-    // recorded refund is a cent short of its row and of its remainder: all reported.
-    sqlx::query("UPDATE packets SET refunded_cents = refunded_cents - 1 WHERE id = ?")
-        .bind(&first)
+    // A refund row gone from the ledger, a send's debit too, a refund row a cent short
+    // of its packet's record and of the unopened remainder, and a packet still open a
+    // quarter of an hour after it expired: all reported.
+    sqlx::query("UPDATE ledger_entries SET amount_cents = amount_cents - 1 WHERE out_trade_no = ?")
+        .bind(format!("pr_{first}"))
+        .execute(t.app.db.main())
+        .await
+        .unwrap();
+    let (status, third) = send(&t, 50, "c", 100, 1).await;
+    assert_eq!(status, 201, "{third}");
+    sqlx::query("UPDATE packets SET expires_at_ms = ? WHERE id = ?")
+        .bind(redpacket_wallet::store::now_ms() - 16 * 60_000)
+        .bind(third["packet_id"].as_str().unwrap())
         .execute(t.app.db.main())
         .await
         .unwrap();
@@ -367,6 +381,7 @@ async fn reconciliation_covers_packets_shares_debits_and_refunds() {
         "refunded without their refund row",
         "not the unopened remainder",
         "records another amount",
+        "refunds overdue: 1 packets",
     ] {
         assert!(
             report.problems.iter().any(|p| p.contains(problem)),
@@ -377,6 +392,30 @@ async fn reconciliation_covers_packets_shares_debits_and_refunds() {
         .sql_i64("SELECT COUNT(*) FROM events WHERE type = 'reconciliation.mismatch'")
         .await;
     assert_eq!(mismatches, 1);
+
+    // A share of an hour over for a while whose token Redis never counted.
+    sqlx::query(
+        "UPDATE packet_shares SET opened_at_ms = opened_at_ms - 7200000 WHERE packet_id = ?",
+    )
+    .bind(&second)
+    .execute(t.app.db.main())
+    .await
+    .unwrap();
+    let earlier = redpacket_wallet::store::hour_of(redpacket_wallet::store::now_ms() - 7_200_000);
+    let report = t
+        .app
+        .reconciler
+        .reconcile("packets", &earlier, "manual")
+        .await
+        .unwrap();
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.starts_with("shares without their tokens")),
+        "{report:?}"
+    );
+    assert!(report.leak_cents > 0, "{report:?}");
     t.stop().await;
 }
 
