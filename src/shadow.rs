@@ -253,15 +253,19 @@ impl Expiry {
     }
 }
 
-/// Drops every key under the shadow prefix and empties the shadow data tables.
+/// Empties the shadow data tables, then drops every key under the shadow prefix. In
+/// that order: the shadow app's budget refresh, finding its sub-stocks gone while the
+/// tables still held the activity, would grant a new generation into Redis after the
+/// keys were dropped; with the tables empty first, whatever it writes meanwhile goes
+/// with the keys.
 pub async fn purge(app: &App) -> anyhow::Result<()> {
-    let deleted = app.redis.delete_prefixed().await?;
     for table in DATA_TABLES {
         sqlx::query(&format!("DELETE FROM {table}"))
             .execute(app.db.main())
             .await
             .with_context(|| format!("emptying shadow table {table}"))?;
     }
+    let deleted = app.redis.delete_prefixed().await?;
     tracing::info!(redis_keys = deleted, "shadow data purged");
     Ok(())
 }

@@ -91,6 +91,25 @@ pub struct StoredReport {
     pub created_at: DateTime<Utc>,
 }
 
+/// What the ledger's awards of an hour (`booked`) say against the hour's Redis
+/// counters: never more than was issued, and exactly what was marked settled.
+fn booking_problems(booked: Totals, counters: &Counters) -> Vec<String> {
+    let mut problems = Vec::new();
+    if booked.count > counters.issued.count || booked.cents > counters.issued.cents {
+        problems.push(format!(
+            "ledger holds more than was issued: booked {} cents in {} rows, issued {} cents in {} tokens",
+            booked.cents, booked.count, counters.issued.cents, counters.issued.count
+        ));
+    }
+    if booked != counters.settled {
+        problems.push(format!(
+            "ledger and settle marks disagree: ledger {} cents in {} rows, marked settled {} cents in {} tokens",
+            booked.cents, booked.count, counters.settled.cents, counters.settled.count
+        ));
+    }
+    problems
+}
+
 impl Reconciler {
     async fn measure(&self, activity: &str, hour: &str, kind: &str) -> Result<Report> {
         let (start, end) = hour_window(hour)
@@ -109,19 +128,7 @@ impl Reconciler {
         let leak = self
             .open_leak(activity, &all.gens, budget.available_cents)
             .await?;
-        let mut problems = Vec::new();
-        if booked.count > counters.issued.count || booked.cents > counters.issued.cents {
-            problems.push(format!(
-                "ledger holds more than was issued: booked {} cents in {} rows, issued {} cents in {} tokens",
-                booked.cents, booked.count, counters.issued.cents, counters.issued.count
-            ));
-        }
-        if booked != counters.settled {
-            problems.push(format!(
-                "ledger and settle marks disagree: ledger {} cents in {} rows, marked settled {} cents in {} tokens",
-                booked.cents, booked.count, counters.settled.cents, counters.settled.count
-            ));
-        }
+        let mut problems = booking_problems(booked, &counters);
         if leak < 0 {
             problems.push(format!("more issued than budget taken, by {} cents", -leak));
         } else if leak > 0 {
@@ -181,19 +188,7 @@ impl Reconciler {
             now - PACKET_REFUND_OVERDUE_MS,
         )
         .await?;
-        let mut problems = Vec::new();
-        if booked.count > counters.issued.count || booked.cents > counters.issued.cents {
-            problems.push(format!(
-                "ledger holds more than was issued: booked {} cents in {} rows, issued {} cents in {} tokens",
-                booked.cents, booked.count, counters.issued.cents, counters.issued.count
-            ));
-        }
-        if booked != counters.settled {
-            problems.push(format!(
-                "ledger and settle marks disagree: ledger {} cents in {} rows, marked settled {} cents in {} tokens",
-                booked.cents, booked.count, counters.settled.cents, counters.settled.count
-            ));
-        }
+        let mut problems = booking_problems(booked, &counters);
         let closed = end <= now - SHARE_STORE_GRACE_MS;
         let mut leak = figures.shares.cents - counters.issued.cents;
         if leak > 0 && !closed {

@@ -310,12 +310,7 @@ async fn the_figures_are_conserved_while_coupons_are_booked() {
 /// coupon stays active; a refused request frees its id for the corrected one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_id_names_one_redemption_across_shards() {
-    let second = create_database().await;
-    let t = spawn_app_with(Options {
-        env: vec![("RPW_MYSQL__SHARD_URLS".into(), mysql_url_for(&second))],
-        ..Default::default()
-    })
-    .await;
+    let t = spawn_two_shards().await;
     assert_eq!(t.app.db.shards().len(), 2);
     t.open_activity("cny2027", 100_000, 1_000).await;
     template(&t, "tpl-shards", 10, json!({"valid_days": 1})).await;

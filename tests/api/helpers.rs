@@ -148,6 +148,17 @@ pub fn init_tracing() {
     });
 }
 
+/// An instance whose ledger is sharded over two databases: a fresh one of its own and
+/// a second fresh one.
+pub async fn spawn_two_shards() -> TestApp {
+    let second = create_database().await;
+    spawn_app_with(Options {
+        env: vec![("RPW_MYSQL__SHARD_URLS".into(), mysql_url_for(&second))],
+        ..Default::default()
+    })
+    .await
+}
+
 pub async fn spawn_app_with(options: Options) -> TestApp {
     init_tracing();
     let db_name = match options.mysql_url {

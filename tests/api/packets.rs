@@ -562,12 +562,7 @@ async fn a_share_token_lost_by_redis_comes_back_by_sync_or_by_opening_again() {
 /// shard holds none of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_packet_moves_with_its_senders_bucket() {
-    let second = create_database().await;
-    let t = spawn_app_with(Options {
-        env: vec![("RPW_MYSQL__SHARD_URLS".into(), mysql_url_for(&second))],
-        ..Default::default()
-    })
-    .await;
+    let t = spawn_two_shards().await;
     t.open_activity("cny2027", 1_000_000, 1_000).await;
     fund(&t, 40, 1_000).await;
     let (status, sent) = send(&t, 40, "r", 600, 3).await;
@@ -644,12 +639,7 @@ async fn a_packet_moves_with_its_senders_bucket() {
 /// shards, is always found, and always whole (every opened share listed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_packets_detail_is_found_whole_while_its_bucket_moves() {
-    let second = create_database().await;
-    let t = spawn_app_with(Options {
-        env: vec![("RPW_MYSQL__SHARD_URLS".into(), mysql_url_for(&second))],
-        ..Default::default()
-    })
-    .await;
+    let t = spawn_two_shards().await;
     t.open_activity("cny2027", 1_000_000, 1_000).await;
     fund(&t, 60, 1_000).await;
     let (status, sent) = send(&t, 60, "r", 600, 3).await;
