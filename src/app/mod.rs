@@ -194,6 +194,7 @@ impl App {
             switches: switches.clone(),
             keys: keys.clone(),
             activities: cache.clone(),
+            identity_quiet_ms: i64::try_from(settings.wallet.identity_quiet_ms).unwrap_or(i64::MAX),
         };
         let withdrawals = Withdrawals::new(db.clone(), ledger.clone(), tokens.clone());
         let packets = crate::packets::Packets::new(

@@ -228,6 +228,10 @@ pub struct WalletSettings {
     /// its activity ended.
     pub retry_grace_secs: u64,
     pub jwt_leeway_secs: u64,
+    /// After Redis loses data (a flush, a restart, a failover), snapshots written in the
+    /// new life are trusted by views only once it is this old: longer than any fenced
+    /// change (a withdrawal, a reversal, a packet) takes from its fence to its snapshot.
+    pub identity_quiet_ms: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]

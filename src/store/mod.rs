@@ -280,6 +280,15 @@ impl Redis {
     pub fn stream_key(&self, partition: u32) -> String {
         format!("{}{{{}}}:settle", self.prefix, partition)
     }
+    /// When the current life of the Redis data holding the partition began (`rid`,
+    /// `since` ms), as of the first snapshot written in it: a flush, a restart or a
+    /// failover starts another (see `tokens/mark.lua`). A fact about the Redis data, not
+    /// about this deployment's keys, so it has no key prefix (the hash tag keeps it in
+    /// the partition's slot): a deployment that starts on a Redis that has long been
+    /// running is not in a new life.
+    pub fn life_key(&self, partition: u32) -> String {
+        format!("rpw:{{{partition}}}:life")
+    }
     pub fn settled_index_key(&self, partition: u32) -> String {
         format!("{}{{{}}}:settled", self.prefix, partition)
     }

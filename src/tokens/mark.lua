@@ -2,16 +2,22 @@
 -- snapshots, atomically in one partition. Runs only after the MySQL commit.
 -- KEYS[1]: the partition's settled index (zset)   KEYS[2]: the partition's stream
 -- KEYS[3 .. 2+n]: token i's user status hash; then the activities' counters hashes;
---   then snapshot j's account snapshot hash
+--   then snapshot j's account snapshot hash; last, the partition's life hash
 -- ARGV[1]: now (ms)   ARGV[2]: consumer group   ARGV[3]: n tokens   ARGV[4]: m snapshots
 -- ARGV[5]: k stream entries to acknowledge   ARGV[6]: c counters hashes
 -- ARGV[7+6i ..]: token i: out_trade_no, hour, amount, user id, budget generation, index
 --   in KEYS of its activity's counters hash
 -- then 5 per snapshot: version, balance, total income, withdrawn, the fence it lifts ('' for
 -- none); then the k entry ids.
--- A snapshot is stored with the identity of the Redis data (run_id()); it replaces one
--- of an older version or of another identity. Its fence field `f:<id>` goes with it: the
--- change the fence announced is in this snapshot (or a newer one).
+-- A snapshot is stored with the identity of the Redis data (run_id()) and `rs`, when the
+-- partition's current Redis life began: the first snapshot written after a flush, a
+-- restart or a failover starts it (the life hash holds `rid` and `since`). Views trust a
+-- snapshot only once its life is older than any fenced change takes (a fence the loss
+-- took away may hide a change committed but not yet marked). A snapshot replaces one of
+-- an older version, or one of another identity that is not newer (a late mark of an
+-- earlier commit never replaces a later snapshot the AOF kept). Its fence field
+-- `f:<id>` goes with it: the change the fence announced is in this snapshot (or a newer
+-- one).
 -- The settled counters are summed per hash and field, the index members go in one ZADD
 -- per 256, the entries in one XACK and one XDEL. Returns how many tokens went from
 -- pending to settled now.
@@ -60,14 +66,26 @@ for key, fields in pairs(sums) do
   end
 end
 local b = 7 + 6 * n
-local rid = m > 0 and run_id() or nil
+local rid, since = nil, nil
+if m > 0 then
+  rid = run_id()
+  local life = redis.call('HMGET', KEYS[#KEYS], 'rid', 'since')
+  if life[1] == rid and life[2] then
+    since = life[2]
+  else
+    local t = redis.call('TIME')
+    since = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+    redis.call('HSET', KEYS[#KEYS], 'rid', rid, 'since', since)
+  end
+end
 for j = 0, m - 1 do
   local key = KEYS[3 + n + c + j]
   local at = b + 5 * j
   local current = redis.call('HMGET', key, 'v', 'rid')
-  if current[2] ~= rid or tonumber(ARGV[at]) > tonumber(current[1] or '-1') then
+  local incoming, stored = tonumber(ARGV[at]), tonumber(current[1] or '-1')
+  if (current[2] == rid and incoming > stored) or (current[2] ~= rid and incoming >= stored) then
     redis.call('HSET', key, 'v', ARGV[at], 'b', ARGV[at + 1], 'i', ARGV[at + 2],
-      'w', ARGV[at + 3], 'rid', rid)
+      'w', ARGV[at + 3], 'rid', rid, 'rs', since)
   end
   if ARGV[at + 4] ~= '' then
     redis.call('HDEL', key, 'f:' .. ARGV[at + 4])

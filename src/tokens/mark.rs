@@ -94,6 +94,7 @@ impl Tokens {
                 args.push(s.lifts.clone().unwrap_or_default());
             }
             args.extend(part.acks.iter().map(|id| id.to_string()));
+            keys.push(redis.life_key(*p));
             let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
             let mut cmd = evalsha(&self.scripts.mark, &key_refs);
             cmd.arg(&args);

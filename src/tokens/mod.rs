@@ -61,7 +61,13 @@ pub struct RedisRecord {
     pub snapshot: HashMap<String, String>,
     /// The identity of the Redis data when this was read.
     pub identity: String,
+    /// Redis's clock when this was read (ms).
+    pub now_ms: i64,
 }
+
+/// What view.lua answers: the status hash, the snapshot hash, the data's identity and
+/// Redis's clock (ms).
+type ViewReply = (Vec<(String, String)>, HashMap<String, String>, String, i64);
 
 /// The booked figures of an account as a snapshot holds them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -90,12 +96,19 @@ impl RedisRecord {
     /// The booked figures when the snapshot provably equals the ledger's account minus
     /// the pending tokens read with it (DESIGN.md "View"): it exists, was written in this
     /// very Redis data (a flush, a restart or a failover since would have rewound the
-    /// tokens beside it), and no change other than booking this user's pending tokens is
-    /// under way (no fence). `None`: only MySQL can say.
-    pub fn exact_booked(&self) -> Option<Booked> {
+    /// tokens beside it), this Redis life is older than `quiet_ms` (a loss also takes
+    /// fences away: a change committed before it whose own snapshot has not come yet
+    /// would be hidden; it has come by then), and no change other than booking this
+    /// user's pending tokens is under way (no fence). `None`: only MySQL can say.
+    pub fn exact_booked(&self, quiet_ms: i64) -> Option<Booked> {
         let written_here = self.snapshot.get("rid") == Some(&self.identity);
+        let settled_life = self
+            .snapshot
+            .get("rs")
+            .and_then(|rs| rs.parse::<i64>().ok())
+            .is_none_or(|since| self.now_ms - since >= quiet_ms);
         let fenced = self.snapshot.keys().any(|k| k.starts_with("f:"));
-        (written_here && !fenced && self.snapshot.contains_key("v"))
+        (written_here && settled_life && !fenced && self.snapshot.contains_key("v"))
             .then(|| self.snapshot_figures())
     }
 }
@@ -309,21 +322,22 @@ impl Tokens {
             &self.scripts.view,
             &[keys[0].as_str(), keys[1].as_str()],
         ));
-        let (statuses, snapshot, identity): (
-            Vec<(String, String)>,
-            HashMap<String, String>,
-            String,
-        ) = query_scripted::<Vec<_>>(&self.redis, &pipe, &self.scripts())
-            .await?
-            .into_iter()
-            .next()
-            .ok_or_else(|| {
-                redis::RedisError::from((redis::ErrorKind::TypeError, "view.lua answered nothing"))
-            })?;
+        let (statuses, snapshot, identity, now_ms): ViewReply =
+            query_scripted::<Vec<_>>(&self.redis, &pipe, &self.scripts())
+                .await?
+                .into_iter()
+                .next()
+                .ok_or_else(|| {
+                    redis::RedisError::from((
+                        redis::ErrorKind::TypeError,
+                        "view.lua answered nothing",
+                    ))
+                })?;
         Ok(RedisRecord {
             pending: status::pending_in(user, &statuses).collect(),
             snapshot,
             identity,
+            now_ms,
         })
     }
 }

@@ -42,6 +42,9 @@ pub struct Wallet {
     pub switches: Arc<Switches>,
     pub keys: Arc<Keys>,
     pub activities: Arc<ActivityCache>,
+    /// How old a Redis life must be before its snapshots are trusted
+    /// (`wallet.identity_quiet_ms`, see [`crate::tokens::RedisRecord::exact_booked`]).
+    pub identity_quiet_ms: i64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, Default, utoipa::ToSchema)]
@@ -116,7 +119,7 @@ impl Wallet {
     /// [`Wallet::view`] and where its booked figures came from.
     pub async fn view_from(&self, user: UserId) -> Result<(WalletView, ViewSource)> {
         let record = self.tokens.redis_record(user).await?;
-        if let Some(booked) = record.exact_booked() {
+        if let Some(booked) = record.exact_booked(self.identity_quiet_ms) {
             let pending = record.pending.iter().map(|e| e.amount_cents);
             return Ok((merged(user, booked, pending, false)?, ViewSource::Redis));
         }

@@ -112,6 +112,9 @@ pub fn test_settings(
         ("RPW_ISSUE__STATS_FLUSH_MS", "200".to_string()),
         // A shadow app (its own database) is built only where a test asks for it.
         ("RPW_SHADOW__ENABLED", "false".to_string()),
+        // Tests restart and flush Redis servers of their own every few seconds; the quiet
+        // period after a Redis loss is set by the tests of it.
+        ("RPW_WALLET__IDENTITY_QUIET_MS", "0".to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))

@@ -215,6 +215,119 @@ async fn a_redis_restart_sends_views_to_mysql_until_a_booking_writes_the_snapsho
     t.stop().await;
 }
 
+/// Waits for Redis to answer a view again after a restart.
+async fn view_after_restart(t: &TestApp, id: i64) -> (WalletView, ViewSource) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match t.app.wallet.view_from(user(id)).await {
+            Ok(answer) => return answer,
+            Err(err) => {
+                assert!(Instant::now() < deadline, "redis is back: {err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// A booking's mark that arrives late, after a Redis restart, with an older snapshot
+/// than the one the AOF kept, never replaces it: the view stays exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_older_snapshot_after_a_redis_restart_never_replaces_a_newer_one() {
+    let mut redis = PrivateRedis::start_with_aof();
+    let t = spawn_app_with(Options {
+        redis_url: Some(redis.url()),
+        ..Default::default()
+    })
+    .await;
+    t.open_activity("cny2027", 100_000, 1_000).await;
+    issue_all(&t, vec![award(14, 0, 100)]).await;
+    t.drain().await;
+    // A booking commits (version 2) and its mark is held back...
+    issue_all(&t, vec![award(14, 1, 50)]).await;
+    let pending = t.app.tokens.pending_of_users(&[user(14)]).await.unwrap();
+    let late = t.app.ledger.book(&pending).await.unwrap();
+    // ... while a later one commits and marks (version 3: 180 cents).
+    issue_all(&t, vec![award(14, 2, 30)]).await;
+    t.drain().await;
+    assert_eq!(view(&t, 14).await.0.balance_cents, 180);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    redis.restart();
+    view_after_restart(&t, 14).await;
+    // The held mark lands in the new Redis life.
+    t.app
+        .tokens
+        .mark(&late.to_mark, &late.snapshots(), &[])
+        .await
+        .unwrap();
+    let (v, source) = view(&t, 14).await;
+    assert_eq!(
+        (v.balance_cents, v.pending_cents),
+        (180, 0),
+        "from {source:?}"
+    );
+    assert_eq!(ledger_account(&t, 14).await.0, 180);
+    t.stop().await;
+}
+
+/// Redis loses everything (a flush) while a debit is in flight: its fence goes, the
+/// debit commits and its mark has not come yet. A booking's mark that lands meanwhile,
+/// older than the debit, must not be trusted: the view stays exact (from MySQL) until
+/// the identity's quiet period is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_written_after_redis_lost_a_fence_is_not_trusted_at_once() {
+    let redis = PrivateRedis::start();
+    let t = spawn_app_with(Options {
+        redis_url: Some(redis.url()),
+        env: vec![("RPW_WALLET__IDENTITY_QUIET_MS".into(), "1500".into())],
+        ..Default::default()
+    })
+    .await;
+    t.open_activity("cny2027", 100_000, 1_000).await;
+    issue_all(&t, vec![award(15, 0, 100)]).await;
+    t.drain().await;
+    issue_all(&t, vec![award(15, 1, 50)]).await;
+    let pending = t.app.tokens.pending_of_users(&[user(15)]).await.unwrap();
+    let late = t.app.ledger.book(&pending).await.unwrap();
+    // A debit of 40 behind its fence, committed; then Redis loses everything.
+    let _fence = t.app.tokens.fence(user(15)).await.unwrap();
+    let mut tx = t.app.db.for_user(user(15)).begin().await.unwrap();
+    let mut accounts = t
+        .app
+        .ledger
+        .lock_accounts(&mut tx, &[user(15)])
+        .await
+        .unwrap();
+    let account = accounts.get_mut(&user(15)).unwrap();
+    Ledger::debit(
+        &mut tx,
+        account,
+        Cents::positive(40, "amount").unwrap(),
+        "lost",
+        1,
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    redis.flushall().await;
+    // The booking's late mark (150 cents, before the debit) lands in the empty Redis.
+    t.app
+        .tokens
+        .mark(&late.to_mark, &late.snapshots(), &[])
+        .await
+        .unwrap();
+    let (v, source) = view(&t, 15).await;
+    assert_eq!(v.balance_cents, 110, "from {source:?}");
+    assert_eq!(source, ViewSource::Mysql);
+    // Past the quiet period, a snapshot written in this Redis life is trusted again
+    // (the debit's own snapshot, read under the account lock).
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
+    issue_all(&t, vec![award(15, 2, 5)]).await;
+    t.drain().await;
+    let (v, source) = view(&t, 15).await;
+    assert_eq!((v.balance_cents, source), (115, ViewSource::Redis));
+    t.stop().await;
+}
+
 /// Settled tokens trimmed from Redis are in the snapshot; the pending ones are not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trimmed_tokens_leave_the_redis_view_exact() {
