@@ -9,15 +9,17 @@
 --   in KEYS of its activity's counters hash
 -- then 5 per snapshot: version, balance, total income, withdrawn, the fence it lifts ('' for
 -- none); then the k entry ids.
--- A snapshot is stored with the identity of the Redis data (run_id()) and `rs`, when the
--- partition's current Redis life began: the first snapshot written after a flush, a
--- restart or a failover starts it (the life hash holds `rid` and `since`). Views trust a
--- snapshot only once its life is older than any fenced change takes (a fence the loss
--- took away may hide a change committed but not yet marked). A snapshot replaces one of
--- an older version, or one of another identity that is not newer (a late mark of an
--- earlier commit never replaces a later snapshot the AOF kept). Its fence field
--- `f:<id>` goes with it: the change the fence announced is in this snapshot (or a newer
--- one).
+-- A snapshot is stored with the identity of the Redis data (`rid`, and `wr` beside it,
+-- which only this script writes), `rs`, when the partition's current Redis life began,
+-- and `wt`, when it was written (Redis's clock). The first snapshot written after a
+-- flush, a restart or a failover starts the life (the life hash holds `rid` and
+-- `since`). Views trust a snapshot only when it was written once its life was older
+-- than any fenced change takes: a loss may have taken a fence away, and a snapshot
+-- written before the change it announced was marked may hide it (the next one written
+-- late enough is trusted). A snapshot replaces one of an older version, or one of
+-- another identity that is not newer (a late mark of an earlier commit never replaces a
+-- later snapshot the AOF kept). Its fence field `f:<id>` goes with it: the change the
+-- fence announced is in this snapshot (or a newer one).
 -- The settled counters are summed per hash and field, the index members go in one ZADD
 -- per 256, the entries in one XACK and one XDEL. Returns how many tokens went from
 -- pending to settled now.
@@ -66,15 +68,16 @@ for key, fields in pairs(sums) do
   end
 end
 local b = 7 + 6 * n
-local rid, since = nil, nil
+local rid, since, written = nil, nil, nil
 if m > 0 then
   rid = run_id()
+  local t = redis.call('TIME')
+  written = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
   local life = redis.call('HMGET', KEYS[#KEYS], 'rid', 'since')
   if life[1] == rid and life[2] then
     since = life[2]
   else
-    local t = redis.call('TIME')
-    since = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+    since = written
     redis.call('HSET', KEYS[#KEYS], 'rid', rid, 'since', since)
   end
 end
@@ -85,7 +88,7 @@ for j = 0, m - 1 do
   local incoming, stored = tonumber(ARGV[at]), tonumber(current[1] or '-1')
   if (current[2] == rid and incoming > stored) or (current[2] ~= rid and incoming >= stored) then
     redis.call('HSET', key, 'v', ARGV[at], 'b', ARGV[at + 1], 'i', ARGV[at + 2],
-      'w', ARGV[at + 3], 'rid', rid, 'rs', since)
+      'w', ARGV[at + 3], 'rid', rid, 'wr', rid, 'rs', since, 'wt', written)
   end
   if ARGV[at + 4] ~= '' then
     redis.call('HDEL', key, 'f:' .. ARGV[at + 4])

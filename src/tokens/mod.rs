@@ -61,13 +61,10 @@ pub struct RedisRecord {
     pub snapshot: HashMap<String, String>,
     /// The identity of the Redis data when this was read.
     pub identity: String,
-    /// Redis's clock when this was read (ms).
-    pub now_ms: i64,
 }
 
-/// What view.lua answers: the status hash, the snapshot hash, the data's identity and
-/// Redis's clock (ms).
-type ViewReply = (Vec<(String, String)>, HashMap<String, String>, String, i64);
+/// What view.lua answers: the status hash, the snapshot hash, the data's identity.
+type ViewReply = (Vec<(String, String)>, HashMap<String, String>, String);
 
 /// The booked figures of an account as a snapshot holds them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -96,19 +93,21 @@ impl RedisRecord {
     /// The booked figures when the snapshot provably equals the ledger's account minus
     /// the pending tokens read with it (DESIGN.md "View"): it exists, was written in this
     /// very Redis data (a flush, a restart or a failover since would have rewound the
-    /// tokens beside it), this Redis life is older than `quiet_ms` (a loss also takes
-    /// fences away: a change committed before it whose own snapshot has not come yet
-    /// would be hidden; it has come by then), and no change other than booking this
-    /// user's pending tokens is under way (no fence). `None`: only MySQL can say.
+    /// tokens beside it), by this release's mark.lua (`wr`), at least `quiet_ms` into
+    /// that Redis life (a loss also takes fences away: a change committed before it whose
+    /// own snapshot had not come yet could be hidden by one written early in the new
+    /// life; by then it has come), and no change other than booking this user's pending
+    /// tokens is under way (no fence). `None`: only MySQL can say.
     pub fn exact_booked(&self, quiet_ms: i64) -> Option<Booked> {
-        let written_here = self.snapshot.get("rid") == Some(&self.identity);
-        let settled_life = self
-            .snapshot
-            .get("rs")
-            .and_then(|rs| rs.parse::<i64>().ok())
-            .is_none_or(|since| self.now_ms - since >= quiet_ms);
+        let written_here = self.snapshot.get("rid") == Some(&self.identity)
+            && self.snapshot.get("wr") == Some(&self.identity);
+        let number = |k: &str| self.snapshot.get(k).and_then(|v| v.parse::<i64>().ok());
+        let late_in_life = matches!(
+            (number("rs"), number("wt")),
+            (Some(since), Some(written)) if written - since >= quiet_ms
+        );
         let fenced = self.snapshot.keys().any(|k| k.starts_with("f:"));
-        (written_here && settled_life && !fenced && self.snapshot.contains_key("v"))
+        (written_here && late_in_life && !fenced && self.snapshot.contains_key("v"))
             .then(|| self.snapshot_figures())
     }
 }
@@ -322,7 +321,7 @@ impl Tokens {
             &self.scripts.view,
             &[keys[0].as_str(), keys[1].as_str()],
         ));
-        let (statuses, snapshot, identity, now_ms): ViewReply =
+        let (statuses, snapshot, identity): ViewReply =
             query_scripted::<Vec<_>>(&self.redis, &pipe, &self.scripts())
                 .await?
                 .into_iter()
@@ -337,7 +336,6 @@ impl Tokens {
             pending: status::pending_in(user, &statuses).collect(),
             snapshot,
             identity,
-            now_ms,
         })
     }
 }

@@ -271,8 +271,8 @@ async fn a_late_older_snapshot_after_a_redis_restart_never_replaces_a_newer_one(
 
 /// Redis loses everything (a flush) while a debit is in flight: its fence goes, the
 /// debit commits and its mark has not come yet. A booking's mark that lands meanwhile,
-/// older than the debit, must not be trusted: the view stays exact (from MySQL) until
-/// the identity's quiet period is over.
+/// older than the debit, must not be trusted, then or ever: the view stays exact (from
+/// MySQL) until a snapshot written past the quiet period of the new Redis life.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_written_after_redis_lost_a_fence_is_not_trusted_at_once() {
     let redis = PrivateRedis::start();
@@ -318,9 +318,17 @@ async fn a_snapshot_written_after_redis_lost_a_fence_is_not_trusted_at_once() {
     let (v, source) = view(&t, 15).await;
     assert_eq!(v.balance_cents, 110, "from {source:?}");
     assert_eq!(source, ViewSource::Mysql);
-    // Past the quiet period, a snapshot written in this Redis life is trusted again
-    // (the debit's own snapshot, read under the account lock).
+    // The debit's own mark never comes: once the quiet period is over, the snapshot
+    // written early in it is still not trusted.
     tokio::time::sleep(Duration::from_millis(1_600)).await;
+    let (v, source) = view(&t, 15).await;
+    assert_eq!(
+        (v.balance_cents, source),
+        (110, ViewSource::Mysql),
+        "written early in the life"
+    );
+    // A snapshot written past the quiet period is trusted (the next booking's, read
+    // under the account lock, with the debit in it).
     issue_all(&t, vec![award(15, 2, 5)]).await;
     t.drain().await;
     let (v, source) = view(&t, 15).await;
