@@ -312,6 +312,24 @@ impl Tokens {
         Ok(out)
     }
 
+    /// Claims the one-win wins `(activity/scene, out_trade_no)` of `user` where no claim
+    /// is held (the guards' claim hash, see `issue::guards`).
+    pub async fn claim_wins(
+        &self,
+        user: UserId,
+        wins: &[(String, &str)],
+    ) -> redis::RedisResult<()> {
+        if wins.is_empty() {
+            return Ok(());
+        }
+        let key = self.redis.wins_key(user);
+        let mut pipe = redis::pipe();
+        for (scene, otn) in wins {
+            pipe.hset_nx(&key, scene, *otn);
+        }
+        self.redis.query::<()>(&pipe).await
+    }
+
     /// The user's tokens, account snapshot and the identity of the Redis data, read
     /// atomically (view.lua).
     pub async fn redis_record(&self, user: UserId) -> redis::RedisResult<RedisRecord> {

@@ -78,6 +78,34 @@ impl Wallet {
         Ok(token)
     }
 
+    /// Claims again, for the client's tokens of scenes that allow one win per user, the
+    /// win each stands for (a claim Redis lost with its data would let the user win the
+    /// scene again). A claim held already, by this token or another, is left as it is.
+    async fn claim_wins(
+        &self,
+        user: UserId,
+        valid: &[(pb::RedPacketToken, Vec<u8>)],
+    ) -> Result<()> {
+        let wins: Vec<(String, &str)> = valid
+            .iter()
+            .filter(|(t, _)| {
+                self.activities.get(&t.activity_id).is_some_and(|a| {
+                    a.scenes
+                        .get(&t.scene_id)
+                        .is_some_and(|s| s.guards.one_win_per_user)
+                })
+            })
+            .map(|(t, _)| {
+                (
+                    format!("{}/{}", t.activity_id, t.scene_id),
+                    t.out_trade_no.as_str(),
+                )
+            })
+            .collect();
+        self.tokens.claim_wins(user, &wins).await?;
+        Ok(())
+    }
+
     /// Restores the tokens the server lost and the ledger does not know, as pending.
     pub async fn sync(
         &self,
@@ -113,6 +141,7 @@ impl Wallet {
         if valid.is_empty() {
             return Ok(result);
         }
+        self.claim_wins(user, &valid).await?;
         let keys: Vec<(UserId, &str)> = valid
             .iter()
             .map(|(t, _)| (user, t.out_trade_no.as_str()))

@@ -240,3 +240,44 @@ async fn a_win_refused_by_the_budget_is_not_a_win() {
     );
     t.stop().await;
 }
+
+/// Redis loses the one-win claims (a flush); the winner's client syncs its token back,
+/// which claims the win again: the user does not win the scene a second time. (Before
+/// the client syncs, the claim is not known: see the README.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_win_claim_lost_with_redis_comes_back_with_the_clients_sync() {
+    let redis = PrivateRedis::start();
+    let mut t = spawn_app_with(Options {
+        redis_url: Some(redis.url()),
+        ..Default::default()
+    })
+    .await;
+    t.open_activity("cny2027", 100_000, 1_000).await;
+    guarded_scene(&t, "once", json!({"one_win_per_user": true})).await;
+    let (status, first) = issue_one(&t, &award_in(93, "once", 1, 10)).await;
+    assert_eq!(status, 201, "{first}");
+    t.drain().await;
+
+    redis.flushall().await;
+    t.restart(&[]).await;
+    let held =
+        std::collections::HashMap::from([(93, vec![first["token"].as_str().unwrap().to_string()])]);
+    sync_all(&t, &held).await;
+    let (status, body) = issue_one(&t, &award_in(93, "once", 2, 10)).await;
+    assert_eq!((status, code(&body)), (409, Some("already_won")), "{body}");
+    // The winning award's retry is still answered (its claim is its own). Redis lost
+    // the token's marker with the flush, so the answer may be a second token of the same
+    // out_trade_no (DESIGN.md, "What Redis may lose"): the ledger books one, the view
+    // counts one.
+    let (status, again) = issue_one(&t, &award_in(93, "once", 1, 10)).await;
+    assert!(status == 200 || status == 201, "{again}");
+    assert_eq!(again["out_trade_no"], first["out_trade_no"]);
+    t.drain().await;
+    let w = t.wallet(93).await;
+    assert_eq!(
+        (w["balance_cents"].as_i64(), w["pending_cents"].as_i64()),
+        (Some(10), Some(0)),
+        "{w}"
+    );
+    t.stop().await;
+}
