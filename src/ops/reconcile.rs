@@ -69,6 +69,37 @@ pub struct Report {
     pub problems: Vec<String>,
 }
 
+impl Report {
+    /// The report of `activity`'s hour starting at `start` (ms): the hour's counters
+    /// against `booked`, with the budget taken and the leak, ok when `problems` is empty.
+    fn new(
+        activity: &str,
+        start: i64,
+        kind: &str,
+        counters: &Counters,
+        booked: Totals,
+        (budget_taken_cents, leak_cents): (i64, i64),
+        problems: Vec<String>,
+    ) -> Self {
+        Self {
+            activity_id: activity.to_string(),
+            hour_start: DateTime::from_timestamp_millis(start).unwrap_or_default(),
+            kind: kind.to_string(),
+            issued: counters.issued,
+            booked,
+            settled: counters.settled,
+            pending: Totals {
+                count: counters.issued.count - booked.count,
+                cents: counters.issued.cents - booked.cents,
+            },
+            budget_taken_cents,
+            leak_cents,
+            ok: problems.is_empty(),
+            problems,
+        }
+    }
+}
+
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct StoredReport {
     pub id: i64,
@@ -140,22 +171,15 @@ impl Reconciler {
                 budget.in_doubt_cents
             ));
         }
-        Ok(Report {
-            activity_id: activity.to_string(),
-            hour_start: DateTime::from_timestamp_millis(start).unwrap_or_default(),
-            kind: kind.to_string(),
-            issued: counters.issued,
+        Ok(Report::new(
+            activity,
+            start,
+            kind,
+            &counters,
             booked,
-            settled: counters.settled,
-            pending: Totals {
-                count: counters.issued.count - booked.count,
-                cents: counters.issued.cents - booked.cents,
-            },
-            budget_taken_cents: budget.taken_cents,
-            leak_cents: leak,
-            ok: problems.is_empty(),
+            (budget.taken_cents, leak),
             problems,
-        })
+        ))
     }
 
     /// The red packets of an hour: the shares opened (MySQL) stand for budget taken,
@@ -235,22 +259,15 @@ impl Reconciler {
                 PACKET_REFUND_OVERDUE_MS / 60_000
             ));
         }
-        Ok(Report {
-            activity_id: PACKETS_ACTIVITY.to_string(),
-            hour_start: DateTime::from_timestamp_millis(start).unwrap_or_default(),
-            kind: kind.to_string(),
-            issued: counters.issued,
+        Ok(Report::new(
+            PACKETS_ACTIVITY,
+            start,
+            kind,
+            &counters,
             booked,
-            settled: counters.settled,
-            pending: Totals {
-                count: counters.issued.count - booked.count,
-                cents: counters.issued.cents - booked.cents,
-            },
-            budget_taken_cents: figures.shares.cents,
-            leak_cents: leak,
-            ok: problems.is_empty(),
+            (figures.shares.cents, leak),
             problems,
-        })
+        ))
     }
 
     /// Taken but not issued, over the generations still open to spending or awaiting their

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use redpacket_wallet::domain::{Cents, UserId, WithdrawalStatus};
 use redpacket_wallet::ledger::Ledger;
+use redpacket_wallet::tokens::Fence;
 use redpacket_wallet::wallet::{ViewSource, WalletView};
 use serde_json::{json, Value};
 
@@ -43,6 +44,26 @@ async fn withdraw(t: &TestApp, id: i64, request: &str, cents: i64) -> Value {
         .await;
     assert_eq!(status, 201, "{w}");
     w
+}
+
+/// A withdrawal's debit of `cents` behind its fence, committed, and no mark after it:
+/// what a crash between the commit and the mark leaves. Returns the fence, still up.
+async fn debit_unmarked(t: &TestApp, id: i64, cents: i64, withdrawal: &str) -> Fence {
+    let fence = t.app.tokens.fence(user(id)).await.unwrap();
+    let mut tx = t.app.db.for_user(user(id)).begin().await.unwrap();
+    let mut accounts = t
+        .app
+        .ledger
+        .lock_accounts(&mut tx, &[user(id)])
+        .await
+        .unwrap();
+    let account = accounts.get_mut(&user(id)).unwrap();
+    let amount = Cents::positive(cents, "amount").unwrap();
+    Ledger::debit(&mut tx, account, amount, withdrawal, 1)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    fence
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,25 +150,7 @@ async fn a_change_committed_without_its_snapshot_keeps_the_views_on_mysql() {
     t.drain().await;
     assert_eq!(view(&t, 12).await.1, ViewSource::Redis);
 
-    let fence = t.app.tokens.fence(user(12)).await.unwrap();
-    let mut tx = t.app.db.for_user(user(12)).begin().await.unwrap();
-    let mut accounts = t
-        .app
-        .ledger
-        .lock_accounts(&mut tx, &[user(12)])
-        .await
-        .unwrap();
-    let account = accounts.get_mut(&user(12)).unwrap();
-    Ledger::debit(
-        &mut tx,
-        account,
-        Cents::positive(300, "amount").unwrap(),
-        "crashed",
-        1,
-    )
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
+    let fence = debit_unmarked(&t, 12, 300, "crashed").await;
     // ... and no mark: the snapshot in Redis still says 1,000.
 
     let (v, source) = view(&t, 12).await;
@@ -184,16 +187,7 @@ async fn a_redis_restart_sends_views_to_mysql_until_a_booking_writes_the_snapsho
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     redis.restart();
 
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let (v, source) = loop {
-        match t.app.wallet.view_from(user(13)).await {
-            Ok(answer) => break answer,
-            Err(err) => {
-                assert!(Instant::now() < deadline, "redis is back: {err}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
+    let (v, source) = view_after_restart(&t, 13).await;
     let snapshot: std::collections::HashMap<String, String> = {
         let mut conn = t.app.redis.conn();
         redis::AsyncCommands::hgetall(&mut conn, t.app.redis.snapshot_key(user(13)))
@@ -289,25 +283,7 @@ async fn a_snapshot_written_after_redis_lost_a_fence_is_not_trusted_at_once() {
     let pending = t.app.tokens.pending_of_users(&[user(15)]).await.unwrap();
     let late = t.app.ledger.book(&pending).await.unwrap();
     // A debit of 40 behind its fence, committed; then Redis loses everything.
-    let _fence = t.app.tokens.fence(user(15)).await.unwrap();
-    let mut tx = t.app.db.for_user(user(15)).begin().await.unwrap();
-    let mut accounts = t
-        .app
-        .ledger
-        .lock_accounts(&mut tx, &[user(15)])
-        .await
-        .unwrap();
-    let account = accounts.get_mut(&user(15)).unwrap();
-    Ledger::debit(
-        &mut tx,
-        account,
-        Cents::positive(40, "amount").unwrap(),
-        "lost",
-        1,
-    )
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
+    debit_unmarked(&t, 15, 40, "lost").await;
     redis.flushall().await;
     // The booking's late mark (150 cents, before the debit) lands in the empty Redis.
     t.app
