@@ -67,10 +67,16 @@ pub struct Flagged {
 }
 
 /// An award the Redis guards look at.
+/// How a scene is named in a user's one-win claims: `{activity}/{scene}` (scene ids are
+/// unique within an activity only).
+pub fn win_scene(activity: &str, scene: &str) -> String {
+    format!("{activity}/{scene}")
+}
+
 pub struct Guarded<'a> {
     pub user: UserId,
     pub guards: &'a SceneGuards,
-    /// `{activity}/{scene}`.
+    /// [`win_scene`].
     pub scene: String,
     pub out_trade_no: &'a str,
 }

@@ -454,7 +454,7 @@ impl Issuer {
                 let guarded = guards::Guarded {
                     user: v.user,
                     guards: &v.guards,
-                    scene: format!("{}/{}", v.draft.activity_id, v.draft.scene_id),
+                    scene: guards::win_scene(&v.draft.activity_id, &v.draft.scene_id),
                     out_trade_no: v.out_trade_no.as_str(),
                 };
                 (k, guarded)

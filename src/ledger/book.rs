@@ -5,10 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use sqlx::{MySql, QueryBuilder, Transaction};
 
-use super::{
-    is_duplicate, read_accounts, select_accounts, Account, Booked, Ledger, LedgerError,
-    ACCOUNT_COLUMNS,
-};
+use super::{is_duplicate, upsert_accounts, Account, Booked, Ledger, LedgerError};
 use crate::domain::UserId;
 use crate::tokens::{AwardEntry, TRIMMED};
 
@@ -237,7 +234,6 @@ impl Ledger {
         users: &[UserId],
         credit: &BTreeMap<UserId, i64>,
     ) -> Result<BTreeMap<UserId, Account>, LedgerError> {
-        let returning = self.db.returning(tx).await?;
         let mut q = QueryBuilder::<MySql>::new(
             "INSERT INTO accounts (user_id, balance_cents, total_income_cents, version) ",
         );
@@ -252,13 +248,7 @@ impl Ledger {
             " ON DUPLICATE KEY UPDATE balance_cents = balance_cents + VALUES(balance_cents), \
              total_income_cents = total_income_cents + VALUES(total_income_cents), version = version + 1",
         );
-        if !returning {
-            q.build().execute(&mut **tx).await?;
-            return select_accounts(tx, users).await;
-        }
-        q.push(format!(" RETURNING {ACCOUNT_COLUMNS}"));
-        let rows = q.build().fetch_all(&mut **tx).await?;
-        read_accounts(&rows, users)
+        upsert_accounts(&self.db, tx, q, users).await
     }
 
     /// Books `entries` in one transaction per MySQL shard.

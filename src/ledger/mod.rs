@@ -227,6 +227,25 @@ fn read_accounts(
     Ok(accounts)
 }
 
+/// Runs `upsert` (an `INSERT INTO accounts … ON DUPLICATE KEY UPDATE …` of every one of
+/// `users`, sorted and distinct) in `tx` and reads the rows back as it left them, locked:
+/// by `RETURNING` where the server has it, by a `SELECT … FOR UPDATE` after it on MySQL 8
+/// ([`Db::returning`]).
+async fn upsert_accounts(
+    db: &Db,
+    tx: &mut Transaction<'_, MySql>,
+    mut upsert: QueryBuilder<'_, MySql>,
+    users: &[UserId],
+) -> Result<BTreeMap<UserId, Account>, LedgerError> {
+    if !db.returning(tx).await? {
+        upsert.build().execute(&mut **tx).await?;
+        return select_accounts(tx, users).await;
+    }
+    upsert.push(format!(" RETURNING {ACCOUNT_COLUMNS}"));
+    let rows = upsert.build().fetch_all(&mut **tx).await?;
+    read_accounts(&rows, users)
+}
+
 /// Reads the account rows of `users` (sorted, distinct) in `tx`, locked: the second
 /// statement where the server has no `INSERT … RETURNING` (MySQL 8).
 async fn select_accounts(
@@ -327,20 +346,13 @@ impl Ledger {
         users.dedup();
         // ON DUPLICATE KEY UPDATE takes an exclusive lock on an existing row (INSERT
         // IGNORE would take a shared one, and two bookers of one user holding shared
-        // locks would deadlock on the upgrade); RETURNING reads the row under that lock.
-        let returning = self.db.returning(tx).await?;
+        // locks would deadlock on the upgrade); the row is read back under that lock.
         let mut insert = QueryBuilder::<MySql>::new("INSERT INTO accounts (user_id) ");
         insert.push_values(&users, |mut b, u| {
             b.push_bind(u.get());
         });
         insert.push(" ON DUPLICATE KEY UPDATE user_id = user_id");
-        if !returning {
-            insert.build().execute(&mut **tx).await?;
-            return select_accounts(tx, &users).await;
-        }
-        insert.push(format!(" RETURNING {ACCOUNT_COLUMNS}"));
-        let rows = insert.build().fetch_all(&mut **tx).await?;
-        read_accounts(&rows, &users)
+        upsert_accounts(&self.db, tx, insert, &users).await
     }
 
     /// Under `user`'s account lock in `tx`: the tokens to mark with a snapshot of that

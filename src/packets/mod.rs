@@ -555,28 +555,48 @@ impl Packets {
     /// The shard holding packet `id`. While its sender's bucket moves, the packet is on
     /// two shards for a moment: the one the shard map gives the sender is preferred.
     async fn shard_of(&self, id: &str) -> Result<usize> {
-        for (i, pool) in self.db.shards().iter().enumerate() {
-            let Some(sender) = self.sender_on(pool, id).await? else {
+        let found = self
+            .on_home_shard(|i| {
+                let pool = self.db.shard(i);
+                async move {
+                    let sender: Option<i64> =
+                        sqlx::query_scalar("SELECT sender_id FROM packets WHERE id = ?")
+                            .bind(id)
+                            .fetch_optional(pool)
+                            .await?;
+                    Ok(sender.map(|s| (s, ())))
+                }
+            })
+            .await?;
+        found
+            .map(|(shard, ())| shard)
+            .ok_or_else(|| Error::NotFound(format!("no red packet `{id}`")))
+    }
+
+    /// What `read` finds of a packet on the shard holding it, with that shard: the first
+    /// shard that has it, unless the shard map sends its sender (the `i64` `read`
+    /// answers beside what it read) to another shard that has it too, as while the
+    /// sender's bucket moves.
+    async fn on_home_shard<T, F, Fut>(&self, read: F) -> Result<Option<(usize, T)>, sqlx::Error>
+    where
+        F: Fn(usize) -> Fut,
+        Fut: std::future::Future<Output = Result<Option<(i64, T)>, sqlx::Error>>,
+    {
+        for i in 0..self.db.shards().len() {
+            let Some((sender, found)) = read(i).await? else {
                 continue;
             };
             let mapped = UserId::parse(sender)
                 .map(|u| self.db.shard_index(u))
                 .unwrap_or(i);
-            if mapped != i && self.sender_on(self.db.shard(mapped), id).await?.is_some() {
-                return Ok(mapped);
+            if mapped != i {
+                if let Some((_, there)) = read(mapped).await? {
+                    return Ok(Some((mapped, there)));
+                }
             }
-            return Ok(i);
+            return Ok(Some((i, found)));
         }
-        Err(Error::NotFound(format!("no red packet `{id}`")))
-    }
-
-    async fn sender_on(&self, pool: &sqlx::MySqlPool, id: &str) -> Result<Option<i64>> {
-        Ok(
-            sqlx::query_scalar("SELECT sender_id FROM packets WHERE id = ?")
-                .bind(id)
-                .fetch_optional(pool)
-                .await?,
-        )
+        Ok(None)
     }
 
     fn mint_share(&self, user: UserId, id: &str, cents: i64, now: i64) -> Result<Minted> {
@@ -741,24 +761,18 @@ impl Packets {
         Ok((packet, shares))
     }
 
-    /// A packet and its shares from the shard holding it: the one the shard map gives
-    /// its sender when it is on two for a moment (see [`Packets::shard_of`]).
+    /// A packet and its shares from the shard holding it ([`Packets::on_home_shard`]).
     async fn find_detail(&self, id: &str) -> Result<Option<(Packet, Vec<Share>)>, sqlx::Error> {
-        for (i, pool) in self.db.shards().iter().enumerate() {
-            let Some(found) = detail_on(pool, id).await? else {
-                continue;
-            };
-            let mapped = UserId::parse(found.0.sender_id)
-                .map(|u| self.db.shard_index(u))
-                .unwrap_or(i);
-            if mapped != i {
-                if let Some(there) = detail_on(self.db.shard(mapped), id).await? {
-                    return Ok(Some(there));
+        let found = self
+            .on_home_shard(|i| {
+                let pool = self.db.shard(i);
+                async move {
+                    let detail = detail_on(pool, id).await?;
+                    Ok(detail.map(|d| (d.0.sender_id, d)))
                 }
-            }
-            return Ok(Some(found));
-        }
-        Ok(None)
+            })
+            .await?;
+        Ok(found.map(|(_, detail)| detail))
     }
 
     /// A packet and who got what.

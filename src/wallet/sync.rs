@@ -97,7 +97,7 @@ impl Wallet {
             })
             .map(|(t, _)| {
                 (
-                    format!("{}/{}", t.activity_id, t.scene_id),
+                    crate::issue::guards::win_scene(&t.activity_id, &t.scene_id),
                     t.out_trade_no.as_str(),
                 )
             })
