@@ -136,6 +136,14 @@ pub fn guard_refusal(guard: &'static str) {
     counter!("rpw_guard_refusals_total", "guard" => guard).increment(1);
 }
 
+/// New one-win claims checked against the ledger (Redis had lost claims of their scene).
+pub fn guard_ledger_checks(n: usize) {
+    if crate::shadow::active() {
+        return;
+    }
+    counter!("rpw_guard_ledger_checks_total").increment(n as u64);
+}
+
 /// A user flagged (`early`, `burst`).
 pub fn user_flagged(reason: &'static str) {
     if crate::shadow::active() {

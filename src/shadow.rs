@@ -192,6 +192,7 @@ const DATA_TABLES: &[&str] = &[
     "scenes",
     "activities",
     "reconciliation_reports",
+    "flagged_users",
 ];
 
 /// Keeps shadow data alive while shadow traffic comes; drops it once it stopped.

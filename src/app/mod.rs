@@ -157,7 +157,11 @@ impl App {
             tokens.clone(),
             ledger.clone(),
         );
-        let guards = Arc::new(crate::issue::guards::Guards::new(redis.clone(), db.clone()));
+        let guards = Arc::new(crate::issue::guards::Guards::new(
+            redis.clone(),
+            db.clone(),
+            ledger.clone(),
+        ));
         let issuer = Arc::new(Issuer {
             guards: guards.clone(),
             redis: redis.clone(),
@@ -283,6 +287,7 @@ impl App {
         app.load_scripts().await?;
         app.redis.ensure_groups().await?;
         app.switches.refresh(&app.redis).await?;
+        app.guards.begin_lives().await?;
         // MySQL may be down at start: the instance still comes up (readiness says so)
         // and the background refresh fills the cache once MySQL answers.
         if let Err(err) = app.guards.refresh().await {
@@ -303,6 +308,7 @@ impl App {
         let mut scripts: Vec<&redis::Script> = self.budget.scripts().to_vec();
         scripts.extend(self.tokens.scripts());
         scripts.extend(self.packets.scripts());
+        scripts.extend(self.guards.scripts());
         load_scripts(&mut self.redis.conn(), &scripts)
             .await
             .context("loading redis scripts")

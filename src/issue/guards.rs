@@ -9,10 +9,24 @@
 //! Costs: the blacklist is a process-local copy of MySQL's table, refreshed with the
 //! activity cache (and at once on this instance when an operator changes it); the open
 //! time is a comparison; the Redis guards are one pipelined round trip per batch, and
-//! only for scenes that turn them on. Flags are advisory data in Redis: a flush forgets
-//! them.
+//! only for scenes that turn them on.
+//!
+//! What Redis may lose of them (DESIGN.md) comes back from MySQL:
+//! - **Flags** are written to Redis, which the award path reads, and to MySQL's
+//!   `flagged_users` shortly after (a background writer, in batches). The flagged set
+//!   carries a marker naming the identity of the Redis data it was restored in; a check
+//!   that finds the marker gone or of another identity (a flush, a restart, a failover)
+//!   restores the set from MySQL before it answers. A flag made less than a moment
+//!   before a loss, not yet in MySQL, can be lost with it.
+//! - **One-win claims** are made in Redis with the time the partition's current Redis
+//!   life began. A new claim in a scene whose activity opened before that may stand
+//!   where a lost claim stood, so it is checked against the ledger (booked awards and
+//!   coupons of the scene, by out_trade_no prefix): a booked win refuses it, and the
+//!   claim is set to the booked win so the next check needs no ledger. A win whose
+//!   token was neither booked nor synced back by its client before the loss is known
+//!   nowhere: that user can win the scene once more (the budget stays bounded).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
@@ -21,7 +35,8 @@ use sqlx::Row;
 use crate::activity::SceneGuards;
 use crate::domain::UserId;
 use crate::error::{Error, Result};
-use crate::store::{Db, Redis};
+use crate::ledger::Ledger;
+use crate::store::{query_scripted, Db, Redis};
 
 /// Why a user was flagged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +55,15 @@ impl FlagReason {
         }
     }
 }
+
+/// How long a claim's partition life may appear to begin after its activity opened
+/// while still counting as older than it: the life is timed by Redis's clock, the
+/// activity by the instances'.
+const CLOCK_SKEW_MS: i64 = 5_000;
+/// Flags waiting for the MySQL writer; past it a flag is kept in Redis only.
+const FLAG_QUEUE: usize = 16_384;
+/// Flags per MySQL statement.
+const FLAG_BATCH: usize = 500;
 
 /// The operators' blacklist, as this instance holds it.
 #[derive(Debug, Default)]
@@ -79,21 +103,75 @@ pub struct Guarded<'a> {
     /// [`win_scene`].
     pub scene: String,
     pub out_trade_no: &'a str,
+    /// When the scene's activity opened (ms): claims made before the current Redis life
+    /// began may have been lost.
+    pub opened_at_ms: i64,
+}
+
+struct Scripts {
+    claim_wins: redis::Script,
+    flagged: redis::Script,
+    set_whole: redis::Script,
 }
 
 pub struct Guards {
     redis: Arc<Redis>,
     db: Arc<Db>,
+    ledger: Ledger,
     list: RwLock<Arc<Blacklist>>,
+    scripts: Scripts,
+    /// To the MySQL writer of flags.
+    durable: tokio::sync::mpsc::Sender<(i64, FlagReason, i64)>,
+    /// One restore of the flagged set at a time on this instance.
+    restoring: tokio::sync::Mutex<()>,
+}
+
+fn with_identity(body: &str) -> redis::Script {
+    crate::store::script(&format!("{}\n{}", crate::store::IDENTITY_LUA, body))
 }
 
 impl Guards {
-    pub fn new(redis: Arc<Redis>, db: Arc<Db>) -> Self {
+    /// Starts the writer that keeps flags in MySQL (it ends with the last handle).
+    pub fn new(redis: Arc<Redis>, db: Arc<Db>, ledger: Ledger) -> Self {
+        let (durable, queue) = tokio::sync::mpsc::channel(FLAG_QUEUE);
+        tokio::spawn(keep_flags(db.clone(), queue));
         Self {
             redis,
             db,
+            ledger,
             list: RwLock::default(),
+            scripts: Scripts {
+                claim_wins: with_identity(include_str!("claim_wins.lua")),
+                flagged: with_identity(include_str!("flagged.lua")),
+                set_whole: with_identity(
+                    "if run_id() == ARGV[1] then redis.call('SET', KEYS[1], ARGV[1]) \
+                     return 1 end return 0",
+                ),
+            },
+            durable,
+            restoring: tokio::sync::Mutex::new(()),
         }
+    }
+
+    pub fn scripts(&self) -> [&redis::Script; 3] {
+        [
+            &self.scripts.claim_wins,
+            &self.scripts.flagged,
+            &self.scripts.set_whole,
+        ]
+    }
+
+    /// Begins the Redis life of every partition that has none of the current identity
+    /// (see `claim_wins.lua`), so that on a Redis where nothing was lost, activities
+    /// created from now on opened after it and their claims need no ledger check.
+    pub async fn begin_lives(&self) -> Result<()> {
+        let mut pipe = redis::pipe();
+        for p in 0..self.redis.partitions() {
+            let life = self.redis.life_key(p);
+            pipe.add_command(crate::store::evalsha(&self.scripts.claim_wins, &[&life]));
+        }
+        query_scripted::<redis::Value>(&self.redis, &pipe, &self.scripts()).await?;
+        Ok(())
     }
 
     /// Reads the blacklist from MySQL into this instance.
@@ -156,102 +234,279 @@ impl Guards {
         Ok(())
     }
 
-    /// Flags users (best effort: flags are advisory).
+    /// Flags users: in Redis at once, queued for MySQL (best effort: a failure is logged).
     pub async fn flag(&self, users: &[(UserId, FlagReason)], now_ms: i64) {
         if users.is_empty() {
             return;
         }
-        let (set, why) = self.redis.flagged_keys();
+        let (set, why, _) = self.redis.flagged_keys();
         let mut pipe = redis::pipe();
         for (user, reason) in users {
             crate::metrics::user_flagged(reason.as_str());
             pipe.zadd(&set, user.get(), now_ms).ignore();
             pipe.hset(&why, user.get(), reason.as_str()).ignore();
+            if self
+                .durable
+                .try_send((user.get(), *reason, now_ms))
+                .is_err()
+            {
+                tracing::warn!(
+                    user = user.get(),
+                    "flag writer queue full: flag kept in Redis only"
+                );
+            }
         }
         if let Err(err) = self.redis.query::<()>(&pipe).await {
             tracing::warn!(error = %err, "flagging users failed");
         }
     }
 
+    /// Restores the flagged set from MySQL unless it is whole (`rid`: the identity its
+    /// check ran under). Flags made in Redis since the loss stay (their time and reason
+    /// win over older ones); the marker is set only if the data kept its identity
+    /// through the restore.
+    async fn restore_flags(&self) -> Result<()> {
+        let _one = self.restoring.lock().await;
+        let (set, why, marker) = self.redis.flagged_keys();
+        let (whole, rid, _) = self.read_flagged(&[]).await?;
+        if whole {
+            return Ok(());
+        }
+        let rows: Vec<(i64, String, i64)> =
+            sqlx::query_as("SELECT user_id, reason, flagged_at_ms FROM flagged_users")
+                .fetch_all(self.db.main())
+                .await?;
+        for chunk in rows.chunks(FLAG_BATCH) {
+            let mut pipe = redis::pipe();
+            let mut zadd = redis::cmd("ZADD");
+            zadd.arg(&set).arg("GT");
+            for (user, reason, at) in chunk {
+                zadd.arg(*at).arg(*user);
+                pipe.hset_nx(&why, *user, reason).ignore();
+            }
+            pipe.add_command(zadd).ignore();
+            self.redis.query::<()>(&pipe).await?;
+        }
+        let mut pipe = redis::pipe();
+        pipe.add_command(crate::store::evalsha(&self.scripts.set_whole, &[&marker]))
+            .arg(&rid)
+            .ignore();
+        query_scripted::<()>(&self.redis, &pipe, &self.scripts()).await?;
+        tracing::info!(flagged = rows.len(), "flagged users restored from MySQL");
+        Ok(())
+    }
+
+    /// Whether the flagged set is whole, the identity of the Redis data, and whether
+    /// each of `users` is flagged (`flagged.lua`).
+    async fn read_flagged(&self, users: &[i64]) -> Result<(bool, String, Vec<bool>)> {
+        let mut pipe = redis::pipe();
+        pipe.add_command(self.flagged_call(users));
+        let (reply,): (redis::Value,) = query_scripted(&self.redis, &pipe, &self.scripts()).await?;
+        parse_flagged(reply)
+    }
+
+    fn flagged_call(&self, users: &[i64]) -> redis::Cmd {
+        let (set, _, marker) = self.redis.flagged_keys();
+        let mut cmd = crate::store::evalsha(&self.scripts.flagged, &[&set, &marker]);
+        for user in users {
+            cmd.arg(*user);
+        }
+        cmd
+    }
+
+    /// Whether each of `users` is flagged, from a whole flagged set (restored first if
+    /// Redis lost it).
+    async fn flagged_whole(&self, users: &[i64]) -> Result<Vec<bool>> {
+        let (whole, _, flagged) = self.read_flagged(users).await?;
+        if whole {
+            return Ok(flagged);
+        }
+        self.restore_flags().await?;
+        let (_, _, flagged) = self.read_flagged(users).await?;
+        Ok(flagged)
+    }
+
     /// The guards kept in Redis, for awards not issued before: bursts (flag), flagged
     /// users (refuse, where the scene says so) and one win per user (claimed here for
     /// this out_trade_no; [`Guards::release_wins`] gives a claim back when the award is
-    /// not issued after all). One pipelined round trip.
+    /// not issued after all). One pipelined round trip; more only after Redis lost
+    /// guard state (the flagged set restored, new claims checked against the ledger).
     pub async fn check_shared(&self, awards: &[Guarded<'_>], now_ms: i64) -> Vec<Result<()>> {
-        let (set, _) = self.redis.flagged_keys();
+        match self.check_shared_in(awards, now_ms).await {
+            Ok(out) => out,
+            Err(err) => awards.iter().map(|_| Err(err.duplicate())).collect(),
+        }
+    }
+
+    async fn check_shared_in(
+        &self,
+        awards: &[Guarded<'_>],
+        now_ms: i64,
+    ) -> Result<Vec<Result<()>>> {
         // Every command answers (the pipeline runs per slot on a cluster): `n` counts
         // them all.
         let mut pipe = redis::pipe();
-        let mut slots: Vec<(Option<usize>, Option<usize>, Option<usize>)> = Vec::new();
+        let mut bursts: Vec<Option<usize>> = Vec::with_capacity(awards.len());
+        let mut refusing: Vec<i64> = Vec::new();
         let mut n = 0;
-        for a in awards {
+        let mut by_partition: HashMap<u32, Vec<usize>> = HashMap::new();
+        for (k, a) in awards.iter().enumerate() {
             let g = a.guards;
-            let mut slot = (None, None, None);
-            if g.flag_bursts {
+            bursts.push(g.flag_bursts.then(|| {
                 let key = self.redis.burst_key(a.user, now_ms / 1000);
                 pipe.incr(&key, 1).pexpire(&key, 2_000);
-                slot.0 = Some(n);
                 n += 2;
-            }
+                n - 2
+            }));
             if g.refuse_flagged {
-                pipe.zscore(&set, a.user.get());
-                slot.1 = Some(n);
-                n += 1;
+                refusing.push(a.user.get());
             }
             if g.one_win_per_user {
-                let key = self.redis.wins_key(a.user);
-                pipe.hset_nx(&key, &a.scene, a.out_trade_no)
-                    .hget(&key, &a.scene);
-                slot.2 = Some(n + 1);
-                n += 2;
+                by_partition
+                    .entry(self.redis.partition_of(a.user))
+                    .or_default()
+                    .push(k);
             }
-            slots.push(slot);
         }
-        if n == 0 {
-            return awards.iter().map(|_| Ok(())).collect();
+        // One claim call per partition (one identity read for all its awards).
+        let mut wins: Vec<Option<(usize, usize)>> = vec![None; awards.len()];
+        for (p, ks) in &by_partition {
+            let life = self.redis.life_key(*p);
+            let mut keys = vec![life];
+            keys.extend(ks.iter().map(|&k| self.redis.wins_key(awards[k].user)));
+            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            let mut cmd = crate::store::evalsha(&self.scripts.claim_wins, &keys);
+            for (at, &k) in ks.iter().enumerate() {
+                cmd.arg(&awards[k].scene).arg(awards[k].out_trade_no);
+                wins[k] = Some((n, at + 1));
+            }
+            pipe.add_command(cmd);
+            n += 1;
         }
-        let values: Vec<redis::Value> = match self.redis.query(&pipe).await {
-            Ok(values) => values,
-            Err(err) => {
-                let err = Error::from(err);
-                return awards.iter().map(|_| Err(err.duplicate())).collect();
+        let flagged_at = (!refusing.is_empty()).then(|| {
+            pipe.add_command(self.flagged_call(&refusing));
+            n
+        });
+        if pipe.is_empty() {
+            return Ok(awards.iter().map(|_| Ok(())).collect());
+        }
+        let values: Vec<redis::Value> = query_scripted(&self.redis, &pipe, &self.scripts()).await?;
+        let int = |i: usize| -> Option<i64> { redis::from_redis_value(&values[i]).ok() };
+        let flagged: HashSet<i64> = match flagged_at {
+            None => HashSet::new(),
+            Some(i) => {
+                let (whole, _, answers) = parse_flagged(values[i].clone())?;
+                let answers = if whole {
+                    answers
+                } else {
+                    self.flagged_whole(&refusing).await?
+                };
+                refusing
+                    .iter()
+                    .zip(answers)
+                    .filter_map(|(u, f)| f.then_some(*u))
+                    .collect()
             }
         };
-        let int = |i: usize| -> Option<i64> { redis::from_redis_value(&values[i]).ok() };
+        // One-win claims: the holder of each scene's claim, and those of this call's
+        // awards that a lost claim may have stood before.
+        let mut holders: Vec<Option<String>> = vec![None; awards.len()];
+        let mut unsure: Vec<usize> = Vec::new();
+        let mut replies: HashMap<usize, Vec<Option<String>>> = HashMap::new();
+        for (k, (a, win)) in awards.iter().zip(&wins).enumerate() {
+            if let Some((i, at)) = *win {
+                if let std::collections::hash_map::Entry::Vacant(e) = replies.entry(i) {
+                    e.insert(redis::from_redis_value(&values[i])?);
+                }
+                let reply = &replies[&i];
+                let since: i64 = reply
+                    .first()
+                    .cloned()
+                    .flatten()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(i64::MAX);
+                let holder = reply.get(at).cloned().flatten();
+                if holder.as_deref() == Some(a.out_trade_no)
+                    && since.saturating_sub(CLOCK_SKEW_MS) > a.opened_at_ms
+                {
+                    unsure.push(k);
+                }
+                holders[k] = holder;
+            }
+        }
+        self.check_booked_wins(awards, &unsure, &mut holders)
+            .await?;
+
         let mut flags = Vec::new();
         let mut unclaim = Vec::new();
         let mut out = Vec::with_capacity(awards.len());
-        for (a, (burst, flagged, win)) in awards.iter().zip(slots) {
+        for ((a, burst), holder) in awards.iter().zip(bursts).zip(holders) {
             let bursting = burst.and_then(int).is_some_and(|count| count > 1);
             if bursting {
                 flags.push((a.user, FlagReason::Burst));
             }
-            let was_flagged = flagged.is_some_and(|i| values[i] != redis::Value::Nil);
+            let was_flagged = flagged.contains(&a.user.get());
+            let claimed = holder.as_deref() == Some(a.out_trade_no);
             if a.guards.refuse_flagged && (was_flagged || bursting) {
                 crate::metrics::guard_refusal("flagged");
-                if a.guards.one_win_per_user {
+                if claimed {
                     // Claimed in the same round trip: given back.
                     unclaim.push((a.user, a.scene.clone(), a.out_trade_no.to_string()));
                 }
                 out.push(Err(Error::Forbidden(format!("user {} is flagged", a.user))));
                 continue;
             }
-            if let Some(i) = win {
-                let holder: Option<String> = redis::from_redis_value(&values[i]).ok();
-                if holder.as_deref() != Some(a.out_trade_no) {
-                    crate::metrics::guard_refusal("one_win");
-                    out.push(Err(Error::AlreadyWon(format!(
-                        "user {} already won scene {}",
-                        a.user, a.scene
-                    ))));
-                    continue;
-                }
+            if a.guards.one_win_per_user && !claimed {
+                crate::metrics::guard_refusal("one_win");
+                out.push(Err(Error::AlreadyWon(format!(
+                    "user {} already won scene {}",
+                    a.user, a.scene
+                ))));
+                continue;
             }
             out.push(Ok(()));
         }
         self.flag(&flags, now_ms).await;
         self.release_wins(&unclaim).await;
-        out
+        Ok(out)
+    }
+
+    /// For the awards at `unsure` (a new claim that a lost one may have stood before),
+    /// looks for a booked win of the same user and scene in the ledger: one found
+    /// becomes the claim (in `holders` and in Redis), so the award is refused.
+    async fn check_booked_wins(
+        &self,
+        awards: &[Guarded<'_>],
+        unsure: &[usize],
+        holders: &mut [Option<String>],
+    ) -> Result<()> {
+        if unsure.is_empty() {
+            return Ok(());
+        }
+        // out_trade_no is `{user}_{activity}_{scene}_{rain}_{type}_{stage}`, and no id
+        // holds `_`: the prefix names one user's awards of one scene.
+        let prefix = |a: &Guarded<'_>| format!("{}_{}_", a.user, a.scene.replacen('/', "_", 1));
+        let prefixes: Vec<String> = unsure.iter().map(|&k| prefix(&awards[k])).collect();
+        let booked = self.ledger.awards_beginning(&prefixes).await?;
+        let mut pipe = redis::pipe();
+        for (&k, p) in unsure.iter().zip(&prefixes) {
+            let a = &awards[k];
+            if let Some(won) = booked
+                .iter()
+                .find(|otn| otn.starts_with(p.as_str()) && otn.as_str() != a.out_trade_no)
+            {
+                pipe.hset(self.redis.wins_key(a.user), &a.scene, won)
+                    .ignore();
+                holders[k] = Some(won.clone());
+            }
+        }
+        crate::metrics::guard_ledger_checks(unsure.len());
+        if !pipe.is_empty() {
+            if let Err(err) = self.redis.query::<()>(&pipe).await {
+                tracing::warn!(error = %err, "setting one-win claims from the ledger failed");
+            }
+        }
+        Ok(())
     }
 
     /// Gives back one-win claims of awards that were not issued: a claim goes only when
@@ -283,7 +538,8 @@ impl Guards {
 
     /// The flagged users, the latest first.
     pub async fn flagged(&self, limit: usize) -> Result<Vec<Flagged>> {
-        let (set, why) = self.redis.flagged_keys();
+        self.flagged_whole(&[]).await?;
+        let (set, why, _) = self.redis.flagged_keys();
         let mut conn = self.redis.conn();
         let users: Vec<(i64, f64)> = redis::cmd("ZREVRANGE")
             .arg(&set)
@@ -364,5 +620,65 @@ impl Guards {
                 })
             })
             .collect()
+    }
+}
+
+/// A `flagged.lua` reply: whether the set is whole, the identity, one answer per user.
+fn parse_flagged(reply: redis::Value) -> Result<(bool, String, Vec<bool>)> {
+    let values: Vec<redis::Value> = redis::from_owned_redis_value(reply)?;
+    let mut it = values.into_iter();
+    let whole: i64 = redis::from_owned_redis_value(it.next().unwrap_or(redis::Value::Nil))?;
+    let rid: String = redis::from_owned_redis_value(it.next().unwrap_or(redis::Value::Nil))?;
+    let users = it
+        .map(|v| redis::from_owned_redis_value::<i64>(v).map(|f| f == 1))
+        .collect::<redis::RedisResult<Vec<bool>>>()?;
+    Ok((whole == 1, rid, users))
+}
+
+/// Keeps flags in MySQL's `flagged_users`, in batches of what queued meanwhile (the
+/// latest flag of a user wins). A batch MySQL refuses three times is dropped, logged:
+/// those flags stay in Redis only.
+async fn keep_flags(db: Arc<Db>, mut queue: tokio::sync::mpsc::Receiver<(i64, FlagReason, i64)>) {
+    while let Some(first) = queue.recv().await {
+        let mut batch: HashMap<i64, (FlagReason, i64)> = HashMap::new();
+        let add = |batch: &mut HashMap<i64, (FlagReason, i64)>, (user, reason, at)| {
+            let e = batch.entry(user).or_insert((reason, at));
+            if at >= e.1 {
+                *e = (reason, at);
+            }
+        };
+        add(&mut batch, first);
+        while batch.len() < FLAG_BATCH {
+            match queue.try_recv() {
+                Ok(flag) => add(&mut batch, flag),
+                Err(_) => break,
+            }
+        }
+        for attempt in 1..=3 {
+            let mut q = sqlx::QueryBuilder::<sqlx::MySql>::new(
+                "INSERT INTO flagged_users (user_id, reason, flagged_at_ms) ",
+            );
+            q.push_values(&batch, |mut row, (user, (reason, at))| {
+                row.push_bind(*user)
+                    .push_bind(reason.as_str())
+                    .push_bind(*at);
+            });
+            // Assignments run left to right: the reason compares against the old time.
+            q.push(
+                " ON DUPLICATE KEY UPDATE \
+                 reason = IF(VALUES(flagged_at_ms) >= flagged_at_ms, VALUES(reason), reason), \
+                 flagged_at_ms = GREATEST(flagged_at_ms, VALUES(flagged_at_ms))",
+            );
+            match q.build().execute(db.main()).await {
+                Ok(_) => break,
+                Err(err) if attempt < 3 => {
+                    tracing::warn!(error = %err, "keeping flags in MySQL failed; will retry");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, flags = batch.len(), "flags not kept in MySQL: in Redis only");
+                }
+            }
+        }
     }
 }

@@ -451,11 +451,18 @@ impl Issuer {
             .filter(|&&k| awards[k].1.guards.in_redis())
             .map(|&k| {
                 let v = &awards[k].1;
+                // An activity no longer cached: its claims are checked as if Redis had
+                // lost them.
+                let opened_at_ms = self
+                    .activities
+                    .get(&v.draft.activity_id)
+                    .map_or(0, |a| a.activity.starts_at.timestamp_millis());
                 let guarded = guards::Guarded {
                     user: v.user,
                     guards: &v.guards,
                     scene: guards::win_scene(&v.draft.activity_id, &v.draft.scene_id),
                     out_trade_no: v.out_trade_no.as_str(),
+                    opened_at_ms,
                 };
                 (k, guarded)
             })

@@ -184,6 +184,49 @@ impl Ledger {
         Ok(row.map(|(t,)| t))
     }
 
+    /// The out_trade_nos of booked awards (ledger rows and coupons) that begin with one
+    /// of `prefixes` (plain text, no LIKE wildcards needed: `_` is escaped here), over
+    /// every shard. One statement per shard; each prefix is a range of the out_trade_no
+    /// keys.
+    pub async fn awards_beginning(&self, prefixes: &[String]) -> Result<Vec<String>, sqlx::Error> {
+        if prefixes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let patterns: Vec<String> = prefixes
+            .iter()
+            .map(|p| {
+                let escaped = p
+                    .replace('\\', "\\\\")
+                    .replace('%', "\\%")
+                    .replace('_', "\\_");
+                format!("{escaped}%")
+            })
+            .collect();
+        self.stable(|| async {
+            let mut out = Vec::new();
+            for shard in self.db.shards() {
+                let mut q = QueryBuilder::<MySql>::new("");
+                for (i, table) in ["ledger_entries", "coupons"].iter().enumerate() {
+                    if i > 0 {
+                        q.push(" UNION ALL ");
+                    }
+                    q.push(format!("SELECT out_trade_no FROM {table} WHERE "));
+                    let mut any = q.separated(" OR ");
+                    for pattern in &patterns {
+                        any.push("out_trade_no LIKE ")
+                            .push_bind_unseparated(pattern);
+                    }
+                }
+                let rows = q.build().fetch_all(shard).await?;
+                for row in &rows {
+                    out.push(text(row, 0)?);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     /// Runs a scan over every shard again until no bucket moved during it (a moving
     /// bucket's rows may be counted twice or not at all). One shard: at once.
     pub(crate) async fn stable<T, F, Fut>(&self, scan: F) -> Result<T, sqlx::Error>

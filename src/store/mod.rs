@@ -281,8 +281,9 @@ impl Redis {
         format!("{}{{{}}}:settle", self.prefix, partition)
     }
     /// When the current life of the Redis data holding the partition began (`rid`,
-    /// `since` ms), as of the first snapshot written in it: a flush, a restart or a
-    /// failover starts another (see `tokens/mark.lua`). A fact about the Redis data, not
+    /// `since` ms), as of the first script that found none of the current identity (a
+    /// snapshot's mark, a one-win claim, an instance starting): a flush, a restart or a
+    /// failover starts another (see `tokens/mark.lua`, `issue/claim_wins.lua`). A fact about the Redis data, not
     /// about this deployment's keys, so it has no key prefix (the hash tag keeps it in
     /// the partition's slot): a deployment that starts on a Redis that has long been
     /// running is not in a new life.
@@ -318,11 +319,14 @@ impl Redis {
             second
         )
     }
-    /// Flagged users: a sorted set (score: when last flagged, ms) and the reasons.
-    pub fn flagged_keys(&self) -> (String, String) {
+    /// Flagged users: a sorted set (score: when last flagged, ms), the reasons, and the
+    /// marker naming the identity of the Redis data the set was restored in from MySQL
+    /// (see `issue::guards`).
+    pub fn flagged_keys(&self) -> (String, String, String) {
         (
             format!("{}{{guards}}:flagged", self.prefix),
             format!("{}{{guards}}:flagged:why", self.prefix),
+            format!("{}{{guards}}:flagged:whole", self.prefix),
         )
     }
     /// A group red packet's cache (see `packets`): its own hash tag, so every operation

@@ -281,3 +281,97 @@ async fn a_one_win_claim_lost_with_redis_comes_back_with_the_clients_sync() {
     );
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_booked_win_is_not_won_again_after_redis_loses_its_claim() {
+    let mut redis = PrivateRedis::start_with_aof();
+    let mut t = spawn_app_with(Options {
+        redis_url: Some(redis.url()),
+        ..Default::default()
+    })
+    .await;
+    t.open_activity("cny2027", 100_000, 1_000).await;
+    guarded_scene(&t, "once", json!({"one_win_per_user": true})).await;
+    for user in [94, 95] {
+        let (status, body) = issue_one(&t, &award_in(user, "once", 1, 10)).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    t.drain().await;
+
+    // A flush while the instance runs: no client syncs, the ledger holds the wins.
+    redis.flushall().await;
+    let (status, body) = issue_one(&t, &award_in(94, "once", 2, 10)).await;
+    assert_eq!((status, code(&body)), (409, Some("already_won")), "{body}");
+    // Refused again without the ledger: the claim now names the booked win.
+    let (status, body) = issue_one(&t, &award_in(94, "once", 3, 10)).await;
+    assert_eq!((status, code(&body)), (409, Some("already_won")), "{body}");
+    // Users who have not won still win, and scenes without the guard are untouched.
+    assert_eq!(issue_one(&t, &award_in(96, "once", 2, 10)).await.0, 201);
+    assert_eq!(issue_one(&t, &award(94, 2, 10)).await.0, 201);
+    let metrics = t.metrics_text().await;
+    assert!(
+        metrics.contains("rpw_guard_ledger_checks_total"),
+        "{metrics}"
+    );
+
+    // A restart of Redis from its AOF (a new life of its data): user 96's claim is
+    // kept or found in the ledger, user 95's claim (lost with the flush) is found there,
+    // with the instance restarted too.
+    t.drain().await;
+    redis.restart();
+    t.restart(&[]).await;
+    for (user, rain) in [(95, 4), (96, 4)] {
+        let (status, body) = issue_one(&t, &award_in(user, "once", rain, 10)).await;
+        assert_eq!((status, code(&body)), (409, Some("already_won")), "{body}");
+    }
+    t.drain().await;
+    for (user, cents) in [(94, 20), (95, 10), (96, 10)] {
+        let w = t.wallet(user).await;
+        assert_eq!(w["balance_cents"].as_i64(), Some(cents), "{w}");
+    }
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flagged_users_stay_flagged_after_redis_loses_them() {
+    let redis = PrivateRedis::start();
+    let mut t = spawn_app_with(Options {
+        redis_url: Some(redis.url()),
+        ..Default::default()
+    })
+    .await;
+    t.open_activity("cny2027", 100_000, 1_000).await;
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    guarded_scene(&t, "later", json!({"opens_at": later.to_rfc3339()})).await;
+    guarded_scene(&t, "strict", json!({"refuse_flagged": true})).await;
+    let (status, body) = issue_one(&t, &award_in(84, "later", 1, 10)).await;
+    assert_eq!(status, 422, "{body}");
+    // Flags reach MySQL shortly after Redis.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while t
+        .sql_i64("SELECT COUNT(*) FROM flagged_users WHERE user_id = 84")
+        .await
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flag never reached MySQL"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // Lost while the instance runs: the next check finds the set gone and restores it.
+    redis.flushall().await;
+    let (status, body) = issue_one(&t, &award_in(84, "strict", 1, 10)).await;
+    assert_eq!((status, code(&body)), (403, Some("forbidden")), "{body}");
+    assert!(flagged(&t).await.contains(&(84, "early".to_string())));
+    assert_eq!(issue_one(&t, &award_in(85, "strict", 1, 10)).await.0, 201);
+
+    // Lost across a restart of the instance.
+    redis.flushall().await;
+    t.restart(&[]).await;
+    assert!(flagged(&t).await.contains(&(84, "early".to_string())));
+    let (status, body) = issue_one(&t, &award_in(84, "strict", 2, 10)).await;
+    assert_eq!((status, code(&body)), (403, Some("forbidden")), "{body}");
+    t.stop().await;
+}
