@@ -20,8 +20,8 @@
 //!   before a loss, not yet in MySQL, can be lost with it.
 //! - **One-win claims** are made in Redis with the time the partition's current Redis
 //!   life began. A new claim in a scene whose activity opened before that may stand
-//!   where a lost claim stood, so it is checked against the ledger (booked awards and
-//!   coupons of the scene, by out_trade_no prefix): a booked win refuses it, and the
+//!   where a lost claim stood, so it is checked against the ledger (the user's booked
+//!   awards of the scene, cash or coupon, by out_trade_no prefix): a booked win refuses it, and the
 //!   claim is set to the booked win so the next check needs no ledger. A win whose
 //!   token was neither booked nor synced back by its client before the loss is known
 //!   nowhere: that user can win the scene once more (the budget stays bounded).

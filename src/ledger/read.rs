@@ -184,10 +184,10 @@ impl Ledger {
         Ok(row.map(|(t,)| t))
     }
 
-    /// The out_trade_nos of booked awards (ledger rows and coupons) that begin with one
-    /// of `prefixes` (plain text, no LIKE wildcards needed: `_` is escaped here), over
-    /// every shard. One statement per shard; each prefix is a range of the out_trade_no
-    /// keys.
+    /// The out_trade_nos of booked awards (cash and coupons: each has its ledger row)
+    /// that begin with one of `prefixes` (plain text: `_` and `%` are escaped here), over
+    /// every shard. One statement per shard; each prefix is a range of the unique
+    /// out_trade_no key.
     pub async fn awards_beginning(&self, prefixes: &[String]) -> Result<Vec<String>, sqlx::Error> {
         if prefixes.is_empty() {
             return Ok(Vec::new());
@@ -205,17 +205,12 @@ impl Ledger {
         self.stable(|| async {
             let mut out = Vec::new();
             for shard in self.db.shards() {
-                let mut q = QueryBuilder::<MySql>::new("");
-                for (i, table) in ["ledger_entries", "coupons"].iter().enumerate() {
-                    if i > 0 {
-                        q.push(" UNION ALL ");
-                    }
-                    q.push(format!("SELECT out_trade_no FROM {table} WHERE "));
-                    let mut any = q.separated(" OR ");
-                    for pattern in &patterns {
-                        any.push("out_trade_no LIKE ")
-                            .push_bind_unseparated(pattern);
-                    }
+                let mut q =
+                    QueryBuilder::<MySql>::new("SELECT out_trade_no FROM ledger_entries WHERE ");
+                let mut any = q.separated(" OR ");
+                for pattern in &patterns {
+                    any.push("out_trade_no LIKE ")
+                        .push_bind_unseparated(pattern);
                 }
                 let rows = q.build().fetch_all(shard).await?;
                 for row in &rows {

@@ -800,3 +800,55 @@ async fn bad_coupon_input_is_refused_and_changes_nothing() {
     assert_eq!(status, 400);
     t.stop().await;
 }
+
+/// A one-win coupon scene: a coupon booked before Redis lost the claim still counts as
+/// the user's win (the claim is checked against the booked coupons).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_booked_coupon_win_is_not_won_again_after_a_redis_flush() {
+    let redis = PrivateRedis::start();
+    let t = spawn_app_with(Options {
+        redis_url: Some(redis.url()),
+        ..Default::default()
+    })
+    .await;
+    t.open_activity("cny2027", 100_000, 1_000).await;
+    template(&t, "tpl-once", 100, json!({"valid_days": 1})).await;
+    let (status, body) = t
+        .post(
+            "/v1/admin/activities/cny2027/scenes",
+            ADMIN,
+            &json!({"id": "coupon-once", "name": "Once", "award_type": "coupon",
+                    "coupon": {"template_id": "tpl-once"},
+                    "guards": {"one_win_per_user": true}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    t.app.activities.refresh().await.unwrap();
+    let (status, body) = t
+        .post("/v1/awards", CALLER, &coupon_award(31, "coupon-once", 1))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    t.drain().await;
+    assert_eq!(
+        t.sql_i64("SELECT COUNT(*) FROM coupons WHERE user_id = 31")
+            .await,
+        1
+    );
+
+    redis.flushall().await;
+    let (status, body) = t
+        .post("/v1/awards", CALLER, &coupon_award(31, "coupon-once", 2))
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("already_won")),
+        "{body}"
+    );
+    let (status, body) = t
+        .post("/v1/awards", CALLER, &coupon_award(32, "coupon-once", 2))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    t.drain().await;
+    assert_eq!(coupons(&t, 31).await["active"], 1);
+    t.stop().await;
+}
