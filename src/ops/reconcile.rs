@@ -184,8 +184,8 @@ impl Reconciler {
 
     /// The red packets of an hour: the shares opened (MySQL) stand for budget taken,
     /// their tokens are issued, booked and marked like any award's; the packets sent in
-    /// the hour carry their debits; the packets that expired in it and were refunded
-    /// carry their refund rows; every refund row of the hour gave back exactly its
+    /// the hour carry their debits; the packets refunded in it (however late after
+    /// they expired) carry their refund rows; every refund row of the hour gave back exactly its
     /// packet's total less its shares, and no send or refund row lacks its packet; no
     /// packet waits for its refund longer than [`PACKET_REFUND_OVERDUE_MS`].
     ///

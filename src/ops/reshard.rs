@@ -325,6 +325,7 @@ type PacketRow = (
     Vec<u8>,
     i64,
     i64,
+    Option<i64>,
 );
 
 /// A `packet_shares` row, every column.
@@ -409,7 +410,8 @@ async fn copy(source: &MySqlPool, target: &MySqlPool, bucket: u16) -> anyhow::Re
                 .push_bind(r.8)
                 .push_bind(&r.9)
                 .push_bind(r.10)
-                .push_bind(r.11);
+                .push_bind(r.11)
+                .push_bind(r.12);
         });
         q.build().execute(&mut *tx).await?;
     }

@@ -63,6 +63,8 @@ pub struct Packet {
     pub status: String,
     pub created_at_ms: i64,
     pub expires_at_ms: i64,
+    /// When the unclaimed remainder went back to the sender (ms); null while open.
+    pub refunded_at_ms: Option<i64>,
 }
 
 /// One opened share.
@@ -151,7 +153,7 @@ fn packet_id_ok(id: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-pub(crate) const PACKET_COLUMNS: &str = "id, sender_id, request_id, total_cents, shares, greeting, opened_count, opened_cents, refunded_cents, status, created_at_ms, expires_at_ms";
+pub(crate) const PACKET_COLUMNS: &str = "id, sender_id, request_id, total_cents, shares, greeting, opened_count, opened_cents, refunded_cents, status, created_at_ms, expires_at_ms, refunded_at_ms";
 
 fn packet_of(row: &sqlx::mysql::MySqlRow) -> Result<Packet, sqlx::Error> {
     let request: Vec<u8> = row.try_get(2)?;
@@ -168,6 +170,7 @@ fn packet_of(row: &sqlx::mysql::MySqlRow) -> Result<Packet, sqlx::Error> {
         status: row.try_get(9)?,
         created_at_ms: row.try_get(10)?,
         expires_at_ms: row.try_get(11)?,
+        refunded_at_ms: row.try_get(12)?,
     })
 }
 
@@ -377,6 +380,7 @@ impl Packets {
             status: "open".into(),
             created_at_ms: now,
             expires_at_ms: expires,
+            refunded_at_ms: None,
         };
         let balance = account.balance_cents;
         Ok(Ok((
@@ -863,9 +867,13 @@ impl Packets {
         }
         packet.refunded_cents = remainder;
         packet.status = "refunded".into();
-        sqlx::query("UPDATE packets SET status = 'refunded', refunded_cents = ? WHERE id = ?")
-            .bind(remainder)
-            .bind(id)
+        packet.refunded_at_ms = Some(now);
+        sqlx::query(
+            "UPDATE packets SET status = 'refunded', refunded_cents = ?, refunded_at_ms = ? WHERE id = ?",
+        )
+        .bind(remainder)
+        .bind(now)
+        .bind(id)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
@@ -910,7 +918,7 @@ pub struct PacketHour {
     pub sent: Totals,
     /// ... and what their `packet_send` ledger rows (`ps_{id}`) debited.
     pub sent_debited_cents: i64,
-    /// Packets that expired in the hour and were refunded (count, refunded cents)...
+    /// Packets refunded in the hour (count, refunded cents)...
     pub refunded: Totals,
     /// ... and what their `packet_refund` ledger rows (`pr_{id}`) gave back.
     pub refunded_booked_cents: i64,
@@ -967,12 +975,12 @@ async fn hour_figures_once(
            JOIN ledger_entries l ON l.out_trade_no = CONCAT('ps_', p.id) AND l.kind = 'packet_send' \
            WHERE p.created_at_ms >= ? AND p.created_at_ms < ?), \
         (SELECT COUNT(*) FROM packets \
-           WHERE status = 'refunded' AND expires_at_ms >= ? AND expires_at_ms < ?), \
+           WHERE status = 'refunded' AND refunded_at_ms >= ? AND refunded_at_ms < ?), \
         (SELECT CAST(COALESCE(SUM(refunded_cents), 0) AS SIGNED) FROM packets \
-           WHERE status = 'refunded' AND expires_at_ms >= ? AND expires_at_ms < ?), \
+           WHERE status = 'refunded' AND refunded_at_ms >= ? AND refunded_at_ms < ?), \
         (SELECT CAST(COALESCE(SUM(l.amount_cents), 0) AS SIGNED) FROM packets p \
            JOIN ledger_entries l ON l.out_trade_no = CONCAT('pr_', p.id) AND l.kind = 'packet_refund' \
-           WHERE p.status = 'refunded' AND p.expires_at_ms >= ? AND p.expires_at_ms < ?), \
+           WHERE p.status = 'refunded' AND p.refunded_at_ms >= ? AND p.refunded_at_ms < ?), \
         (SELECT COUNT(*) FROM ledger_entries l JOIN packets p ON p.id = SUBSTRING(l.out_trade_no, 4) \
            WHERE l.activity_id IS NULL AND l.kind = 'packet_refund' \
            AND l.at_ms >= ? AND l.at_ms < ? \
@@ -1045,15 +1053,17 @@ async fn detail_on(
     };
     let packet = packet_of(first)?;
     let mut shares = Vec::with_capacity(rows.len());
+    // The share's columns follow the packet's.
+    let at = PACKET_COLUMNS.split(", ").count();
     for r in &rows {
-        let Some(user_id) = r.try_get::<Option<i64>, _>(12)? else {
+        let Some(user_id) = r.try_get::<Option<i64>, _>(at)? else {
             continue;
         };
         shares.push(Share {
             user_id,
-            seq: i64::from(r.try_get::<i32, _>(13)?),
-            amount_cents: r.try_get(14)?,
-            opened_at_ms: r.try_get(15)?,
+            seq: i64::from(r.try_get::<i32, _>(at + 1)?),
+            amount_cents: r.try_get(at + 2)?,
+            opened_at_ms: r.try_get(at + 3)?,
             best_luck: false,
         });
     }

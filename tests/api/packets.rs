@@ -419,6 +419,58 @@ async fn reconciliation_covers_packets_shares_debits_and_refunds() {
     t.stop().await;
 }
 
+/// A refund made hours after its packet expired (the job was down) is reconciled in
+/// the hour it was made: a refund row gone from it is reported there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_refund_is_reconciled_in_the_hour_it_was_made() {
+    let t = spawn_app().await;
+    let into_hour = redpacket_wallet::store::now_ms() % 3_600_000;
+    if into_hour > 3_600_000 - 30_000 {
+        tokio::time::sleep(Duration::from_millis((3_600_000 - into_hour + 100) as u64)).await;
+    }
+    let hour = redpacket_wallet::store::hour_of(redpacket_wallet::store::now_ms());
+    t.open_activity("cny2027", 1_000_000, 1_000).await;
+    fund(&t, 60, 1_000).await;
+    let (status, sent) = send(&t, 60, "late", 200, 2).await;
+    assert_eq!(status, 201, "{sent}");
+    let id = sent["packet_id"].as_str().unwrap().to_string();
+    sqlx::query("UPDATE packets SET expires_at_ms = ? WHERE id = ?")
+        .bind(redpacket_wallet::store::now_ms() - 3 * 3_600_000)
+        .bind(&id)
+        .execute(t.app.db.main())
+        .await
+        .unwrap();
+    let now = redpacket_wallet::store::now_ms();
+    assert_eq!(t.app.packets.refund_due(now).await.unwrap(), 1);
+    let clean = t
+        .app
+        .reconciler
+        .reconcile("packets", &hour, "manual")
+        .await
+        .unwrap();
+    assert!(clean.ok, "{clean:?}");
+
+    sqlx::query("DELETE FROM ledger_entries WHERE out_trade_no = ?")
+        .bind(format!("pr_{id}"))
+        .execute(t.app.db.main())
+        .await
+        .unwrap();
+    let report = t
+        .app
+        .reconciler
+        .reconcile("packets", &hour, "manual")
+        .await
+        .unwrap();
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains("refunded without their refund row")),
+        "{report:?}"
+    );
+    t.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_sends_and_opens_are_refused_and_change_nothing() {
     let t = spawn_app_with(Options {
