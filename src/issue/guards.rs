@@ -24,9 +24,13 @@
 //!   awards of the scene, cash or coupon, by out_trade_no prefix): a booked win refuses it, and the
 //!   claim is set to the booked win so the next check needs no ledger. A win whose
 //!   token was neither booked nor synced back by its client before the loss is known
-//!   nowhere: that user can win the scene once more (the budget stays bounded).
+//!   nowhere: that user can win the scene once more (the budget stays bounded); so can
+//!   one whose token a worker had read from the stream before the loss and books only
+//!   after this check read the ledger.
+//!   A check that fails (MySQL down, buckets that keep moving) gives its claims back
+//!   and answers 503.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
@@ -36,7 +40,7 @@ use crate::activity::SceneGuards;
 use crate::domain::UserId;
 use crate::error::{Error, Result};
 use crate::ledger::Ledger;
-use crate::store::{query_scripted, Db, Redis};
+use crate::store::{query_scripted, Db, FlaggedKeys, Redis};
 
 /// Why a user was flagged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,9 +60,10 @@ impl FlagReason {
     }
 }
 
-/// How long a claim's partition life may appear to begin after its activity opened
-/// while still counting as older than it: the life is timed by Redis's clock, the
-/// activity by the instances'.
+/// How far apart Redis's clock (which times a partition's life) and the instances'
+/// (which time an activity's opening) may be: a life that began up to this long
+/// before the activity opened is still treated as younger than it (the claims are
+/// checked against the ledger when in doubt).
 const CLOCK_SKEW_MS: i64 = 5_000;
 /// Flags waiting for the MySQL writer; past it a flag is kept in Redis only.
 const FLAG_QUEUE: usize = 16_384;
@@ -134,7 +139,7 @@ impl Guards {
     /// Starts the writer that keeps flags in MySQL (it ends with the last handle).
     pub fn new(redis: Arc<Redis>, db: Arc<Db>, ledger: Ledger) -> Self {
         let (durable, queue) = tokio::sync::mpsc::channel(FLAG_QUEUE);
-        tokio::spawn(keep_flags(db.clone(), queue));
+        crate::shadow::spawn(keep_flags(db.clone(), queue));
         Self {
             redis,
             db,
@@ -143,8 +148,12 @@ impl Guards {
             scripts: Scripts {
                 claim_wins: with_identity(include_str!("claim_wins.lua")),
                 flagged: with_identity(include_str!("flagged.lua")),
+                // KEYS: the marker, the restore's token; ARGV: the identity the
+                // restore began under, its token. A flush or a change of identity
+                // during the restore leaves the set not whole.
                 set_whole: with_identity(
-                    "if run_id() == ARGV[1] then redis.call('SET', KEYS[1], ARGV[1]) \
+                    "if run_id() == ARGV[1] and redis.call('GET', KEYS[2]) == ARGV[2] then \
+                     redis.call('SET', KEYS[1], ARGV[1]) redis.call('DEL', KEYS[2]) \
                      return 1 end return 0",
                 ),
             },
@@ -239,12 +248,12 @@ impl Guards {
         if users.is_empty() {
             return;
         }
-        let (set, why, _) = self.redis.flagged_keys();
+        let keys = self.redis.flagged_keys();
         let mut pipe = redis::pipe();
         for (user, reason) in users {
             crate::metrics::user_flagged(reason.as_str());
-            pipe.zadd(&set, user.get(), now_ms).ignore();
-            pipe.hset(&why, user.get(), reason.as_str()).ignore();
+            pipe.zadd(&keys.set, user.get(), now_ms).ignore();
+            pipe.hset(&keys.why, user.get(), reason.as_str()).ignore();
             if self
                 .durable
                 .try_send((user.get(), *reason, now_ms))
@@ -261,16 +270,36 @@ impl Guards {
         }
     }
 
-    /// Restores the flagged set from MySQL unless it is whole (`rid`: the identity its
-    /// check ran under). Flags made in Redis since the loss stay (their time and reason
-    /// win over older ones); the marker is set only if the data kept its identity
-    /// through the restore.
+    /// Restores the flagged set from MySQL unless it is whole. What Redis holds is
+    /// written to MySQL first (flags of an earlier release, or ones the writer dropped),
+    /// then MySQL's flags go into Redis: a later time wins, and the reason with it. The
+    /// marker is set only if the data kept its identity and was not flushed (the
+    /// restore's token is still there) through the restore.
     async fn restore_flags(&self) -> Result<()> {
         let _one = self.restoring.lock().await;
-        let (set, why, marker) = self.redis.flagged_keys();
+        let keys = self.redis.flagged_keys();
         let (whole, rid, _) = self.read_flagged(&[]).await?;
         if whole {
             return Ok(());
+        }
+        let token = format!("{:016x}", rand::random::<u64>());
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(&keys.restoring)
+            .arg(&token)
+            .arg("PX")
+            .arg(600_000);
+        pipe.zrange_withscores(&keys.set, 0, -1).hgetall(&keys.why);
+        // Every command of a pipeline answers here (see `query_scripted`).
+        let (_, held, reasons): (redis::Value, Vec<(i64, i64)>, HashMap<i64, String>) =
+            self.redis.query(&pipe).await?;
+        let mut held: Vec<(i64, String, i64)> = held
+            .into_iter()
+            .map(|(user, at)| (user, reasons.get(&user).cloned().unwrap_or_default(), at))
+            .collect();
+        held.sort_unstable();
+        for chunk in held.chunks(FLAG_BATCH) {
+            upsert_flags(&self.db, chunk).await?;
         }
         let rows: Vec<(i64, String, i64)> =
             sqlx::query_as("SELECT user_id, reason, flagged_at_ms FROM flagged_users")
@@ -279,18 +308,22 @@ impl Guards {
         for chunk in rows.chunks(FLAG_BATCH) {
             let mut pipe = redis::pipe();
             let mut zadd = redis::cmd("ZADD");
-            zadd.arg(&set).arg("GT");
+            zadd.arg(&keys.set).arg("GT");
             for (user, reason, at) in chunk {
                 zadd.arg(*at).arg(*user);
-                pipe.hset_nx(&why, *user, reason).ignore();
+                pipe.hset(&keys.why, *user, reason).ignore();
             }
             pipe.add_command(zadd).ignore();
             self.redis.query::<()>(&pipe).await?;
         }
         let mut pipe = redis::pipe();
-        pipe.add_command(crate::store::evalsha(&self.scripts.set_whole, &[&marker]))
-            .arg(&rid)
-            .ignore();
+        pipe.add_command(crate::store::evalsha(
+            &self.scripts.set_whole,
+            &[&keys.whole, &keys.restoring],
+        ))
+        .arg(&rid)
+        .arg(&token)
+        .ignore();
         query_scripted::<()>(&self.redis, &pipe, &self.scripts()).await?;
         tracing::info!(flagged = rows.len(), "flagged users restored from MySQL");
         Ok(())
@@ -306,8 +339,8 @@ impl Guards {
     }
 
     fn flagged_call(&self, users: &[i64]) -> redis::Cmd {
-        let (set, _, marker) = self.redis.flagged_keys();
-        let mut cmd = crate::store::evalsha(&self.scripts.flagged, &[&set, &marker]);
+        let keys = self.redis.flagged_keys();
+        let mut cmd = crate::store::evalsha(&self.scripts.flagged, &[&keys.set, &keys.whole]);
         for user in users {
             cmd.arg(*user);
         }
@@ -334,7 +367,17 @@ impl Guards {
     pub async fn check_shared(&self, awards: &[Guarded<'_>], now_ms: i64) -> Vec<Result<()>> {
         match self.check_shared_in(awards, now_ms).await {
             Ok(out) => out,
-            Err(err) => awards.iter().map(|_| Err(err.duplicate())).collect(),
+            Err(err) => {
+                // Claims this call may have made are given back (only where they are
+                // the award's own and it holds no token).
+                let claims: Vec<_> = awards
+                    .iter()
+                    .filter(|a| a.guards.one_win_per_user)
+                    .map(|a| (a.user, a.scene.clone(), a.out_trade_no.to_string()))
+                    .collect();
+                self.release_wins(&claims).await;
+                awards.iter().map(|_| Err(err.duplicate())).collect()
+            }
         }
     }
 
@@ -425,10 +468,9 @@ impl Guards {
                     .flatten()
                     .and_then(|s| s.parse().ok())
                     .unwrap_or(i64::MAX);
-                let holder = reply.get(at).cloned().flatten();
-                if holder.as_deref() == Some(a.out_trade_no)
-                    && since.saturating_sub(CLOCK_SKEW_MS) > a.opened_at_ms
-                {
+                let created = reply.get(2 * at - 1).cloned().flatten().as_deref() == Some("1");
+                let holder = reply.get(2 * at).cloned().flatten();
+                if created && since.saturating_add(CLOCK_SKEW_MS) > a.opened_at_ms {
                     unsure.push(k);
                 }
                 holders[k] = holder;
@@ -539,7 +581,7 @@ impl Guards {
     /// The flagged users, the latest first.
     pub async fn flagged(&self, limit: usize) -> Result<Vec<Flagged>> {
         self.flagged_whole(&[]).await?;
-        let (set, why, _) = self.redis.flagged_keys();
+        let FlaggedKeys { set, why, .. } = self.redis.flagged_keys();
         let mut conn = self.redis.conn();
         let users: Vec<(i64, f64)> = redis::cmd("ZREVRANGE")
             .arg(&set)
@@ -637,11 +679,12 @@ fn parse_flagged(reply: redis::Value) -> Result<(bool, String, Vec<bool>)> {
 
 /// Keeps flags in MySQL's `flagged_users`, in batches of what queued meanwhile (the
 /// latest flag of a user wins). A batch MySQL refuses three times is dropped, logged:
-/// those flags stay in Redis only.
+/// those flags stay in Redis only (until a restore writes what Redis holds).
 async fn keep_flags(db: Arc<Db>, mut queue: tokio::sync::mpsc::Receiver<(i64, FlagReason, i64)>) {
     while let Some(first) = queue.recv().await {
-        let mut batch: HashMap<i64, (FlagReason, i64)> = HashMap::new();
-        let add = |batch: &mut HashMap<i64, (FlagReason, i64)>, (user, reason, at)| {
+        // Ordered by user: concurrent writers lock rows in the same order.
+        let mut batch: BTreeMap<i64, (FlagReason, i64)> = BTreeMap::new();
+        let add = |batch: &mut BTreeMap<i64, (FlagReason, i64)>, (user, reason, at)| {
             let e = batch.entry(user).or_insert((reason, at));
             if at >= e.1 {
                 *e = (reason, at);
@@ -655,22 +698,12 @@ async fn keep_flags(db: Arc<Db>, mut queue: tokio::sync::mpsc::Receiver<(i64, Fl
             }
         }
         for attempt in 1..=3 {
-            let mut q = sqlx::QueryBuilder::<sqlx::MySql>::new(
-                "INSERT INTO flagged_users (user_id, reason, flagged_at_ms) ",
-            );
-            q.push_values(&batch, |mut row, (user, (reason, at))| {
-                row.push_bind(*user)
-                    .push_bind(reason.as_str())
-                    .push_bind(*at);
-            });
-            // Assignments run left to right: the reason compares against the old time.
-            q.push(
-                " ON DUPLICATE KEY UPDATE \
-                 reason = IF(VALUES(flagged_at_ms) >= flagged_at_ms, VALUES(reason), reason), \
-                 flagged_at_ms = GREATEST(flagged_at_ms, VALUES(flagged_at_ms))",
-            );
-            match q.build().execute(db.main()).await {
-                Ok(_) => break,
+            let rows: Vec<(i64, String, i64)> = batch
+                .iter()
+                .map(|(u, (r, at))| (*u, r.as_str().to_string(), *at))
+                .collect();
+            match upsert_flags(&db, &rows).await {
+                Ok(()) => break,
                 Err(err) if attempt < 3 => {
                     tracing::warn!(error = %err, "keeping flags in MySQL failed; will retry");
                     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
@@ -681,4 +714,31 @@ async fn keep_flags(db: Arc<Db>, mut queue: tokio::sync::mpsc::Receiver<(i64, Fl
             }
         }
     }
+}
+
+/// Writes flags `(user, reason, at ms)`, ordered by user, to `flagged_users`: a later
+/// flag replaces an earlier one's reason and time.
+async fn upsert_flags(
+    db: &Db,
+    rows: &[(i64, String, i64)],
+) -> std::result::Result<(), sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut q = sqlx::QueryBuilder::<sqlx::MySql>::new(
+        "INSERT INTO flagged_users (user_id, reason, flagged_at_ms) ",
+    );
+    q.push_values(rows, |mut row, (user, reason, at)| {
+        row.push_bind(*user)
+            .push_bind(reason.as_str())
+            .push_bind(*at);
+    });
+    // Assignments run left to right: the reason compares against the old time.
+    q.push(
+        " ON DUPLICATE KEY UPDATE \
+         reason = IF(VALUES(flagged_at_ms) >= flagged_at_ms, VALUES(reason), reason), \
+         flagged_at_ms = GREATEST(flagged_at_ms, VALUES(flagged_at_ms))",
+    );
+    q.build().execute(db.main()).await?;
+    Ok(())
 }

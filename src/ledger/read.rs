@@ -242,9 +242,11 @@ impl Ledger {
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
-        Err(sqlx::Error::Protocol(
-            "ledger totals: buckets kept moving between shards; try again".into(),
-        ))
+        // An outage to callers (503: try again), like any wait on a moving bucket.
+        Err(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "ledger scan: buckets kept moving between shards; try again",
+        )))
     }
 
     /// Awards of `activity` in the ledger, over every shard; within `[start, end)` ms if

@@ -319,15 +319,15 @@ impl Redis {
             second
         )
     }
-    /// Flagged users: a sorted set (score: when last flagged, ms), the reasons, and the
-    /// marker naming the identity of the Redis data the set was restored in from MySQL
-    /// (see `issue::guards`).
-    pub fn flagged_keys(&self) -> (String, String, String) {
-        (
-            format!("{}{{guards}}:flagged", self.prefix),
-            format!("{}{{guards}}:flagged:why", self.prefix),
-            format!("{}{{guards}}:flagged:whole", self.prefix),
-        )
+    /// Flagged users (see `issue::guards`), all in one slot.
+    pub fn flagged_keys(&self) -> FlaggedKeys {
+        let key = |name: &str| format!("{}{{guards}}:{name}", self.prefix);
+        FlaggedKeys {
+            set: key("flagged"),
+            why: key("flagged:why"),
+            whole: key("flagged:whole"),
+            restoring: key("flagged:restoring"),
+        }
     }
     /// A group red packet's cache (see `packets`): its own hash tag, so every operation
     /// on one packet runs in one slot.
@@ -393,4 +393,16 @@ pub fn hour_of(ms: i64) -> String {
         .unwrap_or_default()
         .format("%Y%m%d%H")
         .to_string()
+}
+
+/// The keys of the flagged users.
+pub struct FlaggedKeys {
+    /// A sorted set: user id, scored by when last flagged (ms).
+    pub set: String,
+    /// User id → the last flag's reason.
+    pub why: String,
+    /// The identity of the Redis data the set was last restored in from MySQL.
+    pub whole: String,
+    /// The token of the restore under way (a flush takes it away mid-restore).
+    pub restoring: String,
 }

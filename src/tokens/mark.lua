@@ -11,10 +11,11 @@
 -- none); then the k entry ids.
 -- A snapshot is stored with the identity of the Redis data (`rid`, and `wr` beside it,
 -- which only this script writes), `rs`, when the partition's current Redis life began,
--- and `wt`, when it was written (Redis's clock). The first snapshot written after a
--- flush, a restart or a failover starts the life (the life hash holds `rid` and
--- `since`). Views trust a snapshot only when it was written once its life was older
--- than any fenced change takes: a loss may have taken a fence away, and a snapshot
+-- and `wt`, when it was written (Redis's clock). After a flush, a restart or a
+-- failover, the first script to find no life of the current identity starts one (this
+-- one, a one-win claim or an instance starting: the life hash holds `rid` and `since`).
+-- Views trust a snapshot only when it was written once its life was older than any
+-- fenced change takes: a loss may have taken a fence away, and a snapshot
 -- written before the change it announced was marked may hide it (the next one written
 -- late enough is trusted). A snapshot replaces one of an older version, or one of
 -- another identity that is not newer (a late mark of an earlier commit never replaces a

@@ -373,5 +373,84 @@ async fn flagged_users_stay_flagged_after_redis_loses_them() {
     assert!(flagged(&t).await.contains(&(84, "early".to_string())));
     let (status, body) = issue_one(&t, &award_in(84, "strict", 2, 10)).await;
     assert_eq!((status, code(&body)), (403, Some("forbidden")), "{body}");
+
+    // Flags an earlier release kept in Redis alone (no row, no marker) reach MySQL with
+    // the first restore, and so outlive the next loss.
+    sqlx::query("DELETE FROM flagged_users")
+        .execute(t.app.db.main())
+        .await
+        .unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{}{{guards}}:flagged:whole", t.prefix))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (status, body) = issue_one(&t, &award_in(84, "strict", 3, 10)).await;
+    assert_eq!((status, code(&body)), (403, Some("forbidden")), "{body}");
+    assert_eq!(
+        t.sql_i64("SELECT COUNT(*) FROM flagged_users WHERE user_id = 84 AND reason = 'early'")
+            .await,
+        1
+    );
+    redis.flushall().await;
+    let (status, body) = issue_one(&t, &award_in(84, "strict", 4, 10)).await;
+    assert_eq!((status, code(&body)), (403, Some("forbidden")), "{body}");
+    t.stop().await;
+}
+
+/// A rush at the opening: a win booked in the first seconds of the activity, then Redis
+/// flushed; the partition's new life begins within seconds of the opening, and the
+/// claim is still checked against the ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_win_booked_at_the_opening_is_not_won_again_after_a_flush() {
+    let redis = PrivateRedis::start();
+    let t = spawn_app_with(Options {
+        redis_url: Some(redis.url()),
+        ..Default::default()
+    })
+    .await;
+    t.activity_with_window("cny2027", "live", 100_000, 1_000, 0, 3600)
+        .await;
+    guarded_scene(&t, "once", json!({"one_win_per_user": true})).await;
+    let (status, body) = issue_one(&t, &award_in(97, "once", 1, 10)).await;
+    assert_eq!(status, 201, "{body}");
+    t.drain().await;
+    redis.flushall().await;
+    let (status, body) = issue_one(&t, &award_in(97, "once", 2, 10)).await;
+    assert_eq!((status, code(&body)), (409, Some("already_won")), "{body}");
+    t.stop().await;
+}
+
+/// A claim made by a check that then failed (the ledger could not be read: a bucket
+/// stuck moving between shards) is given back: the user's next award of the scene is
+/// not refused for a win that never happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_of_a_failed_check_is_given_back() {
+    let redis = PrivateRedis::start();
+    let second = create_database().await;
+    let t = spawn_app_with(Options {
+        redis_url: Some(redis.url()),
+        env: vec![("RPW_MYSQL__SHARD_URLS".into(), mysql_url_for(&second))],
+        ..Default::default()
+    })
+    .await;
+    t.open_activity("cny2027", 100_000, 1_000).await;
+    guarded_scene(&t, "once", json!({"one_win_per_user": true})).await;
+    // Redis lost the data since the activity opened: new claims are checked.
+    redis.flushall().await;
+    sqlx::query("UPDATE shard_map SET moving = 1 WHERE bucket = 1000")
+        .execute(t.app.db.main())
+        .await
+        .unwrap();
+    let (status, body) = issue_one(&t, &award_in(98, "once", 1, 10)).await;
+    assert_eq!((status, code(&body)), (503, Some("unavailable")), "{body}");
+    sqlx::query("UPDATE shard_map SET moving = 0 WHERE bucket = 1000")
+        .execute(t.app.db.main())
+        .await
+        .unwrap();
+    let (status, body) = issue_one(&t, &award_in(98, "once", 2, 10)).await;
+    assert_eq!(status, 201, "{body}");
     t.stop().await;
 }
