@@ -56,7 +56,7 @@ pub struct Worker {
     /// error); they are re-read from the consumer's own pending list first.
     own_pending: HashSet<u32>,
     last_claim: HashMap<u32, Instant>,
-    /// Tokens per stream entry lately (store.lua writes one entry per call), so a read
+    /// Tokens per stream entry lately (store.lua writes one entry per partition and call), so a read
     /// asks for about one booking batch of tokens.
     tokens_per_entry: f64,
 }

@@ -4,7 +4,8 @@
 //! entry each stored token gets.
 //!
 //! - [`Tokens::store`] (store.lua) writes a fresh token: bytes, status, counters and a
-//!   stream entry, atomically in the user's partition. Issuance and client sync use it.
+//!   stream entry, atomically (in the user's partition on a cluster; a call may span
+//!   partitions on one node). Issuance and client sync use it.
 //! - [`Tokens::mark`] (mark.lua) flips booked tokens to settled after the MySQL commit.
 //! - [`Tokens::trim`] replaces settled tokens past the retention by [`TRIMMED`], a
 //!   marker that keeps the award's idempotency (the ledger row holds the signed token)

@@ -138,7 +138,7 @@ pub fn entry_fields(e: &AwardEntry) -> Vec<(&'static str, String)> {
 }
 
 /// Reads a settlement stream entry: the tokens it carries, each with the entry's id, or
-/// `None` when it is not one. store.lua writes one entry per call, field `b` holding a
+/// `None` when it is not one. store.lua writes one entry per partition and call, field `b` holding a
 /// line `user|out_trade_no|amount|activity|scene|at|gen` per token (`...|gen|c` for a
 /// coupon); an entry of one token in separate fields (earlier releases,
 /// [`entry_fields`]) is read as well.

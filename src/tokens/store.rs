@@ -1,5 +1,5 @@
-//! Storing tokens: store.lua, one call per partition and [`STORE_CHUNK`] tokens, all in
-//! one pipeline.
+//! Storing tokens: store.lua, one call per [`STORE_CHUNK`] tokens (and on a cluster per
+//! partition, whose keys share a slot), all in one pipeline.
 
 use std::collections::HashMap;
 
@@ -43,18 +43,34 @@ impl Tokens {
                 .push((i, user, token, bytes));
             count = i + 1;
         }
-        let mut pipe = redis::pipe();
-        let mut order: Vec<&[ToStore<'_>]> = Vec::new();
-        for (partition, group) in &by_partition {
-            for chunk in group.chunks(STORE_CHUNK) {
-                pipe.add_command(self.store_cmd(*partition, chunk));
-                order.push(chunk);
+        // A call holds whole partitions' tokens, up to STORE_CHUNK (a partition with more
+        // is cut): one stream entry and one set of counter increments per partition and
+        // call. On a cluster a call holds one partition (its keys share a slot); on one
+        // node it holds as many as fit.
+        let mut calls: Vec<Vec<ToStore<'_>>> = Vec::new();
+        let mut partitions: Vec<_> = by_partition.into_iter().collect();
+        partitions.sort_unstable_by_key(|(p, _)| *p);
+        for (_, group) in partitions {
+            for piece in group.chunks(STORE_CHUNK) {
+                match calls.last_mut() {
+                    Some(call)
+                        if !redis.is_cluster() && call.len() + piece.len() <= STORE_CHUNK =>
+                    {
+                        call.extend_from_slice(piece)
+                    }
+                    _ => calls.push(piece.to_vec()),
+                }
             }
         }
+        let mut pipe = redis::pipe();
+        for call in &calls {
+            pipe.add_command(self.store_cmd(call));
+        }
+        let order = calls.iter().map(Vec::as_slice);
         let answers: Vec<Vec<Option<Vec<u8>>>> =
             query_scripted(redis, &pipe, &self.scripts()).await?;
         let mut out: Vec<Option<Vec<u8>>> = vec![None; count];
-        for (chunk, answer) in order.into_iter().zip(answers) {
+        for (chunk, answer) in order.zip(answers) {
             if answer.len() != chunk.len() {
                 return Err(redis::RedisError::from((
                     redis::ErrorKind::TypeError,
@@ -68,21 +84,28 @@ impl Tokens {
         Ok(out)
     }
 
-    /// The store.lua call for tokens of one partition.
-    fn store_cmd(&self, partition: u32, tokens: &[ToStore<'_>]) -> redis::Cmd {
+    /// The store.lua call for `tokens` (of one partition on a cluster).
+    fn store_cmd(&self, tokens: &[ToStore<'_>]) -> redis::Cmd {
         let redis = &self.redis;
-        let mut keys: Vec<String> = Vec::with_capacity(2 + 2 * tokens.len());
-        keys.push(redis.stream_key(partition));
+        let partitions: Vec<u32> = tokens
+            .iter()
+            .map(|(_, user, ..)| redis.partition_of(*user))
+            .collect();
+        let mut streams: Vec<u32> = partitions.clone();
+        streams.sort_unstable();
+        streams.dedup();
+        let mut keys: Vec<String> = Vec::with_capacity(streams.len() + 2 * tokens.len() + 1);
+        keys.extend(streams.iter().map(|p| redis.stream_key(*p)));
         for (_, user, ..) in tokens {
             keys.push(redis.tokens_key(*user));
             keys.push(redis.status_key(*user));
         }
-        let mut counters_at: HashMap<&str, usize> = HashMap::new();
-        for (_, _, token, _) in tokens {
+        let mut counters_at: HashMap<(u32, &str), usize> = HashMap::new();
+        for ((_, _, token, _), partition) in tokens.iter().zip(&partitions) {
             let next = keys.len() + 1;
             let owner = stock_of(token).0;
-            counters_at.entry(owner).or_insert_with(|| {
-                keys.push(redis.counters_key(partition, owner));
+            counters_at.entry((*partition, owner)).or_insert_with(|| {
+                keys.push(redis.counters_key(*partition, owner));
                 next
             });
         }
@@ -90,9 +113,10 @@ impl Tokens {
         cmd.arg(self.scripts.store.get_hash())
             .arg(keys.len())
             .arg(&keys);
-        cmd.arg(tokens.len());
-        for (_, _, token, bytes) in tokens {
+        cmd.arg(tokens.len()).arg(streams.len());
+        for ((_, _, token, bytes), partition) in tokens.iter().zip(&partitions) {
             let (owner, amount) = stock_of(token);
+            let stream = streams.binary_search(partition).unwrap_or_default() + 1;
             cmd.arg(&token.out_trade_no)
                 .arg(*bytes)
                 .arg(hour_of(token.issued_at_ms))
@@ -101,9 +125,10 @@ impl Tokens {
                 .arg(owner)
                 .arg(&token.scene_id)
                 .arg(token.issued_at_ms)
-                .arg(counters_at[owner])
+                .arg(counters_at[&(*partition, owner)])
                 .arg(token.budget_gen)
-                .arg(pending_letter(token.coupon.is_some()));
+                .arg(pending_letter(token.coupon.is_some()))
+                .arg(stream);
         }
         cmd
     }
