@@ -1,6 +1,8 @@
 //! The issuance counters store.lua and mark.lua keep beside the tokens, per partition
 //! and activity (`P{p}:cnt:{activity}`): per hour `{hour}:n|c` (issued) and
 //! `{hour}:sn|sc` (settled), and the same per budget generation under `g{gen}:`.
+//! Only their sums over the partitions mean anything: on one Redis node a store call
+//! counts its tokens in its first partition's hash, whichever partitions they are in.
 
 use std::collections::BTreeMap;
 

@@ -100,12 +100,23 @@ impl Tokens {
             keys.push(redis.tokens_key(*user));
             keys.push(redis.status_key(*user));
         }
+        // Readers sum the counters over every partition, so on one node a call counts
+        // all its tokens of an activity in its first partition's hash: four increments
+        // per activity and call rather than per partition.
+        let counted_in = |partition: u32| {
+            if redis.is_cluster() {
+                partition
+            } else {
+                streams[0]
+            }
+        };
         let mut counters_at: HashMap<(u32, &str), usize> = HashMap::new();
         for ((_, _, token, _), partition) in tokens.iter().zip(&partitions) {
             let next = keys.len() + 1;
             let owner = stock_of(token).0;
-            counters_at.entry((*partition, owner)).or_insert_with(|| {
-                keys.push(redis.counters_key(*partition, owner));
+            let at = counted_in(*partition);
+            counters_at.entry((at, owner)).or_insert_with(|| {
+                keys.push(redis.counters_key(at, owner));
                 next
             });
         }
@@ -125,7 +136,7 @@ impl Tokens {
                 .arg(owner)
                 .arg(&token.scene_id)
                 .arg(token.issued_at_ms)
-                .arg(counters_at[&(*partition, owner)])
+                .arg(counters_at[&(counted_in(*partition), owner)])
                 .arg(token.budget_gen)
                 .arg(pending_letter(token.coupon.is_some()))
                 .arg(stream);
