@@ -125,6 +125,13 @@ redpacket-wallet reconcile --hour 2027021012          # every activity of that h
         #[arg(long)]
         activity: String,
     },
+    /// Drops the shadow traffic data (`X-RPW-Shadow`: the shadow Redis keys and the
+    /// shadow database's rows) of this configuration's deployment once no shadow request
+    /// has come for `shadow.expire_after_secs`. A running instance does this by itself;
+    /// this is for a deployment that stopped while its shadow data was alive.
+    #[command(after_help = "Example:
+  RPW_REDIS__KEY_PREFIX=demo: redpacket-wallet shadow-purge")]
+    ShadowPurge,
     /// Prints an activity's budget figures: budget, granted, in doubt, ungranted,
     /// available in Redis, remaining.
     #[command(after_help = "Example:\n  redpacket-wallet budget --activity cny2027")]
@@ -398,6 +405,13 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("moving bucket {bucket} to shard {to}"))?;
             println!("{}", serde_json::to_string_pretty(&moved)?);
+        }
+        Command::ShadowPurge => {
+            if redpacket_wallet::shadow::purge_lapsed(&settings).await? {
+                println!("shadow data purged");
+            } else {
+                println!("shadow traffic is still coming (its marker is alive): nothing purged");
+            }
         }
         Command::Budget { activity } => {
             let app: Arc<App> = App::build(settings, false).await?;

@@ -254,6 +254,14 @@ impl Expiry {
     }
 }
 
+/// Purges the shadow data of the deployment `real` configures if its marker has lapsed:
+/// for a deployment none of whose instances runs any more (a running one purges its own).
+/// Returns whether it purged; shadow traffic still coming keeps the data.
+pub async fn purge_lapsed(real: &Settings) -> anyhow::Result<bool> {
+    let shadow = Shadow::build(real).await?;
+    shadow.expiry.purge_if_expired(&shadow.app).await
+}
+
 /// Empties the shadow data tables, then drops every key under the shadow prefix. In
 /// that order: the shadow app's budget refresh, finding its sub-stocks gone while the
 /// tables still held the activity, would grant a new generation into Redis after the

@@ -291,5 +291,46 @@ async fn shadow_traffic_runs_the_real_code_and_touches_no_real_data() {
     assert_eq!(rows, 0);
     assert_eq!(real_state(&t).await.1, before.1);
     assert_eq!(t.wallet(7).await["balance_cents"], 100);
+
+    // `shadow-purge`, for a deployment that stopped while its shadow data was alive
+    // (run here beside the instance, whose own check comes once a minute): it drops the
+    // data once the marker lapses, and keeps it while shadow traffic comes.
+    let (status, body) = shadow_get(&t, "/v1/wallet", &jwt).await;
+    assert_eq!(status, 200, "{body}");
+    let app = t.app.clone();
+    let prefix = t.prefix.clone();
+    let mut conn = app.redis.conn();
+    let left_behind = format!("{prefix}shadow:{{3}}:tok:9");
+    let _: () = redis::cmd("HSET")
+        .arg(&left_behind)
+        .arg("9_cny2027_rain_1_cash_live")
+        .arg("token bytes")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let purge = || redpacket_wallet::shadow::purge_lapsed(&app.settings);
+    assert!(!purge().await.unwrap());
+    let kept: i64 = redis::cmd("EXISTS")
+        .arg(&left_behind)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(kept, 1, "alive: kept");
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{prefix}shadow:alive"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(purge().await.unwrap());
+    let left: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}shadow:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        left.iter().all(|k| k.ends_with(":settle")),
+        "shadow keys left after shadow-purge: {left:?}"
+    );
+    assert!(!left.contains(&left_behind));
     t.stop().await;
 }
