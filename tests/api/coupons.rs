@@ -366,11 +366,7 @@ async fn a_request_id_names_one_redemption_across_shards() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_synced_coupon_wins_over_a_greeting_recorded_after_redis_lost_it() {
     let redis = PrivateRedis::start();
-    let mut t = spawn_app_with(Options {
-        redis_url: Some(redis.url()),
-        ..Default::default()
-    })
-    .await;
+    let mut t = spawn_on(&redis).await;
     t.open_activity("cny2027", 100_000, 1_000).await;
     template(&t, "tpl-2", 2, json!({"valid_days": 1})).await;
     coupon_scene(
@@ -627,11 +623,7 @@ async fn expiry_happens_on_time_and_a_used_or_expired_coupon_is_never_used() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_flush_never_refunds_spent_coupon_stock() {
     let redis = PrivateRedis::start();
-    let mut t = spawn_app_with(Options {
-        redis_url: Some(redis.url()),
-        ..Default::default()
-    })
-    .await;
+    let mut t = spawn_on(&redis).await;
     t.open_activity("cny2027", 100_000, 1_000).await;
     template(&t, "tpl-8", 8, json!({"valid_days": 1})).await;
     coupon_scene(&t, "cny2027", "coupons", json!({"template_id": "tpl-8"})).await;
@@ -806,11 +798,7 @@ async fn bad_coupon_input_is_refused_and_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_booked_coupon_win_is_not_won_again_after_a_redis_flush() {
     let redis = PrivateRedis::start();
-    let t = spawn_app_with(Options {
-        redis_url: Some(redis.url()),
-        ..Default::default()
-    })
-    .await;
+    let t = spawn_on(&redis).await;
     t.open_activity("cny2027", 100_000, 1_000).await;
     template(&t, "tpl-once", 100, json!({"valid_days": 1})).await;
     let (status, body) = t

@@ -247,11 +247,7 @@ async fn a_win_refused_by_the_budget_is_not_a_win() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_one_win_claim_lost_with_redis_comes_back_with_the_clients_sync() {
     let redis = PrivateRedis::start();
-    let mut t = spawn_app_with(Options {
-        redis_url: Some(redis.url()),
-        ..Default::default()
-    })
-    .await;
+    let mut t = spawn_on(&redis).await;
     t.open_activity("cny2027", 100_000, 1_000).await;
     guarded_scene(&t, "once", json!({"one_win_per_user": true})).await;
     let (status, first) = issue_one(&t, &award_in(93, "once", 1, 10)).await;
@@ -285,11 +281,7 @@ async fn a_one_win_claim_lost_with_redis_comes_back_with_the_clients_sync() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_booked_win_is_not_won_again_after_redis_loses_its_claim() {
     let mut redis = PrivateRedis::start_with_aof();
-    let mut t = spawn_app_with(Options {
-        redis_url: Some(redis.url()),
-        ..Default::default()
-    })
-    .await;
+    let mut t = spawn_on(&redis).await;
     t.open_activity("cny2027", 100_000, 1_000).await;
     guarded_scene(&t, "once", json!({"one_win_per_user": true})).await;
     for user in [94, 95] {
@@ -335,11 +327,7 @@ async fn a_booked_win_is_not_won_again_after_redis_loses_its_claim() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flagged_users_stay_flagged_after_redis_loses_them() {
     let redis = PrivateRedis::start();
-    let mut t = spawn_app_with(Options {
-        redis_url: Some(redis.url()),
-        ..Default::default()
-    })
-    .await;
+    let mut t = spawn_on(&redis).await;
     t.open_activity("cny2027", 100_000, 1_000).await;
     let later = chrono::Utc::now() + chrono::Duration::hours(1);
     guarded_scene(&t, "later", json!({"opens_at": later.to_rfc3339()})).await;
@@ -406,11 +394,7 @@ async fn flagged_users_stay_flagged_after_redis_loses_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_win_booked_at_the_opening_is_not_won_again_after_a_flush() {
     let redis = PrivateRedis::start();
-    let t = spawn_app_with(Options {
-        redis_url: Some(redis.url()),
-        ..Default::default()
-    })
-    .await;
+    let t = spawn_on(&redis).await;
     t.activity_with_window("cny2027", "live", 100_000, 1_000, 0, 3600)
         .await;
     guarded_scene(&t, "once", json!({"one_win_per_user": true})).await;

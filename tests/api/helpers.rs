@@ -162,6 +162,15 @@ pub async fn spawn_two_shards() -> TestApp {
     .await
 }
 
+/// An instance on a Redis of the test's own (to flush, kill or restart it).
+pub async fn spawn_on(redis: &PrivateRedis) -> TestApp {
+    spawn_app_with(Options {
+        redis_url: Some(redis.url()),
+        ..Default::default()
+    })
+    .await
+}
+
 pub async fn spawn_app_with(options: Options) -> TestApp {
     init_tracing();
     let db_name = match options.mysql_url {

@@ -724,11 +724,7 @@ async fn the_stats_counter_catches_up_within_a_second_or_so() {
 async fn script_calls_after_a_script_flush_run_exactly_once() {
     // SCRIPT FLUSH empties the whole server's script cache: a Redis of this test's own.
     let redis = PrivateRedis::start();
-    let t = spawn_app_with(Options {
-        redis_url: Some(redis.url()),
-        ..Default::default()
-    })
-    .await;
+    let t = spawn_on(&redis).await;
     let mut conn = t.app.redis.conn();
     let known = redis::Script::new("return redis.call('INCR', KEYS[1])");
     let unknown = redis::Script::new("return redis.call('INCRBY', KEYS[1], 10)");

@@ -354,11 +354,7 @@ async fn a_release_finishes_a_close_cut_off_before_its_drain() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_close_cut_off_before_its_drain_is_finished_by_the_refresh() {
     let redis = PrivateRedis::start();
-    let t = spawn_app_with(Options {
-        redis_url: Some(redis.url()),
-        ..Default::default()
-    })
-    .await;
+    let t = spawn_on(&redis).await;
     cut_off_close(&t, &redis).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

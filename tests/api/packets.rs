@@ -281,6 +281,25 @@ async fn the_unclaimed_remainder_goes_back_to_the_sender_exactly_once_across_res
     t.stop().await;
 }
 
+/// The current hour, once it is not within 30 s of its end (the test's figures then
+/// fall in it).
+async fn an_hour_to_work_in() -> String {
+    let into_hour = redpacket_wallet::store::now_ms() % 3_600_000;
+    if into_hour > 3_600_000 - 30_000 {
+        tokio::time::sleep(Duration::from_millis((3_600_000 - into_hour + 100) as u64)).await;
+    }
+    redpacket_wallet::store::hour_of(redpacket_wallet::store::now_ms())
+}
+
+/// The packets' reconciliation report of `hour`, made now.
+async fn packets_report(t: &TestApp, hour: &str) -> redpacket_wallet::ops::reconcile::Report {
+    t.app
+        .reconciler
+        .reconcile("packets", hour, "manual")
+        .await
+        .unwrap()
+}
+
 /// The hourly reconciliation covers packets (activity `packets`): the shares opened in
 /// the hour against the share tokens issued, booked and marked, the packets sent against
 /// their debits, the refunds against what their packets record; a debit or a refund
@@ -292,12 +311,7 @@ async fn reconciliation_covers_packets_shares_debits_and_refunds() {
         ..Default::default()
     })
     .await;
-    // The figures are of one hour: not too near its end.
-    let into_hour = redpacket_wallet::store::now_ms() % 3_600_000;
-    if into_hour > 3_600_000 - 30_000 {
-        tokio::time::sleep(Duration::from_millis((3_600_000 - into_hour + 100) as u64)).await;
-    }
-    let hour = redpacket_wallet::store::hour_of(redpacket_wallet::store::now_ms());
+    let hour = an_hour_to_work_in().await;
     t.open_activity("cny2027", 1_000_000, 1_000).await;
     fund(&t, 50, 2_000).await;
     let (status, first) = send(&t, 50, "a", 600, 3).await;
@@ -363,12 +377,7 @@ async fn reconciliation_covers_packets_shares_debits_and_refunds() {
             .await
             .unwrap();
     }
-    let report = t
-        .app
-        .reconciler
-        .reconcile("packets", &hour, "manual")
-        .await
-        .unwrap();
+    let report = packets_report(&t, &hour).await;
     assert!(!report.ok, "{report:?}");
     assert!(
         report
@@ -402,12 +411,7 @@ async fn reconciliation_covers_packets_shares_debits_and_refunds() {
     .await
     .unwrap();
     let earlier = redpacket_wallet::store::hour_of(redpacket_wallet::store::now_ms() - 7_200_000);
-    let report = t
-        .app
-        .reconciler
-        .reconcile("packets", &earlier, "manual")
-        .await
-        .unwrap();
+    let report = packets_report(&t, &earlier).await;
     assert!(
         report
             .problems
@@ -424,11 +428,7 @@ async fn reconciliation_covers_packets_shares_debits_and_refunds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_refund_is_reconciled_in_the_hour_it_was_made() {
     let t = spawn_app().await;
-    let into_hour = redpacket_wallet::store::now_ms() % 3_600_000;
-    if into_hour > 3_600_000 - 30_000 {
-        tokio::time::sleep(Duration::from_millis((3_600_000 - into_hour + 100) as u64)).await;
-    }
-    let hour = redpacket_wallet::store::hour_of(redpacket_wallet::store::now_ms());
+    let hour = an_hour_to_work_in().await;
     t.open_activity("cny2027", 1_000_000, 1_000).await;
     fund(&t, 60, 1_000).await;
     let (status, sent) = send(&t, 60, "late", 200, 2).await;
@@ -442,12 +442,7 @@ async fn a_late_refund_is_reconciled_in_the_hour_it_was_made() {
         .unwrap();
     let now = redpacket_wallet::store::now_ms();
     assert_eq!(t.app.packets.refund_due(now).await.unwrap(), 1);
-    let clean = t
-        .app
-        .reconciler
-        .reconcile("packets", &hour, "manual")
-        .await
-        .unwrap();
+    let clean = packets_report(&t, &hour).await;
     assert!(clean.ok, "{clean:?}");
 
     sqlx::query("DELETE FROM ledger_entries WHERE out_trade_no = ?")
@@ -455,12 +450,7 @@ async fn a_late_refund_is_reconciled_in_the_hour_it_was_made() {
         .execute(t.app.db.main())
         .await
         .unwrap();
-    let report = t
-        .app
-        .reconciler
-        .reconcile("packets", &hour, "manual")
-        .await
-        .unwrap();
+    let report = packets_report(&t, &hour).await;
     assert!(
         report
             .problems

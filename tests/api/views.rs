@@ -174,11 +174,7 @@ async fn a_change_committed_without_its_snapshot_keeps_the_views_on_mysql() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_sends_views_to_mysql_until_a_booking_writes_the_snapshot_again() {
     let mut redis = PrivateRedis::start_with_aof();
-    let t = spawn_app_with(Options {
-        redis_url: Some(redis.url()),
-        ..Default::default()
-    })
-    .await;
+    let t = spawn_on(&redis).await;
     t.open_activity("cny2027", 100_000, 1_000).await;
     issue_all(&t, (0..3).map(|i| award(13, i, 100)).collect()).await;
     t.drain().await;
@@ -228,11 +224,7 @@ async fn view_after_restart(t: &TestApp, id: i64) -> (WalletView, ViewSource) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_older_snapshot_after_a_redis_restart_never_replaces_a_newer_one() {
     let mut redis = PrivateRedis::start_with_aof();
-    let t = spawn_app_with(Options {
-        redis_url: Some(redis.url()),
-        ..Default::default()
-    })
-    .await;
+    let t = spawn_on(&redis).await;
     t.open_activity("cny2027", 100_000, 1_000).await;
     issue_all(&t, vec![award(14, 0, 100)]).await;
     t.drain().await;
