@@ -117,12 +117,29 @@ where
 pub fn settings(real: &Settings) -> anyhow::Result<Settings> {
     let mut s = real.clone();
     s.redis.key_prefix = format!("{}shadow:", real.redis.key_prefix);
-    s.mysql.url = Secret::new(database_url(real)?);
+    let url = database_url(real)?;
+    let real_urls = std::iter::once(&real.mysql.url).chain(&real.mysql.shard_urls);
+    if real_urls
+        .map(|u| database_of(u.expose()))
+        .any(|d| d == database_of(&url))
+    {
+        anyhow::bail!("shadow.mysql_url names a real database: shadow data must live apart");
+    }
+    s.mysql.url = Secret::new(url);
     s.mysql.shard_urls = Vec::new();
     s.mysql.max_connections = real.mysql.max_connections.min(8);
     s.mysql.min_connections = 0;
     s.shadow.enabled = false;
     Ok(s)
+}
+
+/// The server and database a MySQL URL names (`host:port/name`, lowercase), without
+/// credentials or options.
+fn database_of(url: &str) -> String {
+    let base = url.split('?').next().unwrap_or(url);
+    let rest = base.split_once("://").map_or(base, |(_, r)| r);
+    let at_host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    at_host.to_ascii_lowercase()
 }
 
 /// `shadow.mysql_url`, or the main database's URL with `_shadow` after its name.
@@ -258,6 +275,10 @@ impl Expiry {
 /// for a deployment none of whose instances runs any more (a running one purges its own).
 /// Returns whether it purged; shadow traffic still coming keeps the data.
 pub async fn purge_lapsed(real: &Settings) -> anyhow::Result<bool> {
+    anyhow::ensure!(
+        real.shadow.enabled,
+        "shadow traffic is not enabled in this configuration (shadow.enabled): nothing to purge"
+    );
     let shadow = Shadow::build(real).await?;
     shadow.expiry.purge_if_expired(&shadow.app).await
 }
@@ -304,5 +325,14 @@ mod tests {
             settings(&s).unwrap().mysql.url.expose(),
             "mysql://u:p@10.0.0.9/loadtest"
         );
+        // Never a real database, main or shard, whatever the credentials or options.
+        s.mysql.url = Secret::new("mysql://u:p@127.0.0.1:3306/rpw");
+        s.shadow.mysql_url = Secret::new("mysql://other:x@127.0.0.1:3306/RPW?ssl-mode=disabled");
+        assert!(settings(&s).is_err());
+        s.mysql.shard_urls = vec![Secret::new("mysql://u:p@10.0.0.2:3306/rpw2")];
+        s.shadow.mysql_url = Secret::new("mysql://u:p@10.0.0.2:3306/rpw2");
+        assert!(settings(&s).is_err());
+        s.shadow.mysql_url = Secret::new("mysql://u:p@10.0.0.2:3306/rpw2_shadow");
+        assert!(settings(&s).is_ok());
     }
 }

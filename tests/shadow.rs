@@ -316,6 +316,13 @@ async fn shadow_traffic_runs_the_real_code_and_touches_no_real_data() {
         .await
         .unwrap();
     assert_eq!(kept, 1, "alive: kept");
+    // A shadow row the command's purge must empty too.
+    sqlx::query(
+        "INSERT INTO flagged_users (user_id, reason, flagged_at_ms) VALUES (9, 'burst', 1)",
+    )
+    .execute(shadow.db.main())
+    .await
+    .unwrap();
     let _: () = redis::cmd("DEL")
         .arg(format!("{prefix}shadow:alive"))
         .query_async(&mut conn)
@@ -327,10 +334,19 @@ async fn shadow_traffic_runs_the_real_code_and_touches_no_real_data() {
         .query_async(&mut conn)
         .await
         .unwrap();
+    // As above: stream groups and the running shadow app's stats may come back.
     assert!(
-        left.iter().all(|k| k.ends_with(":settle")),
+        left.iter()
+            .all(|k| k.ends_with(":settle") || k.contains(":stats:")),
         "shadow keys left after shadow-purge: {left:?}"
     );
     assert!(!left.contains(&left_behind));
+    let rows = sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM flagged_users")
+        .fetch_one(shadow.db.main())
+        .await
+        .unwrap();
+    assert_eq!(rows, 0);
+    assert_eq!(real_state(&t).await.1, before.1);
+    assert_eq!(t.wallet(7).await["balance_cents"], 100);
     t.stop().await;
 }

@@ -117,6 +117,7 @@ struct Scripts {
     claim_wins: redis::Script,
     flagged: redis::Script,
     set_whole: redis::Script,
+    restore_flags: redis::Script,
 }
 
 pub struct Guards {
@@ -156,17 +157,26 @@ impl Guards {
                      redis.call('SET', KEYS[1], ARGV[1]) redis.call('DEL', KEYS[2]) \
                      return 1 end return 0",
                 ),
+                // KEYS: the flagged set, the reasons; ARGV: (user, at ms, reason) per
+                // flag. A flag's time and reason go in only where its time is later
+                // than what the set holds (a flag made since the loss stays whole).
+                restore_flags: crate::store::script(
+                    "for i = 1, #ARGV, 3 do \
+                     if redis.call('ZADD', KEYS[1], 'GT', 'CH', ARGV[i + 1], ARGV[i]) == 1 then \
+                     redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 2]) end end return 0",
+                ),
             },
             durable,
             restoring: tokio::sync::Mutex::new(()),
         }
     }
 
-    pub fn scripts(&self) -> [&redis::Script; 3] {
+    pub fn scripts(&self) -> [&redis::Script; 4] {
         [
             &self.scripts.claim_wins,
             &self.scripts.flagged,
             &self.scripts.set_whole,
+            &self.scripts.restore_flags,
         ]
     }
 
@@ -282,20 +292,25 @@ impl Guards {
         if whole {
             return Ok(());
         }
-        let token = format!("{:016x}", rand::random::<u64>());
+        // The token stands for "no flush since this restore began": restores that run
+        // at once (on several instances) share it, and only a flush takes it away.
         let mut pipe = redis::pipe();
         pipe.cmd("SET")
             .arg(&keys.restoring)
-            .arg(&token)
+            .arg(format!("{:016x}", rand::random::<u64>()))
+            .arg("NX")
             .arg("PX")
             .arg(600_000);
+        pipe.get(&keys.restoring);
         pipe.zrange_withscores(&keys.set, 0, -1).hgetall(&keys.why);
         // Every command of a pipeline answers here (see `query_scripted`).
-        let (_, held, reasons): (redis::Value, Vec<(i64, i64)>, HashMap<i64, String>) =
-            self.redis.query(&pipe).await?;
+        type Held = (redis::Value, String, Vec<(i64, i64)>, HashMap<i64, String>);
+        let (_, token, held, reasons): Held = self.redis.query(&pipe).await?;
+        // A flag without its reason (written half before a loss) is not worth a row
+        // that could hide a real reason.
         let mut held: Vec<(i64, String, i64)> = held
             .into_iter()
-            .map(|(user, at)| (user, reasons.get(&user).cloned().unwrap_or_default(), at))
+            .filter_map(|(user, at)| Some((user, reasons.get(&user)?.clone(), at)))
             .collect();
         held.sort_unstable();
         for chunk in held.chunks(FLAG_BATCH) {
@@ -307,14 +322,13 @@ impl Guards {
                 .await?;
         for chunk in rows.chunks(FLAG_BATCH) {
             let mut pipe = redis::pipe();
-            let mut zadd = redis::cmd("ZADD");
-            zadd.arg(&keys.set).arg("GT");
+            let mut cmd =
+                crate::store::evalsha(&self.scripts.restore_flags, &[&keys.set, &keys.why]);
             for (user, reason, at) in chunk {
-                zadd.arg(*at).arg(*user);
-                pipe.hset(&keys.why, *user, reason).ignore();
+                cmd.arg(*user).arg(*at).arg(reason);
             }
-            pipe.add_command(zadd).ignore();
-            self.redis.query::<()>(&pipe).await?;
+            pipe.add_command(cmd).ignore();
+            query_scripted::<()>(&self.redis, &pipe, &self.scripts()).await?;
         }
         let mut pipe = redis::pipe();
         pipe.add_command(crate::store::evalsha(
@@ -365,26 +379,25 @@ impl Guards {
     /// not issued after all). One pipelined round trip; more only after Redis lost
     /// guard state (the flagged set restored, new claims checked against the ledger).
     pub async fn check_shared(&self, awards: &[Guarded<'_>], now_ms: i64) -> Vec<Result<()>> {
-        match self.check_shared_in(awards, now_ms).await {
+        let mut made = Vec::new();
+        match self.check_shared_in(awards, now_ms, &mut made).await {
             Ok(out) => out,
             Err(err) => {
-                // Claims this call may have made are given back (only where they are
-                // the award's own and it holds no token).
-                let claims: Vec<_> = awards
-                    .iter()
-                    .filter(|a| a.guards.one_win_per_user)
-                    .map(|a| (a.user, a.scene.clone(), a.out_trade_no.to_string()))
-                    .collect();
-                self.release_wins(&claims).await;
+                // The claims this call made are given back (only where the award still
+                // holds no token); a twin request's claim is the twin's to keep.
+                self.release_wins(&made).await;
                 awards.iter().map(|_| Err(err.duplicate())).collect()
             }
         }
     }
 
+    /// [`Guards::check_shared`]; `made`: the one-win claims this call made, as soon as
+    /// Redis answered.
     async fn check_shared_in(
         &self,
         awards: &[Guarded<'_>],
         now_ms: i64,
+        made: &mut Vec<(UserId, String, String)>,
     ) -> Result<Vec<Result<()>>> {
         // Every command answers (the pipeline runs per slot on a cluster): `n` counts
         // them all.
@@ -435,22 +448,6 @@ impl Guards {
         }
         let values: Vec<redis::Value> = query_scripted(&self.redis, &pipe, &self.scripts()).await?;
         let int = |i: usize| -> Option<i64> { redis::from_redis_value(&values[i]).ok() };
-        let flagged: HashSet<i64> = match flagged_at {
-            None => HashSet::new(),
-            Some(i) => {
-                let (whole, _, answers) = parse_flagged(values[i].clone())?;
-                let answers = if whole {
-                    answers
-                } else {
-                    self.flagged_whole(&refusing).await?
-                };
-                refusing
-                    .iter()
-                    .zip(answers)
-                    .filter_map(|(u, f)| f.then_some(*u))
-                    .collect()
-            }
-        };
         // One-win claims: the holder of each scene's claim, and those of this call's
         // awards that a lost claim may have stood before.
         let mut holders: Vec<Option<String>> = vec![None; awards.len()];
@@ -470,12 +467,35 @@ impl Guards {
                     .unwrap_or(i64::MAX);
                 let created = reply.get(2 * at - 1).cloned().flatten().as_deref() == Some("1");
                 let holder = reply.get(2 * at).cloned().flatten();
-                if created && since.saturating_add(CLOCK_SKEW_MS) > a.opened_at_ms {
+                if created {
+                    made.push((a.user, a.scene.clone(), a.out_trade_no.to_string()));
+                }
+                // The award's own claim, made now or by a twin request still on its
+                // way (its token not stored yet): either may stand where a lost one did.
+                if holder.as_deref() == Some(a.out_trade_no)
+                    && since.saturating_add(CLOCK_SKEW_MS) > a.opened_at_ms
+                {
                     unsure.push(k);
                 }
                 holders[k] = holder;
             }
         }
+        let flagged: HashSet<i64> = match flagged_at {
+            None => HashSet::new(),
+            Some(i) => {
+                let (whole, _, answers) = parse_flagged(values[i].clone())?;
+                let answers = if whole {
+                    answers
+                } else {
+                    self.flagged_whole(&refusing).await?
+                };
+                refusing
+                    .iter()
+                    .zip(answers)
+                    .filter_map(|(u, f)| f.then_some(*u))
+                    .collect()
+            }
+        };
         self.check_booked_wins(awards, &unsure, &mut holders)
             .await?;
 
