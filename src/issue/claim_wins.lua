@@ -1,8 +1,9 @@
 -- Claims one-win wins in one partition, and tells when the partition's current Redis
 -- life began (the life hash of `tokens/mark.lua`: `rid`, `since`; a flush, a restart or
 -- a failover starts another, and this script starts it when it finds none of this
--- identity). A claim made before that may have been lost, so the caller checks a claim
--- made now in a scene that opened before it against the ledger.
+-- identity). A claim made before that may have been lost, so the caller checks the
+-- award's own claim (made now, or held by a twin request) in a scene that opened before
+-- it against the ledger.
 -- KEYS[1]: the partition's life hash; KEYS[2 ..]: award i's user's wins hash (same slot)
 -- ARGV[2i-1], ARGV[2i]: award i's scene (`activity/scene`) and out_trade_no
 -- Returns {since (ms), then per award: '1' when its claim was made now else '0', and the

@@ -19,10 +19,11 @@
 //!   restores the set from MySQL before it answers. A flag made less than a moment
 //!   before a loss, not yet in MySQL, can be lost with it.
 //! - **One-win claims** are made in Redis with the time the partition's current Redis
-//!   life began. A new claim in a scene whose activity opened before that may stand
-//!   where a lost claim stood, so it is checked against the ledger (the user's booked
-//!   awards of the scene, cash or coupon, by out_trade_no prefix): a booked win refuses it, and the
-//!   claim is set to the booked win so the next check needs no ledger. A win whose
+//!   life began. The award's own claim (made now, or held by a twin request) in a
+//!   scene whose activity opened before that may stand where a lost claim stood, so it
+//!   is checked against the ledger (the user's booked awards of the scene, cash or
+//!   coupon, by out_trade_no prefix): a booked win refuses it, and the claim is set to
+//!   the booked win so the next check needs no ledger. A win whose
 //!   token was neither booked nor synced back by its client before the loss is known
 //!   nowhere: that user can win the scene once more (the budget stays bounded); so can
 //!   one whose token a worker had read from the stream before the loss and books only
@@ -533,9 +534,10 @@ impl Guards {
         Ok(out)
     }
 
-    /// For the awards at `unsure` (a new claim that a lost one may have stood before),
-    /// looks for a booked win of the same user and scene in the ledger: one found
-    /// becomes the claim (in `holders` and in Redis), so the award is refused.
+    /// For the awards at `unsure` (the award's own claim, where a lost one may have
+    /// stood before it), looks for a booked win of the same user and scene in the
+    /// ledger: one found becomes the claim (in `holders` and in Redis), so the award is
+    /// refused.
     async fn check_booked_wins(
         &self,
         awards: &[Guarded<'_>],
