@@ -229,15 +229,17 @@ fn read_accounts(
 
 /// Runs `upsert` (an `INSERT INTO accounts … ON DUPLICATE KEY UPDATE …` of every one of
 /// `users`, sorted and distinct) in `tx` and reads the rows back as it left them, locked:
-/// by `RETURNING` where the server has it, by a `SELECT … FOR UPDATE` after it on MySQL 8
-/// ([`Db::returning`]).
+/// by `RETURNING` where the shard's server has it, by a `SELECT … FOR UPDATE` after it on
+/// MySQL 8 ([`Db::returning`]). `tx` is on the shard of `users` (checked before by
+/// [`Ledger::own_buckets`], which holds their buckets there until it ends).
 async fn upsert_accounts(
     db: &Db,
     tx: &mut Transaction<'_, MySql>,
     mut upsert: QueryBuilder<'_, MySql>,
     users: &[UserId],
 ) -> Result<BTreeMap<UserId, Account>, LedgerError> {
-    if !db.returning(tx).await? {
+    let shard = users.first().map_or(0, |u| db.shard_index(*u));
+    if !db.returning(shard, tx).await? {
         upsert.build().execute(&mut **tx).await?;
         return select_accounts(tx, users).await;
     }

@@ -54,9 +54,11 @@ pub struct Db {
     map: RwLock<Arc<Vec<u16>>>,
     /// Whether [`Db::load_map`] has run (it also gives each shard its buckets).
     loaded: AtomicBool,
-    /// Whether the servers take `INSERT … RETURNING` (MariaDB 10.5+; MySQL 8 does
-    /// not): [`RETURNING_UNKNOWN`] until the first statement that could use it asks.
-    returning: AtomicU8,
+    /// Per shard, whether its server takes `INSERT … RETURNING` (MariaDB 10.5+; MySQL 8
+    /// does not): [`RETURNING_UNKNOWN`] until the first statement there that could use
+    /// it asks. Shards may run different servers (a migration from one to the other
+    /// moves buckets between them).
+    returning: Vec<AtomicU8>,
 }
 
 const RETURNING_UNKNOWN: u8 = 0;
@@ -101,33 +103,47 @@ impl Db {
             shards,
             map: RwLock::new(Arc::new(default_map(n))),
             loaded: AtomicBool::new(false),
-            returning: AtomicU8::new(RETURNING_UNKNOWN),
+            returning: (0..n).map(|_| AtomicU8::new(RETURNING_UNKNOWN)).collect(),
         })
     }
 
-    /// Whether the ledger's statements may read rows back with `INSERT … RETURNING`
-    /// (MariaDB 10.5 and later) or must follow an insert with a `SELECT … FOR UPDATE`
-    /// (MySQL 8). Asked of the server on `conn` once (`SELECT VERSION()`); every shard
-    /// is taken to run the same server.
-    pub async fn returning(&self, conn: &mut sqlx::MySqlConnection) -> Result<bool, sqlx::Error> {
-        match self.returning.load(Ordering::Relaxed) {
-            RETURNING_YES => return Ok(true),
-            RETURNING_NO => return Ok(false),
+    /// Whether the ledger's statements on `shard` may read rows back with `INSERT …
+    /// RETURNING` (MariaDB 10.5 and later) or must follow an insert with a `SELECT …
+    /// FOR UPDATE` (MySQL 8). Asked once per shard of its server, on `conn` (a
+    /// connection to that shard): `SELECT VERSION()`.
+    pub async fn returning(
+        &self,
+        shard: usize,
+        conn: &mut sqlx::MySqlConnection,
+    ) -> Result<bool, sqlx::Error> {
+        let known = self.returning.get(shard).map(|r| r.load(Ordering::Relaxed));
+        match known {
+            Some(RETURNING_YES) => return Ok(true),
+            Some(RETURNING_NO) => return Ok(false),
             _ => {}
         }
         let version: String = sqlx::query_scalar("SELECT VERSION()")
             .fetch_one(conn)
             .await?;
         let yes = mariadb_with_returning(&version);
-        self.set_returning(yes);
+        self.set_returning_on(shard, yes);
         Ok(yes)
     }
 
-    /// Sets the statement form [`Db::returning`] answers: what a test of the MySQL 8
-    /// form on MariaDB uses.
+    /// Sets the statement form [`Db::returning`] answers on every shard: what a test of
+    /// the MySQL 8 form on MariaDB uses.
     pub fn set_returning(&self, yes: bool) {
+        for shard in 0..self.shards.len() {
+            self.set_returning_on(shard, yes);
+        }
+    }
+
+    /// Sets the statement form [`Db::returning`] answers on `shard`.
+    pub fn set_returning_on(&self, shard: usize, yes: bool) {
         let state = if yes { RETURNING_YES } else { RETURNING_NO };
-        self.returning.store(state, Ordering::Relaxed);
+        if let Some(r) = self.returning.get(shard) {
+            r.store(state, Ordering::Relaxed);
+        }
     }
 
     pub fn main(&self) -> &MySqlPool {

@@ -197,7 +197,7 @@ async fn the_mysql_8_statement_form_books_each_token_once() {
     let t = spawn_app().await;
     t.app.db.set_returning(false);
     let mut conn = t.app.db.main().acquire().await.unwrap();
-    assert!(!t.app.db.returning(&mut conn).await.unwrap());
+    assert!(!t.app.db.returning(0, &mut conn).await.unwrap());
     drop(conn);
     t.open_activity("cny2027", 100_000_000, 1_000).await;
     // Enough users that a partition's batch holds several of them.
@@ -227,6 +227,94 @@ async fn the_mysql_8_statement_form_books_each_token_once() {
         let w = t.wallet(*u).await;
         assert_eq!(w["total_income_cents"], 42, "user {u}: {w}");
         assert_eq!(w["balance_cents"], expected, "user {u}: {w}");
+        assert_eq!(w["pending_cents"], 0, "user {u}: {w}");
+    }
+    t.stop().await;
+}
+
+/// Shards may run different servers (buckets moving from a MySQL 8 shard to a MariaDB
+/// one): each shard's statement form is asked of its own server. Here shard 1 books in
+/// the MySQL 8 form while shard 0 keeps `INSERT … RETURNING`; batches, forced
+/// settlements racing the worker and withdrawals on both book every token once and
+/// leave balances and views exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_shard_books_in_its_own_servers_statement_form() {
+    let t = spawn_two_shards().await;
+    t.app.db.set_returning_on(1, false);
+    let mut conn = t.app.db.shard(0).acquire().await.unwrap();
+    assert!(
+        t.app.db.returning(0, &mut conn).await.unwrap(),
+        "MariaDB has RETURNING"
+    );
+    drop(conn);
+    let mut conn = t.app.db.shard(1).acquire().await.unwrap();
+    assert!(!t.app.db.returning(1, &mut conn).await.unwrap());
+    drop(conn);
+    t.open_activity("cny2027", 100_000_000, 1_000).await;
+    let users: Vec<i64> = (200..264).collect();
+    let on = |u: i64| {
+        t.app
+            .db
+            .shard_index(redpacket_wallet::domain::UserId::parse(u).unwrap())
+    };
+    assert!(users.iter().any(|u| on(*u) == 0) && users.iter().any(|u| on(*u) == 1));
+    let awards: Vec<Value> = users
+        .iter()
+        .flat_map(|u| (0..5).map(move |i| award(*u, i, 9)))
+        .collect();
+    issue_all(&t, awards).await;
+    let (jwt0, jwt1) = (t.jwt(200), t.jwt(201));
+    assert_ne!(on(200), on(201));
+    let worker = async {
+        let mut w = t.worker("mixed");
+        for p in 0..t.app.redis.partitions() {
+            w.try_execute_batch(p).await.unwrap();
+        }
+    };
+    let (_, (s0, b0), (s1, b1)) = tokio::join!(
+        worker,
+        withdraw(&t, &jwt0, "mixed-0", 30),
+        withdraw(&t, &jwt1, "mixed-1", 20)
+    );
+    assert_eq!((s0, s1), (201, 201), "{b0} {b1}");
+    t.drain().await;
+    let mut rows: Vec<(i64, i64)> = Vec::new();
+    let (mut count, mut sum) = (0i64, 0i64);
+    for shard in 0..2 {
+        let pool = t.app.db.shard(shard);
+        rows.extend(
+            sqlx::query_as::<_, (i64, i64)>("SELECT user_id, balance_cents FROM accounts")
+                .fetch_all(pool)
+                .await
+                .unwrap(),
+        );
+        let (c, s): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), CAST(COALESCE(SUM(amount_cents), 0) AS SIGNED) \
+             FROM ledger_entries WHERE kind = 'award'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        count += c;
+        sum += s;
+    }
+    assert_eq!((count, sum), (64 * 5, 64 * 45));
+    let balances: HashMap<i64, i64> = rows.into_iter().collect();
+    assert_eq!(
+        balances.len(),
+        users.len(),
+        "one account per user, on its shard"
+    );
+    for u in &users {
+        let expected = match u {
+            200 => 45 - 30,
+            201 => 45 - 20,
+            _ => 45,
+        };
+        assert_eq!(balances[u], expected, "user {u}");
+        let w = t.wallet(*u).await;
+        assert_eq!(w["balance_cents"], expected, "user {u}: {w}");
+        assert_eq!(w["total_income_cents"], 45, "user {u}: {w}");
         assert_eq!(w["pending_cents"], 0, "user {u}: {w}");
     }
     t.stop().await;
