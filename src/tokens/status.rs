@@ -60,6 +60,22 @@ pub fn pending_status(e: &AwardEntry) -> String {
     )
 }
 
+/// A token's line in a settlement stream entry (store.lua joins a call's lines of one
+/// partition with newlines into field `b`; [`parse_entry`] reads them).
+pub fn stream_line(e: &AwardEntry) -> String {
+    format!(
+        "{}|{}|{}|{}|{}|{}|{}{}",
+        e.user,
+        e.out_trade_no,
+        e.amount_cents,
+        e.activity_id,
+        e.scene_id,
+        e.at_ms,
+        e.budget_gen,
+        if e.coupon { "|c" } else { "" }
+    )
+}
+
 /// Reads a cash status value (see the module comment); `None` for anything else, a
 /// coupon's included: cash views and forced settlement never see coupons.
 pub fn parse_status(user: UserId, otn: &str, value: &str) -> Option<StatusEntry> {
@@ -336,18 +352,7 @@ mod tests {
         second.out_trade_no = "43_cny_rain_7_cash_live".into();
         second.user = UserId::parse(43).unwrap();
         second.amount_cents = 7;
-        let line = |e: &AwardEntry| {
-            format!(
-                "{}|{}|{}|{}|{}|{}|{}",
-                e.user,
-                e.out_trade_no,
-                e.amount_cents,
-                e.activity_id,
-                e.scene_id,
-                e.at_ms,
-                e.budget_gen
-            )
-        };
+        let line = stream_line;
         let entry_of = |text: String| StreamId {
             id: "2-0".into(),
             map: HashMap::from([("b".to_string(), redis::Value::BulkString(text.into_bytes()))]),
@@ -358,7 +363,12 @@ mod tests {
             ..e.clone()
         };
         assert_eq!(parsed, vec![with_id(&e), with_id(&second)]);
-        let coupon = parse_entry(&entry_of(format!("{}|c", line(&e)))).unwrap();
+        let coupon_entry = AwardEntry {
+            coupon: true,
+            ..e.clone()
+        };
+        assert_eq!(line(&coupon_entry), format!("{}|c", line(&e)));
+        let coupon = parse_entry(&entry_of(line(&coupon_entry))).unwrap();
         assert_eq!(
             coupon,
             vec![AwardEntry {

@@ -7,7 +7,7 @@ use super::Tokens;
 use crate::domain::UserId;
 use crate::pb;
 use crate::store::{hour_of, query_scripted};
-use crate::tokens::status::pending_letter;
+use crate::tokens::status::{pending_status, stream_line, AwardEntry};
 
 /// Whose budget a token spent and how much of it: its activity and cents, or for a
 /// coupon its template and one unit of stock.
@@ -15,6 +15,33 @@ pub fn stock_of(token: &pb::RedPacketToken) -> (&str, i64) {
     match &token.coupon {
         Some(terms) => (terms.template_id.as_str(), 1),
         None => (token.activity_id.as_str(), token.amount_cents),
+    }
+}
+
+/// A counter group of a store.lua call: its tokens of one counter hash (at `key`, 1-based
+/// in KEYS), hour and budget generation, and their stock.
+struct Group {
+    key: usize,
+    hour: String,
+    gen: i64,
+    tokens: i64,
+    cents: i64,
+}
+
+/// What a freshly minted token is, as its status value and stream line say it: its
+/// stock's owner (activity, or template for a coupon) and amount.
+fn entry_of(user: UserId, token: &pb::RedPacketToken) -> AwardEntry {
+    let (owner, amount_cents) = stock_of(token);
+    AwardEntry {
+        user,
+        out_trade_no: token.out_trade_no.clone(),
+        amount_cents,
+        activity_id: owner.to_string(),
+        scene_id: token.scene_id.clone(),
+        at_ms: token.issued_at_ms,
+        stream_id: None,
+        budget_gen: token.budget_gen,
+        coupon: token.coupon.is_some(),
     }
 }
 
@@ -110,36 +137,59 @@ impl Tokens {
                 streams[0]
             }
         };
+        // The tokens' counter groups: one per counter hash, hour and budget generation,
+        // summed here (store.lua takes out a token it did not store).
         let mut counters_at: HashMap<(u32, &str), usize> = HashMap::new();
+        let mut groups: Vec<Group> = Vec::new();
+        let mut group_of: HashMap<(usize, String, i64), usize> = HashMap::new();
+        let mut placed: Vec<(usize, usize)> = Vec::with_capacity(tokens.len());
         for ((_, _, token, _), partition) in tokens.iter().zip(&partitions) {
-            let next = keys.len() + 1;
-            let owner = stock_of(token).0;
+            let (owner, amount) = stock_of(token);
             let at = counted_in(*partition);
-            counters_at.entry((at, owner)).or_insert_with(|| {
+            let next = keys.len() + 1;
+            let key = *counters_at.entry((at, owner)).or_insert_with(|| {
                 keys.push(redis.counters_key(at, owner));
                 next
             });
+            let hour = hour_of(token.issued_at_ms);
+            let group = *group_of
+                .entry((key, hour.clone(), token.budget_gen))
+                .or_insert_with(|| {
+                    groups.push(Group {
+                        key,
+                        hour,
+                        gen: token.budget_gen,
+                        tokens: 0,
+                        cents: 0,
+                    });
+                    groups.len()
+                });
+            let counted = &mut groups[group - 1];
+            counted.tokens += 1;
+            counted.cents += amount;
+            let stream = streams.binary_search(partition).unwrap_or_default() + 1;
+            placed.push((stream, group));
         }
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.scripts.store.get_hash())
             .arg(keys.len())
             .arg(&keys);
-        cmd.arg(tokens.len()).arg(streams.len());
-        for ((_, _, token, bytes), partition) in tokens.iter().zip(&partitions) {
-            let (owner, amount) = stock_of(token);
-            let stream = streams.binary_search(partition).unwrap_or_default() + 1;
+        cmd.arg(tokens.len()).arg(streams.len()).arg(groups.len());
+        for group in &groups {
+            cmd.arg(group.key)
+                .arg(&group.hour)
+                .arg(format!("g{}", group.gen))
+                .arg(group.tokens)
+                .arg(group.cents);
+        }
+        for ((_, user, token, bytes), (stream, group)) in tokens.iter().zip(placed) {
+            let entry = entry_of(*user, token);
             cmd.arg(&token.out_trade_no)
                 .arg(*bytes)
-                .arg(hour_of(token.issued_at_ms))
-                .arg(amount)
-                .arg(token.user_id)
-                .arg(owner)
-                .arg(&token.scene_id)
-                .arg(token.issued_at_ms)
-                .arg(counters_at[&(counted_in(*partition), owner)])
-                .arg(token.budget_gen)
-                .arg(pending_letter(token.coupon.is_some()))
-                .arg(stream);
+                .arg(pending_status(&entry))
+                .arg(stream_line(&entry))
+                .arg(stream * 65_536 + group)
+                .arg(entry.amount_cents);
         }
         cmd
     }
