@@ -5,10 +5,13 @@
 --   then snapshot j's account snapshot hash; last, the partition's life hash
 -- ARGV[1]: now (ms)   ARGV[2]: consumer group   ARGV[3]: n tokens   ARGV[4]: m snapshots
 -- ARGV[5]: k stream entries to acknowledge   ARGV[6]: c counters hashes
--- ARGV[7+6i ..]: token i: out_trade_no, hour, amount, user id, budget generation, index
---   in KEYS of its activity's counters hash
+-- ARGV[7]: g counter groups (the tokens of one counters hash, hour and budget generation)
+-- then 3 per group: index in KEYS of its counters hash, hour (YYYYMMDDHH), `g{gen}`;
+-- then 4 per token: out_trade_no, its settled index member (`user|out_trade_no`),
+--   amount, index of its counter group
 -- then 5 per snapshot: version, balance, total income, withdrawn, the fence it lifts ('' for
--- none); then the k entry ids.
+-- none); then the k entry ids. The caller writes the members and groups whole, so
+-- nothing is concatenated per token here.
 -- A snapshot is stored with the identity of the Redis data (`rid`, and `wr` beside it,
 -- which only this script writes), `rs`, when the partition's current Redis life began,
 -- and `wt`, when it was written (Redis's clock). After a flush, a restart or a
@@ -21,38 +24,32 @@
 -- another identity that is not newer (a late mark of an earlier commit never replaces a
 -- later snapshot the AOF kept). Its fence field `f:<id>` goes with it: the change the
 -- fence announced is in this snapshot (or a newer one).
--- The settled counters are summed per hash and field, the index members go in one ZADD
+-- The settled counters are summed per counter group, the index members go in one ZADD
 -- per 256, the entries in one XACK and one XDEL. Returns how many tokens went from
 -- pending to settled now.
 local n, m = tonumber(ARGV[3]), tonumber(ARGV[4])
-local k, c = tonumber(ARGV[5]), tonumber(ARGV[6])
+local k, c, g = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local changed = 0
-local sums = {}
-local members = {}
-local function add(key, field, amount)
-  local fields = sums[key]
-  if not fields then
-    fields = {}
-    sums[key] = fields
-  end
-  fields[field] = (fields[field] or 0) + amount
+local counts = {}
+for j = 1, g do
+  counts[j] = {0, 0}
 end
+local members = {}
+local first = 8 + 3 * g
 for i = 0, n - 1 do
   local status_key = KEYS[3 + i]
-  local a = 7 + 6 * i
-  local otn, hour, amount, user = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3]
-  local gen, counters_key = ARGV[a + 4], KEYS[tonumber(ARGV[a + 5])]
+  local a = first + 4 * i
+  local otn = ARGV[a]
   local status = redis.call('HGET', status_key, otn)
   local letter = status and string.sub(status, 1, 1)
   if letter == 'p' or letter == 'c' then
     -- cash p -> s, coupon c -> d
     redis.call('HSET', status_key, otn, (letter == 'p' and 's' or 'd') .. string.sub(status, 2))
-    add(counters_key, hour .. ':sn', 1)
-    add(counters_key, hour .. ':sc', amount)
-    add(counters_key, 'g' .. gen .. ':sn', 1)
-    add(counters_key, 'g' .. gen .. ':sc', amount)
+    local counted = counts[tonumber(ARGV[a + 3])]
+    counted[1] = counted[1] + 1
+    counted[2] = counted[2] + tonumber(ARGV[a + 2])
     members[#members + 1] = ARGV[1]
-    members[#members + 1] = user .. '|' .. otn
+    members[#members + 1] = ARGV[a + 1]
     if #members >= 512 then
       redis.call('ZADD', KEYS[1], unpack(members))
       members = {}
@@ -63,12 +60,18 @@ end
 if #members > 0 then
   redis.call('ZADD', KEYS[1], unpack(members))
 end
-for key, fields in pairs(sums) do
-  for field, amount in pairs(fields) do
-    redis.call('HINCRBY', key, field, amount)
+for j = 1, g do
+  local counted = counts[j]
+  if counted[1] > 0 then
+    local a = 8 + 3 * (j - 1)
+    local key, hour, gen = KEYS[tonumber(ARGV[a])], ARGV[a + 1], ARGV[a + 2]
+    redis.call('HINCRBY', key, hour .. ':sn', counted[1])
+    redis.call('HINCRBY', key, hour .. ':sc', counted[2])
+    redis.call('HINCRBY', key, gen .. ':sn', counted[1])
+    redis.call('HINCRBY', key, gen .. ':sc', counted[2])
   end
 end
-local b = 7 + 6 * n
+local b = first + 4 * n
 local rid, since, written = nil, nil, nil
 if m > 0 then
   rid = run_id()

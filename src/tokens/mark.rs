@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use super::status::index_member;
 use super::{AwardEntry, Tokens};
 use crate::domain::UserId;
 use crate::store::{evalsha, hour_of, now_ms, query_scripted, SETTLE_GROUP};
@@ -61,13 +62,23 @@ impl Tokens {
         for (p, part) in &by_partition {
             let mut keys: Vec<String> = vec![redis.settled_index_key(*p), redis.stream_key(*p)];
             keys.extend(part.entries.iter().map(|e| redis.status_key(e.user)));
+            // Counter groups: one per counters hash, hour and budget generation.
             let mut counters_at: HashMap<&str, usize> = HashMap::new();
+            let mut groups: Vec<(usize, String, i64)> = Vec::new();
+            let mut group_of: HashMap<(usize, String, i64), usize> = HashMap::new();
+            let mut in_group: Vec<usize> = Vec::with_capacity(part.entries.len());
             for e in &part.entries {
                 let next = keys.len() + 1;
-                counters_at.entry(&e.activity_id).or_insert_with(|| {
+                let key = *counters_at.entry(&e.activity_id).or_insert_with(|| {
                     keys.push(redis.counters_key(*p, &e.activity_id));
                     next
                 });
+                let group = (key, hour_of(e.at_ms), e.budget_gen);
+                let index = *group_of.entry(group.clone()).or_insert_with(|| {
+                    groups.push(group);
+                    groups.len()
+                });
+                in_group.push(index);
             }
             keys.extend(part.snapshots.iter().map(|s| redis.snapshot_key(s.user)));
             let mut args: Vec<String> = vec![
@@ -77,14 +88,18 @@ impl Tokens {
                 part.snapshots.len().to_string(),
                 part.acks.len().to_string(),
                 counters_at.len().to_string(),
+                groups.len().to_string(),
             ];
-            for e in &part.entries {
+            for (key, hour, gen) in groups {
+                args.push(key.to_string());
+                args.push(hour);
+                args.push(format!("g{gen}"));
+            }
+            for (e, group) in part.entries.iter().zip(in_group) {
                 args.push(e.out_trade_no.clone());
-                args.push(hour_of(e.at_ms));
+                args.push(index_member(e.user, &e.out_trade_no));
                 args.push(e.amount_cents.to_string());
-                args.push(e.user.to_string());
-                args.push(e.budget_gen.to_string());
-                args.push(counters_at[e.activity_id.as_str()].to_string());
+                args.push(group.to_string());
             }
             for s in &part.snapshots {
                 args.push(s.version.to_string());
