@@ -79,7 +79,8 @@ impl Ledger {
         if users.is_empty() {
             return Ok(Some(Booked::default()));
         }
-        self.own_buckets(tx, &users).await?;
+        // `users` is not empty, so `own_buckets` names the shard.
+        let shard = self.own_buckets(tx, &users).await?.unwrap_or_default();
         let mut seen: HashSet<&str> = HashSet::with_capacity(entries.len());
         let newly: Vec<AwardEntry> = entries
             .iter()
@@ -93,7 +94,7 @@ impl Ledger {
         }
         // Past this point the rows are in: any failure fails the transaction.
         self.insert_coupons(tx, &newly).await?;
-        let accounts = self.credit_accounts(tx, &users, &credit).await?;
+        let accounts = self.credit_accounts(shard, tx, &users, &credit).await?;
         // After the account statement: every earlier booker of these users has committed.
         let extras: Vec<AwardEntry> = self
             .tokens
@@ -131,7 +132,7 @@ impl Ledger {
         if users.is_empty() {
             return Ok(Booked::default());
         }
-        let locked = self.lock_accounts(tx, &users).await?;
+        let (shard, locked) = self.lock_accounts_on(tx, &users).await?;
 
         // After the locks: every earlier booker of these users has committed.
         let pending = self.tokens.pending_of_users(&users).await?;
@@ -173,7 +174,9 @@ impl Ledger {
         let accounts = if credit.is_empty() {
             locked
         } else {
-            self.credit_accounts(tx, &users, &credit).await?
+            // `users` is not empty, so `lock_accounts_on` named the shard.
+            self.credit_accounts(shard.unwrap_or_default(), tx, &users, &credit)
+                .await?
         };
         to_mark.extend(all);
         Ok(Booked {
@@ -230,6 +233,7 @@ impl Ledger {
     /// without `INSERT … RETURNING`). Every account's version grows by one.
     async fn credit_accounts(
         &self,
+        shard: usize,
         tx: &mut Transaction<'_, MySql>,
         users: &[UserId],
         credit: &BTreeMap<UserId, i64>,
@@ -248,7 +252,7 @@ impl Ledger {
             " ON DUPLICATE KEY UPDATE balance_cents = balance_cents + VALUES(balance_cents), \
              total_income_cents = total_income_cents + VALUES(total_income_cents), version = version + 1",
         );
-        upsert_accounts(&self.db, tx, q, users).await
+        upsert_accounts(&self.db, shard, tx, q, users).await
     }
 
     /// Books `entries` in one transaction per MySQL shard.

@@ -230,15 +230,14 @@ fn read_accounts(
 /// Runs `upsert` (an `INSERT INTO accounts … ON DUPLICATE KEY UPDATE …` of every one of
 /// `users`, sorted and distinct) in `tx` and reads the rows back as it left them, locked:
 /// by `RETURNING` where the shard's server has it, by a `SELECT … FOR UPDATE` after it on
-/// MySQL 8 ([`Db::returning`]). `tx` is on the shard of `users` (checked before by
-/// [`Ledger::own_buckets`], which holds their buckets there until it ends).
+/// MySQL 8 ([`Db::returning`]). `tx` is on `shard` (as [`Ledger::own_buckets`] read it).
 async fn upsert_accounts(
     db: &Db,
+    shard: usize,
     tx: &mut Transaction<'_, MySql>,
     mut upsert: QueryBuilder<'_, MySql>,
     users: &[UserId],
 ) -> Result<BTreeMap<UserId, Account>, LedgerError> {
-    let shard = users.first().map_or(0, |u| db.shard_index(*u));
     if !db.returning(shard, tx).await? {
         upsert.build().execute(&mut **tx).await?;
         return select_accounts(tx, users).await;
@@ -292,33 +291,36 @@ impl Ledger {
 
     /// Checks, under a shared lock held to the end of `tx`, that this shard owns the
     /// buckets of `users`: a move of one of them waits for this transaction, and starts
-    /// after it; a bucket not owned here is refused (and the map read again).
+    /// after it; a bucket not owned here is refused (and the map read again). Returns
+    /// the index of the shard `tx` is on, as its database names itself
+    /// (`shard_identity`), whatever this instance's map says; `None` for no users.
     pub async fn own_buckets(
         &self,
         tx: &mut Transaction<'_, MySql>,
         users: &[UserId],
-    ) -> Result<(), LedgerError> {
+    ) -> Result<Option<usize>, LedgerError> {
         let mut buckets: Vec<u16> = users.iter().map(|u| bucket_of(*u)).collect();
         buckets.sort_unstable();
         buckets.dedup();
         if buckets.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let mut q = QueryBuilder::<MySql>::new(
-            "SELECT bucket FROM bucket_owner WHERE owned = 1 AND bucket IN (",
+            "SELECT b.bucket, s.shard FROM bucket_owner b JOIN shard_identity s ON s.id = 1 \
+             WHERE b.owned = 1 AND b.bucket IN (",
         );
         let mut list = q.separated(", ");
         for b in &buckets {
             list.push_bind(*b);
         }
         q.push(") LOCK IN SHARE MODE");
-        let owned: Vec<u16> = q
-            .build()
-            .fetch_all(&mut **tx)
-            .await?
-            .iter()
-            .map(|r| r.try_get(0))
-            .collect::<Result<_, _>>()?;
+        let rows = q.build().fetch_all(&mut **tx).await?;
+        let mut owned: Vec<u16> = Vec::with_capacity(rows.len());
+        let mut shard: Option<u16> = None;
+        for row in &rows {
+            owned.push(row.try_get(0)?);
+            shard = Some(row.try_get(1)?);
+        }
         if let Some(missing) = buckets.iter().find(|b| !owned.contains(b)) {
             if let Err(err) = self.db.refresh_map().await {
                 tracing::warn!(
@@ -328,7 +330,7 @@ impl Ledger {
             }
             return Err(LedgerError::Moved(*missing));
         }
-        Ok(())
+        Ok(shard.map(usize::from))
     }
 
     /// Creates (if needed), locks and reads the account rows of `users`, in user id
@@ -339,10 +341,18 @@ impl Ledger {
         tx: &mut Transaction<'_, MySql>,
         users: &[UserId],
     ) -> Result<BTreeMap<UserId, Account>, LedgerError> {
-        if users.is_empty() {
-            return Ok(BTreeMap::new());
-        }
-        self.own_buckets(tx, users).await?;
+        Ok(self.lock_accounts_on(tx, users).await?.1)
+    }
+
+    /// [`Ledger::lock_accounts`], and the shard `tx` is on (`None` for no users).
+    pub(super) async fn lock_accounts_on(
+        &self,
+        tx: &mut Transaction<'_, MySql>,
+        users: &[UserId],
+    ) -> Result<(Option<usize>, BTreeMap<UserId, Account>), LedgerError> {
+        let Some(shard) = self.own_buckets(tx, users).await? else {
+            return Ok((None, BTreeMap::new()));
+        };
         let mut users = users.to_vec();
         users.sort_unstable();
         users.dedup();
@@ -354,7 +364,8 @@ impl Ledger {
             b.push_bind(u.get());
         });
         insert.push(" ON DUPLICATE KEY UPDATE user_id = user_id");
-        upsert_accounts(&self.db, tx, insert, &users).await
+        let accounts = upsert_accounts(&self.db, shard, tx, insert, &users).await?;
+        Ok((Some(shard), accounts))
     }
 
     /// Under `user`'s account lock in `tx`: the tokens to mark with a snapshot of that

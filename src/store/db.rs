@@ -109,18 +109,17 @@ impl Db {
 
     /// Whether the ledger's statements on `shard` may read rows back with `INSERT …
     /// RETURNING` (MariaDB 10.5 and later) or must follow an insert with a `SELECT …
-    /// FOR UPDATE` (MySQL 8). Asked once per shard of its server, on `conn` (a
-    /// connection to that shard): `SELECT VERSION()`.
+    /// FOR UPDATE` (MySQL 8). Asked once per shard of its server, on `conn`, which the
+    /// caller must have opened on that shard (the ledger names it by the shard's own
+    /// `shard_identity`, never by its map): `SELECT VERSION()`.
     pub async fn returning(
         &self,
         shard: usize,
         conn: &mut sqlx::MySqlConnection,
     ) -> Result<bool, sqlx::Error> {
-        let known = self.returning.get(shard).map(|r| r.load(Ordering::Relaxed));
-        match known {
-            Some(RETURNING_YES) => return Ok(true),
-            Some(RETURNING_NO) => return Ok(false),
-            _ => {}
+        debug_assert!(shard < self.shards.len(), "no shard {shard}");
+        if let Some(known) = self.known_returning(shard) {
+            return Ok(known);
         }
         let version: String = sqlx::query_scalar("SELECT VERSION()")
             .fetch_one(conn)
@@ -128,6 +127,16 @@ impl Db {
         let yes = mariadb_with_returning(&version);
         self.set_returning_on(shard, yes);
         Ok(yes)
+    }
+
+    /// The statement form known for `shard`, without asking its server: `None` until
+    /// [`Db::returning`] asked it (or it was set).
+    pub fn known_returning(&self, shard: usize) -> Option<bool> {
+        match self.returning.get(shard)?.load(Ordering::Relaxed) {
+            RETURNING_YES => Some(true),
+            RETURNING_NO => Some(false),
+            _ => None,
+        }
     }
 
     /// Sets the statement form [`Db::returning`] answers on every shard: what a test of

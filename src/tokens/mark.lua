@@ -8,7 +8,7 @@
 -- ARGV[7]: g counter groups (the tokens of one counters hash, hour and budget generation)
 -- then 3 per group: index in KEYS of its counters hash, hour (YYYYMMDDHH), `g{gen}`;
 -- then 4 per token: out_trade_no, its settled index member (`user|out_trade_no`),
---   amount, index of its counter group
+--   amount, index of its counter group (1-based, in the order above)
 -- then 5 per snapshot: version, balance, total income, withdrawn, the fence it lifts ('' for
 -- none); then the k entry ids. The caller writes the members and groups whole, so
 -- nothing is concatenated per token here.

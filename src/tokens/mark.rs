@@ -1,5 +1,5 @@
 //! Marking booked tokens settled (mark.lua), after the MySQL commit: the status flips
-//! to `s`, the settled counters grow (summed per counter), the stream entries whose
+//! to `s`, the settled counters grow (summed per counter group), the stream entries whose
 //! tokens are all booked are acknowledged and deleted, and the account snapshots are
 //! stored, one script call per partition.
 

@@ -135,8 +135,9 @@ pub fn pending_in(
         .map(|s| s.entry)
 }
 
-/// The fields of a settlement stream entry (what store.lua's XADD writes), with `extra`
-/// fields after them (a parked entry's original id and error).
+/// The fields of one token's stream entry: what earlier releases' store.lua wrote (this
+/// one writes field `b`, see [`stream_line`]) and what the parked stream holds, with the
+/// entry's original id and error beside them.
 pub fn entry_fields(e: &AwardEntry) -> Vec<(&'static str, String)> {
     let mut fields = vec![
         ("u", e.user.to_string()),

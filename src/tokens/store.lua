@@ -19,7 +19,8 @@
 --   groups g; then 5 values per group (the tokens of one counter hash, hour and budget
 --   generation): index in KEYS of its counter hash, hour (YYYYMMDDHH), `g{gen}`, tokens,
 --   cents; then 6 values per token: out_trade_no, token bytes, status value, stream
---   line, its stream's index in KEYS * 65536 + its group's index, cents of stock.
+--   line, its stream's index in KEYS * 65536 + its group's index (1-based, in the order
+--   above), cents of stock.
 -- Returns one value per token: false when stored now, or what is already held under its
 -- out_trade_no (a concurrent duplicate won the race, or the token was trimmed: the
 -- caller gives its budget back, and its group counts it out). Amounts are at most 10^13

@@ -320,6 +320,55 @@ async fn each_shard_books_in_its_own_servers_statement_form() {
     t.stop().await;
 }
 
+/// A transaction opened on the shard that holds the data (a payout's reversal, a packet's
+/// refund) while this instance's map still names the bucket's former shard: the
+/// statement form is asked of, and kept for, the shard the transaction is on, never the
+/// one the stale map names (which may run another server).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_statement_form_is_kept_for_the_shard_a_transaction_is_on() {
+    let t = spawn_two_shards().await;
+    let user = (300..400)
+        .find(|u| {
+            t.app
+                .db
+                .shard_index(redpacket_wallet::domain::UserId::parse(*u).unwrap())
+                == 0
+        })
+        .unwrap();
+    let id = redpacket_wallet::domain::UserId::parse(user).unwrap();
+    let bucket = redpacket_wallet::store::bucket_of(id);
+    // The bucket now lives on shard 1, behind the map's back (the main database's map,
+    // and so this instance's, still say shard 0).
+    sqlx::query("UPDATE bucket_owner SET owned = 0 WHERE bucket = ?")
+        .bind(bucket)
+        .execute(t.app.db.shard(0))
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO bucket_owner (bucket, owned) VALUES (?, 1) \
+         ON DUPLICATE KEY UPDATE owned = 1",
+    )
+    .bind(bucket)
+    .execute(t.app.db.shard(1))
+    .await
+    .unwrap();
+    assert_eq!(t.app.db.shard_index(id), 0, "the map is stale");
+    assert_eq!(
+        (t.app.db.known_returning(0), t.app.db.known_returning(1)),
+        (None, None)
+    );
+    let mut tx = t.app.db.shard(1).begin().await.unwrap();
+    let accounts = t.app.ledger.lock_accounts(&mut tx, &[id]).await.unwrap();
+    assert_eq!(accounts[&id].balance_cents, 0);
+    tx.rollback().await.unwrap();
+    assert_eq!(
+        (t.app.db.known_returning(0), t.app.db.known_returning(1)),
+        (None, Some(true)),
+        "the form was asked of shard 1, the transaction's"
+    );
+    t.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_withdrawal_forces_settlement_of_pending_tokens() {
     let t = spawn_app().await;
