@@ -262,12 +262,20 @@ impl TestApp {
         if let Some(r) = self.running.take() {
             r.stop().await;
         }
-        if self.db_name.starts_with("rpw_t_") {
-            for db in [self.db_name.clone(), format!("{}_shadow", self.db_name)] {
-                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS `{db}`"))
-                    .execute(self.app.db.main())
-                    .await;
-            }
+        // The test's databases: its own, its shadow, and the further shards it was given.
+        let shards = self
+            .env
+            .iter()
+            .filter(|(k, _)| k == "RPW_MYSQL__SHARD_URLS")
+            .flat_map(|(_, urls)| urls.split(','))
+            .filter_map(|url| url.rsplit('/').next())
+            .map(str::to_string);
+        let mut dbs = vec![self.db_name.clone(), format!("{}_shadow", self.db_name)];
+        dbs.extend(shards);
+        for db in dbs.iter().filter(|db| db.starts_with("rpw_t_")) {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS `{db}`"))
+                .execute(self.app.db.main())
+                .await;
         }
         let _ = std::fs::remove_dir_all(&self.keys_dir);
         let mut conn = self.app.redis.conn();
