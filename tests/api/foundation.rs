@@ -374,9 +374,12 @@ async fn serve_shuts_down_cleanly_on_sigterm() {
         .await
         .is_err());
     let pool = sqlx::MySqlPool::connect(&mysql_base_url()).await.unwrap();
-    sqlx::query(&format!("DROP DATABASE `{db}`"))
-        .execute(&pool)
-        .await
-        .unwrap();
+    // Its database, and the shadow database serve made beside it.
+    for name in [db.to_string(), format!("{db}_shadow")] {
+        sqlx::query(&format!("DROP DATABASE IF EXISTS `{name}`"))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
     std::fs::remove_dir_all(keys).unwrap();
 }
