@@ -52,6 +52,32 @@ async fn shadow_get(t: &TestApp, path: &str, bearer: &str) -> (u16, Value) {
     send(t, reqwest::Method::GET, path, bearer, None, "1").await
 }
 
+/// Lets the shadow data's alive marker lapse, as if shadow traffic had stopped long ago.
+async fn lapse(t: &TestApp) {
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{}shadow:alive", t.prefix))
+        .query_async(&mut t.app.redis.conn())
+        .await
+        .unwrap();
+}
+
+/// The shadow keys left after a purge, checked to hold no money: the shadow worker may
+/// recreate its stream groups, and the running shadow app's stats flush its in-memory
+/// counts again.
+async fn shadow_keys_after_purge(t: &TestApp) -> Vec<String> {
+    let left: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}shadow:*", t.prefix))
+        .query_async(&mut t.app.redis.conn())
+        .await
+        .unwrap();
+    assert!(
+        left.iter()
+            .all(|k| k.ends_with(":settle") || k.contains(":stats:")),
+        "shadow keys left after the purge: {left:?}"
+    );
+    left
+}
+
 /// What the real side holds: every real Redis key with its value, the real tables, and
 /// the award and booking metric series.
 async fn real_state(t: &TestApp) -> (Vec<(String, Vec<u8>)>, Vec<i64>, Vec<String>) {
@@ -265,25 +291,9 @@ async fn shadow_traffic_runs_the_real_code_and_touches_no_real_data() {
         !shadow_state.expiry.purge_if_expired(shadow).await.unwrap(),
         "alive: kept"
     );
-    let mut conn = t.app.redis.conn();
-    let _: () = redis::cmd("DEL")
-        .arg(format!("{}shadow:alive", t.prefix))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    lapse(&t).await;
     assert!(shadow_state.expiry.purge_if_expired(shadow).await.unwrap());
-    let left: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}shadow:*", t.prefix))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    // The shadow worker may recreate its stream groups, and the shadow app's stats flush
-    // its in-memory counts again; nothing holding money is left.
-    assert!(
-        left.iter()
-            .all(|k| k.ends_with(":settle") || k.contains(":stats:")),
-        "shadow keys left after the purge: {left:?}"
-    );
+    shadow_keys_after_purge(&t).await;
     let rows = sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM ledger_entries")
         .fetch_one(shadow.db.main())
         .await
@@ -323,23 +333,9 @@ async fn shadow_traffic_runs_the_real_code_and_touches_no_real_data() {
     .execute(shadow.db.main())
     .await
     .unwrap();
-    let _: () = redis::cmd("DEL")
-        .arg(format!("{prefix}shadow:alive"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    lapse(&t).await;
     assert!(purge().await.unwrap());
-    let left: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}shadow:*"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    // As above: stream groups and the running shadow app's stats may come back.
-    assert!(
-        left.iter()
-            .all(|k| k.ends_with(":settle") || k.contains(":stats:")),
-        "shadow keys left after shadow-purge: {left:?}"
-    );
+    let left = shadow_keys_after_purge(&t).await;
     assert!(!left.contains(&left_behind));
     let rows = sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM flagged_users")
         .fetch_one(shadow.db.main())

@@ -4,11 +4,76 @@
 //! Only their sums over the partitions mean anything: on one Redis node a store call
 //! counts its tokens in its first partition's hash, whichever partitions they are in.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 
 use super::Tokens;
+use crate::store::hour_of;
+
+/// A counter group of one store.lua or mark.lua call: its tokens of one counters hash
+/// (`key`, 1-based in the call's KEYS), hour and budget generation, and their sums.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CounterGroup {
+    pub key: usize,
+    pub hour: String,
+    pub gen: i64,
+    pub tokens: i64,
+    pub cents: i64,
+}
+
+impl CounterGroup {
+    /// The group's generation as its counter fields name it (`g{gen}`).
+    pub fn gen_field(&self) -> String {
+        format!("g{}", self.gen)
+    }
+}
+
+/// The counter groups of one script call, in the order they are passed (a token names
+/// its group by its 1-based place in that order).
+#[derive(Debug, Default)]
+pub struct CounterGroups {
+    groups: Vec<CounterGroup>,
+    index: HashMap<(usize, String, i64), usize>,
+}
+
+impl CounterGroups {
+    /// Counts a token of `cents` issued at `at_ms` from budget generation `gen` in the
+    /// counters hash at `key`; returns its group's 1-based index.
+    pub fn add(&mut self, key: usize, at_ms: i64, gen: i64, cents: i64) -> usize {
+        let hour = hour_of(at_ms);
+        let groups = &mut self.groups;
+        let index = *self
+            .index
+            .entry((key, hour.clone(), gen))
+            .or_insert_with(|| {
+                groups.push(CounterGroup {
+                    key,
+                    hour,
+                    gen,
+                    tokens: 0,
+                    cents: 0,
+                });
+                groups.len()
+            });
+        let group = &mut groups[index - 1];
+        group.tokens += 1;
+        group.cents += cents;
+        index
+    }
+
+    pub fn len(&self) -> usize {
+        self.groups.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &CounterGroup> {
+        self.groups.iter()
+    }
+}
 
 /// A count of awards and their sum.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -91,6 +156,24 @@ impl Tokens {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_of_one_hash_hour_and_generation_share_a_group() {
+        let hour = 1_795_000_000_000 - 1_795_000_000_000 % 3_600_000;
+        let mut g = CounterGroups::default();
+        assert_eq!(g.add(4, hour + 1, 2, 10), 1);
+        assert_eq!(g.add(4, hour + 2_000, 2, 5), 1);
+        assert_eq!(g.add(4, hour + 2_000, 3, 7), 2, "another generation");
+        assert_eq!(g.add(5, hour + 1, 2, 1), 3, "another hash");
+        assert_eq!(g.add(4, hour + 3_600_000, 2, 1), 4, "another hour");
+        let first = g.iter().next().unwrap();
+        assert_eq!((first.tokens, first.cents), (2, 15));
+        assert_eq!(
+            (first.hour.as_str(), first.gen_field()),
+            (hour_of(hour).as_str(), "g2".to_string())
+        );
+        assert_eq!(g.len(), 4);
+    }
 
     #[test]
     fn partitions_add_up_per_hour_and_generation() {

@@ -5,10 +5,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use super::counters::CounterGroups;
 use super::status::index_member;
 use super::{AwardEntry, Tokens};
 use crate::domain::UserId;
-use crate::store::{evalsha, hour_of, now_ms, query_scripted, SETTLE_GROUP};
+use crate::store::{evalsha, now_ms, query_scripted, SETTLE_GROUP};
 
 /// An account as a booking transaction committed it, for the Redis-only view.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,10 +63,9 @@ impl Tokens {
         for (p, part) in &by_partition {
             let mut keys: Vec<String> = vec![redis.settled_index_key(*p), redis.stream_key(*p)];
             keys.extend(part.entries.iter().map(|e| redis.status_key(e.user)));
-            // Counter groups: one per counters hash, hour and budget generation.
+            // Counter groups (mark.lua sums only the tokens it changed).
             let mut counters_at: HashMap<&str, usize> = HashMap::new();
-            let mut groups: Vec<(usize, String, i64)> = Vec::new();
-            let mut group_of: HashMap<(usize, String, i64), usize> = HashMap::new();
+            let mut groups = CounterGroups::default();
             let mut in_group: Vec<usize> = Vec::with_capacity(part.entries.len());
             for e in &part.entries {
                 let next = keys.len() + 1;
@@ -73,12 +73,7 @@ impl Tokens {
                     keys.push(redis.counters_key(*p, &e.activity_id));
                     next
                 });
-                let group = (key, hour_of(e.at_ms), e.budget_gen);
-                let index = *group_of.entry(group.clone()).or_insert_with(|| {
-                    groups.push(group);
-                    groups.len()
-                });
-                in_group.push(index);
+                in_group.push(groups.add(key, e.at_ms, e.budget_gen, e.amount_cents));
             }
             keys.extend(part.snapshots.iter().map(|s| redis.snapshot_key(s.user)));
             let mut args: Vec<String> = vec![
@@ -90,10 +85,10 @@ impl Tokens {
                 counters_at.len().to_string(),
                 groups.len().to_string(),
             ];
-            for (key, hour, gen) in groups {
-                args.push(key.to_string());
-                args.push(hour);
-                args.push(format!("g{gen}"));
+            for group in groups.iter() {
+                args.push(group.key.to_string());
+                args.push(group.hour.clone());
+                args.push(group.gen_field());
             }
             for (e, group) in part.entries.iter().zip(in_group) {
                 args.push(e.out_trade_no.clone());

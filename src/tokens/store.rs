@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use super::Tokens;
 use crate::domain::UserId;
 use crate::pb;
-use crate::store::{hour_of, query_scripted};
+use crate::store::query_scripted;
+use crate::tokens::counters::CounterGroups;
 use crate::tokens::status::{pending_status, stream_line, AwardEntry};
 
 /// Whose budget a token spent and how much of it: its activity and cents, or for a
@@ -16,16 +17,6 @@ pub fn stock_of(token: &pb::RedPacketToken) -> (&str, i64) {
         Some(terms) => (terms.template_id.as_str(), 1),
         None => (token.activity_id.as_str(), token.amount_cents),
     }
-}
-
-/// A counter group of a store.lua call: its tokens of one counter hash (at `key`, 1-based
-/// in KEYS), hour and budget generation, and their stock.
-struct Group {
-    key: usize,
-    hour: String,
-    gen: i64,
-    tokens: i64,
-    cents: i64,
 }
 
 /// What a freshly minted token is, as its status value and stream line say it: its
@@ -137,11 +128,10 @@ impl Tokens {
                 streams[0]
             }
         };
-        // The tokens' counter groups: one per counter hash, hour and budget generation,
-        // summed here (store.lua takes out a token it did not store).
+        // The tokens' counter groups, summed here (store.lua takes out a token it did
+        // not store).
         let mut counters_at: HashMap<(u32, &str), usize> = HashMap::new();
-        let mut groups: Vec<Group> = Vec::new();
-        let mut group_of: HashMap<(usize, String, i64), usize> = HashMap::new();
+        let mut groups = CounterGroups::default();
         let mut placed: Vec<(usize, usize)> = Vec::with_capacity(tokens.len());
         for ((_, _, token, _), partition) in tokens.iter().zip(&partitions) {
             let (owner, amount) = stock_of(token);
@@ -151,22 +141,7 @@ impl Tokens {
                 keys.push(redis.counters_key(at, owner));
                 next
             });
-            let hour = hour_of(token.issued_at_ms);
-            let group = *group_of
-                .entry((key, hour.clone(), token.budget_gen))
-                .or_insert_with(|| {
-                    groups.push(Group {
-                        key,
-                        hour,
-                        gen: token.budget_gen,
-                        tokens: 0,
-                        cents: 0,
-                    });
-                    groups.len()
-                });
-            let counted = &mut groups[group - 1];
-            counted.tokens += 1;
-            counted.cents += amount;
+            let group = groups.add(key, token.issued_at_ms, token.budget_gen, amount);
             let stream = streams.binary_search(partition).unwrap_or_default() + 1;
             placed.push((stream, group));
         }
@@ -175,10 +150,10 @@ impl Tokens {
             .arg(keys.len())
             .arg(&keys);
         cmd.arg(tokens.len()).arg(streams.len()).arg(groups.len());
-        for group in &groups {
+        for group in groups.iter() {
             cmd.arg(group.key)
                 .arg(&group.hour)
-                .arg(format!("g{}", group.gen))
+                .arg(group.gen_field())
                 .arg(group.tokens)
                 .arg(group.cents);
         }
