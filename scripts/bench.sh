@@ -104,9 +104,41 @@ export RUST_LOG="${RUST_LOG:-warn}"
 RPW_MYSQL__URL="$RPW_BENCH_BASELINE_MYSQL_URL" "$BIN" migrate >/dev/null
 "$BIN" keys generate >/dev/null
 
+# An AOF rewrite forks a child that compresses the whole dataset for seconds. On a
+# machine whose cores the service, Redis, MariaDB and the bench all share, a rewrite that
+# lands inside a scenario takes a core from it (each quick run writes about 1 GB of AOF,
+# enough to start one at a random moment). So the AOF is rewritten before the run, while
+# nothing is measured, and automatic rewrites wait until the run ends; the setting each
+# node had is put back afterwards. Every node of a cluster, replicas too: theirs share
+# the cores as well.
+REDIS_NODES=("${REDIS_PORTS[@]}")
+if [[ $CLUSTER -eq 1 ]]; then
+  mapfile -t REDIS_NODES < <(redis-cli -p "${REDIS_PORTS[0]}" CLUSTER NODES | awk '{split($2, a, "[:@]"); print a[2]}')
+fi
+AOF_MIN_SIZES=()
+restore_aof() {
+  local i
+  for i in "${!AOF_MIN_SIZES[@]}"; do
+    redis-cli -p "${REDIS_NODES[$i]}" CONFIG SET auto-aof-rewrite-min-size "${AOF_MIN_SIZES[$i]}" >/dev/null || true
+  done
+}
+trap restore_aof EXIT
+for port in "${REDIS_NODES[@]}"; do
+  AOF_MIN_SIZES+=("$(redis-cli -p "$port" CONFIG GET auto-aof-rewrite-min-size | tail -1)")
+  redis-cli -p "$port" CONFIG SET auto-aof-rewrite-min-size 1099511627776 >/dev/null
+  redis-cli -p "$port" BGREWRITEAOF >/dev/null 2>&1 || true
+done
+for port in "${REDIS_NODES[@]}"; do
+  for _ in $(seq 1 600); do
+    [[ $(redis-cli -p "$port" INFO persistence | tr -d '\r' | grep -c '^aof_rewrite_\(in_progress\|scheduled\):0') -eq 2 ]] && break
+    sleep 0.1
+  done
+done
+
 "$BIN" serve --no-cron >"$WORK/server.log" 2>&1 &
 SERVER_PID=$!
 cleanup() {
+  restore_aof
   if kill -0 "$SERVER_PID" 2>/dev/null; then
     kill "$SERVER_PID"
     wait "$SERVER_PID" 2>/dev/null || true

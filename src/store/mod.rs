@@ -38,6 +38,23 @@ pub use db::{bucket_of, Db, BUCKETS, MIGRATOR};
 /// that must tell data written in another Redis life from their own.
 pub const IDENTITY_LUA: &str = include_str!("identity.lua");
 
+/// The identity of the Redis data as `run_id()` of [`IDENTITY_LUA`] gives it, read from
+/// the text of `INFO server replication` (taken in the same transaction as the data it
+/// qualifies): `<run_id>:<master_replid>`, each the alphanumeric run after its field
+/// name, empty when absent.
+pub fn identity_of(info: &str) -> String {
+    let field = |name: &str| {
+        info.find(name).map_or("", |at| {
+            let rest = &info[at + name.len()..];
+            let end = rest
+                .find(|c: char| !c.is_ascii_alphanumeric())
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+    };
+    format!("{}:{}", field("\nrun_id:"), field("\nmaster_replid:"))
+}
+
 pub use scripts::{evalsha, key_slot, load_scripts, query_scripted, script, slot_tag};
 
 pub const SETTLE_GROUP: &str = "settle";
@@ -405,4 +422,20 @@ pub struct FlaggedKeys {
     pub whole: String,
     /// The token of the restore under way (a flush takes it away mid-restore).
     pub restoring: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::identity_of;
+
+    #[test]
+    fn the_identity_is_read_from_info_as_the_scripts_read_it() {
+        let info = "# Server\r\nredis_version:7.0.15\r\nrun_id:df0a232ce6\r\ntcp_port:6379\r\n\r\n\
+                    # Replication\r\nrole:master\r\nmaster_replid:ad785d861b\r\nmaster_replid2:0000\r\n";
+        assert_eq!(identity_of(info), "df0a232ce6:ad785d861b");
+        // `master_replid2` is not `master_replid`, whichever comes first.
+        let info = "# Replication\r\nmaster_replid2:0000\r\nmaster_replid:ab12\r\n";
+        assert_eq!(identity_of(info), ":ab12");
+        assert_eq!(identity_of(""), ":");
+    }
 }

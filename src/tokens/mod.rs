@@ -50,11 +50,10 @@ pub struct Tokens {
 struct Scripts {
     store: Script,
     mark: Script,
-    view: Script,
     greet: Script,
 }
 
-/// What Redis holds of one user's record, read atomically (view.lua): the pending tokens
+/// What Redis holds of one user's record, read atomically: the pending tokens
 /// and the last account snapshot (`v`, `b`, `i`, `w`, the identity `rid` of the Redis data
 /// it was written in, and a field `f:<id>` per open [`Fence`]).
 pub struct RedisRecord {
@@ -64,7 +63,8 @@ pub struct RedisRecord {
     pub identity: String,
 }
 
-/// What view.lua answers: the status hash, the snapshot hash, the data's identity.
+/// What the view's transaction answers: the status hash, the snapshot hash, and the
+/// text of `INFO server replication` (the data's identity).
 type ViewReply = (Vec<(String, String)>, HashMap<String, String>, String);
 
 /// The booked figures of an account as a snapshot holds them.
@@ -132,19 +132,13 @@ impl Tokens {
             scripts: Arc::new(Scripts {
                 store: crate::store::script(include_str!("store.lua")),
                 mark: with_identity(include_str!("mark.lua")),
-                view: with_identity(include_str!("view.lua")),
                 greet: crate::store::script(include_str!("greet.lua")),
             }),
         }
     }
 
-    pub fn scripts(&self) -> [&Script; 4] {
-        [
-            &self.scripts.store,
-            &self.scripts.mark,
-            &self.scripts.view,
-            &self.scripts.greet,
-        ]
+    pub fn scripts(&self) -> [&Script; 3] {
+        [&self.scripts.store, &self.scripts.mark, &self.scripts.greet]
     }
 
     /// Takes down the greeting markers of `(user, out_trade_no)` (only where the token
@@ -332,25 +326,21 @@ impl Tokens {
     }
 
     /// The user's tokens, account snapshot and the identity of the Redis data, read
-    /// atomically (view.lua).
+    /// atomically: one MULTI/EXEC of the two hashes and `INFO server replication`
+    /// (every key in the user's slot, and INFO answered by the node that holds it). A
+    /// transaction rather than a script: the same atomicity at under half the Redis time
+    /// (a script pays for each call it makes and for carrying the replies through Lua).
     pub async fn redis_record(&self, user: UserId) -> redis::RedisResult<RedisRecord> {
-        let keys = [self.redis.status_key(user), self.redis.snapshot_key(user)];
         let mut pipe = redis::pipe();
-        pipe.add_command(crate::store::evalsha(
-            &self.scripts.view,
-            &[keys[0].as_str(), keys[1].as_str()],
-        ));
-        let (statuses, snapshot, identity): ViewReply =
-            query_scripted::<Vec<_>>(&self.redis, &pipe, &self.scripts())
-                .await?
-                .into_iter()
-                .next()
-                .ok_or_else(|| {
-                    redis::RedisError::from((
-                        redis::ErrorKind::TypeError,
-                        "view.lua answered nothing",
-                    ))
-                })?;
+        pipe.atomic()
+            .hgetall(self.redis.status_key(user))
+            .hgetall(self.redis.snapshot_key(user))
+            .cmd("INFO")
+            .arg("server")
+            .arg("replication");
+        let (statuses, snapshot, info): ViewReply =
+            pipe.query_async(&mut self.redis.conn()).await?;
+        let identity = crate::store::identity_of(&info);
         Ok(RedisRecord {
             pending: status::pending_in(user, &statuses).collect(),
             snapshot,
