@@ -3,13 +3,15 @@
 //! client's copy of its tokens restores the server's).
 //!
 //! Exactness (DESIGN.md "View"), two ways:
-//! - **From Redis alone**, in one script read (view.lua): the user's token statuses and
-//!   account snapshot. The snapshot is the account as a committed transaction left it,
-//!   written with the tokens it booked marked settled, so it never includes a token still
-//!   pending; it is trusted only when written in this very Redis data (its `rid`) and no
-//!   fence is up (a withdrawal or reversal that may commit before its snapshot is
-//!   written). Booking changes nothing else, and a booking committed but not yet marked
-//!   leaves its tokens pending beside the older snapshot: still exact.
+//! - **From Redis alone**, in one transaction (MULTI/EXEC, see
+//!   [`crate::tokens::Tokens::redis_record`]): the user's token statuses and account
+//!   snapshot, and the identity of the Redis data. The snapshot is the account as a
+//!   committed transaction left it, written with the tokens it booked marked settled, so
+//!   it never includes a token still pending; it is trusted only when written in this
+//!   very Redis data (its `rid`) and no fence is up (a withdrawal or reversal that may
+//!   commit before its snapshot is written). Booking changes nothing else, and a booking
+//!   committed but not yet marked leaves its tokens pending beside the older snapshot:
+//!   still exact.
 //! - **Otherwise with MySQL**: in ONE statement the account row and which of the
 //!   not-yet-settled tokens the ledger already holds. A token reaches the ledger only
 //!   after it is in Redis, and is marked settled only after the commit, so in this order
