@@ -73,18 +73,21 @@ async fn debit_unmarked(t: &TestApp, id: i64, cents: i64, withdrawal: &str) -> F
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_views_identity_of_the_redis_data_is_the_one_scripts_write() {
     let t = spawn_app().await;
-    let key = t.app.redis.snapshot_key(user(12));
     let script = redis::Script::new(&format!(
         "{}\nreturn run_id()",
         redpacket_wallet::store::IDENTITY_LUA
     ));
     let mut conn = t.app.redis.conn();
-    // A key in the user's slot routes the script to the node the view reads.
-    let from_lua: String = script.key(&key).invoke_async(&mut conn).await.unwrap();
-    let record = t.app.tokens.redis_record(user(12)).await.unwrap();
-    assert_eq!(record.identity, from_lua);
-    let (run_id, replid) = from_lua.split_once(':').unwrap();
-    assert_eq!((run_id.len(), replid.len()), (40, 40), "{from_lua}");
+    // Users of every partition (on a cluster, of every master).
+    for id in 1..=2 * i64::from(t.app.redis.partitions()) {
+        // A key in the user's slot routes the script to the node that holds it.
+        let key = t.app.redis.snapshot_key(user(id));
+        let from_lua: String = script.key(&key).invoke_async(&mut conn).await.unwrap();
+        let record = t.app.tokens.redis_record(user(id)).await.unwrap();
+        assert_eq!(record.identity, from_lua, "user {id}");
+        let (run_id, replid) = from_lua.split_once(':').unwrap();
+        assert_eq!((run_id.len(), replid.len()), (40, 40), "{from_lua}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
