@@ -36,25 +36,55 @@ for j = 1, g do
 end
 local members = {}
 local first = 8 + 3 * g
+-- The tokens of each status hash (a user's) are read in one HMGET and flipped in one
+-- HSET, at most 256 at a time: a withdrawal's forced settlement marks all of one user's
+-- tokens at once. A token named twice in one call is looked at once (`seen`).
+local by_key, keys_in_order = {}, {}
 for i = 0, n - 1 do
-  local status_key = KEYS[3 + i]
-  local a = first + 4 * i
-  local otn = ARGV[a]
-  local status = redis.call('HGET', status_key, otn)
-  local letter = status and string.sub(status, 1, 1)
-  if letter == 'p' or letter == 'c' then
-    -- cash p -> s, coupon c -> d
-    redis.call('HSET', status_key, otn, (letter == 'p' and 's' or 'd') .. string.sub(status, 2))
-    local counted = counts[tonumber(ARGV[a + 3])]
-    counted[1] = counted[1] + 1
-    counted[2] = counted[2] + tonumber(ARGV[a + 2])
-    members[#members + 1] = ARGV[1]
-    members[#members + 1] = ARGV[a + 1]
-    if #members >= 512 then
-      redis.call('ZADD', KEYS[1], unpack(members))
-      members = {}
+  local key = KEYS[3 + i]
+  local at = by_key[key]
+  if not at then
+    at = {}
+    by_key[key] = at
+    keys_in_order[#keys_in_order + 1] = key
+  end
+  at[#at + 1] = first + 4 * i
+end
+local seen = {}
+for _, status_key in ipairs(keys_in_order) do
+  local at = by_key[status_key]
+  for from = 1, #at, 256 do
+    local to = math.min(from + 255, #at)
+    local otns = {}
+    for j = from, to do
+      otns[#otns + 1] = ARGV[at[j]]
     end
-    changed = changed + 1
+    local statuses = redis.call('HMGET', status_key, unpack(otns))
+    local flips = {}
+    for j = from, to do
+      local a = at[j]
+      local otn, status = ARGV[a], statuses[j - from + 1]
+      local letter = status and string.sub(status, 1, 1)
+      if (letter == 'p' or letter == 'c') and not seen[otn] then
+        seen[otn] = true
+        -- cash p -> s, coupon c -> d
+        flips[#flips + 1] = otn
+        flips[#flips + 1] = (letter == 'p' and 's' or 'd') .. string.sub(status, 2)
+        local counted = counts[tonumber(ARGV[a + 3])]
+        counted[1] = counted[1] + 1
+        counted[2] = counted[2] + tonumber(ARGV[a + 2])
+        members[#members + 1] = ARGV[1]
+        members[#members + 1] = ARGV[a + 1]
+        if #members >= 512 then
+          redis.call('ZADD', KEYS[1], unpack(members))
+          members = {}
+        end
+        changed = changed + 1
+      end
+    end
+    if #flips > 0 then
+      redis.call('HSET', status_key, unpack(flips))
+    end
   end
 end
 if #members > 0 then

@@ -1,6 +1,7 @@
 use std::collections::HashMap;
 
 use futures::future::join_all;
+use redpacket_wallet::domain::UserId;
 use redpacket_wallet::settle::worker::{Outcome, Worker, WorkerOptions};
 use serde_json::{json, Value};
 
@@ -54,6 +55,57 @@ async fn backlog(t: &TestApp) -> u64 {
         }
     }
     total
+}
+
+/// Marking reads and flips a user's tokens together: 300 tokens of one user (more than
+/// one read of mark.lua takes) and one of them named twice in the same call each go to
+/// settled once, and the settled counters count each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mark_of_many_tokens_of_one_user_counts_each_once() {
+    let t = spawn_app().await;
+    let u = UserId::parse(21).unwrap();
+    t.open_activity("cny2027", 1_000_000, 1_000).await;
+    issue_all(&t, (0..300).map(|r| award(21, r, 1 + r % 7)).collect()).await;
+    let pending = t.app.tokens.pending_of_users(&[u]).await.unwrap();
+    assert_eq!(pending.len(), 300);
+    let booked = t.app.ledger.book(&pending).await.unwrap();
+    let mut to_mark = booked.to_mark.clone();
+    to_mark.push(to_mark[7].clone());
+    to_mark.push(to_mark[299].clone());
+    let cents: i64 = pending.iter().map(|e| e.amount_cents).sum();
+    let changed = t
+        .app
+        .tokens
+        .mark(&to_mark, &booked.snapshots(), &[])
+        .await
+        .unwrap();
+    assert_eq!(changed, 300);
+    assert!(t
+        .app
+        .tokens
+        .pending_of_users(&[u])
+        .await
+        .unwrap()
+        .is_empty());
+    let counters = t.app.tokens.counters("cny2027").await.unwrap();
+    let settled = counters.hours.values().fold((0, 0), |(n, c), h| {
+        (n + h.settled.count, c + h.settled.cents)
+    });
+    assert_eq!(settled, (300, cents));
+    // Marked again, nothing changes.
+    let again = t.app.tokens.mark(&to_mark, &[], &[]).await.unwrap();
+    assert_eq!(again, 0);
+    let counters = t.app.tokens.counters("cny2027").await.unwrap();
+    assert_eq!(
+        counters
+            .hours
+            .values()
+            .map(|h| h.settled.count)
+            .sum::<i64>(),
+        300
+    );
+    assert_eq!(t.wallet(21).await["balance_cents"], cents);
+    t.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
