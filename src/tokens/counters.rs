@@ -29,28 +29,56 @@ impl CounterGroup {
     }
 }
 
-/// The counter groups of one script call, in the order they are passed (a token names
-/// its group by its 1-based place in that order).
-#[derive(Debug, Default)]
-pub struct CounterGroups {
-    groups: Vec<CounterGroup>,
-    index: HashMap<(usize, String, i64), usize>,
+/// Where a token is counted: the counters hash of `owner` (its activity, or its
+/// template for a coupon) in `partition`, the hour of `at_ms` and budget generation
+/// `gen`.
+#[derive(Debug, Clone, Copy)]
+pub struct CountedIn<'a> {
+    pub partition: u32,
+    pub owner: &'a str,
+    pub at_ms: i64,
+    pub gen: i64,
 }
 
-impl CounterGroups {
-    /// Counts a token of `cents` issued at `at_ms` from budget generation `gen` in the
-    /// counters hash at `key`; returns its group's 1-based index.
-    pub fn add(&mut self, key: usize, at_ms: i64, gen: i64, cents: i64) -> usize {
-        let hour = hour_of(at_ms);
+/// The counter groups of one script call, in the order they are passed (a token names
+/// its group by its 1-based place in that order), and the counters hashes they are in,
+/// each appended once to the call's KEYS.
+#[derive(Debug, Default)]
+pub struct CounterGroups<'a> {
+    groups: Vec<CounterGroup>,
+    /// (KEYS index of the hash, hour number since the epoch, generation) -> group.
+    index: HashMap<(usize, i64, i64), usize>,
+    /// (partition, owner) -> KEYS index of its counters hash.
+    hashes: HashMap<(u32, &'a str), usize>,
+}
+
+impl<'a> CounterGroups<'a> {
+    /// Counts a token of `cents` where `place` says; `key_of` names the counters hash
+    /// the first time the call meets it, and the name is appended to `keys`. Returns the
+    /// token's group, 1-based. The hour is formatted once per group.
+    pub fn add(
+        &mut self,
+        keys: &mut Vec<String>,
+        place: CountedIn<'a>,
+        key_of: impl FnOnce(u32, &str) -> String,
+        cents: i64,
+    ) -> usize {
+        let key = *self
+            .hashes
+            .entry((place.partition, place.owner))
+            .or_insert_with(|| {
+                keys.push(key_of(place.partition, place.owner));
+                keys.len()
+            });
         let groups = &mut self.groups;
         let index = *self
             .index
-            .entry((key, hour.clone(), gen))
+            .entry((key, place.at_ms.div_euclid(3_600_000), place.gen))
             .or_insert_with(|| {
                 groups.push(CounterGroup {
                     key,
-                    hour,
-                    gen,
+                    hour: hour_of(place.at_ms),
+                    gen: place.gen,
                     tokens: 0,
                     cents: 0,
                 });
@@ -62,12 +90,18 @@ impl CounterGroups {
         index
     }
 
+    /// How many groups the call has.
     pub fn len(&self) -> usize {
         self.groups.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.groups.is_empty()
+    }
+
+    /// How many counters hashes the call names.
+    pub fn hashes(&self) -> usize {
+        self.hashes.len()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &CounterGroup> {
@@ -160,18 +194,47 @@ mod tests {
     #[test]
     fn tokens_of_one_hash_hour_and_generation_share_a_group() {
         let hour = 1_795_000_000_000 - 1_795_000_000_000 % 3_600_000;
+        let at = |owner, at_ms, gen| CountedIn {
+            partition: 3,
+            owner,
+            at_ms,
+            gen,
+        };
+        let name = |p: u32, owner: &str| format!("cnt:{p}:{owner}");
+        let mut keys = vec!["stream".to_string()];
         let mut g = CounterGroups::default();
-        assert_eq!(g.add(4, hour + 1, 2, 10), 1);
-        assert_eq!(g.add(4, hour + 2_000, 2, 5), 1);
-        assert_eq!(g.add(4, hour + 2_000, 3, 7), 2, "another generation");
-        assert_eq!(g.add(5, hour + 1, 2, 1), 3, "another hash");
-        assert_eq!(g.add(4, hour + 3_600_000, 2, 1), 4, "another hour");
+        assert_eq!(g.add(&mut keys, at("a", hour + 1, 2), name, 10), 1);
+        assert_eq!(g.add(&mut keys, at("a", hour + 2_000, 2), name, 5), 1);
+        assert_eq!(
+            g.add(&mut keys, at("a", hour + 2_000, 3), name, 7),
+            2,
+            "another generation"
+        );
+        assert_eq!(
+            g.add(&mut keys, at("b", hour + 1, 2), name, 1),
+            3,
+            "another hash"
+        );
+        assert_eq!(
+            g.add(&mut keys, at("a", hour + 3_600_000, 2), name, 1),
+            4,
+            "another hour"
+        );
+        assert_eq!(
+            keys,
+            ["stream", "cnt:3:a", "cnt:3:b"],
+            "each hash named once"
+        );
+        assert_eq!(g.hashes(), 2);
         let first = g.iter().next().unwrap();
-        assert_eq!((first.tokens, first.cents), (2, 15));
+        assert_eq!((first.key, first.tokens, first.cents), (2, 2, 15));
         assert_eq!(
             (first.hour.as_str(), first.gen_field()),
             (hour_of(hour).as_str(), "g2".to_string())
         );
+        let later = g.iter().nth(3).unwrap();
+        assert_eq!(later.hour, hour_of(hour + 3_600_000));
+        assert_eq!(g.iter().nth(2).unwrap().key, 3);
         assert_eq!(g.len(), 4);
     }
 

@@ -3,9 +3,9 @@
 //! tokens are all booked are acknowledged and deleted, and the account snapshots are
 //! stored, one script call per partition.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
-use super::counters::CounterGroups;
+use super::counters::{CountedIn, CounterGroups};
 use super::status::index_member;
 use super::{AwardEntry, Tokens};
 use crate::domain::UserId;
@@ -64,17 +64,25 @@ impl Tokens {
             let mut keys: Vec<String> = vec![redis.settled_index_key(*p), redis.stream_key(*p)];
             keys.extend(part.entries.iter().map(|e| redis.status_key(e.user)));
             // Counter groups (mark.lua sums only the tokens it changed).
-            let mut counters_at: HashMap<&str, usize> = HashMap::new();
             let mut groups = CounterGroups::default();
-            let mut in_group: Vec<usize> = Vec::with_capacity(part.entries.len());
-            for e in &part.entries {
-                let next = keys.len() + 1;
-                let key = *counters_at.entry(&e.activity_id).or_insert_with(|| {
-                    keys.push(redis.counters_key(*p, &e.activity_id));
-                    next
-                });
-                in_group.push(groups.add(key, e.at_ms, e.budget_gen, e.amount_cents));
-            }
+            let in_group: Vec<usize> = part
+                .entries
+                .iter()
+                .map(|e| {
+                    let place = CountedIn {
+                        partition: *p,
+                        owner: &e.activity_id,
+                        at_ms: e.at_ms,
+                        gen: e.budget_gen,
+                    };
+                    groups.add(
+                        &mut keys,
+                        place,
+                        |p, a| redis.counters_key(p, a),
+                        e.amount_cents,
+                    )
+                })
+                .collect();
             keys.extend(part.snapshots.iter().map(|s| redis.snapshot_key(s.user)));
             let mut args: Vec<String> = vec![
                 now.to_string(),
@@ -82,7 +90,7 @@ impl Tokens {
                 part.entries.len().to_string(),
                 part.snapshots.len().to_string(),
                 part.acks.len().to_string(),
-                counters_at.len().to_string(),
+                groups.hashes().to_string(),
                 groups.len().to_string(),
             ];
             for group in groups.iter() {

@@ -7,7 +7,7 @@ use super::Tokens;
 use crate::domain::UserId;
 use crate::pb;
 use crate::store::query_scripted;
-use crate::tokens::counters::CounterGroups;
+use crate::tokens::counters::{CountedIn, CounterGroups};
 use crate::tokens::status::{pending_status, stream_line, AwardEntry};
 
 /// Whose budget a token spent and how much of it: its activity and cents, or for a
@@ -128,20 +128,27 @@ impl Tokens {
                 streams[0]
             }
         };
-        // The tokens' counter groups, summed here (store.lua takes out a token it did
-        // not store).
-        let mut counters_at: HashMap<(u32, &str), usize> = HashMap::new();
+        // What each token is (its stock's owner and amount), and its counter group,
+        // summed here (store.lua takes out a token it did not store).
+        let entries: Vec<AwardEntry> = tokens
+            .iter()
+            .map(|(_, user, token, _)| entry_of(*user, token))
+            .collect();
         let mut groups = CounterGroups::default();
         let mut placed: Vec<(usize, usize)> = Vec::with_capacity(tokens.len());
-        for ((_, _, token, _), partition) in tokens.iter().zip(&partitions) {
-            let (owner, amount) = stock_of(token);
-            let at = counted_in(*partition);
-            let next = keys.len() + 1;
-            let key = *counters_at.entry((at, owner)).or_insert_with(|| {
-                keys.push(redis.counters_key(at, owner));
-                next
-            });
-            let group = groups.add(key, token.issued_at_ms, token.budget_gen, amount);
+        for (entry, partition) in entries.iter().zip(&partitions) {
+            let place = CountedIn {
+                partition: counted_in(*partition),
+                owner: &entry.activity_id,
+                at_ms: entry.at_ms,
+                gen: entry.budget_gen,
+            };
+            let group = groups.add(
+                &mut keys,
+                place,
+                |p, owner| redis.counters_key(p, owner),
+                entry.amount_cents,
+            );
             let stream = streams.binary_search(partition).unwrap_or_default() + 1;
             placed.push((stream, group));
         }
@@ -157,12 +164,13 @@ impl Tokens {
                 .arg(group.tokens)
                 .arg(group.cents);
         }
-        for ((_, user, token, bytes), (stream, group)) in tokens.iter().zip(placed) {
-            let entry = entry_of(*user, token);
+        for (((_, _, token, bytes), entry), (stream, group)) in
+            tokens.iter().zip(&entries).zip(placed)
+        {
             cmd.arg(&token.out_trade_no)
                 .arg(*bytes)
-                .arg(pending_status(&entry))
-                .arg(stream_line(&entry))
+                .arg(pending_status(entry))
+                .arg(stream_line(entry))
                 .arg(stream * 65_536 + group)
                 .arg(entry.amount_cents);
         }
