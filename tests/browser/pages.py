@@ -32,7 +32,11 @@ import urllib.parse
 import urllib.request
 
 from selenium import webdriver
-from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
+from selenium.common.exceptions import (
+    SessionNotCreatedException,
+    StaleElementReferenceException,
+    TimeoutException,
+)
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
@@ -207,8 +211,19 @@ def browser():
                 "--hide-scrollbars", "--force-device-scale-factor=1", "--lang=en-US"):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    service = Service(executable_path=shutil.which("chromedriver") or "/usr/bin/chromedriver")
-    driver = webdriver.Chrome(service=service, options=options)
+    # Chromium sometimes exits while starting on a loaded machine ("session not created:
+    # Chrome instance exited"); that is the browser failing to start, not a page failing
+    # a check, so starting it is tried three times before giving up.
+    for attempt in range(1, 4):
+        service = Service(executable_path=shutil.which("chromedriver") or "/usr/bin/chromedriver")
+        try:
+            driver = webdriver.Chrome(service=service, options=options)
+            break
+        except SessionNotCreatedException as err:
+            if attempt == 3:
+                raise
+            print(f"  chromium did not start (attempt {attempt}): {err.msg.splitlines()[0]}")
+            time.sleep(2)
     driver.set_window_size(*DESKTOP)
     return driver
 
