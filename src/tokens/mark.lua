@@ -38,7 +38,8 @@ local members = {}
 local first = 8 + 3 * g
 -- The tokens of each status hash (a user's) are read in one HMGET and flipped in one
 -- HSET, at most 256 at a time: a withdrawal's forced settlement marks all of one user's
--- tokens at once. A token named twice in one call is looked at once (`seen`).
+-- tokens at once. A token named twice in one read is looked at once (`seen`); named
+-- again in a later read, it is read back settled.
 local by_key, keys_in_order = {}, {}
 for i = 0, n - 1 do
   local key = KEYS[3 + i]
@@ -50,11 +51,11 @@ for i = 0, n - 1 do
   end
   at[#at + 1] = first + 4 * i
 end
-local seen = {}
 for _, status_key in ipairs(keys_in_order) do
   local at = by_key[status_key]
   for from = 1, #at, 256 do
     local to = math.min(from + 255, #at)
+    local seen = {}
     local otns = {}
     for j = from, to do
       otns[#otns + 1] = ARGV[at[j]]

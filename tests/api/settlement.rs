@@ -58,53 +58,52 @@ async fn backlog(t: &TestApp) -> u64 {
 }
 
 /// Marking reads and flips a user's tokens together: 300 tokens of one user (more than
-/// one read of mark.lua takes) and one of them named twice in the same call each go to
-/// settled once, and the settled counters count each once.
+/// one read of mark.lua takes) and five of another, in one call, with one token named
+/// twice in the same read and one named again in a later read, each go to settled once,
+/// keep their amounts, and the settled counters count each once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mark_of_many_tokens_of_one_user_counts_each_once() {
     let t = spawn_app().await;
-    let u = UserId::parse(21).unwrap();
+    let (u, other) = (UserId::parse(21).unwrap(), UserId::parse(22).unwrap());
     t.open_activity("cny2027", 1_000_000, 1_000).await;
     issue_all(&t, (0..300).map(|r| award(21, r, 1 + r % 7)).collect()).await;
+    issue_all(&t, (0..5).map(|r| award(22, r, 10 + r)).collect()).await;
     let pending = t.app.tokens.pending_of_users(&[u]).await.unwrap();
     assert_eq!(pending.len(), 300);
     let booked = t.app.ledger.book(&pending).await.unwrap();
+    let others = t.app.tokens.pending_of_users(&[other]).await.unwrap();
+    let booked_others = t.app.ledger.book(&others).await.unwrap();
     let mut to_mark = booked.to_mark.clone();
+    // Named again in a later read (the first read takes 256), and in the same read.
     to_mark.push(to_mark[7].clone());
     to_mark.push(to_mark[299].clone());
-    let cents: i64 = pending.iter().map(|e| e.amount_cents).sum();
-    let changed = t
-        .app
-        .tokens
-        .mark(&to_mark, &booked.snapshots(), &[])
-        .await
-        .unwrap();
-    assert_eq!(changed, 300);
-    assert!(t
-        .app
-        .tokens
-        .pending_of_users(&[u])
-        .await
-        .unwrap()
-        .is_empty());
+    to_mark.extend(booked_others.to_mark.iter().cloned());
+    let mut snapshots = booked.snapshots();
+    snapshots.extend(booked_others.snapshots());
+    let cents: i64 = pending.iter().chain(&others).map(|e| e.amount_cents).sum();
+    let changed = t.app.tokens.mark(&to_mark, &snapshots, &[]).await.unwrap();
+    assert_eq!(changed, 305);
+    let left = t.app.tokens.pending_of_users(&[u, other]).await.unwrap();
+    assert!(left.is_empty(), "{left:?}");
+    // Settled, each with its amount (the rest of the status value is kept).
+    let mut settled = t.app.tokens.statuses_of(u).await.unwrap();
+    settled.extend(t.app.tokens.statuses_of(other).await.unwrap());
+    assert_eq!(settled.len(), 305);
+    assert!(settled.iter().all(|s| !s.pending));
+    let settled_cents: i64 = settled.iter().map(|s| s.entry.amount_cents).sum();
+    assert_eq!(settled_cents, cents);
     let counters = t.app.tokens.counters("cny2027").await.unwrap();
-    let settled = counters.hours.values().fold((0, 0), |(n, c), h| {
+    let counted = counters.hours.values().fold((0, 0), |(n, c), h| {
         (n + h.settled.count, c + h.settled.cents)
     });
-    assert_eq!(settled, (300, cents));
+    assert_eq!(counted, (305, cents));
     // Marked again, nothing changes.
     let again = t.app.tokens.mark(&to_mark, &[], &[]).await.unwrap();
     assert_eq!(again, 0);
     let counters = t.app.tokens.counters("cny2027").await.unwrap();
-    assert_eq!(
-        counters
-            .hours
-            .values()
-            .map(|h| h.settled.count)
-            .sum::<i64>(),
-        300
-    );
-    assert_eq!(t.wallet(21).await["balance_cents"], cents);
+    let counted: i64 = counters.hours.values().map(|h| h.settled.count).sum();
+    assert_eq!(counted, 305);
+    assert_eq!(t.wallet(21).await["pending_count"], 0);
     t.stop().await;
 }
 
