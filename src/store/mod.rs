@@ -283,7 +283,9 @@ impl Redis {
     pub fn status_key(&self, user: UserId) -> String {
         format!("{}{{{}}}:st:{}", self.prefix, self.partition_of(user), user)
     }
-    pub fn snapshot_key(&self, user: UserId) -> String {
+    /// Where earlier releases kept a user's account snapshot and fences; this one keeps
+    /// them in the status hash, mirrors fences here and empties it (see mark.lua).
+    pub fn legacy_snapshot_key(&self, user: UserId) -> String {
         format!(
             "{}{{{}}}:acct:{}",
             self.prefix,

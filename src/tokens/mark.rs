@@ -1,7 +1,7 @@
 //! Marking booked tokens settled (mark.lua), after the MySQL commit: the status flips
 //! to `s`, the settled counters grow (summed per counter group), the stream entries whose
 //! tokens are all booked are acknowledged and deleted, and the account snapshots are
-//! stored, one script call per partition.
+//! stored in the users' status hashes, one script call per partition.
 
 use std::collections::BTreeMap;
 
@@ -83,7 +83,10 @@ impl Tokens {
                     )
                 })
                 .collect();
-            keys.extend(part.snapshots.iter().map(|s| redis.snapshot_key(s.user)));
+            for s in &part.snapshots {
+                keys.push(redis.status_key(s.user));
+                keys.push(redis.legacy_snapshot_key(s.user));
+            }
             let mut args: Vec<String> = vec![
                 now.to_string(),
                 SETTLE_GROUP.to_string(),

@@ -1,7 +1,7 @@
 //! The Redis token record of a user, and its only owner: the signed token bytes
-//! (`P{p}:tok:{user}`), the accounting status beside them (`P{p}:st:{user}`), the account
-//! snapshot written with each settle mark (`P{p}:acct:{user}`), and the settlement stream
-//! entry each stored token gets.
+//! (`P{p}:tok:{user}`), the accounting status beside them (`P{p}:st:{user}`), which also
+//! holds the account snapshot written with each settle mark (fields starting with `=`,
+//! see mark.lua), and the settlement stream entry each stored token gets.
 //!
 //! - [`Tokens::store`] (store.lua) writes a fresh token: bytes, status, counters and a
 //!   stream entry, atomically (in the user's partition on a cluster; a call may span
@@ -55,17 +55,61 @@ struct Scripts {
 
 /// What Redis holds of one user's record, read atomically: the pending tokens
 /// and the last account snapshot (`v`, `b`, `i`, `w`, the identity `rid` of the Redis data
-/// it was written in, and a field `f:<id>` per open [`Fence`]).
+/// it was written in, shortened by [`short_identity`], `age`, how long into that Redis
+/// life it was written, and `f:<id>` per open [`Fence`]; see [`snapshot_fields`]).
 pub struct RedisRecord {
     pub pending: Vec<AwardEntry>,
     pub snapshot: HashMap<String, String>,
     /// The identity of the Redis data when this was read.
     pub identity: String,
+    /// The user still has a snapshot hash of the layout of earlier releases (`acct:`):
+    /// an instance of one may have changed the account without this snapshot knowing.
+    pub legacy: bool,
 }
 
-/// What the view's transaction answers: the status hash, the snapshot hash, and the
-/// text of `INFO server replication` (the data's identity).
-type ViewReply = (Vec<(String, String)>, HashMap<String, String>, String);
+/// What the view's transaction answers: the status hash, whether the legacy snapshot
+/// hash exists, and the text of `INFO server replication` (the data's identity).
+type ViewReply = (Vec<(String, String)>, bool, String);
+
+/// The identity of the Redis data as a snapshot holds it (mark.lua's `short`): the first
+/// 24 characters of the run id and of the replication id, so the field stays short enough
+/// for Redis's compact hash encoding. `None` for anything but `<40>:<40>` characters.
+pub fn short_identity(identity: &str) -> Option<String> {
+    let (run_id, replid) = identity.split_once(':')?;
+    (run_id.len() == 40 && replid.len() == 40 && identity.is_ascii())
+        .then(|| format!("{}:{}", &run_id[..24], &replid[..24]))
+}
+
+/// The snapshot of a status hash (mark.lua): `=s` (`version|balance|income|withdrawn`)
+/// as `v`, `b`, `i`, `w`; `=r` (`identity|age`) as `rid` and `age`; each fence `=f:<id>`
+/// as `f:<id>`. A malformed `=s` or `=r` gives nothing of itself, so nothing is trusted.
+fn snapshot_fields(statuses: &[(String, String)]) -> HashMap<String, String> {
+    let mut snapshot = HashMap::new();
+    for (name, value) in statuses {
+        match name.as_str() {
+            "=s" => {
+                let parts: Vec<&str> = value.split('|').collect();
+                if let [v, b, i, w] = parts[..] {
+                    for (k, part) in [("v", v), ("b", b), ("i", i), ("w", w)] {
+                        snapshot.insert(k.to_string(), part.to_string());
+                    }
+                }
+            }
+            "=r" => {
+                if let Some((rid, age)) = value.split_once('|') {
+                    snapshot.insert("rid".to_string(), rid.to_string());
+                    snapshot.insert("age".to_string(), age.to_string());
+                }
+            }
+            _ => {
+                if let Some(fence) = name.strip_prefix("=f:") {
+                    snapshot.insert(format!("f:{fence}"), value.clone());
+                }
+            }
+        }
+    }
+    snapshot
+}
 
 /// The booked figures of an account as a snapshot holds them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -75,20 +119,20 @@ pub struct Booked {
     pub withdrawn_cents: i64,
 }
 
+/// The figures of a snapshot's fields (0 for a missing one).
+fn figures_of(snapshot: &HashMap<String, String>) -> Booked {
+    let field = |k: &str| snapshot.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+    Booked {
+        balance_cents: field("b"),
+        total_income_cents: field("i"),
+        withdrawn_cents: field("w"),
+    }
+}
+
 impl RedisRecord {
     /// The snapshot's figures, whether or not they can be trusted (the degraded view).
     pub fn snapshot_figures(&self) -> Booked {
-        let field = |k: &str| {
-            self.snapshot
-                .get(k)
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0)
-        };
-        Booked {
-            balance_cents: field("b"),
-            total_income_cents: field("i"),
-            withdrawn_cents: field("w"),
-        }
+        figures_of(&self.snapshot)
     }
 
     /// The booked figures when the snapshot provably equals the ledger's account minus
@@ -100,15 +144,15 @@ impl RedisRecord {
     /// life; by then it has come), and no change other than booking this user's pending
     /// tokens is under way (no fence). `None`: only MySQL can say.
     pub fn exact_booked(&self, quiet_ms: i64) -> Option<Booked> {
-        let written_here = self.snapshot.get("rid") == Some(&self.identity)
-            && self.snapshot.get("wr") == Some(&self.identity);
-        let number = |k: &str| self.snapshot.get(k).and_then(|v| v.parse::<i64>().ok());
-        let late_in_life = matches!(
-            (number("rs"), number("wt")),
-            (Some(since), Some(written)) if written - since >= quiet_ms
-        );
+        let identity = short_identity(&self.identity)?;
+        let written_here = self.snapshot.get("rid") == Some(&identity);
+        let late_in_life = self
+            .snapshot
+            .get("age")
+            .and_then(|v| v.parse::<i64>().ok())
+            .is_some_and(|age| age >= quiet_ms);
         let fenced = self.snapshot.keys().any(|k| k.starts_with("f:"));
-        (written_here && late_in_life && !fenced && self.snapshot.contains_key("v"))
+        (written_here && late_in_life && !fenced && !self.legacy && self.snapshot.contains_key("v"))
             .then(|| self.snapshot_figures())
     }
 }
@@ -189,28 +233,34 @@ impl Tokens {
     }
 
     /// Puts up a fence on `user`'s snapshot (see [`Fence`]), before the transaction
-    /// whose change it announces begins.
+    /// whose change it announces begins: in the status hash, and mirrored in the legacy
+    /// snapshot hash, where views of earlier releases look (mark.lua lifts both).
     pub async fn fence(&self, user: UserId) -> redis::RedisResult<Fence> {
         let id = crate::domain::hex(&rand::random::<[u8; 8]>());
-        let _: () = redis::AsyncCommands::hset(
-            &mut self.redis.conn(),
-            self.redis.snapshot_key(user),
-            format!("f:{id}"),
-            crate::store::now_ms(),
-        )
-        .await?;
+        let now = crate::store::now_ms();
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .hset(self.redis.status_key(user), format!("=f:{id}"), now)
+            .ignore()
+            .hset(self.redis.legacy_snapshot_key(user), format!("f:{id}"), now)
+            .ignore();
+        let _: () = pipe.query_async(&mut self.redis.conn()).await?;
         Ok(Fence(id))
     }
 
     /// Takes a fence down when its change did not happen (the transaction rolled back
     /// or found nothing to do).
     pub async fn unfence(&self, user: UserId, fence: &Fence) -> redis::RedisResult<()> {
-        redis::AsyncCommands::hdel(
-            &mut self.redis.conn(),
-            self.redis.snapshot_key(user),
-            format!("f:{}", fence.0),
-        )
-        .await
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .hdel(self.redis.status_key(user), format!("=f:{}", fence.0))
+            .ignore()
+            .hdel(
+                self.redis.legacy_snapshot_key(user),
+                format!("f:{}", fence.0),
+            )
+            .ignore();
+        pipe.query_async(&mut self.redis.conn()).await
     }
 
     pub fn redis(&self) -> &Redis {
@@ -326,25 +376,103 @@ impl Tokens {
     }
 
     /// The user's tokens, account snapshot and the identity of the Redis data, read
-    /// atomically: one MULTI/EXEC of the two hashes and `INFO server replication`
-    /// (every key in the user's slot, and INFO answered by the node that holds it). A
-    /// transaction rather than a script: the same atomicity at under half the Redis time
-    /// (a script pays for each call it makes and for carrying the replies through Lua).
+    /// atomically: one MULTI/EXEC of the status hash (which holds the snapshot), whether
+    /// a legacy snapshot hash exists, and `INFO server replication` (every key in the
+    /// user's slot, and INFO answered by the node that holds it). A transaction rather
+    /// than a script: the same atomicity at under half the Redis time (a script pays for
+    /// each call it makes and for carrying the replies through Lua).
     pub async fn redis_record(&self, user: UserId) -> redis::RedisResult<RedisRecord> {
         let mut pipe = redis::pipe();
         pipe.atomic()
             .hgetall(self.redis.status_key(user))
-            .hgetall(self.redis.snapshot_key(user))
+            .exists(self.redis.legacy_snapshot_key(user))
             .cmd("INFO")
             .arg("server")
             .arg("replication");
-        let (statuses, snapshot, info): ViewReply =
-            pipe.query_async(&mut self.redis.conn()).await?;
+        let (statuses, legacy, info): ViewReply = pipe.query_async(&mut self.redis.conn()).await?;
         let identity = crate::store::identity_of(&info);
         Ok(RedisRecord {
             pending: status::pending_in(user, &statuses).collect(),
-            snapshot,
+            snapshot: snapshot_fields(&statuses),
             identity,
+            legacy,
         })
+    }
+
+    /// The figures of the newer of `record`'s snapshot and the legacy one, whether or
+    /// not they can be trusted: what the degraded view shows when MySQL cannot answer.
+    pub async fn degraded_figures(
+        &self,
+        user: UserId,
+        record: &RedisRecord,
+    ) -> redis::RedisResult<Booked> {
+        if !record.legacy {
+            return Ok(record.snapshot_figures());
+        }
+        let legacy: HashMap<String, String> = redis::AsyncCommands::hgetall(
+            &mut self.redis.conn(),
+            self.redis.legacy_snapshot_key(user),
+        )
+        .await?;
+        let version = |s: &HashMap<String, String>| {
+            s.get("v").and_then(|v| v.parse::<i64>().ok()).unwrap_or(-1)
+        };
+        Ok(if version(&legacy) > version(&record.snapshot) {
+            figures_of(&legacy)
+        } else {
+            record.snapshot_figures()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_short_identity_is_24_characters_of_each_id() {
+        let run_id = "0123456789abcdef0123456789abcdef01234567";
+        let replid = "fedcba9876543210fedcba9876543210fedcba98";
+        assert_eq!(
+            short_identity(&format!("{run_id}:{replid}")).as_deref(),
+            Some("0123456789abcdef01234567:fedcba9876543210fedcba98")
+        );
+        assert_eq!(short_identity(":"), None);
+        assert_eq!(short_identity(&format!("{run_id}:")), None);
+        assert_eq!(short_identity(run_id), None);
+    }
+
+    #[test]
+    fn a_status_hash_gives_its_snapshot_fields_without_the_mark() {
+        let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+        let statuses = vec![
+            pair("7_a_s_0_cash_live", "p|5|1|a|s|1"),
+            pair("=s", "3|100|150|50"),
+            pair("=r", "abc:def|120000"),
+            pair("=f:ab", "9"),
+        ];
+        let snapshot = snapshot_fields(&statuses);
+        let mut names: Vec<&str> = snapshot.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["age", "b", "f:ab", "i", "rid", "v", "w"]);
+        assert_eq!(
+            (
+                &snapshot["v"][..],
+                &snapshot["b"][..],
+                &snapshot["i"][..],
+                &snapshot["w"][..]
+            ),
+            ("3", "100", "150", "50")
+        );
+        assert_eq!(
+            (&snapshot["rid"][..], &snapshot["age"][..]),
+            ("abc:def", "120000")
+        );
+        assert_eq!(snapshot["f:ab"], "9");
+        // A malformed snapshot gives no figures (and so proves nothing).
+        let snapshot = snapshot_fields(&[pair("=s", "3|100"), pair("=r", "abc")]);
+        assert!(snapshot.is_empty(), "{snapshot:?}");
+        let user = UserId::parse(7).unwrap();
+        assert_eq!(status::pending_in(user, &statuses).count(), 1);
     }
 }

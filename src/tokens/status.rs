@@ -88,6 +88,10 @@ pub fn parse_coupon_status(user: UserId, otn: &str, value: &str) -> Option<Statu
 }
 
 fn parse_any_status(user: UserId, otn: &str, value: &str) -> Option<StatusEntry> {
+    // The snapshot's fields share the hash (mark.lua); an out_trade_no starts with a digit.
+    if otn.starts_with('=') {
+        return None;
+    }
     let mut parts = value.split('|');
     let (pending, coupon) = match parts.next()? {
         "p" => (true, false),

@@ -133,7 +133,12 @@ impl Wallet {
                 tracing::warn!(error = %err, "mysql unavailable; serving the wallet from redis");
                 crate::metrics::dependency_error("mysql");
                 let pending = candidates.iter().map(|e| e.amount_cents);
-                let view = merged(user, record.snapshot_figures(), pending, true)?;
+                let figures = self
+                    .tokens
+                    .degraded_figures(user, &record)
+                    .await
+                    .unwrap_or_else(|_| record.snapshot_figures());
+                let view = merged(user, figures, pending, true)?;
                 return Ok((view, ViewSource::Degraded));
             }
             Err(err) => return Err(err.into()),

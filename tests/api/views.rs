@@ -81,7 +81,7 @@ async fn the_views_identity_of_the_redis_data_is_the_one_scripts_write() {
     // Users of every partition (on a cluster, of every master).
     for id in 1..=2 * i64::from(t.app.redis.partitions()) {
         // A key in the user's slot routes the script to the node that holds it.
-        let key = t.app.redis.snapshot_key(user(id));
+        let key = t.app.redis.status_key(user(id));
         let from_lua: String = script.key(&key).invoke_async(&mut conn).await.unwrap();
         let record = t.app.tokens.redis_record(user(id)).await.unwrap();
         assert_eq!(record.identity, from_lua, "user {id}");
@@ -210,12 +210,12 @@ async fn a_redis_restart_sends_views_to_mysql_until_a_booking_writes_the_snapsho
     let (v, source) = view_after_restart(&t, 13).await;
     let snapshot: std::collections::HashMap<String, String> = {
         let mut conn = t.app.redis.conn();
-        redis::AsyncCommands::hgetall(&mut conn, t.app.redis.snapshot_key(user(13)))
+        redis::AsyncCommands::hgetall(&mut conn, t.app.redis.status_key(user(13)))
             .await
             .unwrap()
     };
     assert!(
-        snapshot.contains_key("v"),
+        snapshot.contains_key("=s"),
         "the AOF kept the snapshot: {snapshot:?}"
     );
     assert_eq!(source, ViewSource::Mysql, "written by another Redis life");
@@ -433,4 +433,207 @@ async fn views_stay_exact_while_withdrawals_and_the_drain_run() {
     assert_eq!(source, ViewSource::Redis);
     eprintln!("{from_redis} of {views} views from redis");
     Arc::into_inner(t).unwrap().stop().await;
+}
+
+/// Moves the user's snapshot out of the status hash into the layout of earlier releases
+/// (`acct:`, names without `=`, the identity in full), as an instance of one wrote it.
+async fn as_legacy(t: &TestApp, id: i64) {
+    let record = t.app.tokens.redis_record(user(id)).await.unwrap();
+    assert!(record.snapshot.contains_key("v"), "{:?}", record.snapshot);
+    let mut legacy = record.snapshot.clone();
+    let age = legacy.remove("age").unwrap();
+    legacy.insert("rid".into(), record.identity.clone());
+    legacy.insert("wr".into(), record.identity.clone());
+    legacy.insert("rs".into(), "1000".into());
+    legacy.insert(
+        "wt".into(),
+        (1000 + age.parse::<i64>().unwrap()).to_string(),
+    );
+    let in_status = vec!["=s", "=r"];
+    let legacy: Vec<(String, String)> = legacy.into_iter().collect();
+    let mut conn = t.app.redis.conn();
+    let _: () = redis::AsyncCommands::hdel(&mut conn, t.app.redis.status_key(user(id)), in_status)
+        .await
+        .unwrap();
+    let _: () = redis::AsyncCommands::hset_multiple(
+        &mut conn,
+        t.app.redis.legacy_snapshot_key(user(id)),
+        &legacy,
+    )
+    .await
+    .unwrap();
+}
+
+async fn legacy_fields(t: &TestApp, id: i64) -> std::collections::HashMap<String, String> {
+    let mut conn = t.app.redis.conn();
+    redis::AsyncCommands::hgetall(&mut conn, t.app.redis.legacy_snapshot_key(user(id)))
+        .await
+        .unwrap()
+}
+
+/// The snapshot lives in the status hash, which stays in Redis's compact encoding. A
+/// user whose snapshot is still in the layout of earlier releases (`acct:`) is viewed
+/// from MySQL, exact, until the next mark moves it: then from Redis again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_of_the_earlier_layout_keeps_views_on_mysql_until_a_mark_moves_it() {
+    let t = spawn_app().await;
+    t.open_activity("cny2027", 100_000, 1_000).await;
+    issue_all(&t, vec![award(16, 0, 100)]).await;
+    t.drain().await;
+    assert_eq!(view(&t, 16).await.1, ViewSource::Redis);
+    let encoding: String = redis::cmd("OBJECT")
+        .arg("ENCODING")
+        .arg(t.app.redis.status_key(user(16)))
+        .query_async(&mut t.app.redis.conn())
+        .await
+        .unwrap();
+    assert!(
+        encoding == "listpack" || encoding == "ziplist",
+        "{encoding}"
+    );
+
+    as_legacy(&t, 16).await;
+    let (v, source) = view(&t, 16).await;
+    assert_eq!((v.balance_cents, source), (100, ViewSource::Mysql));
+    issue_all(&t, vec![award(16, 1, 50)]).await;
+    let (v, source) = view(&t, 16).await;
+    assert_eq!(
+        (v.balance_cents, v.pending_cents, source),
+        (150, 50, ViewSource::Mysql)
+    );
+
+    t.drain().await;
+    assert!(legacy_fields(&t, 16).await.is_empty(), "moved and deleted");
+    let (v, source) = view(&t, 16).await;
+    assert_eq!(
+        (v.balance_cents, v.pending_cents, source),
+        (150, 0, ViewSource::Redis)
+    );
+    t.stop().await;
+}
+
+/// An earlier release's mark stored a newer snapshot (in `acct:`) than a late mark of
+/// this release brings: the late one moves the newer one into the status hash instead of
+/// writing its own, and the view stays exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_mark_keeps_a_newer_snapshot_of_the_earlier_layout() {
+    let t = spawn_app().await;
+    t.open_activity("cny2027", 100_000, 1_000).await;
+    issue_all(&t, vec![award(17, 0, 100)]).await;
+    t.drain().await;
+    // A booking commits (version 2) and its mark is held back...
+    issue_all(&t, vec![award(17, 1, 50)]).await;
+    let pending = t.app.tokens.pending_of_users(&[user(17)]).await.unwrap();
+    let late = t.app.ledger.book(&pending).await.unwrap();
+    // ... while a later one commits and an earlier release marks it (version 3).
+    issue_all(&t, vec![award(17, 2, 30)]).await;
+    t.drain().await;
+    as_legacy(&t, 17).await;
+    assert_eq!(view(&t, 17).await.0.balance_cents, 180);
+
+    t.app
+        .tokens
+        .mark(&late.to_mark, &late.snapshots(), &[])
+        .await
+        .unwrap();
+    assert!(legacy_fields(&t, 17).await.is_empty());
+    let (v, source) = view(&t, 17).await;
+    assert_eq!(
+        (v.balance_cents, v.pending_cents, source),
+        (180, 0, ViewSource::Redis)
+    );
+    assert_eq!(ledger_account(&t, 17).await.0, 180);
+    t.stop().await;
+}
+
+/// A fence an earlier release put up in `acct:` (its withdrawal is in flight) stays
+/// where that release will lift it: marks of this release leave that hash alone, and
+/// views stay on MySQL, exact, until it is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fence_of_the_earlier_layout_keeps_views_on_mysql() {
+    let t = spawn_app().await;
+    t.open_activity("cny2027", 100_000, 1_000).await;
+    issue_all(&t, vec![award(18, 0, 100)]).await;
+    t.drain().await;
+    as_legacy(&t, 18).await;
+    // The earlier release's withdrawal: its fence, then its debit commits, unmarked.
+    let mut conn = t.app.redis.conn();
+    let acct = t.app.redis.legacy_snapshot_key(user(18));
+    let _: () = redis::AsyncCommands::hset(&mut conn, &acct, "f:old", 1)
+        .await
+        .unwrap();
+    let mut tx = t.app.db.for_user(user(18)).begin().await.unwrap();
+    let mut accounts = t
+        .app
+        .ledger
+        .lock_accounts(&mut tx, &[user(18)])
+        .await
+        .unwrap();
+    let account = accounts.get_mut(&user(18)).unwrap();
+    Ledger::debit(
+        &mut tx,
+        account,
+        Cents::positive(40, "amount").unwrap(),
+        "old",
+        1,
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+
+    issue_all(&t, vec![award(18, 1, 5)]).await;
+    t.drain().await;
+    assert!(
+        legacy_fields(&t, 18).await.contains_key("f:old"),
+        "left alone"
+    );
+    let (v, source) = view(&t, 18).await;
+    assert_eq!((v.balance_cents, source), (65, ViewSource::Mysql));
+
+    // That release lifts its fence (its snapshot stays behind it, older than ours).
+    let _: () = redis::AsyncCommands::hdel(&mut conn, &acct, "f:old")
+        .await
+        .unwrap();
+    assert_eq!(
+        view(&t, 18).await.1,
+        ViewSource::Mysql,
+        "acct: is still there"
+    );
+    issue_all(&t, vec![award(18, 2, 1)]).await;
+    t.drain().await;
+    assert!(legacy_fields(&t, 18).await.is_empty());
+    let (v, source) = view(&t, 18).await;
+    assert_eq!((v.balance_cents, source), (66, ViewSource::Redis));
+    t.stop().await;
+}
+
+/// A fence is put up in the status hash and mirrored in `acct:`, where views of earlier
+/// releases look; taking it down, or the mark that lifts it, clears both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fence_is_mirrored_where_earlier_releases_look() {
+    let t = spawn_app().await;
+    t.open_activity("cny2027", 100_000, 1_000).await;
+    issue_all(&t, vec![award(19, 0, 100)]).await;
+    t.drain().await;
+    let fence = t.app.tokens.fence(user(19)).await.unwrap();
+    let record = t.app.tokens.redis_record(user(19)).await.unwrap();
+    assert!(record.snapshot.contains_key(&format!("f:{}", fence.0)));
+    assert!(legacy_fields(&t, 19)
+        .await
+        .contains_key(&format!("f:{}", fence.0)));
+    assert_eq!(view(&t, 19).await.1, ViewSource::Mysql);
+    t.app.tokens.unfence(user(19), &fence).await.unwrap();
+    assert!(legacy_fields(&t, 19).await.is_empty());
+    assert_eq!(view(&t, 19).await.1, ViewSource::Redis);
+
+    let fence = t.app.tokens.fence(user(19)).await.unwrap();
+    t.app
+        .ledger
+        .refresh_snapshot(user(19), fence)
+        .await
+        .unwrap();
+    assert!(legacy_fields(&t, 19).await.is_empty());
+    let (v, source) = view(&t, 19).await;
+    assert_eq!((v.balance_cents, source), (100, ViewSource::Redis));
+    t.stop().await;
 }
