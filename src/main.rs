@@ -132,6 +132,11 @@ redpacket-wallet reconcile --hour 2027021012          # every activity of that h
     #[command(after_help = "Example:
   RPW_REDIS__KEY_PREFIX=demo: redpacket-wallet shadow-purge")]
     ShadowPurge,
+    /// Forgets every account snapshot in Redis, after MySQL was restored from a backup
+    /// (the snapshots may be ahead of it): views read MySQL for each user until their
+    /// next booking writes a snapshot again. Fences and tokens stay.
+    #[command(after_help = "Example:\n  redpacket-wallet forget-snapshots")]
+    ForgetSnapshots,
     /// Prints an activity's budget figures: budget, granted, in doubt, ungranted,
     /// available in Redis, remaining.
     #[command(after_help = "Example:\n  redpacket-wallet budget --activity cny2027")]
@@ -405,6 +410,16 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("moving bucket {bucket} to shard {to}"))?;
             println!("{}", serde_json::to_string_pretty(&moved)?);
+        }
+        Command::ForgetSnapshots => {
+            let redis = redpacket_wallet::store::Redis::connect(&settings.redis).await?;
+            let (statuses, legacy) = redis
+                .forget_snapshots()
+                .await
+                .context("forgetting the account snapshots")?;
+            println!(
+                "account snapshots forgotten: {statuses} status hashes, {legacy} hashes of earlier releases"
+            );
         }
         Command::ShadowPurge => {
             if redpacket_wallet::shadow::purge_lapsed(&settings).await? {

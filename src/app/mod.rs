@@ -132,7 +132,8 @@ impl App {
             std::process::id(),
             rand::random::<u32>() & 0xff_ffff
         );
-        let tokens = Tokens::new(redis.clone());
+        let tokens =
+            Tokens::new(redis.clone()).with_snapshot_compat(settings.wallet.snapshot_compat);
         let ledger = Ledger::new(db.clone(), tokens.clone());
         let issue = &settings.issue;
         let budget = Arc::new(Budget::new(

@@ -232,6 +232,10 @@ pub struct WalletSettings {
     /// new life are trusted by views only once it is this old: longer than any fenced
     /// change (a withdrawal, a reversal, a packet) takes from its fence to its snapshot.
     pub identity_quiet_ms: u64,
+    /// Instances of a release that keeps account snapshots in their own hash (`acct:`)
+    /// may run beside this one (a rolling upgrade): snapshots and fences are kept there
+    /// too, and views read both (mark.lua). Off once every instance runs this release.
+    pub snapshot_compat: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -7,8 +7,8 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `P{p}:tok:{user}` | hash | out_trade_no → encoded SignedToken |
-//! | `P{p}:st:{user}` | hash | out_trade_no → `p\|amount\|at_ms\|activity\|scene` (`s…` once settled) |
-//! | `P{p}:acct:{user}` | hash | last booked account snapshot (v, b, i, w), for degraded views |
+//! | `P{p}:st:{user}` | hash | out_trade_no → `p\|amount\|at_ms\|activity\|scene\|gen` (`s…` once settled); the account snapshot `=s` (`version\|balance\|income\|withdrawn`), `=r` (`identity\|age`) and fences `=f:<id>` (mark.lua) |
+//! | `P{p}:acct:{user}` | hash | earlier releases' account snapshot; kept only in `wallet.snapshot_compat` |
 //! | `P{p}:cnt:{activity}` | hash | per-hour issuance counters `{hour}:n`, `{hour}:c`, settled `{hour}:sn`, `{hour}:sc` |
 //! | `P{p}:settle` | stream | one entry per token to book |
 //! | `P{p}:settled` | zset | `user\|out_trade_no` by settle time, for trimming |
@@ -196,7 +196,44 @@ impl Redis {
     /// Deletes every key under this instance's prefix (SCAN, on every master of a
     /// cluster); returns how many. For data that may go whole (shadow traffic).
     pub async fn delete_prefixed(&self) -> redis::RedisResult<u64> {
-        let pattern = format!("{}*", self.prefix);
+        let keys = self.scan(&format!("{}*", self.prefix)).await?;
+        for chunk in keys.chunks(500) {
+            let mut pipe = redis::pipe();
+            for key in chunk {
+                pipe.cmd("UNLINK").arg(key).ignore();
+            }
+            self.query::<()>(&pipe).await?;
+        }
+        Ok(keys.len() as u64)
+    }
+
+    /// Forgets every account snapshot this deployment keeps in Redis (the `=s` and `=r`
+    /// fields of the status hashes, and the hashes of earlier releases, `acct:`), so no
+    /// view trusts one until the user's next booking writes it again: after MySQL was
+    /// restored from a backup the snapshots may be ahead of it. Fences stay. Returns the
+    /// status hashes and legacy hashes seen.
+    pub async fn forget_snapshots(&self) -> redis::RedisResult<(u64, u64)> {
+        let statuses = self.scan(&format!("{}{{*}}:st:*", self.prefix)).await?;
+        for chunk in statuses.chunks(500) {
+            let mut pipe = redis::pipe();
+            for key in chunk {
+                pipe.hdel(key, &["=s", "=r"]).ignore();
+            }
+            self.query::<()>(&pipe).await?;
+        }
+        let legacy = self.scan(&format!("{}{{*}}:acct:*", self.prefix)).await?;
+        for chunk in legacy.chunks(500) {
+            let mut pipe = redis::pipe();
+            for key in chunk {
+                pipe.cmd("UNLINK").arg(key).ignore();
+            }
+            self.query::<()>(&pipe).await?;
+        }
+        Ok((statuses.len() as u64, legacy.len() as u64))
+    }
+
+    /// The keys matching `pattern` (SCAN, on every master of a cluster), sorted.
+    async fn scan(&self, pattern: &str) -> redis::RedisResult<Vec<String>> {
         let mut keys: Vec<String> = Vec::new();
         match self.conn() {
             RedisConn::Single(mut conn) => {
@@ -205,7 +242,7 @@ impl Redis {
                     let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
                         .arg(cursor)
                         .arg("MATCH")
-                        .arg(&pattern)
+                        .arg(pattern)
                         .arg("COUNT")
                         .arg(1000)
                         .query_async(&mut conn)
@@ -238,7 +275,7 @@ impl Redis {
                         let mut scan = redis::cmd("SCAN");
                         scan.arg(cursor)
                             .arg("MATCH")
-                            .arg(&pattern)
+                            .arg(pattern)
                             .arg("COUNT")
                             .arg(1000);
                         let reply = conn.route_command(&scan, route.clone()).await?;
@@ -250,18 +287,11 @@ impl Redis {
                         }
                     }
                 }
-                keys.sort();
-                keys.dedup();
             }
         }
-        for chunk in keys.chunks(500) {
-            let mut pipe = redis::pipe();
-            for key in chunk {
-                pipe.cmd("UNLINK").arg(key).ignore();
-            }
-            self.query::<()>(&pipe).await?;
-        }
-        Ok(keys.len() as u64)
+        keys.sort();
+        keys.dedup();
+        Ok(keys)
     }
 
     pub fn prefix(&self) -> &str {

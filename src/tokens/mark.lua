@@ -7,6 +7,7 @@
 -- ARGV[1]: now (ms)   ARGV[2]: consumer group   ARGV[3]: n tokens   ARGV[4]: m snapshots
 -- ARGV[5]: k stream entries to acknowledge   ARGV[6]: c counters hashes
 -- ARGV[7]: g counter groups (the tokens of one counters hash, hour and budget generation)
+-- ARGV[8]: '1' while instances of earlier releases may run (`wallet.snapshot_compat`)
 -- then 3 per group: index in KEYS of its counters hash, hour (YYYYMMDDHH), `g{gen}`;
 -- then 4 per token: out_trade_no, its settled index member (`user|out_trade_no`),
 --   amount, index of its counter group (1-based, in the order above)
@@ -30,31 +31,34 @@
 -- one of another identity that is not newer (a late mark of an earlier commit never
 -- replaces a later snapshot the AOF kept). Its fence goes with it: the change the fence
 -- announced is in this snapshot (or a newer one).
--- Earlier releases kept the snapshot and fences in `acct:`, which they still read and
--- write while both releases run. A fence is mirrored there (Tokens::fence), so views of
--- an earlier release see it; views of this release go to MySQL while `acct:` exists.
--- This script lifts the mirror with the fence, and moves an `acct:` that holds no fence
--- into the status hash when it is newer than the one there (an earlier release's mark
--- flipped statuses with it), then deletes it: that user is back on this layout, and
--- views of the earlier release go to MySQL. An `acct:` holding a fence is left alone.
+-- Earlier releases keep the snapshot and fences in `acct:` (full identity, fields
+-- v, b, i, w, rid, wr, rs, wt, f:<id>). While instances of one may run (compat), this
+-- script also keeps `acct:` as they do, so their views stay exact, and this release's
+-- views read both hashes (the newer snapshot and every fence); fences go in both.
+-- Once only this release runs (not compat), `acct:` is no longer kept: views go to
+-- MySQL while a user still has one, and this script moves an `acct:` that holds no
+-- fence into the status hash when it is newer than the one there (an earlier release's
+-- mark flipped statuses with it), then deletes it. One holding a fence is left alone
+-- (its release lifts it). A fence lifted here is lifted in both hashes.
 -- The settled counters are summed per counter group, the index members go in one ZADD
 -- per 256, the entries in one XACK and one XDEL. Returns how many tokens went from
 -- pending to settled now.
 local n, m = tonumber(ARGV[3]), tonumber(ARGV[4])
 local k, c, g = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local compat = ARGV[8] == '1'
 local changed = 0
 local counts = {}
 for j = 1, g do
   counts[j] = {0, 0}
 end
 local members = {}
-local first = 8 + 3 * g
+local first = 9 + 3 * g
 local b = first + 4 * n
 -- The identity as a snapshot holds it: 24 characters of each of its two ids.
 local function short(id)
   return string.sub(id, 1, 24) .. ':' .. string.sub(id, 42, 65)
 end
-local rid, since, written, age = nil, nil, nil, nil
+local rid, full_rid, since, written, age = nil, nil, nil, nil, nil
 if m > 0 then
   rid = run_id()
   local t = redis.call('TIME')
@@ -66,7 +70,7 @@ if m > 0 then
     since = written
     redis.call('HSET', KEYS[#KEYS], 'rid', rid, 'since', since)
   end
-  rid = short(rid)
+  full_rid, rid = rid, short(rid)
   age = tostring(tonumber(written) - tonumber(since))
 end
 -- The version of a packed snapshot (-1 for none) and the identity of its `=r`.
@@ -108,10 +112,20 @@ for _, status_key in ipairs(keys_in_order) do
     a = b + 5 * j
     lift = ARGV[a + 4]
     local acct = KEYS[3 + n + c + 2 * j + 1]
+    if compat then
+      -- The layout of earlier releases, kept as they keep it, for their views.
+      local current = redis.call('HMGET', acct, 'v', 'rid')
+      local incoming, stored = tonumber(ARGV[a]), tonumber(current[1] or '-1') or -1
+      if (current[2] == full_rid and incoming > stored)
+          or (current[2] ~= full_rid and incoming >= stored) then
+        redis.call('HSET', acct, 'v', ARGV[a], 'b', ARGV[a + 1], 'i', ARGV[a + 2],
+          'w', ARGV[a + 3], 'rid', full_rid, 'wr', full_rid, 'rs', since, 'wt', written)
+      end
+    end
     if lift ~= '' then
       redis.call('HDEL', acct, 'f:' .. lift)
     end
-    if redis.call('EXISTS', acct) == 1 then
+    if not compat and redis.call('EXISTS', acct) == 1 then
       local flat = redis.call('HGETALL', acct)
       local fenced = false
       legacy = {}
@@ -166,7 +180,7 @@ for _, status_key in ipairs(keys_in_order) do
       local stored, stored_rid = version_of(values[#fields - 1]), identity_of(values[#fields])
       -- The migrated legacy snapshot, or the incoming one over it, go at base + 1 .. 4.
       local base = #flips
-      if legacy and tonumber(legacy['v'] or '-1') > stored then
+      if legacy and (tonumber(legacy['v'] or '-1') or -1) > stored then
         -- Written by an earlier release's mark: trusted (`-` otherwise) only when that
         -- mark wrote `wr` too, as views of that release required.
         local from_mark = legacy['wr'] and legacy['wr'] == legacy['rid']
@@ -201,7 +215,7 @@ end
 for j = 1, g do
   local counted = counts[j]
   if counted[1] > 0 then
-    local a = 8 + 3 * (j - 1)
+    local a = 9 + 3 * (j - 1)
     local key, hour, gen = KEYS[tonumber(ARGV[a])], ARGV[a + 1], ARGV[a + 2]
     redis.call('HINCRBY', key, hour .. ':sn', counted[1])
     redis.call('HINCRBY', key, hour .. ':sc', counted[2])

@@ -95,6 +95,7 @@ impl Tokens {
                 part.acks.len().to_string(),
                 groups.hashes().to_string(),
                 groups.len().to_string(),
+                if self.snapshot_compat { "1" } else { "0" }.to_string(),
             ];
             for group in groups.iter() {
                 args.push(group.key.to_string());

@@ -45,6 +45,9 @@ pub const GREETING: &[u8] = b"~g";
 pub struct Tokens {
     redis: Arc<Redis>,
     scripts: Arc<Scripts>,
+    /// Instances of earlier releases may run: their snapshot hash (`acct:`) is kept and
+    /// read too (`wallet.snapshot_compat`, mark.lua).
+    snapshot_compat: bool,
 }
 
 struct Scripts {
@@ -89,7 +92,8 @@ fn snapshot_fields(statuses: &[(String, String)]) -> HashMap<String, String> {
         match name.as_str() {
             "=s" => {
                 let parts: Vec<&str> = value.split('|').collect();
-                if let [v, b, i, w] = parts[..] {
+                let numbers = parts.iter().all(|p| p.parse::<i64>().is_ok());
+                if let ([v, b, i, w], true) = (&parts[..], numbers) {
                     for (k, part) in [("v", v), ("b", b), ("i", i), ("w", w)] {
                         snapshot.insert(k.to_string(), part.to_string());
                     }
@@ -108,6 +112,44 @@ fn snapshot_fields(statuses: &[(String, String)]) -> HashMap<String, String> {
             }
         }
     }
+    snapshot
+}
+
+/// The newer of a status hash's snapshot (as [`snapshot_fields`] reads it) and a legacy
+/// snapshot hash (`acct:`, written by earlier releases and in compat mode), with the
+/// fences of both. The legacy one is read as this release's: its identity shortened, and
+/// trusted only when written with `wr` (as earlier releases required), its age `wt - rs`.
+fn newer_snapshot(
+    mut snapshot: HashMap<String, String>,
+    legacy: &HashMap<String, String>,
+) -> HashMap<String, String> {
+    let version =
+        |s: &HashMap<String, String>| s.get("v").and_then(|v| v.parse::<i64>().ok()).unwrap_or(-1);
+    let fences: Vec<(String, String)> = legacy
+        .iter()
+        .filter(|(k, _)| k.starts_with("f:"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if version(legacy) > version(&snapshot) {
+        let number = |k: &str| legacy.get(k).and_then(|v| v.parse::<i64>().ok());
+        let rid = match (legacy.get("rid"), legacy.get("wr")) {
+            (Some(rid), Some(wr)) if rid == wr => short_identity(rid),
+            _ => None,
+        };
+        let age = match (number("rs"), number("wt")) {
+            (Some(since), Some(written)) => Some(written - since),
+            _ => None,
+        };
+        snapshot.retain(|k, _| k.starts_with("f:"));
+        for k in ["v", "b", "i", "w"] {
+            if let Some(value) = legacy.get(k) {
+                snapshot.insert(k.to_string(), value.clone());
+            }
+        }
+        snapshot.extend(rid.map(|rid| ("rid".to_string(), rid)));
+        snapshot.extend(age.map(|age| ("age".to_string(), age.to_string())));
+    }
+    snapshot.extend(fences);
     snapshot
 }
 
@@ -178,7 +220,15 @@ impl Tokens {
                 mark: with_identity(include_str!("mark.lua")),
                 greet: crate::store::script(include_str!("greet.lua")),
             }),
+            snapshot_compat: false,
         }
+    }
+
+    /// Keeps and reads the snapshot hash of earlier releases too, while instances of one
+    /// may run (`wallet.snapshot_compat`).
+    pub fn with_snapshot_compat(mut self, on: bool) -> Self {
+        self.snapshot_compat = on;
+        self
     }
 
     pub fn scripts(&self) -> [&Script; 3] {
@@ -233,23 +283,27 @@ impl Tokens {
     }
 
     /// Puts up a fence on `user`'s snapshot (see [`Fence`]), before the transaction
-    /// whose change it announces begins: in the status hash, and mirrored in the legacy
-    /// snapshot hash, where views of earlier releases look (mark.lua lifts both).
+    /// whose change it announces begins: in the status hash, and in compat mode also in
+    /// the legacy snapshot hash, where views of earlier releases look (mark.lua lifts
+    /// both).
     pub async fn fence(&self, user: UserId) -> redis::RedisResult<Fence> {
         let id = crate::domain::hex(&rand::random::<[u8; 8]>());
         let now = crate::store::now_ms();
         let mut pipe = redis::pipe();
         pipe.atomic()
             .hset(self.redis.status_key(user), format!("=f:{id}"), now)
-            .ignore()
-            .hset(self.redis.legacy_snapshot_key(user), format!("f:{id}"), now)
             .ignore();
+        if self.snapshot_compat {
+            pipe.hset(self.redis.legacy_snapshot_key(user), format!("f:{id}"), now)
+                .ignore();
+        }
         let _: () = pipe.query_async(&mut self.redis.conn()).await?;
         Ok(Fence(id))
     }
 
     /// Takes a fence down when its change did not happen (the transaction rolled back
-    /// or found nothing to do).
+    /// or found nothing to do); in both hashes (an instance in compat mode put it in
+    /// both).
     pub async fn unfence(&self, user: UserId, fence: &Fence) -> redis::RedisResult<()> {
         let mut pipe = redis::pipe();
         pipe.atomic()
@@ -382,6 +436,9 @@ impl Tokens {
     /// than a script: the same atomicity at under half the Redis time (a script pays for
     /// each call it makes and for carrying the replies through Lua).
     pub async fn redis_record(&self, user: UserId) -> redis::RedisResult<RedisRecord> {
+        if self.snapshot_compat {
+            return self.redis_record_compat(user).await;
+        }
         let mut pipe = redis::pipe();
         pipe.atomic()
             .hgetall(self.redis.status_key(user))
@@ -396,6 +453,29 @@ impl Tokens {
             snapshot: snapshot_fields(&statuses),
             identity,
             legacy,
+        })
+    }
+
+    /// [`Tokens::redis_record`] while instances of earlier releases may run: the legacy
+    /// snapshot hash is read in the same transaction, and the record holds the newer of
+    /// the two snapshots (an earlier release's mark writes only its own) with the fences
+    /// of both.
+    async fn redis_record_compat(&self, user: UserId) -> redis::RedisResult<RedisRecord> {
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .hgetall(self.redis.status_key(user))
+            .hgetall(self.redis.legacy_snapshot_key(user))
+            .cmd("INFO")
+            .arg("server")
+            .arg("replication");
+        let (statuses, legacy, info): (Vec<(String, String)>, HashMap<String, String>, String) =
+            pipe.query_async(&mut self.redis.conn()).await?;
+        let identity = crate::store::identity_of(&info);
+        Ok(RedisRecord {
+            pending: status::pending_in(user, &statuses).collect(),
+            snapshot: newer_snapshot(snapshot_fields(&statuses), &legacy),
+            identity,
+            legacy: false,
         })
     }
 
@@ -471,6 +551,8 @@ mod tests {
         assert_eq!(snapshot["f:ab"], "9");
         // A malformed snapshot gives no figures (and so proves nothing).
         let snapshot = snapshot_fields(&[pair("=s", "3|100"), pair("=r", "abc")]);
+        assert!(snapshot.is_empty(), "{snapshot:?}");
+        let snapshot = snapshot_fields(&[pair("=s", "3|100|x|0")]);
         assert!(snapshot.is_empty(), "{snapshot:?}");
         let user = UserId::parse(7).unwrap();
         assert_eq!(status::pending_in(user, &statuses).count(), 1);

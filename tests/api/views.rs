@@ -607,33 +607,253 @@ async fn a_fence_of_the_earlier_layout_keeps_views_on_mysql() {
     t.stop().await;
 }
 
-/// A fence is put up in the status hash and mirrored in `acct:`, where views of earlier
-/// releases look; taking it down, or the mark that lifts it, clears both.
+/// In compat mode a fence is put up in the status hash and mirrored in `acct:`, where
+/// views of earlier releases look; taking it down, or the mark that lifts it, clears
+/// both. Outside compat mode it goes in the status hash only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fence_is_mirrored_where_earlier_releases_look() {
-    let t = spawn_app().await;
+async fn a_fence_in_compat_mode_is_mirrored_where_earlier_releases_look() {
+    let t = spawn_app_with(Options {
+        env: vec![("RPW_WALLET__SNAPSHOT_COMPAT".into(), "true".into())],
+        ..Default::default()
+    })
+    .await;
     t.open_activity("cny2027", 100_000, 1_000).await;
     issue_all(&t, vec![award(19, 0, 100)]).await;
     t.drain().await;
+    let fenced = |fence: &Fence| format!("f:{}", fence.0);
     let fence = t.app.tokens.fence(user(19)).await.unwrap();
     let record = t.app.tokens.redis_record(user(19)).await.unwrap();
-    assert!(record.snapshot.contains_key(&format!("f:{}", fence.0)));
-    assert!(legacy_fields(&t, 19)
-        .await
-        .contains_key(&format!("f:{}", fence.0)));
+    assert!(record.snapshot.contains_key(&fenced(&fence)));
+    assert!(legacy_fields(&t, 19).await.contains_key(&fenced(&fence)));
     assert_eq!(view(&t, 19).await.1, ViewSource::Mysql);
     t.app.tokens.unfence(user(19), &fence).await.unwrap();
-    assert!(legacy_fields(&t, 19).await.is_empty());
+    assert!(!legacy_fields(&t, 19).await.contains_key(&fenced(&fence)));
     assert_eq!(view(&t, 19).await.1, ViewSource::Redis);
 
     let fence = t.app.tokens.fence(user(19)).await.unwrap();
     t.app
         .ledger
-        .refresh_snapshot(user(19), fence)
+        .refresh_snapshot(user(19), fence.clone())
         .await
         .unwrap();
-    assert!(legacy_fields(&t, 19).await.is_empty());
+    let legacy = legacy_fields(&t, 19).await;
+    assert!(!legacy.contains_key(&fenced(&fence)), "{legacy:?}");
+    assert_eq!(legacy.get("b").map(String::as_str), Some("100"));
     let (v, source) = view(&t, 19).await;
     assert_eq!((v.balance_cents, source), (100, ViewSource::Redis));
+    t.stop().await;
+
+    // Outside compat mode: the status hash only.
+    let t = spawn_app().await;
+    t.open_activity("cny2027", 100_000, 1_000).await;
+    issue_all(&t, vec![award(19, 0, 100)]).await;
+    t.drain().await;
+    let fence = t.app.tokens.fence(user(19)).await.unwrap();
+    assert!(legacy_fields(&t, 19).await.is_empty());
+    assert_eq!(view(&t, 19).await.1, ViewSource::Mysql);
+    t.app.tokens.unfence(user(19), &fence).await.unwrap();
+    assert_eq!(view(&t, 19).await.1, ViewSource::Redis);
+    t.stop().await;
+}
+
+/// An instance of the earlier release: its mark.lua (kept as a fixture, byte for byte)
+/// and its view's rule, which reads only `acct:`.
+struct EarlierRelease {
+    mark: redis::Script,
+}
+
+impl EarlierRelease {
+    fn new() -> Self {
+        Self {
+            mark: redis::Script::new(&format!(
+                "{}\n{}",
+                redpacket_wallet::store::IDENTITY_LUA,
+                include_str!("fixtures/mark_before_status_snapshots.lua")
+            )),
+        }
+    }
+
+    /// Marks `entries` settled and stores `snapshots` as that release's worker does.
+    async fn mark(
+        &self,
+        t: &TestApp,
+        entries: &[redpacket_wallet::tokens::AwardEntry],
+        snapshots: &[redpacket_wallet::tokens::Snapshot],
+    ) {
+        let redis = &t.app.redis;
+        let user = entries
+            .first()
+            .map(|e| e.user)
+            .unwrap_or_else(|| snapshots[0].user);
+        let p = redis.partition_of(user);
+        // A counters hash in the partition's slot (the test reads none of it).
+        let counters = format!("{}:earlier-counters", redis.life_key(p));
+        let mut keys = vec![redis.settled_index_key(p), redis.stream_key(p)];
+        keys.extend(entries.iter().map(|e| redis.status_key(e.user)));
+        keys.push(counters);
+        keys.extend(snapshots.iter().map(|s| redis.legacy_snapshot_key(s.user)));
+        keys.push(redis.life_key(p));
+        let mut args: Vec<String> = vec![
+            "0".into(),
+            "settle".into(),
+            entries.len().to_string(),
+            snapshots.len().to_string(),
+            "0".into(),
+            "1".into(),
+            "1".into(),
+            (3 + entries.len()).to_string(),
+            "2026010100".into(),
+            "g1".into(),
+        ];
+        for e in entries {
+            args.push(e.out_trade_no.clone());
+            args.push(format!("{}|{}", e.user, e.out_trade_no));
+            args.push(e.amount_cents.to_string());
+            args.push("1".into());
+        }
+        for s in snapshots {
+            args.push(s.version.to_string());
+            args.push(s.balance_cents.to_string());
+            args.push(s.total_income_cents.to_string());
+            args.push(s.withdrawn_cents.to_string());
+            args.push(s.lifts.clone().unwrap_or_default());
+        }
+        let mut invocation = self.mark.prepare_invoke();
+        for k in &keys {
+            invocation.key(k);
+        }
+        for a in &args {
+            invocation.arg(a);
+        }
+        let _: i64 = invocation
+            .invoke_async(&mut t.app.redis.conn())
+            .await
+            .unwrap();
+    }
+
+    /// The balance that release's view shows from Redis alone, when its rule trusts the
+    /// snapshot (`acct:` written in this Redis life by its mark, no fence): the snapshot's
+    /// balance plus the pending tokens. `None`: it would ask MySQL.
+    async fn redis_view(&self, t: &TestApp, id: i64) -> Option<i64> {
+        let record = t.app.tokens.redis_record(user(id)).await.unwrap();
+        let acct = legacy_fields(t, id).await;
+        let trusted = acct.get("rid") == Some(&record.identity)
+            && acct.get("wr") == Some(&record.identity)
+            && acct.contains_key("v")
+            && !acct.keys().any(|k| k.starts_with("f:"));
+        let pending: i64 = record.pending.iter().map(|e| e.amount_cents).sum();
+        trusted.then(|| acct["b"].parse::<i64>().unwrap() + pending)
+    }
+}
+
+/// A rolling upgrade: instances of the earlier release (which keep the snapshot in
+/// `acct:` and read only that) run beside this one in compat mode. Marks of either,
+/// in either order, a late one among them, and a fence given up: the views of both
+/// releases stay exact (equal to the ledger's balance plus pending) whenever they come
+/// from Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_compat_mode_views_of_both_releases_stay_exact() {
+    let t = spawn_app_with(Options {
+        env: vec![("RPW_WALLET__SNAPSHOT_COMPAT".into(), "true".into())],
+        ..Default::default()
+    })
+    .await;
+    let earlier = EarlierRelease::new();
+    t.open_activity("cny2027", 100_000, 1_000).await;
+    // `expected`: what was issued less what was withdrawn, which the ledger's balance
+    // plus the tokens it has not booked yet add up to.
+    let both_exact = |label: &'static str, expected: i64| {
+        let t = &t;
+        let earlier = &earlier;
+        async move {
+            let (v, source) = view(t, 20).await;
+            assert_eq!(
+                v.balance_cents, expected,
+                "{label}: this release ({source:?})"
+            );
+            if let Some(balance) = earlier.redis_view(t, 20).await {
+                assert_eq!(balance, expected, "{label}: the earlier release");
+            }
+            source
+        }
+    };
+
+    // This release books and marks: both layouts hold the snapshot.
+    issue_all(&t, vec![award(20, 0, 100)]).await;
+    t.drain().await;
+    assert_eq!(both_exact("first booking", 100).await, ViewSource::Redis);
+    assert_eq!(earlier.redis_view(&t, 20).await, Some(100));
+
+    // A booking whose mark is held back (version 2), then one this release marks (3).
+    issue_all(&t, vec![award(20, 1, 50)]).await;
+    let pending = t.app.tokens.pending_of_users(&[user(20)]).await.unwrap();
+    let late = t.app.ledger.book(&pending).await.unwrap();
+    both_exact("booked, not marked", 150).await;
+    issue_all(&t, vec![award(20, 2, 30)]).await;
+    t.drain().await;
+    assert_eq!(earlier.redis_view(&t, 20).await, Some(180));
+    // The held mark lands late, from an earlier-release instance: it changes nothing.
+    earlier.mark(&t, &late.to_mark, &late.snapshots()).await;
+    assert_eq!(
+        both_exact("late earlier mark", 180).await,
+        ViewSource::Redis
+    );
+    assert_eq!(earlier.redis_view(&t, 20).await, Some(180));
+
+    // An earlier-release instance books and marks (version 4): only `acct:` gets it.
+    issue_all(&t, vec![award(20, 3, 7)]).await;
+    let pending = t.app.tokens.pending_of_users(&[user(20)]).await.unwrap();
+    let booked = t.app.ledger.book(&pending).await.unwrap();
+    earlier.mark(&t, &booked.to_mark, &booked.snapshots()).await;
+    let (v, source) = view(&t, 20).await;
+    assert_eq!(
+        (v.balance_cents, source),
+        (187, ViewSource::Redis),
+        "the newer one"
+    );
+    both_exact("earlier release's mark", 187).await;
+
+    // A withdrawal of this release is fenced in both layouts, then given up.
+    let fence = t.app.tokens.fence(user(20)).await.unwrap();
+    assert!(legacy_fields(&t, 20)
+        .await
+        .contains_key(&format!("f:{}", fence.0)));
+    assert_eq!(earlier.redis_view(&t, 20).await, None, "fenced");
+    assert_eq!(both_exact("fenced", 187).await, ViewSource::Mysql);
+    t.app.tokens.unfence(user(20), &fence).await.unwrap();
+    assert_eq!(both_exact("fence given up", 187).await, ViewSource::Redis);
+    assert_eq!(earlier.redis_view(&t, 20).await, Some(187));
+
+    // And a withdrawal that happens: its snapshot lifts the fence in both.
+    withdraw(&t, 20, "w1", 87).await;
+    assert_eq!(both_exact("withdrawn", 100).await, ViewSource::Redis);
+    assert_eq!(earlier.redis_view(&t, 20).await, Some(100));
+    t.stop().await;
+}
+
+/// After MySQL is restored from a backup, `forget-snapshots` takes every snapshot out of
+/// Redis (they may be ahead of the ledger): views read MySQL until the next booking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forgotten_snapshots_send_views_to_mysql_until_the_next_booking() {
+    let t = spawn_app().await;
+    t.open_activity("cny2027", 100_000, 1_000).await;
+    issue_all(&t, vec![award(21, 0, 100), award(22, 0, 40)]).await;
+    t.drain().await;
+    assert_eq!(view(&t, 21).await.1, ViewSource::Redis);
+    let fence = t.app.tokens.fence(user(22)).await.unwrap();
+    let (statuses, _) = t.app.redis.forget_snapshots().await.unwrap();
+    assert!(statuses >= 2, "{statuses}");
+    let (v, source) = view(&t, 21).await;
+    assert_eq!((v.balance_cents, source), (100, ViewSource::Mysql));
+    let record = t.app.tokens.redis_record(user(22)).await.unwrap();
+    assert!(!record.snapshot.contains_key("v"));
+    assert!(
+        record.snapshot.contains_key(&format!("f:{}", fence.0)),
+        "fences stay"
+    );
+    issue_all(&t, vec![award(21, 1, 5)]).await;
+    t.drain().await;
+    let (v, source) = view(&t, 21).await;
+    assert_eq!((v.balance_cents, source), (105, ViewSource::Redis));
     t.stop().await;
 }
