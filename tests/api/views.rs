@@ -686,8 +686,8 @@ impl EarlierRelease {
             .map(|e| e.user)
             .unwrap_or_else(|| snapshots[0].user);
         let p = redis.partition_of(user);
-        // A counters hash in the partition's slot (the test reads none of it).
-        let counters = format!("{}:earlier-counters", redis.life_key(p));
+        // A counters hash of this deployment in the user's slot (the test reads none of it).
+        let counters = format!("{}:earlier-counters", redis.status_key(user));
         let mut keys = vec![redis.settled_index_key(p), redis.stream_key(p)];
         keys.extend(entries.iter().map(|e| redis.status_key(e.user)));
         keys.push(counters);
