@@ -137,6 +137,12 @@ redpacket-wallet reconcile --hour 2027021012          # every activity of that h
     /// next booking writes a snapshot again. Fences and tokens stay.
     #[command(after_help = "Example:\n  redpacket-wallet forget-snapshots")]
     ForgetSnapshots,
+    /// Moves the account snapshots still kept where earlier releases kept them (`acct:`)
+    /// into the users' status hashes, once every instance runs this release with
+    /// `wallet.snapshot_compat` off: those users' views come back to Redis without
+    /// waiting for their next booking. A snapshot hash holding a fence is left alone.
+    #[command(after_help = "Example:\n  redpacket-wallet move-snapshots")]
+    MoveSnapshots,
     /// Prints an activity's budget figures: budget, granted, in doubt, ungranted,
     /// available in Redis, remaining.
     #[command(after_help = "Example:\n  redpacket-wallet budget --activity cny2027")]
@@ -420,6 +426,19 @@ async fn main() -> anyhow::Result<()> {
             println!(
                 "account snapshots forgotten: {statuses} status hashes, {legacy} hashes of earlier releases"
             );
+        }
+        Command::MoveSnapshots => {
+            anyhow::ensure!(
+                !settings.wallet.snapshot_compat,
+                "wallet.snapshot_compat is on: the earlier releases' snapshots are still kept for their instances"
+            );
+            let app: Arc<App> = App::build(settings, false).await?;
+            let (moved, left) = app
+                .ledger
+                .move_legacy_snapshots()
+                .await
+                .context("moving the account snapshots")?;
+            println!("account snapshots moved: {moved}; left (fenced, or failed): {left}");
         }
         Command::ShadowPurge => {
             if redpacket_wallet::shadow::purge_lapsed(&settings).await? {

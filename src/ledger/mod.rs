@@ -417,12 +417,41 @@ impl Ledger {
     /// `fence` with it: what a fenced change does when it cannot tell whether its
     /// transaction committed.
     pub async fn refresh_snapshot(&self, user: UserId, fence: Fence) -> Result<(), LedgerError> {
+        self.rewrite_snapshot(user, Some(fence)).await
+    }
+
+    /// [`Ledger::refresh_snapshot`], lifting `fence` if there is one.
+    async fn rewrite_snapshot(
+        &self,
+        user: UserId,
+        fence: Option<Fence>,
+    ) -> Result<(), LedgerError> {
         let mut tx = self.db.for_user(user).begin().await?;
         let mut accounts = self.lock_accounts(&mut tx, &[user]).await?;
         let to_mark = self.booked_pending(&mut tx, user).await?;
         tx.commit().await?;
         let account = accounts.remove(&user).ok_or(sqlx::Error::RowNotFound)?;
-        self.mark_lifting(&account, &to_mark, fence).await
+        let snapshot = account.snapshot_lifting(fence);
+        self.tokens.mark(&to_mark, &[snapshot], &[]).await?;
+        Ok(())
+    }
+
+    /// Moves the snapshots still kept in the hash of earlier releases (`acct:`) into their
+    /// users' status hashes, for a fleet that runs only this release
+    /// (`wallet.snapshot_compat` off): each account is read under its lock and its
+    /// snapshot written, and mark.lua drops the old hash (one holding a fence is left to
+    /// the release that put it up). Those users' views come back to Redis without waiting
+    /// for their next booking. Returns how many hashes were moved and how many are left.
+    pub async fn move_legacy_snapshots(&self) -> Result<(u64, u64), LedgerError> {
+        let redis = self.tokens.redis();
+        let users = redis.legacy_snapshot_users().await?;
+        for &user in &users {
+            if let Err(err) = self.rewrite_snapshot(user, None).await {
+                tracing::warn!(error = %err, user = user.get(), "moving an account snapshot failed");
+            }
+        }
+        let left = redis.legacy_snapshot_users().await?.len() as u64;
+        Ok(((users.len() as u64).saturating_sub(left), left))
     }
 
     /// Marks `to_mark` settled with `account`'s snapshot, which lifts `fence`.

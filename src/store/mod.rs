@@ -232,6 +232,16 @@ impl Redis {
         Ok((statuses.len() as u64, legacy.len() as u64))
     }
 
+    /// The users that still have a snapshot hash of earlier releases (`acct:`).
+    pub async fn legacy_snapshot_users(&self) -> redis::RedisResult<Vec<UserId>> {
+        let keys = self.scan(&format!("{}{{*}}:acct:*", self.prefix)).await?;
+        Ok(keys
+            .iter()
+            .filter_map(|k| k.rsplit_once(":acct:")?.1.parse::<i64>().ok())
+            .filter_map(|id| UserId::parse(id).ok())
+            .collect())
+    }
+
     /// The keys matching `pattern` (SCAN, on every master of a cluster), sorted.
     async fn scan(&self, pattern: &str) -> redis::RedisResult<Vec<String>> {
         let mut keys: Vec<String> = Vec::new();

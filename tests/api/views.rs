@@ -857,3 +857,36 @@ async fn forgotten_snapshots_send_views_to_mysql_until_the_next_booking() {
     assert_eq!((v.balance_cents, source), (105, ViewSource::Redis));
     t.stop().await;
 }
+
+/// `move-snapshots`, once only this release runs: every snapshot still in `acct:` is
+/// written again from the account into the status hash and the old hash goes, so those
+/// users' views come back to Redis at once; one holding a fence is left to its release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moving_the_earlier_layout_brings_views_back_to_redis() {
+    let t = spawn_app().await;
+    t.open_activity("cny2027", 100_000, 1_000).await;
+    issue_all(&t, vec![award(23, 0, 100), award(24, 0, 60)]).await;
+    t.drain().await;
+    as_legacy(&t, 23).await;
+    as_legacy(&t, 24).await;
+    let mut conn = t.app.redis.conn();
+    let acct = t.app.redis.legacy_snapshot_key(user(24));
+    let _: () = redis::AsyncCommands::hset(&mut conn, &acct, "f:old", 1)
+        .await
+        .unwrap();
+    issue_all(&t, vec![award(23, 1, 5)]).await;
+    assert_eq!(view(&t, 23).await.1, ViewSource::Mysql);
+
+    let (moved, left) = t.app.ledger.move_legacy_snapshots().await.unwrap();
+    assert_eq!((moved, left), (1, 1));
+    assert!(legacy_fields(&t, 23).await.is_empty());
+    let (v, source) = view(&t, 23).await;
+    assert_eq!(
+        (v.balance_cents, v.pending_cents, source),
+        (105, 5, ViewSource::Redis)
+    );
+    assert!(legacy_fields(&t, 24).await.contains_key("f:old"));
+    let (v, source) = view(&t, 24).await;
+    assert_eq!((v.balance_cents, source), (60, ViewSource::Mysql));
+    t.stop().await;
+}
