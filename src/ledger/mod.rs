@@ -392,7 +392,7 @@ impl Ledger {
             // If this fails, the worker marks the tokens when it reaches their stream
             // entries; nothing is credited twice either way.
             ChangeEnd::Committed(account, to_mark) => (
-                self.mark_lifting(&account, &to_mark, fence).await,
+                self.mark_lifting(&account, &to_mark, Some(fence)).await,
                 "writing the account snapshot after a commit",
             ),
             ChangeEnd::RolledBack => (
@@ -431,9 +431,7 @@ impl Ledger {
         let to_mark = self.booked_pending(&mut tx, user).await?;
         tx.commit().await?;
         let account = accounts.remove(&user).ok_or(sqlx::Error::RowNotFound)?;
-        let snapshot = account.snapshot_lifting(fence);
-        self.tokens.mark(&to_mark, &[snapshot], &[]).await?;
-        Ok(())
+        self.mark_lifting(&account, &to_mark, fence).await
     }
 
     /// Moves the snapshots still kept in the hash of earlier releases (`acct:`) into their
@@ -454,14 +452,14 @@ impl Ledger {
         Ok(((users.len() as u64).saturating_sub(left), left))
     }
 
-    /// Marks `to_mark` settled with `account`'s snapshot, which lifts `fence`.
+    /// Marks `to_mark` settled with `account`'s snapshot, which lifts `fence` if any.
     async fn mark_lifting(
         &self,
         account: &Account,
         to_mark: &[AwardEntry],
-        fence: Fence,
+        fence: Option<Fence>,
     ) -> Result<(), LedgerError> {
-        let snapshot = account.snapshot_lifting(Some(fence));
+        let snapshot = account.snapshot_lifting(fence);
         self.tokens.mark(to_mark, &[snapshot], &[]).await?;
         Ok(())
     }

@@ -197,6 +197,12 @@ impl Redis {
     /// cluster); returns how many. For data that may go whole (shadow traffic).
     pub async fn delete_prefixed(&self) -> redis::RedisResult<u64> {
         let keys = self.scan(&format!("{}*", self.prefix)).await?;
+        self.unlink(&keys).await?;
+        Ok(keys.len() as u64)
+    }
+
+    /// Deletes `keys`, 500 to a pipeline.
+    async fn unlink(&self, keys: &[String]) -> redis::RedisResult<()> {
         for chunk in keys.chunks(500) {
             let mut pipe = redis::pipe();
             for key in chunk {
@@ -204,7 +210,7 @@ impl Redis {
             }
             self.query::<()>(&pipe).await?;
         }
-        Ok(keys.len() as u64)
+        Ok(())
     }
 
     /// Forgets every account snapshot this deployment keeps in Redis (the `=s` and `=r`
@@ -221,20 +227,19 @@ impl Redis {
             }
             self.query::<()>(&pipe).await?;
         }
-        let legacy = self.scan(&format!("{}{{*}}:acct:*", self.prefix)).await?;
-        for chunk in legacy.chunks(500) {
-            let mut pipe = redis::pipe();
-            for key in chunk {
-                pipe.cmd("UNLINK").arg(key).ignore();
-            }
-            self.query::<()>(&pipe).await?;
-        }
+        let legacy = self.legacy_snapshot_keys().await?;
+        self.unlink(&legacy).await?;
         Ok((statuses.len() as u64, legacy.len() as u64))
+    }
+
+    /// Every snapshot hash of earlier releases (`acct:`, [`Redis::legacy_snapshot_key`]).
+    async fn legacy_snapshot_keys(&self) -> redis::RedisResult<Vec<String>> {
+        self.scan(&format!("{}{{*}}:acct:*", self.prefix)).await
     }
 
     /// The users that still have a snapshot hash of earlier releases (`acct:`).
     pub async fn legacy_snapshot_users(&self) -> redis::RedisResult<Vec<UserId>> {
-        let keys = self.scan(&format!("{}{{*}}:acct:*", self.prefix)).await?;
+        let keys = self.legacy_snapshot_keys().await?;
         Ok(keys
             .iter()
             .filter_map(|k| k.rsplit_once(":acct:")?.1.parse::<i64>().ok())

@@ -73,6 +73,12 @@ if m > 0 then
   full_rid, rid = rid, short(rid)
   age = tostring(tonumber(written) - tonumber(since))
 end
+-- Whether a snapshot of version `incoming` written now replaces the stored one, of
+-- version `stored` (-1 for none) written under identity `stored_rid` (either layout).
+local function replaces(stored_rid, stored, current_rid, incoming)
+  return (stored_rid == current_rid and incoming > stored)
+    or (stored_rid ~= current_rid and incoming >= stored)
+end
 -- The version of a packed snapshot (-1 for none) and the identity of its `=r`.
 local function version_of(packed)
   return tonumber(packed and string.match(packed, '^%d+') or '-1')
@@ -116,8 +122,7 @@ for _, status_key in ipairs(keys_in_order) do
       -- The layout of earlier releases, kept as they keep it, for their views.
       local current = redis.call('HMGET', acct, 'v', 'rid')
       local incoming, stored = tonumber(ARGV[a]), tonumber(current[1] or '-1') or -1
-      if (current[2] == full_rid and incoming > stored)
-          or (current[2] ~= full_rid and incoming >= stored) then
+      if replaces(current[2], stored, full_rid, incoming) then
         redis.call('HSET', acct, 'v', ARGV[a], 'b', ARGV[a + 1], 'i', ARGV[a + 2],
           'w', ARGV[a + 3], 'rid', full_rid, 'wr', full_rid, 'rs', since, 'wt', written)
       end
@@ -194,7 +199,7 @@ for _, status_key in ipairs(keys_in_order) do
           .. tostring((tonumber(legacy['wt'] or '0') or 0) - (tonumber(legacy['rs'] or '0') or 0))
       end
       local incoming = tonumber(ARGV[a])
-      if (stored_rid == rid and incoming > stored) or (stored_rid ~= rid and incoming >= stored) then
+      if replaces(stored_rid, stored, rid, incoming) then
         flips[base + 1] = '=s'
         flips[base + 2] = ARGV[a] .. '|' .. ARGV[a + 1] .. '|' .. ARGV[a + 2] .. '|' .. ARGV[a + 3]
         flips[base + 3] = '=r'

@@ -70,9 +70,10 @@ pub struct RedisRecord {
     pub legacy: bool,
 }
 
-/// What the view's transaction answers: the status hash, whether the legacy snapshot
-/// hash exists, and the text of `INFO server replication` (the data's identity).
-type ViewReply = (Vec<(String, String)>, bool, String);
+/// What the view's transaction answers: the status hash, the legacy snapshot hash (whole
+/// in compat mode, otherwise whether it exists), and the text of `INFO server
+/// replication` (the data's identity).
+type ViewReply = (Vec<(String, String)>, redis::Value, String);
 
 /// The identity of the Redis data as a snapshot holds it (mark.lua's `short`): the first
 /// 24 characters of the run id and of the replication id, so the field stays short enough
@@ -436,46 +437,32 @@ impl Tokens {
     /// than a script: the same atomicity at under half the Redis time (a script pays for
     /// each call it makes and for carrying the replies through Lua).
     pub async fn redis_record(&self, user: UserId) -> redis::RedisResult<RedisRecord> {
-        if self.snapshot_compat {
-            return self.redis_record_compat(user).await;
-        }
+        let legacy_key = self.redis.legacy_snapshot_key(user);
         let mut pipe = redis::pipe();
-        pipe.atomic()
-            .hgetall(self.redis.status_key(user))
-            .exists(self.redis.legacy_snapshot_key(user))
-            .cmd("INFO")
-            .arg("server")
-            .arg("replication");
+        pipe.atomic().hgetall(self.redis.status_key(user));
+        // In compat mode the legacy hash is read whole: the record holds the newer of the
+        // two snapshots (an earlier release's mark writes only its own) and the fences
+        // of both. Otherwise whether it exists is all a view needs.
+        if self.snapshot_compat {
+            pipe.hgetall(&legacy_key);
+        } else {
+            pipe.exists(&legacy_key);
+        }
+        pipe.cmd("INFO").arg("server").arg("replication");
         let (statuses, legacy, info): ViewReply = pipe.query_async(&mut self.redis.conn()).await?;
         let identity = crate::store::identity_of(&info);
+        let snapshot = snapshot_fields(&statuses);
+        let (snapshot, legacy) = if self.snapshot_compat {
+            let legacy: HashMap<String, String> = redis::from_redis_value(&legacy)?;
+            (newer_snapshot(snapshot, &legacy), false)
+        } else {
+            (snapshot, redis::from_redis_value(&legacy)?)
+        };
         Ok(RedisRecord {
             pending: status::pending_in(user, &statuses).collect(),
-            snapshot: snapshot_fields(&statuses),
+            snapshot,
             identity,
             legacy,
-        })
-    }
-
-    /// [`Tokens::redis_record`] while instances of earlier releases may run: the legacy
-    /// snapshot hash is read in the same transaction, and the record holds the newer of
-    /// the two snapshots (an earlier release's mark writes only its own) with the fences
-    /// of both.
-    async fn redis_record_compat(&self, user: UserId) -> redis::RedisResult<RedisRecord> {
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .hgetall(self.redis.status_key(user))
-            .hgetall(self.redis.legacy_snapshot_key(user))
-            .cmd("INFO")
-            .arg("server")
-            .arg("replication");
-        let (statuses, legacy, info): (Vec<(String, String)>, HashMap<String, String>, String) =
-            pipe.query_async(&mut self.redis.conn()).await?;
-        let identity = crate::store::identity_of(&info);
-        Ok(RedisRecord {
-            pending: status::pending_in(user, &statuses).collect(),
-            snapshot: newer_snapshot(snapshot_fields(&statuses), &legacy),
-            identity,
-            legacy: false,
         })
     }
 
@@ -494,14 +481,10 @@ impl Tokens {
             self.redis.legacy_snapshot_key(user),
         )
         .await?;
-        let version = |s: &HashMap<String, String>| {
-            s.get("v").and_then(|v| v.parse::<i64>().ok()).unwrap_or(-1)
-        };
-        Ok(if version(&legacy) > version(&record.snapshot) {
-            figures_of(&legacy)
-        } else {
-            record.snapshot_figures()
-        })
+        Ok(figures_of(&newer_snapshot(
+            record.snapshot.clone(),
+            &legacy,
+        )))
     }
 }
 
