@@ -70,6 +70,10 @@ struct Args {
     /// connection per request in flight.
     #[arg(long)]
     h2c: bool,
+    /// The server's tokio worker threads, as `scripts/bench.sh --server-threads N` started
+    /// it (`TOKIO_WORKER_THREADS`); unset, one per core. Reported, not applied here.
+    #[arg(long, env = "RPW_BENCH_SERVER_THREADS")]
+    server_threads: Option<usize>,
 }
 
 #[tokio::main]
@@ -151,6 +155,7 @@ async fn run(bench: &Arc<Bench>, args: &Args) -> anyhow::Result<()> {
     let summary = Summary {
         quick: args.quick,
         protocol: if args.h2c { "h2c" } else { "http1.1" }.to_string(),
+        server_threads: args.server_threads,
         ceiling,
         http_floor,
         sync_baseline,

@@ -21,6 +21,9 @@ pub struct Summary {
     pub quick: bool,
     /// How the bench spoke to the server: `http1.1` or `h2c`.
     pub protocol: String,
+    /// The server's tokio worker threads when set (`--server-threads`); `null`: one per
+    /// core, the default.
+    pub server_threads: Option<usize>,
     pub ceiling: Ceiling,
     pub sync_baseline: SyncBaseline,
     pub http_floor: HttpFloor,
@@ -349,8 +352,12 @@ impl Summary {
     /// The table and the conservation verdict, on standard output.
     pub fn print(&self) {
         let run = if self.quick { "quick" } else { "full" };
+        let threads = self
+            .server_threads
+            .map(|n| format!(", server on {n} worker thread(s)"))
+            .unwrap_or_default();
         println!(
-            "\nredpacket-wallet benchmark ({run} run, {} cores, {})",
+            "\nredpacket-wallet benchmark ({run} run, {} cores, {}{threads})",
             self.ceiling.cores, self.protocol
         );
         println!(

@@ -123,7 +123,8 @@ pub struct RedisSettings {
     pub key_prefix: String,
     /// P: a user's keys live in partition `user_id mod P`.
     pub partitions: u32,
-    /// Multiplexed connections to spread load over.
+    /// Multiplexed connections, shared by every request of the instance (one by default:
+    /// everything in flight goes as one pipeline, fewer system calls in Redis).
     pub connections: usize,
     pub command_timeout_ms: u64,
 }
