@@ -203,10 +203,22 @@ impl Redis {
 
     /// Deletes `keys`, 500 to a pipeline.
     async fn unlink(&self, keys: &[String]) -> redis::RedisResult<()> {
+        self.per_key(keys, |pipe, key| {
+            pipe.cmd("UNLINK").arg(key).ignore();
+        })
+        .await
+    }
+
+    /// Sends the commands `add` writes for each of `keys`, 500 keys to a pipeline.
+    async fn per_key(
+        &self,
+        keys: &[String],
+        add: impl Fn(&mut redis::Pipeline, &str),
+    ) -> redis::RedisResult<()> {
         for chunk in keys.chunks(500) {
             let mut pipe = redis::pipe();
             for key in chunk {
-                pipe.cmd("UNLINK").arg(key).ignore();
+                add(&mut pipe, key);
             }
             self.query::<()>(&pipe).await?;
         }
@@ -220,13 +232,10 @@ impl Redis {
     /// status hashes and legacy hashes seen.
     pub async fn forget_snapshots(&self) -> redis::RedisResult<(u64, u64)> {
         let statuses = self.scan(&format!("{}{{*}}:st:*", self.prefix)).await?;
-        for chunk in statuses.chunks(500) {
-            let mut pipe = redis::pipe();
-            for key in chunk {
-                pipe.hdel(key, &["=s", "=r"]).ignore();
-            }
-            self.query::<()>(&pipe).await?;
-        }
+        self.per_key(&statuses, |pipe, key| {
+            pipe.hdel(key, &["=s", "=r"]).ignore();
+        })
+        .await?;
         let legacy = self.legacy_snapshot_keys().await?;
         self.unlink(&legacy).await?;
         Ok((statuses.len() as u64, legacy.len() as u64))
