@@ -192,11 +192,16 @@ pub struct Budget {
     maintenance: tokio::sync::Mutex<()>,
 }
 
-fn script(body: &str) -> Script {
+/// The shared head of every sub-stock script: what a sub-stock's state is and how
+/// amounts are taken from it. Token stores that take budget prepend it too.
+pub const STOCK_LUA: &str = include_str!("stock.lua");
+
+/// A script working on sub-stocks: the Redis identity and [`STOCK_LUA`] before `body`.
+pub fn stock_script(body: &str) -> Script {
     crate::store::script(&format!(
         "{}\n{}\n{}",
         crate::store::IDENTITY_LUA,
-        include_str!("stock.lua"),
+        STOCK_LUA,
         body
     ))
 }
@@ -207,12 +212,12 @@ impl Budget {
             settings,
             tokens,
             ledger,
-            take: script(include_str!("take.lua")),
-            take_many: script(include_str!("take_many.lua")),
-            grant: script(include_str!("grant.lua")),
-            init: script(include_str!("init.lua")),
-            drain: script(include_str!("drain.lua")),
-            give_back: script(include_str!("give_back.lua")),
+            take: stock_script(include_str!("take.lua")),
+            take_many: stock_script(include_str!("take_many.lua")),
+            grant: stock_script(include_str!("grant.lua")),
+            init: stock_script(include_str!("init.lua")),
+            drain: stock_script(include_str!("drain.lua")),
+            give_back: stock_script(include_str!("give_back.lua")),
             live: RwLock::new(HashMap::new()),
             exhausted: Mutex::new(HashMap::new()),
             refunded_at: Mutex::new(HashMap::new()),

@@ -83,6 +83,29 @@ impl Budget {
         Ok(covered)
     }
 
+    /// The sub-stocks of `activity`'s generation `gen` not recently seen empty, in a
+    /// random order: where a store that takes its tokens' money (one node) takes it.
+    pub fn spendable_sub_stocks(&self, activity: &str, gen: Gen) -> Vec<u32> {
+        self.candidates(activity, gen)
+    }
+
+    /// What a store that took its tokens' money from sub-stock `index` of generation
+    /// `gen` found there after it (its state, see stock.lua, and holdings, read in a
+    /// call that started at `read_at`): an empty spendable sub-stock is skipped for a
+    /// while, as a take's is. A sub-stock found unspendable is left to the take that
+    /// follows, which handles it.
+    pub fn note_sub_stock(
+        &self,
+        activity: &str,
+        gen: Gen,
+        (index, state, avail): (u32, i64, i64),
+        read_at: Instant,
+    ) {
+        if state == 0 && avail <= 0 {
+            self.mark_exhausted(activity, gen, index, read_at);
+        }
+    }
+
     /// Takes `amount` from the activity's budget, or nothing.
     ///
     /// Sub-stocks of the live generation are visited in a random order, skipping those

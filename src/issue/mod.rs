@@ -13,6 +13,13 @@
 //! a token is never minted twice because step 5 refuses a second token for one
 //! out_trade_no, and a loser of that race gives its budget back.
 //!
+//! On a single node, plain cash awards (no coupon, no guard kept in Redis) take a direct
+//! path first: minted with their activity's live generation, then taken and stored by
+//! one script, so steps 2, 3 and 5 are one round trip and one existence check per
+//! award, and a take never exists without its token. What the direct path could not
+//! cover (a sub-stock short or unspendable) goes the steps above. A cluster keeps the
+//! steps: a user's keys and a sub-stock are in different slots.
+//!
 //! The batch endpoint and the single one run the same code: every step is one
 //! pipelined Redis round trip for the whole batch.
 
@@ -35,7 +42,7 @@ use crate::metrics;
 use crate::store::{now_ms, Db, Redis};
 use crate::switches::Switches;
 use crate::token::{self, SignedAward};
-use crate::tokens::{Tokens, GREETING, TRIMMED};
+use crate::tokens::{TakenAndStored, Tokens, GREETING, TRIMMED};
 
 pub use admission::{Admission, SharedLimit};
 pub use stats::StatsCounter;
@@ -421,24 +428,139 @@ impl Issuer {
         taken
     }
 
+    /// On a single node, plain cash awards (no coupon, no guard kept in Redis) of an
+    /// activity with a live generation go in one step: minted first, then taken and
+    /// stored by one script call per [`crate::tokens::STORE_CHUNK`] tokens
+    /// ([`Tokens::take_and_store`]), whose store doubles as the idempotency check: a
+    /// token already held under the out_trade_no takes nothing and is answered as a
+    /// replay or a conflict. Awards whose sub-stock did not cover them, or could not be
+    /// spent from, are left unanswered in `out` for the stepwise path (their tokens were
+    /// never stored nor shown, and the stepwise path mints again).
+    async fn issue_direct(
+        &self,
+        awards: &[(usize, ValidAward)],
+        out: &mut [Option<Result<Issued>>],
+    ) {
+        if self.redis.is_cluster() {
+            return;
+        }
+        let mut stocks: HashMap<&str, (budget::Gen, Vec<u32>)> = HashMap::new();
+        let mut direct: Vec<usize> = Vec::with_capacity(awards.len());
+        for (k, (_, v)) in awards.iter().enumerate() {
+            if v.coupon.is_some() || v.guards.in_redis() {
+                continue;
+            }
+            let activity = v.activity_id.as_str();
+            if !stocks.contains_key(activity) {
+                let Some(gen) = self.budget.live_gen(activity) else {
+                    continue;
+                };
+                stocks.insert(
+                    activity,
+                    (gen, self.budget.spendable_sub_stocks(activity, gen)),
+                );
+            }
+            if !stocks[activity].1.is_empty() {
+                direct.push(k);
+            }
+        }
+        if direct.is_empty() {
+            return;
+        }
+        let drafts = direct
+            .iter()
+            .map(|&k| {
+                let v = &awards[k].1;
+                let mut draft = v.draft.clone();
+                draft.budget_gen = stocks[v.activity_id.as_str()].0.gen;
+                draft
+            })
+            .collect();
+        // A failed mint leaves the awards to the stepwise path, which answers it.
+        let Ok(minted) = token::mint_all(&self.keys.current(), drafts) else {
+            return;
+        };
+        let read_at = std::time::Instant::now();
+        // Each call takes from the next of the activity's spendable sub-stocks.
+        let mut turn: HashMap<String, usize> = HashMap::new();
+        let pick = |activity: &str, _gen: i64| {
+            let order = &stocks[activity].1;
+            let next = turn.entry(activity.to_string()).or_default();
+            *next += 1;
+            order[(*next - 1) % order.len()]
+        };
+        let stored = self
+            .tokens
+            .take_and_store(
+                direct
+                    .iter()
+                    .zip(&minted)
+                    .map(|(&k, a)| (awards[k].1.user, &a.token, a.bytes.as_slice())),
+                pick,
+            )
+            .await;
+        let (outcomes, after) = match stored {
+            Ok(stored) => stored,
+            Err(err) => {
+                // The calls may or may not have run; each took and stored atomically, so
+                // a retry of the award is a replay or a fresh award, never a second one.
+                let err = Error::from(err);
+                for &k in &direct {
+                    out[k] = Some(Err(err.duplicate()));
+                }
+                return;
+            }
+        };
+        for s in &after {
+            if let Some((gen, _)) = stocks.get(s.owner.as_str()) {
+                self.budget.note_sub_stock(
+                    &s.owner,
+                    *gen,
+                    (s.index, s.state, s.avail_cents),
+                    read_at,
+                );
+            }
+        }
+        for ((&k, award), outcome) in direct.iter().zip(minted).zip(outcomes) {
+            let v = &awards[k].1;
+            out[k] = match outcome {
+                TakenAndStored::Stored => Some(Ok(Issued::token(
+                    v.out_trade_no.as_str(),
+                    award.bytes,
+                    false,
+                    false,
+                ))),
+                TakenAndStored::Held(bytes) => Some(resolve_held(&self.ledger, bytes, v).await),
+                TakenAndStored::Short | TakenAndStored::Unspendable(_) => None,
+            };
+        }
+    }
+
     async fn issue_unique(&self, awards: &[(usize, ValidAward)], now: i64) -> Vec<Result<Issued>> {
         let (redis, db) = (&self.redis, &self.db);
         let mut out: Vec<Option<Result<Issued>>> = (0..awards.len()).map(|_| None).collect();
 
-        // Step 2: idempotency, one pipelined HGET per award.
-        let keys: Vec<(UserId, &str)> = awards
+        // Step 2 to 5 in one, where the direct path applies (one node, plain cash).
+        self.issue_direct(awards, &mut out).await;
+
+        // Step 2: idempotency, one pipelined HGET per award left.
+        let left: Vec<usize> = (0..awards.len()).filter(|&k| out[k].is_none()).collect();
+        let keys: Vec<(UserId, &str)> = left
             .iter()
-            .map(|(_, v)| (v.user, v.out_trade_no.as_str()))
+            .map(|&k| (awards[k].1.user, awards[k].1.out_trade_no.as_str()))
             .collect();
         let existing = match self.tokens.held(&keys).await {
             Ok(existing) => existing,
             Err(err) => {
                 let err = Error::from(err);
-                return awards.iter().map(|_| Err(err.duplicate())).collect();
+                for &k in &left {
+                    out[k] = Some(Err(err.duplicate()));
+                }
+                Vec::new()
             }
         };
-        let mut fresh: Vec<usize> = Vec::with_capacity(awards.len());
-        for (k, stored) in existing.into_iter().enumerate() {
+        let mut fresh: Vec<usize> = Vec::with_capacity(left.len());
+        for (&k, stored) in left.iter().zip(existing) {
             match stored {
                 Some(bytes) => out[k] = Some(resolve_held(&self.ledger, bytes, &awards[k].1).await),
                 None => fresh.push(k),

@@ -29,7 +29,7 @@ use crate::store::{query_scripted, Redis};
 pub use counters::{ActivityCounters, Counters, Totals};
 pub use mark::Snapshot;
 pub use status::{AwardEntry, StatusEntry};
-pub use store::{ToStore, STORE_CHUNK};
+pub use store::{StockAfter, TakenAndStored, ToStore, STORE_CHUNK};
 pub use trim::TrimSettings;
 
 /// What the token hash holds for a settled token trimmed from Redis. Never a prefix
@@ -217,7 +217,7 @@ impl Tokens {
         Self {
             redis,
             scripts: Arc::new(Scripts {
-                store: crate::store::script(include_str!("store.lua")),
+                store: crate::budget::stock_script(include_str!("store.lua")),
                 mark: with_identity(include_str!("mark.lua")),
                 greet: crate::store::script(include_str!("greet.lua")),
             }),

@@ -1,5 +1,6 @@
 //! Storing tokens: store.lua, one call per [`STORE_CHUNK`] tokens (and on a cluster per
-//! partition, whose keys share a slot), all in one pipeline.
+//! partition, whose keys share a slot), all in one pipeline; on a single node the same
+//! calls can also take the tokens' money from budget sub-stocks.
 
 use std::collections::HashMap;
 
@@ -43,6 +44,38 @@ pub const STORE_CHUNK: usize = 128;
 /// token and its encoded bytes.
 pub type ToStore<'a> = (usize, UserId, &'a pb::RedPacketToken, &'a [u8]);
 
+/// What store.lua did with a token that takes its money as it is stored
+/// ([`Tokens::take_and_store`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TakenAndStored {
+    /// Stored now, its money taken from its sub-stock.
+    Stored,
+    /// Nothing taken: this is what the token hash already holds under its out_trade_no
+    /// (a concurrent duplicate's token, the trim marker, a greeting marker).
+    Held(Vec<u8>),
+    /// Neither stored nor taken: its sub-stock does not cover it.
+    Short,
+    /// Neither stored nor taken: its sub-stock cannot be spent (its state code, see
+    /// budget/stock.lua).
+    Unspendable(i64),
+}
+
+/// A sub-stock a [`Tokens::take_and_store`] call took from, after the call: its
+/// generation's owner (activity, or template) and number, its index, its state (see
+/// budget/stock.lua) and what it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StockAfter {
+    pub owner: String,
+    pub gen: i64,
+    pub index: u32,
+    pub state: i64,
+    pub avail_cents: i64,
+}
+
+/// A sub-stock of one call: (owner, generation) -> (index, 1-based place in the call's
+/// sub-stock keys).
+type CallStock<'a> = ((&'a str, i64), (u32, usize));
+
 impl Tokens {
     /// Stores every token: `None` where the token was stored now, what is already held
     /// under its out_trade_no otherwise (a concurrent duplicate won the race, or the
@@ -51,6 +84,94 @@ impl Tokens {
         &self,
         tokens: impl Iterator<Item = (UserId, &'a pb::RedPacketToken, &'a [u8])>,
     ) -> redis::RedisResult<Vec<Option<Vec<u8>>>> {
+        let (calls, count) = self.calls(tokens);
+        let mut pipe = redis::pipe();
+        for call in &calls {
+            pipe.add_command(self.store_cmd(call, &[]));
+        }
+        let answers: Vec<Vec<Option<Vec<u8>>>> =
+            query_scripted(&self.redis, &pipe, &self.scripts()).await?;
+        let mut out: Vec<Option<Vec<u8>>> = vec![None; count];
+        for (call, answer) in calls.iter().zip(answers) {
+            if answer.len() != call.len() {
+                return Err(wrong_answer());
+            }
+            for (&(i, ..), held) in call.iter().zip(answer) {
+                out[i] = held;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Takes each token's money from a budget sub-stock of its generation and stores
+    /// it, in one store.lua call per [`STORE_CHUNK`] tokens: a token is stored only when
+    /// its sub-stock is spendable and covers it, and its money is taken only when it is
+    /// stored, atomically with it. `pick` chooses the sub-stock of (owner, generation)
+    /// for each call. Only on a single node, where one call may touch any key.
+    pub async fn take_and_store<'a>(
+        &self,
+        tokens: impl Iterator<Item = (UserId, &'a pb::RedPacketToken, &'a [u8])>,
+        mut pick: impl FnMut(&str, i64) -> u32,
+    ) -> redis::RedisResult<(Vec<TakenAndStored>, Vec<StockAfter>)> {
+        if self.redis.is_cluster() {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::ClientError,
+                "a token store takes budget only on a single node",
+            )));
+        }
+        let (calls, count) = self.calls(tokens);
+        let mut pipe = redis::pipe();
+        let mut stocks_of_calls: Vec<Vec<CallStock<'_>>> = Vec::with_capacity(calls.len());
+        for call in &calls {
+            let mut stocks: Vec<CallStock<'_>> = Vec::new();
+            for (_, _, token, _) in call {
+                let at = (stock_of(token).0, token.budget_gen);
+                if !stocks.iter().any(|(s, _)| *s == at) {
+                    stocks.push((at, (pick(at.0, at.1), stocks.len() + 1)));
+                }
+            }
+            pipe.add_command(self.store_cmd(call, &stocks));
+            stocks_of_calls.push(stocks);
+        }
+        let answers: Vec<Vec<redis::Value>> =
+            query_scripted(&self.redis, &pipe, &self.scripts()).await?;
+        let mut out = vec![TakenAndStored::Short; count];
+        let mut after = Vec::new();
+        for ((call, stocks), answer) in calls.iter().zip(&stocks_of_calls).zip(answers) {
+            if answer.len() != call.len() + 2 * stocks.len() {
+                return Err(wrong_answer());
+            }
+            let (tokens, figures) = answer.split_at(call.len());
+            for (&(i, ..), value) in call.iter().zip(tokens) {
+                out[i] = match value {
+                    redis::Value::Nil => TakenAndStored::Stored,
+                    redis::Value::Int(0) => TakenAndStored::Short,
+                    redis::Value::Int(code) => TakenAndStored::Unspendable(*code),
+                    held => TakenAndStored::Held(redis::from_redis_value(held)?),
+                };
+            }
+            for (((owner, gen), (index, _)), pair) in stocks.iter().zip(figures.chunks(2)) {
+                after.push(StockAfter {
+                    owner: owner.to_string(),
+                    gen: *gen,
+                    index: *index,
+                    state: redis::from_redis_value(&pair[0])?,
+                    avail_cents: redis::from_redis_value(&pair[1])?,
+                });
+            }
+        }
+        Ok((out, after))
+    }
+
+    /// The store.lua calls for `tokens`, and how many tokens there are. A call holds
+    /// whole partitions' tokens, up to STORE_CHUNK (a partition with more is cut): one
+    /// stream entry and one set of counter increments per partition and call. On a
+    /// cluster a call holds one partition (its keys share a slot); on one node it holds
+    /// as many as fit.
+    fn calls<'a>(
+        &self,
+        tokens: impl Iterator<Item = (UserId, &'a pb::RedPacketToken, &'a [u8])>,
+    ) -> (Vec<Vec<ToStore<'a>>>, usize) {
         let redis = &self.redis;
         let mut by_partition: HashMap<u32, Vec<ToStore<'_>>> = HashMap::new();
         let mut count = 0;
@@ -61,10 +182,6 @@ impl Tokens {
                 .push((i, user, token, bytes));
             count = i + 1;
         }
-        // A call holds whole partitions' tokens, up to STORE_CHUNK (a partition with more
-        // is cut): one stream entry and one set of counter increments per partition and
-        // call. On a cluster a call holds one partition (its keys share a slot); on one
-        // node it holds as many as fit.
         let mut calls: Vec<Vec<ToStore<'_>>> = Vec::new();
         let mut partitions: Vec<_> = by_partition.into_iter().collect();
         partitions.sort_unstable_by_key(|(p, _)| *p);
@@ -80,30 +197,13 @@ impl Tokens {
                 }
             }
         }
-        let mut pipe = redis::pipe();
-        for call in &calls {
-            pipe.add_command(self.store_cmd(call));
-        }
-        let order = calls.iter().map(Vec::as_slice);
-        let answers: Vec<Vec<Option<Vec<u8>>>> =
-            query_scripted(redis, &pipe, &self.scripts()).await?;
-        let mut out: Vec<Option<Vec<u8>>> = vec![None; count];
-        for (chunk, answer) in order.zip(answers) {
-            if answer.len() != chunk.len() {
-                return Err(redis::RedisError::from((
-                    redis::ErrorKind::TypeError,
-                    "store.lua answered the wrong number of tokens",
-                )));
-            }
-            for (&(i, ..), held) in chunk.iter().zip(answer) {
-                out[i] = held;
-            }
-        }
-        Ok(out)
+        (calls, count)
     }
 
-    /// The store.lua call for `tokens` (of one partition on a cluster).
-    fn store_cmd(&self, tokens: &[ToStore<'_>]) -> redis::Cmd {
+    /// The store.lua call for `tokens` (of one partition on a cluster), taking each
+    /// token's money from the sub-stock `stocks` names for its owner and generation
+    /// (none: a plain store).
+    fn store_cmd(&self, tokens: &[ToStore<'_>], stocks: &[CallStock<'_>]) -> redis::Cmd {
         let redis = &self.redis;
         let partitions: Vec<u32> = tokens
             .iter()
@@ -112,8 +212,14 @@ impl Tokens {
         let mut streams: Vec<u32> = partitions.clone();
         streams.sort_unstable();
         streams.dedup();
-        let mut keys: Vec<String> = Vec::with_capacity(streams.len() + 2 * tokens.len() + 1);
+        let mut keys: Vec<String> =
+            Vec::with_capacity(streams.len() + stocks.len() + 2 * tokens.len() + 1);
         keys.extend(streams.iter().map(|p| redis.stream_key(*p)));
+        keys.extend(
+            stocks
+                .iter()
+                .map(|((owner, gen), (index, _))| redis.sub_stock_key(owner, *gen, *index)),
+        );
         for (_, user, ..) in tokens {
             keys.push(redis.tokens_key(*user));
             keys.push(redis.status_key(*user));
@@ -135,7 +241,7 @@ impl Tokens {
             .map(|(_, user, token, _)| entry_of(*user, token))
             .collect();
         let mut groups = CounterGroups::default();
-        let mut placed: Vec<(usize, usize)> = Vec::with_capacity(tokens.len());
+        let mut placed: Vec<u64> = Vec::with_capacity(tokens.len());
         for (entry, partition) in entries.iter().zip(&partitions) {
             let place = CountedIn {
                 partition: counted_in(*partition),
@@ -150,13 +256,20 @@ impl Tokens {
                 entry.amount_cents,
             );
             let stream = streams.binary_search(partition).unwrap_or_default() + 1;
-            placed.push((stream, group));
+            let stock = stocks
+                .iter()
+                .find(|((owner, gen), _)| *owner == entry.activity_id && *gen == entry.budget_gen)
+                .map_or(0, |(_, (_, place))| *place);
+            placed.push(((stock as u64 * 65_536) + stream as u64) * 65_536 + group as u64);
         }
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.scripts.store.get_hash())
             .arg(keys.len())
             .arg(&keys);
-        cmd.arg(tokens.len()).arg(streams.len()).arg(groups.len());
+        cmd.arg(tokens.len())
+            .arg(streams.len())
+            .arg(groups.len())
+            .arg(stocks.len());
         for group in groups.iter() {
             cmd.arg(group.key)
                 .arg(&group.hour)
@@ -164,14 +277,12 @@ impl Tokens {
                 .arg(group.tokens)
                 .arg(group.cents);
         }
-        for (((_, _, token, bytes), entry), (stream, group)) in
-            tokens.iter().zip(&entries).zip(placed)
-        {
+        for (((_, _, token, bytes), entry), place) in tokens.iter().zip(&entries).zip(placed) {
             cmd.arg(&token.out_trade_no)
                 .arg(*bytes)
                 .arg(pending_status(entry))
                 .arg(stream_line(entry))
-                .arg(stream * 65_536 + group)
+                .arg(place)
                 .arg(entry.amount_cents);
         }
         cmd
@@ -189,4 +300,11 @@ impl Tokens {
         // `None`: stored now. A token already there (even these very bytes) was known.
         Ok(result.iter().map(Option::is_none).collect())
     }
+}
+
+fn wrong_answer() -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::TypeError,
+        "store.lua answered the wrong number of values",
+    ))
 }

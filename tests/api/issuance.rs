@@ -804,3 +804,295 @@ async fn stats_flushes_repeat_safely_and_sum_over_instances() {
     assert_eq!(a.totals("flash"), (4, 42));
     t.stop().await;
 }
+
+/// Calls and microseconds per command since `before` on a Redis of the test's own.
+async fn commands_since(
+    conn: &mut redis::aio::MultiplexedConnection,
+    before: &std::collections::HashMap<String, i64>,
+) -> std::collections::HashMap<String, i64> {
+    let now = command_calls(conn).await;
+    now.iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0)))
+        .filter(|(_, v)| *v > 0)
+        .collect()
+}
+
+async fn command_calls(
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> std::collections::HashMap<String, i64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest
+                .strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((name.to_string(), calls))
+        })
+        .collect()
+}
+
+/// On one node a batch of plain cash awards takes and stores in one script call per
+/// store chunk: one existence check per award (the store's HSETNX), no separate check
+/// before the take (a per-award HGET), no take script of its own. Replays of the batch
+/// take nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn awards_on_one_node_take_and_store_in_one_step() {
+    let redis = PrivateRedis::start();
+    let t = spawn_app_with(Options {
+        redis_url: Some(redis.url()),
+        worker: false,
+        ..Default::default()
+    })
+    .await;
+    t.open_activity("cny2027", 1_000_000, 500).await;
+    // The first award funds the sub-stocks (grants); what follows is the steady state.
+    assert_eq!(t.post("/v1/awards", CALLER, &award(1, 1, 5)).await.0, 201);
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let before = command_calls(&mut conn).await;
+    let awards: Vec<Value> = (0..100).map(|u| award(100 + u, 1, 7)).collect();
+    let issued = issue_all(&t, awards.clone()).await;
+    let calls = commands_since(&mut conn, &before).await;
+    assert!(issued.iter().all(|r| r["replayed"] == false));
+    assert_eq!(calls.get("hsetnx"), Some(&100), "{calls:?}");
+    assert_eq!(
+        calls.get("hset"),
+        Some(&100),
+        "one status per award: {calls:?}"
+    );
+    // One store call holds the 100 (STORE_CHUNK is 128): its sub-stock's `avail`.
+    assert!(calls.get("hget").copied().unwrap_or(0) <= 2, "{calls:?}");
+    assert!(calls.get("evalsha").copied().unwrap_or(0) <= 2, "{calls:?}");
+    let figures = t
+        .app
+        .budget
+        .figures(&t.app.redis, &t.app.db, "cny2027")
+        .await
+        .unwrap();
+    assert_eq!(figures.taken_cents, 5 + 700);
+
+    // The same batch again: all replays, byte for byte, and nothing taken.
+    let before = command_calls(&mut conn).await;
+    let again = issue_all(&t, awards).await;
+    let calls = commands_since(&mut conn, &before).await;
+    for (first, second) in issued.iter().zip(&again) {
+        assert_eq!(second["replayed"], true);
+        assert_eq!(second["token"], first["token"]);
+    }
+    assert_eq!(
+        calls.get("hincrby"),
+        None,
+        "nothing taken, nothing counted: {calls:?}"
+    );
+    assert_eq!(calls.get("xadd"), None, "{calls:?}");
+    let figures = t
+        .app
+        .budget
+        .figures(&t.app.redis, &t.app.db, "cny2027")
+        .await
+        .unwrap();
+    assert_eq!(figures.taken_cents, 5 + 700);
+    let issued_totals = t.app.tokens.issued_totals("cny2027").await.unwrap();
+    assert_eq!((issued_totals.count, issued_totals.cents), (101, 705));
+    t.stop().await;
+}
+
+/// A store that takes its tokens' money stores a token only when its sub-stock is
+/// spendable and covers it, and takes only for what it stored: a token short of money
+/// or held already leaves no trace (no status, no stream line, no count, no take).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_takes_stores_only_what_its_sub_stock_covers() {
+    use redpacket_wallet::tokens::TakenAndStored;
+    let t = spawn_app().await;
+    let redis = &t.app.redis;
+    let draft = |user: i64, rain: i64| pb::RedPacketToken {
+        user_id: user,
+        app_id: 1,
+        activity_id: "direct".into(),
+        scene_id: "rain".into(),
+        amount_cents: 10,
+        out_trade_no: format!("{user}_direct_rain_{rain}_cash_live"),
+        rain_id: rain,
+        award_type: "cash".into(),
+        issued_at_ms: redpacket_wallet::store::now_ms(),
+        budget_gen: 3,
+        ..Default::default()
+    };
+    let users: Vec<i64> = (1..=4).collect();
+    let minted = redpacket_wallet::token::mint_all(
+        &t.app.keys.current(),
+        users.iter().map(|u| draft(*u, 1)).collect(),
+    )
+    .unwrap();
+    let items = || {
+        minted.iter().map(|a| {
+            (
+                redpacket_wallet::domain::UserId::parse(a.token.user_id).unwrap(),
+                &a.token,
+                a.bytes.as_slice(),
+            )
+        })
+    };
+    if redis.is_cluster() {
+        // A cluster keeps a user's keys and a sub-stock in different slots.
+        assert!(t
+            .app
+            .tokens
+            .take_and_store(items(), |_, _| 0)
+            .await
+            .is_err());
+        t.stop().await;
+        return;
+    }
+    let mut conn = redis.conn();
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .arg("replication")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let stock = redis.sub_stock_key("direct", 3, 0);
+    let _: () = redis::cmd("HSET")
+        .arg(&stock)
+        .arg("rid")
+        .arg(redpacket_wallet::store::identity_of(&info))
+        .arg("avail")
+        .arg(25)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let (outcomes, after) = t
+        .app
+        .tokens
+        .take_and_store(items(), |activity, gen| {
+            assert_eq!((activity, gen), ("direct", 3));
+            0
+        })
+        .await
+        .unwrap();
+    let stored: Vec<usize> = (0..4)
+        .filter(|&i| outcomes[i] == TakenAndStored::Stored)
+        .collect();
+    assert_eq!(stored.len(), 2, "25 cents cover two of 10: {outcomes:?}");
+    assert_eq!(
+        outcomes
+            .iter()
+            .filter(|o| **o == TakenAndStored::Short)
+            .count(),
+        2
+    );
+    assert_eq!(after.len(), 1);
+    assert_eq!((after[0].state, after[0].avail_cents), (0, 5));
+    let avail: i64 = redis::cmd("HGET")
+        .arg(&stock)
+        .arg("avail")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(avail, 5);
+    for (i, a) in minted.iter().enumerate() {
+        let user = redpacket_wallet::domain::UserId::parse(a.token.user_id).unwrap();
+        let held = t
+            .app
+            .tokens
+            .held(&[(user, a.token.out_trade_no.as_str())])
+            .await
+            .unwrap();
+        let status = t.app.tokens.pending_of(user).await.unwrap();
+        if stored.contains(&i) {
+            assert_eq!(held[0].as_deref(), Some(a.bytes.as_slice()));
+            assert_eq!(status.len(), 1);
+        } else {
+            assert_eq!(held[0], None, "a short token leaves no trace");
+            assert!(status.is_empty());
+        }
+    }
+    let totals = t.app.tokens.issued_totals("direct").await.unwrap();
+    assert_eq!((totals.count, totals.cents), (2, 20));
+    let mut lines = 0;
+    for p in 0..redis.partitions() {
+        let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(redis.stream_key(p))
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for e in entries.ids {
+            let body: String = e.get("b").unwrap();
+            lines += body.lines().count();
+        }
+    }
+    assert_eq!(lines, 2, "one stream line per stored token");
+
+    // Again: the stored two are held (nothing taken), the others still short.
+    let (outcomes, after) = t
+        .app
+        .tokens
+        .take_and_store(items(), |_, _| 0)
+        .await
+        .unwrap();
+    for (i, (o, a)) in outcomes.iter().zip(&minted).enumerate() {
+        if stored.contains(&i) {
+            assert_eq!(*o, TakenAndStored::Held(a.bytes.clone()));
+        } else {
+            assert_eq!(*o, TakenAndStored::Short);
+        }
+    }
+    assert_eq!((after[0].state, after[0].avail_cents), (0, 5));
+    let totals = t.app.tokens.issued_totals("direct").await.unwrap();
+    assert_eq!((totals.count, totals.cents), (2, 20));
+
+    // A drained sub-stock, then one of another Redis identity: nothing stored or taken.
+    let fresh =
+        redpacket_wallet::token::mint_all(&t.app.keys.current(), vec![draft(9, 2)]).unwrap();
+    let one = || {
+        fresh.iter().map(|a| {
+            (
+                redpacket_wallet::domain::UserId::parse(a.token.user_id).unwrap(),
+                &a.token,
+                a.bytes.as_slice(),
+            )
+        })
+    };
+    for (field, value, code) in [("closed", "1", 1), ("rid", "elsewhere:else", 2)] {
+        if field == "rid" {
+            let _: () = redis::cmd("HDEL")
+                .arg(&stock)
+                .arg("closed")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        let _: () = redis::cmd("HSET")
+            .arg(&stock)
+            .arg(field)
+            .arg(value)
+            .arg("avail")
+            .arg(100)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let (outcomes, _) = t.app.tokens.take_and_store(one(), |_, _| 0).await.unwrap();
+        assert_eq!(outcomes, vec![TakenAndStored::Unspendable(code)]);
+        let avail: i64 = redis::cmd("HGET")
+            .arg(&stock)
+            .arg("avail")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(avail, 100);
+        let user = redpacket_wallet::domain::UserId::parse(9).unwrap();
+        assert!(t.app.tokens.pending_of(user).await.unwrap().is_empty());
+    }
+    t.stop().await;
+}
