@@ -286,7 +286,7 @@ impl Budget {
     }
 
     /// Sub-stocks not recently seen empty, in a random order.
-    pub(super) fn candidates(&self, activity: &str, gen: Gen) -> Vec<u32> {
+    pub(crate) fn candidates(&self, activity: &str, gen: Gen) -> Vec<u32> {
         let now = Instant::now();
         let mut order: Vec<u32> = {
             let map = self.exhausted.lock().expect("exhausted map poisoned");

@@ -83,27 +83,33 @@ impl Budget {
         Ok(covered)
     }
 
-    /// The sub-stocks of `activity`'s generation `gen` not recently seen empty, in a
-    /// random order: where a store that takes its tokens' money (one node) takes it.
-    pub fn spendable_sub_stocks(&self, activity: &str, gen: Gen) -> Vec<u32> {
-        self.candidates(activity, gen)
-    }
-
-    /// What a store that took its tokens' money from sub-stock `index` of generation
-    /// `gen` found there after it (its state, see stock.lua, and holdings, read in a
-    /// call that started at `read_at`): an empty spendable sub-stock is skipped for a
-    /// while, as a take's is. A sub-stock found unspendable is left to the take that
-    /// follows, which handles it.
-    pub fn note_sub_stock(
+    /// What a store that took its tokens' money found in a sub-stock after it (read in
+    /// a call that started at `read_at`): an empty one is skipped for a while, as a
+    /// take's is; a drained or lost one is handled as a take handles it (the live
+    /// generation reloaded, a lost one closed in doubt), so the takes that follow go to
+    /// the generation that is live now.
+    pub async fn note_sub_stock(
         &self,
-        activity: &str,
-        gen: Gen,
-        (index, state, avail): (u32, i64, i64),
+        redis: &Redis,
+        db: &Db,
+        after: &crate::tokens::StockAfter,
         read_at: Instant,
-    ) {
-        if state == 0 && avail <= 0 {
-            self.mark_exhausted(activity, gen, index, read_at);
+    ) -> anyhow::Result<()> {
+        let Some(gen) = self.live_gen(&after.owner).filter(|g| g.gen == after.gen) else {
+            return Ok(());
+        };
+        match StockState::seen(after.state, &after.owner, gen.gen, after.index) {
+            StockState::Spendable => {
+                if after.avail_cents <= 0 {
+                    self.mark_exhausted(&after.owner, gen, after.index, read_at);
+                }
+            }
+            state => {
+                self.on_unspendable(redis, db, &after.owner, gen, state)
+                    .await?;
+            }
         }
+        Ok(())
     }
 
     /// Takes `amount` from the activity's budget, or nothing.

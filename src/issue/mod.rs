@@ -29,7 +29,7 @@ pub mod guards;
 pub mod stats;
 mod validate;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::activity::ActivityCache;
@@ -444,50 +444,58 @@ impl Issuer {
         if self.redis.is_cluster() {
             return;
         }
-        let mut stocks: HashMap<&str, (budget::Gen, Vec<u32>)> = HashMap::new();
+        // Per activity: its live generation and spendable sub-stocks (`None`: none).
+        let mut stocks: HashMap<&str, Option<(budget::Gen, Vec<u32>)>> = HashMap::new();
         let mut direct: Vec<usize> = Vec::with_capacity(awards.len());
         for (k, (_, v)) in awards.iter().enumerate() {
             if v.coupon.is_some() || v.guards.in_redis() {
                 continue;
             }
             let activity = v.activity_id.as_str();
-            if !stocks.contains_key(activity) {
-                let Some(gen) = self.budget.live_gen(activity) else {
-                    continue;
-                };
-                stocks.insert(
-                    activity,
-                    (gen, self.budget.spendable_sub_stocks(activity, gen)),
-                );
-            }
-            if !stocks[activity].1.is_empty() {
+            let spendable = stocks.entry(activity).or_insert_with(|| {
+                let gen = self.budget.live_gen(activity)?;
+                let order = self.budget.candidates(activity, gen);
+                (!order.is_empty()).then_some((gen, order))
+            });
+            if spendable.is_some() {
                 direct.push(k);
             }
         }
         if direct.is_empty() {
             return;
         }
+        let live = |activity: &str| stocks[activity].as_ref().map(|(gen, _)| gen.gen);
         let drafts = direct
             .iter()
             .map(|&k| {
                 let v = &awards[k].1;
                 let mut draft = v.draft.clone();
-                draft.budget_gen = stocks[v.activity_id.as_str()].0.gen;
+                draft.budget_gen = live(&v.activity_id).unwrap_or_default();
                 draft
             })
             .collect();
-        // A failed mint leaves the awards to the stepwise path, which answers it.
-        let Ok(minted) = token::mint_all(&self.keys.current(), drafts) else {
-            return;
+        let minted = match token::mint_all(&self.keys.current(), drafts) {
+            Ok(minted) => minted,
+            Err(err) => {
+                // The stepwise path mints again and answers its own failure.
+                tracing::warn!(error = %err, "minting failed on the direct path");
+                return;
+            }
         };
         let read_at = std::time::Instant::now();
         // Each call takes from the next of the activity's spendable sub-stocks.
-        let mut turn: HashMap<String, usize> = HashMap::new();
+        let mut turn: HashMap<&str, usize> = HashMap::new();
         let pick = |activity: &str, _gen: i64| {
-            let order = &stocks[activity].1;
-            let next = turn.entry(activity.to_string()).or_default();
+            let (&name, spendable) = stocks
+                .get_key_value(activity)
+                .expect("picked for its award");
+            let order = spendable.as_ref().map_or(&[][..], |(_, o)| o.as_slice());
+            let next = turn.entry(name).or_default();
             *next += 1;
-            order[(*next - 1) % order.len()]
+            order
+                .get((*next - 1) % order.len().max(1))
+                .copied()
+                .unwrap_or_default()
         };
         let stored = self
             .tokens
@@ -511,13 +519,22 @@ impl Issuer {
                 return;
             }
         };
+        // An empty sub-stock is skipped for a while; a drained or lost one reloads the
+        // live generation (once per activity) before the stepwise path takes.
+        let mut handled: HashSet<&str> = HashSet::new();
         for s in &after {
-            if let Some((gen, _)) = stocks.get(s.owner.as_str()) {
-                self.budget.note_sub_stock(
-                    &s.owner,
-                    *gen,
-                    (s.index, s.state, s.avail_cents),
-                    read_at,
+            if s.state != 0 && !handled.insert(s.owner.as_str()) {
+                continue;
+            }
+            if let Err(err) = self
+                .budget
+                .note_sub_stock(&self.redis, &self.db, s, read_at)
+                .await
+            {
+                tracing::warn!(
+                    error = format!("{err:#}"),
+                    activity = s.owner,
+                    "handling an unspendable sub-stock failed"
                 );
             }
         }

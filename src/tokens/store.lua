@@ -3,8 +3,9 @@
 -- call (field `b`: one line per token, `user|out_trade_no|amount|activity|scene|at|gen`,
 -- and `|c` after it for a coupon). A call may also take its tokens' money from budget
 -- sub-stocks (identity.lua and budget/stock.lua are prepended): a token is then stored
--- only when its sub-stock is spendable and covers it, and its money is taken only when
--- it is stored, so a take and its token are one atomic step.
+-- only when its sub-stock is spendable and covers it, and its money stays taken only
+-- when it is stored, so a take and its token are one atomic step. Every token of such
+-- a call names its sub-stock.
 -- On a cluster a call holds one partition's tokens (every key in its slot) and takes
 -- nothing; on a single node one call may hold several partitions' tokens (a batch of
 -- single awards is spread over many partitions, and a call per partition would cost a
@@ -38,6 +39,16 @@
 -- so the sums below stay exact in Lua's doubles.
 local n, s, g, k = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local t = s + k
+local groups = {}
+for j = 1, g do
+  local a = 5 + (j - 1) * 5
+  groups[j] = {tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])}
+end
+local base = 5 + g * 5
+-- Per sub-stock: {state, avail, taken}. The money is taken before any token is written:
+-- should the script fail half-way (Redis does not undo a script's writes), tokens
+-- without their money can never remain, only money without its token (a leak, which
+-- repair returns). A token found held afterwards gets its money back.
 local stocks = {}
 for j = 1, k do
   local state, avail = stock_state(KEYS[s + j]), 0
@@ -46,36 +57,46 @@ for j = 1, k do
   end
   stocks[j] = {state, avail, 0}
 end
-local groups = {}
-for j = 1, g do
-  local a = 5 + (j - 1) * 5
-  groups[j] = {tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])}
+local refused = {}
+if k > 0 then
+  for i = 1, n do
+    local a = base + (i - 1) * 6
+    local stock = stocks[math.floor(tonumber(ARGV[a + 4]) / 4294967296)]
+    if not stock then
+      return redis.error_reply('store.lua: a token names no sub-stock')
+    end
+    local cents = tonumber(ARGV[a + 5])
+    if stock[1] ~= 0 then
+      refused[i] = stock[1]
+    elseif cents > stock[2] then
+      refused[i] = 0
+    else
+      stock[2] = stock[2] - cents
+      stock[3] = stock[3] + cents
+    end
+  end
+  for j = 1, k do
+    if stocks[j][3] > 0 then
+      stocks[j][2] = redis.call('HINCRBY', KEYS[s + j], 'avail', -stocks[j][3])
+    end
+    stocks[j][3] = 0
+  end
 end
-local base = 5 + g * 5
 local out = {}
 local lines = {}
 for i = 1, n do
   local a = base + (i - 1) * 6
   local otn, tokens = ARGV[a], KEYS[t + 2 * i - 1]
   local where, cents = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
-  local stock = stocks[math.floor(where / 4294967296)]
-  local refused
-  if stock then
-    if stock[1] ~= 0 then
-      refused = stock[1]
-    elseif cents > stock[2] then
-      refused = 0
-    end
-  end
-  if refused then
-    out[i] = redis.call('HGET', tokens, otn) or refused
+  if refused[i] then
+    out[i] = redis.call('HGET', tokens, otn) or refused[i]
   elseif redis.call('HSETNX', tokens, otn, ARGV[a + 1]) == 0 then
     out[i] = redis.call('HGET', tokens, otn)
-  else
+    local stock = stocks[math.floor(where / 4294967296)]
     if stock then
-      stock[2] = stock[2] - cents
       stock[3] = stock[3] + cents
     end
+  else
     redis.call('HSET', KEYS[t + 2 * i], otn, ARGV[a + 2])
     local stream = math.floor(where / 65536) % 65536
     local mine = lines[stream]
@@ -95,7 +116,7 @@ end
 for j = 1, k do
   local stock = stocks[j]
   if stock[3] > 0 then
-    stock[2] = redis.call('HINCRBY', KEYS[s + j], 'avail', -stock[3])
+    stock[2] = redis.call('HINCRBY', KEYS[s + j], 'avail', stock[3])
   end
   out[n + 2 * j - 1] = stock[1]
   out[n + 2 * j] = stock[2]

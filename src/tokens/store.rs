@@ -72,9 +72,9 @@ pub struct StockAfter {
     pub avail_cents: i64,
 }
 
-/// A sub-stock of one call: (owner, generation) -> (index, 1-based place in the call's
-/// sub-stock keys).
-type CallStock<'a> = ((&'a str, i64), (u32, usize));
+/// A sub-stock of one call: (owner, generation) and its index. Its place in the call's
+/// list, from 1, is its place among the call's sub-stock keys.
+type CallStock<'a> = ((&'a str, i64), u32);
 
 impl Tokens {
     /// Stores every token: `None` where the token was stored now, what is already held
@@ -108,6 +108,8 @@ impl Tokens {
     /// its sub-stock is spendable and covers it, and its money is taken only when it is
     /// stored, atomically with it. `pick` chooses the sub-stock of (owner, generation)
     /// for each call. Only on a single node, where one call may touch any key.
+    /// Returns what became of each token, in the order given, and every sub-stock
+    /// taken from as the call left it.
     pub async fn take_and_store<'a>(
         &self,
         tokens: impl Iterator<Item = (UserId, &'a pb::RedPacketToken, &'a [u8])>,
@@ -127,7 +129,7 @@ impl Tokens {
             for (_, _, token, _) in call {
                 let at = (stock_of(token).0, token.budget_gen);
                 if !stocks.iter().any(|(s, _)| *s == at) {
-                    stocks.push((at, (pick(at.0, at.1), stocks.len() + 1)));
+                    stocks.push((at, pick(at.0, at.1)));
                 }
             }
             pipe.add_command(self.store_cmd(call, &stocks));
@@ -150,7 +152,7 @@ impl Tokens {
                     held => TakenAndStored::Held(redis::from_redis_value(held)?),
                 };
             }
-            for (((owner, gen), (index, _)), pair) in stocks.iter().zip(figures.chunks(2)) {
+            for (((owner, gen), index), pair) in stocks.iter().zip(figures.chunks(2)) {
                 after.push(StockAfter {
                     owner: owner.to_string(),
                     gen: *gen,
@@ -218,7 +220,7 @@ impl Tokens {
         keys.extend(
             stocks
                 .iter()
-                .map(|((owner, gen), (index, _))| redis.sub_stock_key(owner, *gen, *index)),
+                .map(|((owner, gen), index)| redis.sub_stock_key(owner, *gen, *index)),
         );
         for (_, user, ..) in tokens {
             keys.push(redis.tokens_key(*user));
@@ -256,10 +258,13 @@ impl Tokens {
                 entry.amount_cents,
             );
             let stream = streams.binary_search(partition).unwrap_or_default() + 1;
+            // 0: takes nothing (store.lua refuses that in a call that takes).
             let stock = stocks
                 .iter()
-                .find(|((owner, gen), _)| *owner == entry.activity_id && *gen == entry.budget_gen)
-                .map_or(0, |(_, (_, place))| *place);
+                .position(|((owner, gen), _)| {
+                    *owner == entry.activity_id && *gen == entry.budget_gen
+                })
+                .map_or(0, |place| place + 1);
             placed.push(((stock as u64 * 65_536) + stream as u64) * 65_536 + group as u64);
         }
         let mut cmd = redis::cmd("EVALSHA");
