@@ -186,6 +186,7 @@ impl App {
                 std::time::Duration::from_secs(1),
             )),
             retry_grace_ms: (settings.wallet.retry_grace_secs as i64).saturating_mul(1000),
+            one_step: issue.one_step,
         });
         let coalescer = Coalescer::start(
             issuer.clone(),

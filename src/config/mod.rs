@@ -195,6 +195,9 @@ pub struct IssueSettings {
     /// Budget in doubt after a Redis loss is released only after this long, so clients
     /// had time to sync the tokens they hold.
     pub in_doubt_grace_ms: u64,
+    /// On a single Redis node, plain cash awards are taken and stored by one script call
+    /// (`issue::Issuer::issue_direct`); false sends every award through the steps.
+    pub one_step: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]

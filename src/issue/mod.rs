@@ -131,6 +131,8 @@ pub struct Issuer {
     /// How long after its activity ends a greeting answer is still replayed (ms), as
     /// trimmed tokens' markers are (`wallet.retry_grace_secs`).
     pub retry_grace_ms: i64,
+    /// Plain cash awards take the direct path on a single node (`issue.one_step`).
+    pub one_step: bool,
 }
 
 /// What Redis holds under an award's out_trade_no, answered: the token itself, or, once
@@ -441,7 +443,7 @@ impl Issuer {
         awards: &[(usize, ValidAward)],
         out: &mut [Option<Result<Issued>>],
     ) {
-        if self.redis.is_cluster() {
+        if !self.one_step || self.redis.is_cluster() {
             return;
         }
         // Per activity: its live generation and spendable sub-stocks (`None`: none).

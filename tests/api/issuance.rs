@@ -846,7 +846,7 @@ async fn command_calls(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn awards_on_one_node_take_and_store_in_one_step() {
     let redis = PrivateRedis::start();
-    let t = spawn_app_with(Options {
+    let mut t = spawn_app_with(Options {
         redis_url: Some(redis.url()),
         worker: false,
         ..Default::default()
@@ -901,6 +901,18 @@ async fn awards_on_one_node_take_and_store_in_one_step() {
     assert_eq!(figures.taken_cents, 5 + 700);
     let issued_totals = t.app.tokens.issued_totals("cny2027").await.unwrap();
     assert_eq!((issued_totals.count, issued_totals.cents), (101, 705));
+
+    // `issue.one_step = false`: every award goes the steps (a check per award, a take
+    // script, then the store).
+    t.restart(&[("RPW_ISSUE__ONE_STEP", "false")]).await;
+    let before = command_calls(&mut conn).await;
+    let stepwise: Vec<Value> = (0..100).map(|u| award(300 + u, 1, 7)).collect();
+    issue_all(&t, stepwise).await;
+    let calls = commands_since(&mut conn, &before).await;
+    assert!(calls.get("hget").copied().unwrap_or(0) >= 100, "{calls:?}");
+    assert_eq!(calls.get("hsetnx"), Some(&100), "{calls:?}");
+    let issued_totals = t.app.tokens.issued_totals("cny2027").await.unwrap();
+    assert_eq!((issued_totals.count, issued_totals.cents), (201, 1_405));
     t.stop().await;
 }
 
