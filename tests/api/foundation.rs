@@ -146,12 +146,7 @@ async fn budget_added_during_the_event_is_spread_and_shown() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["budget_cents"], 1_600);
     assert_eq!(body["budget_remaining_cents"], 1_600);
-    let figures = t
-        .app
-        .budget
-        .figures(&t.app.redis, &t.app.db, "cny2027")
-        .await
-        .unwrap();
+    let figures = t.budget_figures("cny2027").await;
     assert_eq!(figures.budget_cents, 1_600);
     assert_eq!(figures.remaining_cents, 1_600);
     assert_eq!(

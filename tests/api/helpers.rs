@@ -447,6 +447,15 @@ impl TestApp {
         out
     }
 
+    /// The budget figures of `activity`, as the operator API computes them.
+    pub async fn budget_figures(&self, activity: &str) -> redpacket_wallet::budget::BudgetFigures {
+        self.app
+            .budget
+            .figures(&self.app.redis, &self.app.db, activity)
+            .await
+            .unwrap()
+    }
+
     pub async fn sql_i64(&self, sql: &str) -> i64 {
         let row: (i64,) = sqlx::query_as(sql)
             .fetch_one(self.app.db.main())

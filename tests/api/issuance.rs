@@ -24,12 +24,7 @@ async fn budget_sub_stocks(t: &TestApp, activity: &str) -> Vec<i64> {
             .unwrap();
         out.push(v.unwrap_or(0));
     }
-    let figures = t
-        .app
-        .budget
-        .figures(&t.app.redis, &t.app.db, activity)
-        .await
-        .unwrap();
+    let figures = t.budget_figures(activity).await;
     out.push(figures.ungranted_cents);
     out
 }
@@ -63,12 +58,7 @@ async fn two_hundred_identical_awards_mint_one_token() {
         1,
         "every response carries the same token bytes"
     );
-    let figures = t
-        .app
-        .budget
-        .figures(&t.app.redis, &t.app.db, "cny2027")
-        .await
-        .unwrap();
+    let figures = t.budget_figures("cny2027").await;
     assert_eq!(figures.taken_cents, 88, "budget taken once");
     let issued = t.app.tokens.issued_totals("cny2027").await.unwrap();
     assert_eq!((issued.count, issued.cents), (1, 88));
@@ -173,12 +163,7 @@ async fn the_same_award_twice_in_one_millisecond_is_minted_once() {
         let minted = [a.replayed, b.replayed].iter().filter(|r| !**r).count();
         assert_eq!(minted, 1, "round {rain}: exactly one of the two minted");
     }
-    let figures = t
-        .app
-        .budget
-        .figures(&t.app.redis, &t.app.db, "cny2027")
-        .await
-        .unwrap();
+    let figures = t.budget_figures("cny2027").await;
     assert_eq!(
         figures.taken_cents,
         10 * rounds,
@@ -685,12 +670,7 @@ async fn a_batch_answers_in_order_and_one_bad_item_fails_alone() {
     }
     assert_eq!(results[300]["replayed"], true);
     assert_eq!(results[300]["token"], results[0]["token"]);
-    let figures = t
-        .app
-        .budget
-        .figures(&t.app.redis, &t.app.db, "cny2027")
-        .await
-        .unwrap();
+    let figures = t.budget_figures("cny2027").await;
     assert_eq!(figures.taken_cents, 298 * 2);
     t.stop().await;
 }
@@ -770,12 +750,7 @@ async fn script_calls_after_a_script_flush_run_exactly_once() {
     t.open_activity("cny2027", 1_000, 100).await;
     let (status, body) = t.post("/v1/awards", CALLER, &award(5, 1, 40)).await;
     assert_eq!(status, 201, "{body}");
-    let figures = t
-        .app
-        .budget
-        .figures(&t.app.redis, &t.app.db, "cny2027")
-        .await
-        .unwrap();
+    let figures = t.budget_figures("cny2027").await;
     assert_eq!(figures.taken_cents, 40);
     t.stop().await;
     drop(redis);
@@ -871,12 +846,7 @@ async fn awards_on_one_node_take_and_store_in_one_step() {
     // One store call holds the 100 (STORE_CHUNK is 128): its sub-stock's `avail`.
     assert!(calls.get("hget").copied().unwrap_or(0) <= 2, "{calls:?}");
     assert!(calls.get("evalsha").copied().unwrap_or(0) <= 2, "{calls:?}");
-    let figures = t
-        .app
-        .budget
-        .figures(&t.app.redis, &t.app.db, "cny2027")
-        .await
-        .unwrap();
+    let figures = t.budget_figures("cny2027").await;
     assert_eq!(figures.taken_cents, 5 + 700);
 
     // The same batch again: all replays, byte for byte, and nothing taken. (The money
@@ -892,12 +862,7 @@ async fn awards_on_one_node_take_and_store_in_one_step() {
     assert_eq!(calls.get("hincrby"), Some(&2), "{calls:?}");
     assert_eq!(calls.get("hset"), None, "no status written: {calls:?}");
     assert_eq!(calls.get("xadd"), None, "{calls:?}");
-    let figures = t
-        .app
-        .budget
-        .figures(&t.app.redis, &t.app.db, "cny2027")
-        .await
-        .unwrap();
+    let figures = t.budget_figures("cny2027").await;
     assert_eq!(figures.taken_cents, 5 + 700);
     let issued_totals = t.app.tokens.issued_totals("cny2027").await.unwrap();
     assert_eq!((issued_totals.count, issued_totals.cents), (101, 705));
@@ -914,6 +879,29 @@ async fn awards_on_one_node_take_and_store_in_one_step() {
     let issued_totals = t.app.tokens.issued_totals("cny2027").await.unwrap();
     assert_eq!((issued_totals.count, issued_totals.cents), (201, 1_405));
     t.stop().await;
+}
+
+/// Minted tokens as [`redpacket_wallet::tokens::Tokens::take_and_store`] takes them.
+fn to_store(
+    minted: &[redpacket_wallet::token::SignedAward],
+) -> impl Iterator<Item = (redpacket_wallet::domain::UserId, &pb::RedPacketToken, &[u8])> {
+    minted.iter().map(|a| {
+        (
+            redpacket_wallet::domain::UserId::parse(a.token.user_id).unwrap(),
+            &a.token,
+            a.bytes.as_slice(),
+        )
+    })
+}
+
+/// What a sub-stock holds now.
+async fn avail_of(conn: &mut redpacket_wallet::store::RedisConn, stock: &str) -> i64 {
+    redis::cmd("HGET")
+        .arg(stock)
+        .arg("avail")
+        .query_async(conn)
+        .await
+        .unwrap()
 }
 
 /// A store that takes its tokens' money stores a token only when its sub-stock is
@@ -943,15 +931,7 @@ async fn a_store_that_takes_stores_only_what_its_sub_stock_covers() {
         users.iter().map(|u| draft(*u, 1)).collect(),
     )
     .unwrap();
-    let items = || {
-        minted.iter().map(|a| {
-            (
-                redpacket_wallet::domain::UserId::parse(a.token.user_id).unwrap(),
-                &a.token,
-                a.bytes.as_slice(),
-            )
-        })
-    };
+    let items = || to_store(&minted);
     if redis.is_cluster() {
         // A cluster keeps a user's keys and a sub-stock in different slots.
         assert!(t
@@ -1003,13 +983,7 @@ async fn a_store_that_takes_stores_only_what_its_sub_stock_covers() {
     );
     assert_eq!(after.len(), 1);
     assert_eq!((after[0].state, after[0].avail_cents), (0, 5));
-    let avail: i64 = redis::cmd("HGET")
-        .arg(&stock)
-        .arg("avail")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(avail, 5);
+    assert_eq!(avail_of(&mut conn, &stock).await, 5);
     for (i, a) in minted.iter().enumerate() {
         let user = redpacket_wallet::domain::UserId::parse(a.token.user_id).unwrap();
         let held = t
@@ -1066,15 +1040,7 @@ async fn a_store_that_takes_stores_only_what_its_sub_stock_covers() {
     // A drained sub-stock, then one of another Redis identity: nothing stored or taken.
     let fresh =
         redpacket_wallet::token::mint_all(&t.app.keys.current(), vec![draft(9, 2)]).unwrap();
-    let one = || {
-        fresh.iter().map(|a| {
-            (
-                redpacket_wallet::domain::UserId::parse(a.token.user_id).unwrap(),
-                &a.token,
-                a.bytes.as_slice(),
-            )
-        })
-    };
+    let one = || to_store(&fresh);
     for (field, value, code) in [("closed", "1", 1), ("rid", "elsewhere:else", 2)] {
         if field == "rid" {
             let _: () = redis::cmd("HDEL")
@@ -1095,13 +1061,7 @@ async fn a_store_that_takes_stores_only_what_its_sub_stock_covers() {
             .unwrap();
         let (outcomes, _) = t.app.tokens.take_and_store(one(), |_, _| 0).await.unwrap();
         assert_eq!(outcomes, vec![TakenAndStored::Unspendable(code)]);
-        let avail: i64 = redis::cmd("HGET")
-            .arg(&stock)
-            .arg("avail")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        assert_eq!(avail, 100);
+        assert_eq!(avail_of(&mut conn, &stock).await, 100);
         let user = redpacket_wallet::domain::UserId::parse(9).unwrap();
         assert!(t.app.tokens.pending_of(user).await.unwrap().is_empty());
     }

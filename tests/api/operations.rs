@@ -130,12 +130,7 @@ async fn a_budget_leak_is_shown_then_repaired_exactly_once() {
         third["repaired_cents"], 0,
         "a later repair returns nothing: {third}"
     );
-    let figures = t
-        .app
-        .budget
-        .figures(&t.app.redis, &t.app.db, "cny2027")
-        .await
-        .unwrap();
+    let figures = t.budget_figures("cny2027").await;
     assert_eq!(figures.remaining_cents, 10_000 - 600, "{figures:?}");
     assert_eq!(figures.taken_cents, 600, "{figures:?}");
     t.stop().await;
