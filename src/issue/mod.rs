@@ -25,11 +25,12 @@
 
 pub mod admission;
 pub mod coalesce;
+mod direct;
 pub mod guards;
 pub mod stats;
 mod validate;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::activity::ActivityCache;
@@ -42,7 +43,7 @@ use crate::metrics;
 use crate::store::{now_ms, Db, Redis};
 use crate::switches::Switches;
 use crate::token::{self, SignedAward};
-use crate::tokens::{TakenAndStored, Tokens, GREETING, TRIMMED};
+use crate::tokens::{Tokens, GREETING, TRIMMED};
 
 pub use admission::{Admission, SharedLimit};
 pub use stats::StatsCounter;
@@ -428,131 +429,6 @@ impl Issuer {
             }
         }
         taken
-    }
-
-    /// On a single node, plain cash awards (no coupon, no guard kept in Redis) of an
-    /// activity with a live generation go in one step: minted first, then taken and
-    /// stored by one script call per [`crate::tokens::STORE_CHUNK`] tokens
-    /// ([`Tokens::take_and_store`]), whose store doubles as the idempotency check: a
-    /// token already held under the out_trade_no takes nothing and is answered as a
-    /// replay or a conflict. Awards whose sub-stock did not cover them, or could not be
-    /// spent from, are left unanswered in `out` for the stepwise path (their tokens were
-    /// never stored nor shown, and the stepwise path mints again).
-    async fn issue_direct(
-        &self,
-        awards: &[(usize, ValidAward)],
-        out: &mut [Option<Result<Issued>>],
-    ) {
-        if !self.one_step || self.redis.is_cluster() {
-            return;
-        }
-        // Per activity: its live generation and spendable sub-stocks (`None`: none).
-        let mut stocks: HashMap<&str, Option<(budget::Gen, Vec<u32>)>> = HashMap::new();
-        let mut direct: Vec<usize> = Vec::with_capacity(awards.len());
-        for (k, (_, v)) in awards.iter().enumerate() {
-            if v.coupon.is_some() || v.guards.in_redis() {
-                continue;
-            }
-            let activity = v.activity_id.as_str();
-            let spendable = stocks.entry(activity).or_insert_with(|| {
-                let gen = self.budget.live_gen(activity)?;
-                let order = self.budget.candidates(activity, gen);
-                (!order.is_empty()).then_some((gen, order))
-            });
-            if spendable.is_some() {
-                direct.push(k);
-            }
-        }
-        if direct.is_empty() {
-            return;
-        }
-        let live = |activity: &str| stocks[activity].as_ref().map(|(gen, _)| gen.gen);
-        let drafts = direct
-            .iter()
-            .map(|&k| {
-                let v = &awards[k].1;
-                let mut draft = v.draft.clone();
-                draft.budget_gen = live(&v.activity_id).unwrap_or_default();
-                draft
-            })
-            .collect();
-        let minted = match token::mint_all(&self.keys.current(), drafts) {
-            Ok(minted) => minted,
-            Err(err) => {
-                // The stepwise path mints again and answers its own failure.
-                tracing::warn!(error = %err, "minting failed on the direct path");
-                return;
-            }
-        };
-        let read_at = std::time::Instant::now();
-        // Each call takes from the next of the activity's spendable sub-stocks.
-        let mut turn: HashMap<&str, usize> = HashMap::new();
-        let pick = |activity: &str, _gen: i64| {
-            let (&name, spendable) = stocks
-                .get_key_value(activity)
-                .expect("picked for its award");
-            let order = spendable.as_ref().map_or(&[][..], |(_, o)| o.as_slice());
-            let next = turn.entry(name).or_default();
-            *next += 1;
-            order
-                .get((*next - 1) % order.len().max(1))
-                .copied()
-                .unwrap_or_default()
-        };
-        let stored = self
-            .tokens
-            .take_and_store(
-                direct
-                    .iter()
-                    .zip(&minted)
-                    .map(|(&k, a)| (awards[k].1.user, &a.token, a.bytes.as_slice())),
-                pick,
-            )
-            .await;
-        let (outcomes, after) = match stored {
-            Ok(stored) => stored,
-            Err(err) => {
-                // The calls may or may not have run; each took and stored atomically, so
-                // a retry of the award is a replay or a fresh award, never a second one.
-                let err = Error::from(err);
-                for &k in &direct {
-                    out[k] = Some(Err(err.duplicate()));
-                }
-                return;
-            }
-        };
-        // An empty sub-stock is skipped for a while; a drained or lost one reloads the
-        // live generation (once per activity) before the stepwise path takes.
-        let mut handled: HashSet<&str> = HashSet::new();
-        for s in &after {
-            if s.state != 0 && !handled.insert(s.owner.as_str()) {
-                continue;
-            }
-            if let Err(err) = self
-                .budget
-                .note_sub_stock(&self.redis, &self.db, s, read_at)
-                .await
-            {
-                tracing::warn!(
-                    error = format!("{err:#}"),
-                    activity = s.owner,
-                    "handling an unspendable sub-stock failed"
-                );
-            }
-        }
-        for ((&k, award), outcome) in direct.iter().zip(minted).zip(outcomes) {
-            let v = &awards[k].1;
-            out[k] = match outcome {
-                TakenAndStored::Stored => Some(Ok(Issued::token(
-                    v.out_trade_no.as_str(),
-                    award.bytes,
-                    false,
-                    false,
-                ))),
-                TakenAndStored::Held(bytes) => Some(resolve_held(&self.ledger, bytes, v).await),
-                TakenAndStored::Short | TakenAndStored::Unspendable(_) => None,
-            };
-        }
     }
 
     async fn issue_unique(&self, awards: &[(usize, ValidAward)], now: i64) -> Vec<Result<Issued>> {
