@@ -1067,3 +1067,123 @@ async fn a_store_that_takes_stores_only_what_its_sub_stock_covers() {
     }
     t.stop().await;
 }
+
+/// The one-step store against a model, over random rounds: random holdings, amounts,
+/// calls of up to 300 tokens (several store calls), tokens stored before mixed in. The
+/// sub-stock never pays for more than it held, loses exactly what the tokens stored now
+/// are worth, and a token is stored now, held from before, or left without a trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_one_step_store_never_pays_more_than_its_sub_stock_held() {
+    use rand::{Rng, SeedableRng};
+    use redpacket_wallet::tokens::TakenAndStored;
+    let t = spawn_app().await;
+    let redis = &t.app.redis;
+    if redis.is_cluster() {
+        t.stop().await;
+        return;
+    }
+    let mut conn = redis.conn();
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .arg("replication")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let stock = redis.sub_stock_key("model", 1, 0);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+    let mut earlier: Vec<redpacket_wallet::token::SignedAward> = Vec::new();
+    let (mut stored_count, mut stored_cents) = (0i64, 0i64);
+    for round in 0..40 {
+        let avail: i64 = rng.random_range(0..2_000);
+        let _: () = redis::cmd("HSET")
+            .arg(&stock)
+            .arg("rid")
+            .arg(redpacket_wallet::store::identity_of(&info))
+            .arg("avail")
+            .arg(avail)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let fresh_count = rng.random_range(1..300);
+        let drafts: Vec<pb::RedPacketToken> = (0..fresh_count)
+            .map(|i| pb::RedPacketToken {
+                user_id: rng.random_range(1..50),
+                activity_id: "model".into(),
+                scene_id: "rain".into(),
+                amount_cents: rng.random_range(1..40),
+                out_trade_no: format!("r{round}_{i}"),
+                award_type: "cash".into(),
+                issued_at_ms: redpacket_wallet::store::now_ms(),
+                budget_gen: 1,
+                ..Default::default()
+            })
+            .collect();
+        let mut batch = redpacket_wallet::token::mint_all(&t.app.keys.current(), drafts).unwrap();
+        // Some tokens of earlier rounds again (held or still absent).
+        for _ in 0..rng.random_range(0..10).min(earlier.len()) {
+            batch.push(earlier[rng.random_range(0..earlier.len())].clone());
+        }
+        let mut seen = HashSet::new();
+        batch.retain(|a| seen.insert(a.token.out_trade_no.clone()));
+        let mut held_before = Vec::new();
+        for a in &batch {
+            let user = redpacket_wallet::domain::UserId::parse(a.token.user_id).unwrap();
+            let held = t
+                .app
+                .tokens
+                .held(&[(user, a.token.out_trade_no.as_str())])
+                .await
+                .unwrap();
+            held_before.push(held.into_iter().next().flatten());
+        }
+        let (outcomes, _) = t
+            .app
+            .tokens
+            .take_and_store(to_store(&batch), |_, _| 0)
+            .await
+            .unwrap();
+        let mut paid = 0;
+        for ((a, before), outcome) in batch.iter().zip(&held_before).zip(&outcomes) {
+            let user = redpacket_wallet::domain::UserId::parse(a.token.user_id).unwrap();
+            let now = t
+                .app
+                .tokens
+                .held(&[(user, a.token.out_trade_no.as_str())])
+                .await
+                .unwrap();
+            let now = now.into_iter().next().flatten();
+            match outcome {
+                TakenAndStored::Stored => {
+                    assert_eq!(*before, None);
+                    assert_eq!(now.as_deref(), Some(a.bytes.as_slice()));
+                    paid += a.token.amount_cents;
+                    stored_count += 1;
+                    stored_cents += a.token.amount_cents;
+                    earlier.push(a.clone());
+                }
+                TakenAndStored::Held(bytes) => {
+                    assert_eq!(before.as_ref(), Some(bytes));
+                    assert_eq!(now.as_ref(), Some(bytes));
+                }
+                TakenAndStored::Short => {
+                    assert_eq!((before, &now), (&None, &None), "no trace");
+                    earlier.push(a.clone());
+                }
+                TakenAndStored::Unspendable(code) => panic!("spendable stock refused: {code}"),
+            }
+        }
+        assert!(paid <= avail, "round {round}: paid {paid} of {avail}");
+        assert_eq!(
+            avail_of(&mut conn, &stock).await,
+            avail - paid,
+            "round {round}"
+        );
+        let totals = t.app.tokens.issued_totals("model").await.unwrap();
+        assert_eq!((totals.count, totals.cents), (stored_count, stored_cents));
+    }
+    assert!(
+        stored_count > 100 && earlier.len() > stored_count as usize,
+        "the rounds reached both sides"
+    );
+    t.stop().await;
+}
