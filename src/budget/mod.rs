@@ -198,12 +198,7 @@ pub const STOCK_LUA: &str = include_str!("stock.lua");
 
 /// A script working on sub-stocks: the Redis identity and [`STOCK_LUA`] before `body`.
 pub fn stock_script(body: &str) -> Script {
-    crate::store::script(&format!(
-        "{}\n{}\n{}",
-        crate::store::IDENTITY_LUA,
-        STOCK_LUA,
-        body
-    ))
+    crate::store::script_with_identity(&format!("{STOCK_LUA}\n{body}"))
 }
 
 impl Budget {

@@ -133,10 +133,6 @@ pub struct Guards {
     restoring: tokio::sync::Mutex<()>,
 }
 
-fn with_identity(body: &str) -> redis::Script {
-    crate::store::script(&format!("{}\n{}", crate::store::IDENTITY_LUA, body))
-}
-
 impl Guards {
     /// Starts the writer that keeps flags in MySQL (it ends with the last handle).
     pub fn new(redis: Arc<Redis>, db: Arc<Db>, ledger: Ledger) -> Self {
@@ -148,12 +144,12 @@ impl Guards {
             ledger,
             list: RwLock::default(),
             scripts: Scripts {
-                claim_wins: with_identity(include_str!("claim_wins.lua")),
-                flagged: with_identity(include_str!("flagged.lua")),
+                claim_wins: crate::store::script_with_identity(include_str!("claim_wins.lua")),
+                flagged: crate::store::script_with_identity(include_str!("flagged.lua")),
                 // KEYS: the marker, the restore's token; ARGV: the identity the
                 // restore began under, its token. A flush or a change of identity
                 // during the restore leaves the set not whole.
-                set_whole: with_identity(
+                set_whole: crate::store::script_with_identity(
                     "if run_id() == ARGV[1] and redis.call('GET', KEYS[2]) == ARGV[2] then \
                      redis.call('SET', KEYS[1], ARGV[1]) redis.call('DEL', KEYS[2]) \
                      return 1 end return 0",

@@ -55,7 +55,9 @@ pub fn identity_of(info: &str) -> String {
     format!("{}:{}", field("\nrun_id:"), field("\nmaster_replid:"))
 }
 
-pub use scripts::{evalsha, key_slot, load_scripts, query_scripted, script, slot_tag};
+pub use scripts::{
+    evalsha, key_slot, load_scripts, query_scripted, script, script_with_identity, slot_tag,
+};
 
 pub const SETTLE_GROUP: &str = "settle";
 

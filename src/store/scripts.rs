@@ -87,6 +87,12 @@ pub fn script(source: &str) -> redis::Script {
     script
 }
 
+/// A script that tells data written in another Redis life from its own: `run_id()`
+/// ([`super::IDENTITY_LUA`]) defined before `body`.
+pub fn script_with_identity(body: &str) -> redis::Script {
+    script(&format!("{}\n{}", super::IDENTITY_LUA, body))
+}
+
 /// One pipeline on one connection, with the NOSCRIPT retry of [`query_scripted`].
 ///
 /// A single node answers each command apart, so exactly the calls answered NOSCRIPT are

@@ -208,17 +208,13 @@ impl RedisRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fence(pub String);
 
-fn with_identity(body: &str) -> Script {
-    crate::store::script(&format!("{}\n{}", crate::store::IDENTITY_LUA, body))
-}
-
 impl Tokens {
     pub fn new(redis: Arc<Redis>) -> Self {
         Self {
             redis,
             scripts: Arc::new(Scripts {
                 store: crate::budget::stock_script(include_str!("store.lua")),
-                mark: with_identity(include_str!("mark.lua")),
+                mark: crate::store::script_with_identity(include_str!("mark.lua")),
                 greet: crate::store::script(include_str!("greet.lua")),
             }),
             snapshot_compat: false,
