@@ -5,7 +5,8 @@
 -- sub-stocks (identity.lua and budget/stock.lua are prepended): a token is then stored
 -- only when its sub-stock is spendable and covers it, and its money stays taken only
 -- when it is stored, so a take and its token are one atomic step. Every token of such
--- a call names its sub-stock.
+-- a call names its sub-stock and a positive amount (the script refuses the call before
+-- it writes anything otherwise).
 -- On a cluster a call holds one partition's tokens (every key in its slot) and takes
 -- nothing; on a single node one call may hold several partitions' tokens (a batch of
 -- single awards is spread over many partitions, and a call per partition would cost a
@@ -66,6 +67,9 @@ if k > 0 then
       return redis.error_reply('store.lua: a token names no sub-stock')
     end
     local cents = tonumber(ARGV[a + 5])
+    if not (cents > 0) then
+      return redis.error_reply('store.lua: a token that takes must be worth something')
+    end
     if stock[1] ~= 0 then
       refused[i] = stock[1]
     elseif cents > stock[2] then

@@ -1037,6 +1037,20 @@ async fn a_store_that_takes_stores_only_what_its_sub_stock_covers() {
     let totals = t.app.tokens.issued_totals("direct").await.unwrap();
     assert_eq!((totals.count, totals.cents), (2, 20));
 
+    // A token worth nothing fails the whole call before anything is written.
+    let mut zero = draft(8, 3);
+    zero.amount_cents = 0;
+    let worthless = redpacket_wallet::token::mint_all(&t.app.keys.current(), vec![zero]).unwrap();
+    assert!(t
+        .app
+        .tokens
+        .take_and_store(to_store(&worthless), |_, _| 0)
+        .await
+        .is_err());
+    assert_eq!(avail_of(&mut conn, &stock).await, 5);
+    let user = redpacket_wallet::domain::UserId::parse(8).unwrap();
+    assert!(t.app.tokens.pending_of(user).await.unwrap().is_empty());
+
     // A drained sub-stock, then one of another Redis identity: nothing stored or taken.
     let fresh =
         redpacket_wallet::token::mint_all(&t.app.keys.current(), vec![draft(9, 2)]).unwrap();
