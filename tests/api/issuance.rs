@@ -894,6 +894,36 @@ fn to_store(
     })
 }
 
+/// Makes `stock` a spendable sub-stock of this Redis (its identity) holding `avail`.
+async fn fund(conn: &mut redpacket_wallet::store::RedisConn, stock: &str, avail: i64) {
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .arg("replication")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(stock)
+        .arg("rid")
+        .arg(redpacket_wallet::store::identity_of(&info))
+        .arg("avail")
+        .arg(avail)
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
+/// What the token hash holds now under a minted token's out_trade_no.
+async fn held_now(t: &TestApp, a: &redpacket_wallet::token::SignedAward) -> Option<Vec<u8>> {
+    let user = redpacket_wallet::domain::UserId::parse(a.token.user_id).unwrap();
+    let held = t
+        .app
+        .tokens
+        .held(&[(user, a.token.out_trade_no.as_str())])
+        .await;
+    held.unwrap().into_iter().next().flatten()
+}
+
 /// What a sub-stock holds now.
 async fn avail_of(conn: &mut redpacket_wallet::store::RedisConn, stock: &str) -> i64 {
     redis::cmd("HGET")
@@ -944,22 +974,8 @@ async fn a_store_that_takes_stores_only_what_its_sub_stock_covers() {
         return;
     }
     let mut conn = redis.conn();
-    let info: String = redis::cmd("INFO")
-        .arg("server")
-        .arg("replication")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
     let stock = redis.sub_stock_key("direct", 3, 0);
-    let _: () = redis::cmd("HSET")
-        .arg(&stock)
-        .arg("rid")
-        .arg(redpacket_wallet::store::identity_of(&info))
-        .arg("avail")
-        .arg(25)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    fund(&mut conn, &stock, 25).await;
 
     let (outcomes, after) = t
         .app
@@ -986,18 +1002,13 @@ async fn a_store_that_takes_stores_only_what_its_sub_stock_covers() {
     assert_eq!(avail_of(&mut conn, &stock).await, 5);
     for (i, a) in minted.iter().enumerate() {
         let user = redpacket_wallet::domain::UserId::parse(a.token.user_id).unwrap();
-        let held = t
-            .app
-            .tokens
-            .held(&[(user, a.token.out_trade_no.as_str())])
-            .await
-            .unwrap();
+        let held = held_now(&t, a).await;
         let status = t.app.tokens.pending_of(user).await.unwrap();
         if stored.contains(&i) {
-            assert_eq!(held[0].as_deref(), Some(a.bytes.as_slice()));
+            assert_eq!(held.as_deref(), Some(a.bytes.as_slice()));
             assert_eq!(status.len(), 1);
         } else {
-            assert_eq!(held[0], None, "a short token leaves no trace");
+            assert_eq!(held, None, "a short token leaves no trace");
             assert!(status.is_empty());
         }
     }
@@ -1097,27 +1108,13 @@ async fn the_one_step_store_never_pays_more_than_its_sub_stock_held() {
         return;
     }
     let mut conn = redis.conn();
-    let info: String = redis::cmd("INFO")
-        .arg("server")
-        .arg("replication")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
     let stock = redis.sub_stock_key("model", 1, 0);
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
     let mut earlier: Vec<redpacket_wallet::token::SignedAward> = Vec::new();
     let (mut stored_count, mut stored_cents) = (0i64, 0i64);
     for round in 0..40 {
         let avail: i64 = rng.random_range(0..2_000);
-        let _: () = redis::cmd("HSET")
-            .arg(&stock)
-            .arg("rid")
-            .arg(redpacket_wallet::store::identity_of(&info))
-            .arg("avail")
-            .arg(avail)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        fund(&mut conn, &stock, avail).await;
         let fresh_count = rng.random_range(1..300);
         let drafts: Vec<pb::RedPacketToken> = (0..fresh_count)
             .map(|i| pb::RedPacketToken {
@@ -1141,14 +1138,8 @@ async fn the_one_step_store_never_pays_more_than_its_sub_stock_held() {
         batch.retain(|a| seen.insert(a.token.out_trade_no.clone()));
         let mut held_before = Vec::new();
         for a in &batch {
-            let user = redpacket_wallet::domain::UserId::parse(a.token.user_id).unwrap();
-            let held = t
-                .app
-                .tokens
-                .held(&[(user, a.token.out_trade_no.as_str())])
-                .await
-                .unwrap();
-            held_before.push(held.into_iter().next().flatten());
+            let held = held_now(&t, a).await;
+            held_before.push(held);
         }
         let (outcomes, _) = t
             .app
@@ -1158,14 +1149,7 @@ async fn the_one_step_store_never_pays_more_than_its_sub_stock_held() {
             .unwrap();
         let mut paid = 0;
         for ((a, before), outcome) in batch.iter().zip(&held_before).zip(&outcomes) {
-            let user = redpacket_wallet::domain::UserId::parse(a.token.user_id).unwrap();
-            let now = t
-                .app
-                .tokens
-                .held(&[(user, a.token.out_trade_no.as_str())])
-                .await
-                .unwrap();
-            let now = now.into_iter().next().flatten();
+            let now = held_now(&t, a).await;
             match outcome {
                 TakenAndStored::Stored => {
                     assert_eq!(*before, None);
