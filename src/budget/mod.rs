@@ -194,7 +194,7 @@ pub struct Budget {
 
 /// The shared head of every sub-stock script: what a sub-stock's state is and how
 /// amounts are taken from it. Token stores that take budget prepend it too.
-pub const STOCK_LUA: &str = include_str!("stock.lua");
+const STOCK_LUA: &str = include_str!("stock.lua");
 
 /// A script working on sub-stocks: the Redis identity and [`STOCK_LUA`] before `body`.
 pub fn stock_script(body: &str) -> Script {

@@ -9,6 +9,17 @@ use crate::error::{Error, Result};
 use crate::token;
 use crate::tokens::TakenAndStored;
 
+/// What the direct awards of one activity take from: its live generation, the
+/// generation's sub-stocks not seen empty lately (never none), in a random order, and
+/// how many store calls took from them so far.
+struct Spendable {
+    gen: budget::Gen,
+    order: Vec<u32>,
+    calls: usize,
+}
+
+const DIRECT: &str = "only awards of an activity with a spendable sub-stock go direct";
+
 impl Issuer {
     /// On a single node, plain cash awards (no coupon, no guard kept in Redis) of an
     /// activity with a live generation go in one step: minted first, then taken and
@@ -26,8 +37,9 @@ impl Issuer {
         if !self.one_step || self.redis.is_cluster() {
             return;
         }
-        // Per activity: its live generation and spendable sub-stocks (`None`: none).
-        let mut stocks: HashMap<&str, Option<(budget::Gen, Vec<u32>)>> = HashMap::new();
+        // Per activity: what its awards take from (`None`: no live generation, or no
+        // sub-stock of it spendable).
+        let mut stocks: HashMap<&str, Option<Spendable>> = HashMap::new();
         let mut direct: Vec<usize> = Vec::with_capacity(awards.len());
         for (k, (_, v)) in awards.iter().enumerate() {
             if v.coupon.is_some() || v.guards.in_redis() {
@@ -37,7 +49,11 @@ impl Issuer {
             let spendable = stocks.entry(activity).or_insert_with(|| {
                 let gen = self.budget.live_gen(activity)?;
                 let order = self.budget.candidates(activity, gen);
-                (!order.is_empty()).then_some((gen, order))
+                (!order.is_empty()).then_some(Spendable {
+                    gen,
+                    order,
+                    calls: 0,
+                })
             });
             if spendable.is_some() {
                 direct.push(k);
@@ -46,13 +62,13 @@ impl Issuer {
         if direct.is_empty() {
             return;
         }
-        let live = |activity: &str| stocks[activity].as_ref().map(|(gen, _)| gen.gen);
+        let spendable = |activity: &str| stocks[activity].as_ref().expect(DIRECT);
         let drafts = direct
             .iter()
             .map(|&k| {
                 let v = &awards[k].1;
                 let mut draft = v.draft.clone();
-                draft.budget_gen = live(&v.activity_id).unwrap_or_default();
+                draft.budget_gen = spendable(&v.activity_id).gen.gen;
                 draft
             })
             .collect();
@@ -66,18 +82,13 @@ impl Issuer {
         };
         let read_at = std::time::Instant::now();
         // Each call takes from the next of the activity's spendable sub-stocks.
-        let mut turn: HashMap<&str, usize> = HashMap::new();
         let pick = |activity: &str, _gen: i64| {
-            let (&name, spendable) = stocks
-                .get_key_value(activity)
-                .expect("picked for its award");
-            let order = spendable.as_ref().map_or(&[][..], |(_, o)| o.as_slice());
-            let next = turn.entry(name).or_default();
-            *next += 1;
-            order
-                .get((*next - 1) % order.len().max(1))
-                .copied()
-                .unwrap_or_default()
+            let s = stocks
+                .get_mut(activity)
+                .and_then(Option::as_mut)
+                .expect(DIRECT);
+            s.calls += 1;
+            s.order[(s.calls - 1) % s.order.len()]
         };
         let stored = self
             .tokens

@@ -440,6 +440,9 @@ impl Issuer {
 
         // Step 2: idempotency, one pipelined HGET per award left.
         let left: Vec<usize> = (0..awards.len()).filter(|&k| out[k].is_none()).collect();
+        if left.is_empty() {
+            return out.into_iter().flatten().collect();
+        }
         let keys: Vec<(UserId, &str)> = left
             .iter()
             .map(|&k| (awards[k].1.user, awards[k].1.out_trade_no.as_str()))

@@ -105,8 +105,8 @@ impl Tokens {
 
     /// Takes each token's money from a budget sub-stock of its generation and stores
     /// it, in one store.lua call per [`STORE_CHUNK`] tokens: a token is stored only when
-    /// its sub-stock is spendable and covers it, and its money is taken only when it is
-    /// stored, atomically with it. `pick` chooses the sub-stock of (owner, generation)
+    /// its sub-stock is spendable and covers it, and its money stays taken only when it
+    /// is stored, atomically with it. `pick` chooses the sub-stock of (owner, generation)
     /// for each call. Only on a single node, where one call may touch any key.
     /// Returns what became of each token, in the order given, and every sub-stock
     /// taken from as the call left it.
