@@ -1185,3 +1185,56 @@ async fn the_one_step_store_never_pays_more_than_its_sub_stock_held() {
     );
     t.stop().await;
 }
+
+/// A one-step store that fails half-way (here a user's status key of the wrong type
+/// makes its `HSET` fail after the token was written, and Redis keeps a failed script's
+/// writes) has taken the token's money before: it can leak budget, never leave a token
+/// without its money.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_step_store_failing_half_way_has_taken_its_money() {
+    let t = spawn_app().await;
+    let redis = &t.app.redis;
+    if redis.is_cluster() {
+        t.stop().await;
+        return;
+    }
+    let mut conn = redis.conn();
+    let stock = redis.sub_stock_key("halfway", 1, 0);
+    fund(&mut conn, &stock, 100).await;
+    let draft = pb::RedPacketToken {
+        user_id: 5,
+        activity_id: "halfway".into(),
+        scene_id: "rain".into(),
+        amount_cents: 30,
+        out_trade_no: "5_halfway_rain_1_cash_live".into(),
+        award_type: "cash".into(),
+        issued_at_ms: redpacket_wallet::store::now_ms(),
+        budget_gen: 1,
+        ..Default::default()
+    };
+    let minted = redpacket_wallet::token::mint_all(&t.app.keys.current(), vec![draft]).unwrap();
+    let user = redpacket_wallet::domain::UserId::parse(5).unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(redis.status_key(user))
+        .arg("not a hash")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(t
+        .app
+        .tokens
+        .take_and_store(to_store(&minted), |_, _| 0)
+        .await
+        .is_err());
+    assert_eq!(
+        held_now(&t, &minted[0]).await.as_deref(),
+        Some(minted[0].bytes.as_slice()),
+        "the token was written before the failure"
+    );
+    assert_eq!(
+        avail_of(&mut conn, &stock).await,
+        70,
+        "its money was taken before it"
+    );
+    t.stop().await;
+}
