@@ -143,7 +143,13 @@ async fn run(bench: &Arc<Bench>, args: &Args) -> anyhow::Result<()> {
     let bounded = scenarios::drain::run(bench, args.drain_tps, bench.plan.drain, false).await?;
     bench.stage("drain unbounded");
     let before = procs.snapshot();
+    let redis_before = bench.product.redis_usage().await?;
     let unbounded = scenarios::drain::run(bench, 0, bench.plan.unbounded_cap, true).await?;
+    let drain_redis = bench
+        .product
+        .redis_usage()
+        .await?
+        .since(&redis_before, unbounded.booked.max(0) as u64);
     cpu_us.insert(
         "drain_unbounded".to_string(),
         cpu::per_item(&before, &procs.snapshot(), unbounded.booked.max(0) as u64),
@@ -168,6 +174,7 @@ async fn run(bench: &Arc<Bench>, args: &Args) -> anyhow::Result<()> {
             measured_tps: round2(bounded.tps()),
             unbounded_tps: round2(unbounded.tps()),
             backlog_at_start,
+            redis: drain_redis,
         },
         conservation,
         cpu_us_per_item: cpu_us,

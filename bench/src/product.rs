@@ -135,8 +135,17 @@ impl Product {
                         .and_then(|v| v.trim().parse().ok())
                         .unwrap_or(0)
                 };
-                usage.calls += field("calls=");
-                usage.usec += field("usec=");
+                let (calls, usec) = (field("calls="), field("usec="));
+                usage.calls += calls;
+                usage.usec += usec;
+                if let Some(name) = line
+                    .strip_prefix("cmdstat_")
+                    .and_then(|l| l.split(':').next())
+                {
+                    let slot = usage.by_command.entry(name.to_string()).or_default();
+                    slot.0 += calls;
+                    slot.1 += usec;
+                }
             }
         }
         Ok(usage)
@@ -314,10 +323,13 @@ pub struct Reconciliation {
 }
 
 /// Redis commands and command time (µs) summed over the masters.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct RedisUsage {
     pub calls: u64,
     pub usec: u64,
+    /// Per command name: calls and command time (µs). A script's time includes the
+    /// commands it calls, which are also counted under their own names.
+    pub by_command: std::collections::BTreeMap<String, (u64, u64)>,
     /// The masters' own CPU time (`INFO cpu`: user + system), networking included.
     pub cpu_usec: u64,
     /// Bytes the masters received and sent (`INFO stats`; replication included).
@@ -327,9 +339,25 @@ pub struct RedisUsage {
 
 impl RedisUsage {
     /// The work since `before`, per one of `awards`.
-    pub fn since(self, before: RedisUsage, awards: u64) -> crate::report::RedisCost {
+    pub fn since(&self, before: &RedisUsage, awards: u64) -> crate::report::RedisCost {
         let n = awards.max(1) as f64;
+        let mut commands: Vec<crate::report::CommandCost> = self
+            .by_command
+            .iter()
+            .filter_map(|(name, (calls, usec))| {
+                let (c0, u0) = before.by_command.get(name).copied().unwrap_or_default();
+                let calls = calls.saturating_sub(c0);
+                (calls > 0).then(|| crate::report::CommandCost {
+                    name: name.clone(),
+                    calls_per_item: crate::report::round2(calls as f64 / n),
+                    usec_per_item: crate::report::round2(usec.saturating_sub(u0) as f64 / n),
+                })
+            })
+            .collect();
+        commands.sort_by(|a, b| b.usec_per_item.total_cmp(&a.usec_per_item));
+        commands.truncate(8);
         crate::report::RedisCost {
+            commands,
             usec_per_award: crate::report::round2(self.usec.saturating_sub(before.usec) as f64 / n),
             commands_per_award: crate::report::round2(
                 self.calls.saturating_sub(before.calls) as f64 / n,

@@ -67,13 +67,23 @@ pub struct RainSingle {
 /// Redis work per accepted award during a scenario, from `INFO commandstats` and
 /// `INFO cpu` of the masters before and after it: command time (µs), commands, and the
 /// masters' CPU time (µs, networking included).
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct RedisCost {
+    /// The commands that took the most command time, per item, most first (at most 8).
+    pub commands: Vec<CommandCost>,
     pub usec_per_award: f64,
     pub commands_per_award: f64,
     pub cpu_usec_per_award: f64,
     pub net_in_bytes_per_award: f64,
     pub net_out_bytes_per_award: f64,
+}
+
+/// One Redis command's share of a scenario, per item (`INFO commandstats`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CommandCost {
+    pub name: String,
+    pub calls_per_item: f64,
+    pub usec_per_item: f64,
 }
 
 /// `POST /v1/awards:batch`; the latency is per request.
@@ -124,6 +134,8 @@ pub struct Drain {
     pub measured_tps: f64,
     pub unbounded_tps: f64,
     pub backlog_at_start: i64,
+    /// Redis work per token booked by the unbounded drain.
+    pub redis: RedisCost,
 }
 
 /// Money conserved, as the service's operator API, wallets and reconciliation say.
@@ -379,17 +391,24 @@ impl Summary {
             );
         }
         for (name, r) in [
-            ("rain_single", self.rain_single.redis),
-            ("rain_batch", self.rain_batch.redis),
+            ("rain_single", &self.rain_single.redis),
+            ("rain_batch", &self.rain_batch.redis),
+            ("drain_unbounded", &self.drain.redis),
         ] {
             println!(
-                "redis per award, {name}: {} µs of master CPU, {} µs of command time, {} commands, {} bytes in, {} bytes out",
+                "redis per item, {name}: {} µs of master CPU, {} µs of command time, {} commands, {} bytes in, {} bytes out",
                 r.cpu_usec_per_award,
                 r.usec_per_award,
                 r.commands_per_award,
                 r.net_in_bytes_per_award,
                 r.net_out_bytes_per_award
             );
+            let top: Vec<String> = r
+                .commands
+                .iter()
+                .map(|c| format!("{} {}× {} µs", c.name, c.calls_per_item, c.usec_per_item))
+                .collect();
+            println!("  top commands: {}", top.join(", "));
         }
         for (scenario, procs) in &self.cpu_us_per_item {
             let parts: Vec<String> = procs.iter().map(|(p, us)| format!("{p} {us}")).collect();

@@ -54,7 +54,7 @@ pub async fn run(bench: &Arc<Bench>) -> anyhow::Result<RainBatch> {
         },
     )
     .await?;
-    let redis = bench.product.redis_usage().await?.since(before, load.ok);
+    let redis = bench.product.redis_usage().await?.since(&before, load.ok);
     let per =
         |bytes: &AtomicU64| (bytes.load(Ordering::Relaxed) as f64 / load.ok.max(1) as f64).round();
     Ok(RainBatch {

@@ -28,7 +28,7 @@ pub async fn run(bench: &Arc<Bench>) -> anyhow::Result<RainSingle> {
         },
     )
     .await?;
-    let redis = bench.product.redis_usage().await?.since(before, load.ok);
+    let redis = bench.product.redis_usage().await?.since(&before, load.ok);
     Ok(RainSingle {
         awards: load.ok,
         awards_per_s: round2(load.ok_per_s()),
