@@ -894,6 +894,27 @@ fn to_store(
     })
 }
 
+/// A plain cash award of `cents` for `user` out of budget generation `gen`, to mint.
+fn cash_draft(
+    user: i64,
+    activity: &str,
+    out_trade_no: String,
+    cents: i64,
+    gen: i64,
+) -> pb::RedPacketToken {
+    pb::RedPacketToken {
+        user_id: user,
+        activity_id: activity.into(),
+        scene_id: "rain".into(),
+        amount_cents: cents,
+        out_trade_no,
+        award_type: "cash".into(),
+        issued_at_ms: redpacket_wallet::store::now_ms(),
+        budget_gen: gen,
+        ..Default::default()
+    }
+}
+
 /// Makes `stock` a spendable sub-stock of this Redis (its identity) holding `avail`.
 async fn fund(conn: &mut redpacket_wallet::store::RedisConn, stock: &str, avail: i64) {
     let info: String = redis::cmd("INFO")
@@ -943,17 +964,15 @@ async fn a_store_that_takes_stores_only_what_its_sub_stock_covers() {
     let t = spawn_app().await;
     let redis = &t.app.redis;
     let draft = |user: i64, rain: i64| pb::RedPacketToken {
-        user_id: user,
         app_id: 1,
-        activity_id: "direct".into(),
-        scene_id: "rain".into(),
-        amount_cents: 10,
-        out_trade_no: format!("{user}_direct_rain_{rain}_cash_live"),
         rain_id: rain,
-        award_type: "cash".into(),
-        issued_at_ms: redpacket_wallet::store::now_ms(),
-        budget_gen: 3,
-        ..Default::default()
+        ..cash_draft(
+            user,
+            "direct",
+            format!("{user}_direct_rain_{rain}_cash_live"),
+            10,
+            3,
+        )
     };
     let users: Vec<i64> = (1..=4).collect();
     let minted = redpacket_wallet::token::mint_all(
@@ -1117,16 +1136,10 @@ async fn the_one_step_store_never_pays_more_than_its_sub_stock_held() {
         fund(&mut conn, &stock, avail).await;
         let fresh_count = rng.random_range(1..300);
         let drafts: Vec<pb::RedPacketToken> = (0..fresh_count)
-            .map(|i| pb::RedPacketToken {
-                user_id: rng.random_range(1..50),
-                activity_id: "model".into(),
-                scene_id: "rain".into(),
-                amount_cents: rng.random_range(1..40),
-                out_trade_no: format!("r{round}_{i}"),
-                award_type: "cash".into(),
-                issued_at_ms: redpacket_wallet::store::now_ms(),
-                budget_gen: 1,
-                ..Default::default()
+            .map(|i| {
+                let user = rng.random_range(1..50);
+                let cents = rng.random_range(1..40);
+                cash_draft(user, "model", format!("r{round}_{i}"), cents, 1)
             })
             .collect();
         let mut batch = redpacket_wallet::token::mint_all(&t.app.keys.current(), drafts).unwrap();
@@ -1201,17 +1214,7 @@ async fn a_one_step_store_failing_half_way_has_taken_its_money() {
     let mut conn = redis.conn();
     let stock = redis.sub_stock_key("halfway", 1, 0);
     fund(&mut conn, &stock, 100).await;
-    let draft = pb::RedPacketToken {
-        user_id: 5,
-        activity_id: "halfway".into(),
-        scene_id: "rain".into(),
-        amount_cents: 30,
-        out_trade_no: "5_halfway_rain_1_cash_live".into(),
-        award_type: "cash".into(),
-        issued_at_ms: redpacket_wallet::store::now_ms(),
-        budget_gen: 1,
-        ..Default::default()
-    };
+    let draft = cash_draft(5, "halfway", "5_halfway_rain_1_cash_live".into(), 30, 1);
     let minted = redpacket_wallet::token::mint_all(&t.app.keys.current(), vec![draft]).unwrap();
     let user = redpacket_wallet::domain::UserId::parse(5).unwrap();
     let _: () = redis::cmd("SET")
