@@ -915,6 +915,17 @@ fn cash_draft(
     }
 }
 
+/// A test app on a single Redis node; `None` (stopped) on a cluster, where a store cannot
+/// take budget.
+async fn on_one_node() -> Option<TestApp> {
+    let t = spawn_app().await;
+    if t.app.redis.is_cluster() {
+        t.stop().await;
+        return None;
+    }
+    Some(t)
+}
+
 /// Makes `stock` a spendable sub-stock of this Redis (its identity) holding `avail`.
 async fn fund(conn: &mut redpacket_wallet::store::RedisConn, stock: &str, avail: i64) {
     let info: String = redis::cmd("INFO")
@@ -1120,12 +1131,10 @@ async fn a_store_that_takes_stores_only_what_its_sub_stock_covers() {
 async fn the_one_step_store_never_pays_more_than_its_sub_stock_held() {
     use rand::{Rng, SeedableRng};
     use redpacket_wallet::tokens::TakenAndStored;
-    let t = spawn_app().await;
-    let redis = &t.app.redis;
-    if redis.is_cluster() {
-        t.stop().await;
+    let Some(t) = on_one_node().await else {
         return;
-    }
+    };
+    let redis = &t.app.redis;
     let mut conn = redis.conn();
     let stock = redis.sub_stock_key("model", 1, 0);
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
@@ -1205,12 +1214,10 @@ async fn the_one_step_store_never_pays_more_than_its_sub_stock_held() {
 /// without its money.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_one_step_store_failing_half_way_has_taken_its_money() {
-    let t = spawn_app().await;
-    let redis = &t.app.redis;
-    if redis.is_cluster() {
-        t.stop().await;
+    let Some(t) = on_one_node().await else {
         return;
-    }
+    };
+    let redis = &t.app.redis;
     let mut conn = redis.conn();
     let stock = redis.sub_stock_key("halfway", 1, 0);
     fund(&mut conn, &stock, 100).await;
