@@ -21,7 +21,9 @@
 # the cores with Redis, MariaDB and the bench's clients (README, "Worker threads").
 #
 # --cluster runs it on the local Redis Cluster of `scripts/services.sh cluster`
-# (3 masters, one replica each) instead of the single node.
+# (3 masters, one replica each) instead of the single node, with the budget's sub-stocks
+# placed in the partitions (`issue.sub_stocks_in_partitions`) unless
+# RPW_ISSUE__SUB_STOCKS_IN_PARTITIONS=false says otherwise.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -62,6 +64,10 @@ eval "$(scripts/services.sh start | sed 's/^/export /')"
 REDIS_PORTS=("${RPW_REDIS__URL##*:}")
 if [[ $CLUSTER -eq 1 ]]; then
   eval "$(scripts/services.sh cluster | sed 's/^/export /')"
+  # A deployment started on a cluster places its sub-stocks in the partitions, so one
+  # store call takes an award's money and stores its token (set it to false to measure
+  # the steps).
+  export RPW_ISSUE__SUB_STOCKS_IN_PARTITIONS="${RPW_ISSUE__SUB_STOCKS_IN_PARTITIONS:-true}"
   REDIS_PORTS=()
   for url in ${RPW_REDIS__CLUSTER_URLS//,/ }; do REDIS_PORTS+=("${url##*:}"); done
 fi

@@ -24,7 +24,7 @@ use crate::ledger::Ledger;
 use crate::ops::cron::{JobLock, Jobs};
 use crate::ops::reconcile::Reconciler;
 use crate::settle::Settler;
-use crate::store::{load_scripts, Db, Redis};
+use crate::store::{load_scripts, Db, Redis, StockPlacement};
 use crate::switches::Switches;
 use crate::tokens::Tokens;
 use crate::wallet::Wallet;
@@ -138,7 +138,8 @@ impl App {
         let issue = &settings.issue;
         let budget = Arc::new(Budget::new(
             BudgetSettings {
-                sub_stocks: issue.sub_stocks,
+                sub_stocks: issue.stocks_per_generation(redis.partitions()),
+                placement: StockPlacement::from_in_partitions(issue.sub_stocks_in_partitions),
                 recheck: Duration::from_millis(issue.exhausted_recheck_ms),
                 grant_slices: issue.grant_slices,
                 in_flight_grace: Duration::from_millis(issue.in_flight_grace_ms),

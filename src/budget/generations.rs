@@ -8,17 +8,14 @@ impl Budget {
     /// ready yet.
     pub async fn refresh_live(&self, redis: &Redis, db: &Db) -> anyhow::Result<()> {
         let rows = sqlx::query(
-            "SELECT activity_id, gen, sub_stocks, ready FROM budget_generations WHERE state = 'live'",
+            "SELECT activity_id, gen, sub_stocks, ready, in_partitions FROM budget_generations WHERE state = 'live'",
         )
         .fetch_all(db.main())
         .await?;
         let mut fresh = HashMap::with_capacity(rows.len());
         for row in rows {
             let activity: String = row.try_get(0)?;
-            let gen = Gen {
-                gen: row.try_get(1)?,
-                sub_stocks: row.try_get::<i32, _>(2)?.max(1) as u32,
-            };
+            let gen = Gen::of_row(row.try_get(1)?, row.try_get(2)?, row.try_get(4)?);
             if !row.try_get::<bool, _>(3)? {
                 if let Err(err) = self.make_ready(redis, db, &activity, gen).await {
                     tracing::warn!(
@@ -44,7 +41,7 @@ impl Budget {
         activity: &str,
     ) -> anyhow::Result<Option<Gen>> {
         let row = sqlx::query(
-            "SELECT gen, sub_stocks, ready FROM budget_generations WHERE activity_id = ? AND state = 'live'",
+            "SELECT gen, sub_stocks, ready, in_partitions FROM budget_generations WHERE activity_id = ? AND state = 'live'",
         )
         .bind(activity)
         .fetch_optional(db.main())
@@ -53,10 +50,7 @@ impl Budget {
             self.set_live(activity, None);
             return Ok(None);
         };
-        let gen = Gen {
-            gen: row.try_get(0)?,
-            sub_stocks: row.try_get::<i32, _>(1)?.max(1) as u32,
-        };
+        let gen = Gen::of_row(row.try_get(0)?, row.try_get(1)?, row.try_get(3)?);
         if !row.try_get::<bool, _>(2)? {
             self.make_ready(redis, db, activity, gen).await?;
         }
@@ -76,10 +70,7 @@ impl Budget {
     ) -> anyhow::Result<()> {
         let mut pipe = redis::pipe();
         for i in 0..gen.sub_stocks {
-            pipe.add_command(evalsha(
-                &self.init,
-                &[&redis.sub_stock_key(activity, gen.gen, i)],
-            ));
+            pipe.add_command(evalsha(&self.init, &[&gen.stock_key(redis, activity, i)]));
         }
         let _: Vec<i64> = query_scripted(redis, &pipe, &self.scripts()).await?;
         sqlx::query("UPDATE budget_generations SET ready = TRUE WHERE activity_id = ? AND gen = ? AND state = 'live'")
@@ -96,9 +87,10 @@ impl Budget {
         tx: &mut Transaction<'_, MySql>,
         activity: &str,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query("INSERT INTO budget_generations (activity_id, gen, sub_stocks, state) VALUES (?, 1, ?, 'live')")
+        sqlx::query("INSERT INTO budget_generations (activity_id, gen, sub_stocks, in_partitions, state) VALUES (?, 1, ?, ?, 'live')")
             .bind(activity)
             .bind(self.settings.sub_stocks as i32)
+            .bind(self.settings.placement.in_partitions())
             .execute(&mut **tx)
             .await?;
         Ok(())
@@ -159,10 +151,11 @@ impl Budget {
             .bind(gen)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("INSERT INTO budget_generations (activity_id, gen, sub_stocks, state) VALUES (?, ?, ?, 'live')")
+        sqlx::query("INSERT INTO budget_generations (activity_id, gen, sub_stocks, in_partitions, state) VALUES (?, ?, ?, ?, 'live')")
             .bind(activity)
             .bind(gen + 1)
             .bind(self.settings.sub_stocks as i32)
+            .bind(self.settings.placement.in_partitions())
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
@@ -182,19 +175,20 @@ impl Budget {
         db: &Db,
         activity: &str,
     ) -> anyhow::Result<i64> {
-        let closing: Vec<(i64, i32)> = sqlx::query_as(
-            "SELECT gen, sub_stocks FROM budget_generations WHERE activity_id = ? AND state = 'closing' ORDER BY gen",
+        let closing: Vec<(i64, i32, bool)> = sqlx::query_as(
+            "SELECT gen, sub_stocks, in_partitions FROM budget_generations WHERE activity_id = ? AND state = 'closing' ORDER BY gen",
         )
         .bind(activity)
         .fetch_all(db.main())
         .await?;
         let mut returned_all = 0;
-        for (gen, sub_stocks) in closing {
+        for (gen, sub_stocks, in_partitions) in closing {
+            let layout = Gen::of_row(gen, sub_stocks, in_partitions);
             let mut pipe = redis::pipe();
-            for i in 0..sub_stocks.max(0) as u32 {
+            for i in 0..layout.sub_stocks {
                 pipe.add_command(evalsha(
                     &self.drain,
-                    &[&redis.sub_stock_key(activity, gen, i)],
+                    &[&layout.stock_key(redis, activity, i)],
                 ));
             }
             let answers: Vec<Vec<i64>> = query_scripted(redis, &pipe, &self.scripts()).await?;
@@ -324,13 +318,14 @@ impl Budget {
         Ok(finished)
     }
 
-    /// Closes the live generation when its layout differs from `issue.sub_stocks`, so a
-    /// changed setting moves the budget into the new layout instead of creating any.
+    /// Closes the live generation when its layout differs from the settings
+    /// (`issue.sub_stocks`, `issue.sub_stocks_in_partitions`), so a changed setting moves
+    /// the budget into the new layout instead of creating any.
     pub async fn relayout(&self, redis: &Redis, db: &Db, activity: &str) -> anyhow::Result<()> {
         let Some(gen) = self.live_gen(activity) else {
             return Ok(());
         };
-        if gen.sub_stocks == self.settings.sub_stocks {
+        if gen.sub_stocks == self.settings.sub_stocks && gen.placement == self.settings.placement {
             return Ok(());
         }
         let _queue = self.maintenance.lock().await;
@@ -342,6 +337,7 @@ impl Budget {
             activity,
             from = gen.sub_stocks,
             to = self.settings.sub_stocks,
+            in_partitions = self.settings.placement.in_partitions(),
             drained_cents = drained,
             "budget moved to a new sub-stock layout"
         );

@@ -97,7 +97,7 @@ impl Budget {
         let mut pipe = redis::pipe();
         for i in 0..gen.sub_stocks {
             pipe.cmd("HGET")
-                .arg(redis.sub_stock_key(activity, gen.gen, i))
+                .arg(gen.stock_key(redis, activity, i))
                 .arg("avail");
         }
         let avails: Vec<Option<i64>> = redis.query(&pipe).await?;
@@ -157,10 +157,7 @@ impl Budget {
         }
         let mut pipe = redis::pipe();
         for (stock, id, cents) in grants {
-            let mut cmd = evalsha(
-                &self.grant,
-                &[&redis.sub_stock_key(activity, gen.gen, *stock)],
-            );
+            let mut cmd = evalsha(&self.grant, &[&gen.stock_key(redis, activity, *stock)]);
             cmd.arg(id).arg(cents);
             pipe.add_command(cmd);
         }
@@ -230,10 +227,7 @@ impl Budget {
                 self.reload(redis, db, activity).await?;
                 continue;
             };
-            let mut cmd = evalsha(
-                &self.grant,
-                &[&redis.sub_stock_key(activity, gen.gen, stock)],
-            );
+            let mut cmd = evalsha(&self.grant, &[&gen.stock_key(redis, activity, stock)]);
             cmd.arg(id).arg(cents);
             for (_, amount) in awards {
                 cmd.arg(*amount);
@@ -265,6 +259,7 @@ impl Budget {
                         k,
                         Taken {
                             gen: gen.gen,
+                            placement: gen.placement,
                             parts: vec![(stock, amount)],
                         },
                     )

@@ -33,7 +33,7 @@ use redis::Script;
 use sqlx::{MySql, Row, Transaction};
 
 use crate::ledger::Ledger;
-use crate::store::{evalsha, query_scripted, Db, Redis};
+use crate::store::{evalsha, query_scripted, Db, Redis, StockPlacement};
 use crate::tokens::Tokens;
 
 mod generations;
@@ -54,12 +54,39 @@ const LOCK_WAIT_SECS: i64 = 30;
 pub struct Gen {
     pub gen: i64,
     pub sub_stocks: u32,
+    pub placement: StockPlacement,
+}
+
+impl Gen {
+    /// A generation as `budget_generations` records it.
+    pub fn of_row(gen: i64, sub_stocks: i32, in_partitions: bool) -> Self {
+        Self {
+            gen,
+            sub_stocks: sub_stocks.max(1) as u32,
+            placement: StockPlacement::from_in_partitions(in_partitions),
+        }
+    }
+
+    /// The key of this generation's sub-stock `index`.
+    pub fn stock_key(&self, redis: &Redis, activity: &str, index: u32) -> String {
+        redis.sub_stock_key(activity, self.gen, index, self.placement)
+    }
+
+    /// The sub-stocks a store call of `partition` can take from in its own slot: on a
+    /// cluster only those placed in that partition (none for a spread generation); on one
+    /// node every one.
+    pub fn takes_in(&self, redis: &Redis, partition: u32, index: u32) -> bool {
+        !redis.is_cluster()
+            || (self.placement.in_partitions() && redis.stock_partition(index) == partition)
+    }
 }
 
 /// What a take got, per sub-stock of one generation, so it can be given back exactly.
 #[derive(Debug, Default, Clone)]
 pub struct Taken {
     pub gen: i64,
+    /// Where the generation's sub-stocks live (to give back to the right keys).
+    pub placement: StockPlacement,
     pub parts: Vec<(u32, i64)>,
 }
 
@@ -153,6 +180,8 @@ type SkipMarks = Vec<Option<Instant>>;
 pub struct BudgetSettings {
     /// Sub-stocks of every new generation.
     pub sub_stocks: u32,
+    /// Where a new generation's sub-stocks live.
+    pub placement: StockPlacement,
     /// How long a sub-stock seen empty (or an activity seen fully granted) is skipped.
     pub recheck: Duration,
     /// A grant is `max(per-award cap, budget / (sub_stocks * grant_slices))`.

@@ -40,18 +40,19 @@ impl Budget {
         let Some((budget, granted, in_doubt)) = row else {
             return Ok(BudgetFigures::default());
         };
-        let live: Option<(i64, i32)> = sqlx::query_as(
-            "SELECT gen, sub_stocks FROM budget_generations WHERE activity_id = ? AND state = 'live'",
+        let live: Option<(i64, i32, bool)> = sqlx::query_as(
+            "SELECT gen, sub_stocks, in_partitions FROM budget_generations WHERE activity_id = ? AND state = 'live'",
         )
         .bind(activity)
         .fetch_optional(db.main())
         .await?;
         let mut available = 0_i64;
-        if let Some((gen, sub_stocks)) = live {
+        if let Some((gen, sub_stocks, in_partitions)) = live {
+            let gen = Gen::of_row(gen, sub_stocks, in_partitions);
             let mut pipe = redis::pipe();
-            for i in 0..sub_stocks.max(0) as u32 {
+            for i in 0..gen.sub_stocks {
                 pipe.cmd("HGET")
-                    .arg(redis.sub_stock_key(activity, gen, i))
+                    .arg(gen.stock_key(redis, activity, i))
                     .arg("avail");
             }
             let avails: Vec<Option<i64>> = redis.query(&pipe).await?;
@@ -110,8 +111,9 @@ impl Budget {
             out.drained_cents += self.close_live(redis, db, activity, None).await?;
         }
         let grace_ms = self.settings.in_flight_grace.as_millis() as i64;
-        let closed: Vec<(i64, i64, i64, bool, i32)> = sqlx::query_as(
-            "SELECT gen, granted_cents, returned_cents, closed_at <= CURRENT_TIMESTAMP(3) - INTERVAL ? MICROSECOND, sub_stocks FROM budget_generations WHERE activity_id = ? AND state = 'closed' ORDER BY gen",
+        type Closed = (i64, i64, i64, bool, i32, bool);
+        let closed: Vec<Closed> = sqlx::query_as(
+            "SELECT gen, granted_cents, returned_cents, closed_at <= CURRENT_TIMESTAMP(3) - INTERVAL ? MICROSECOND, sub_stocks, in_partitions FROM budget_generations WHERE activity_id = ? AND state = 'closed' ORDER BY gen",
         )
         .bind(grace_ms * 1000)
         .bind(activity)
@@ -122,7 +124,7 @@ impl Budget {
         }
         let counters = self.tokens.counters(activity).await?.gens;
         let booked = self.ledger.totals_by_gen(activity).await?;
-        for (gen, granted, returned, settled_enough, sub_stocks) in closed {
+        for (gen, granted, returned, settled_enough, sub_stocks, in_partitions) in closed {
             if !settled_enough {
                 out.settling_generations += 1;
                 continue;
@@ -131,7 +133,7 @@ impl Budget {
             // one the generation was drained in: its drained sub-stocks must still be
             // there, under the same identity. Otherwise the generation is in doubt.
             if !self
-                .drained_intact(redis, activity, gen, sub_stocks.max(0) as u32)
+                .drained_intact(redis, activity, Gen::of_row(gen, sub_stocks, in_partitions))
                 .await?
             {
                 self.mark_in_doubt(db, activity, gen).await?;
@@ -186,17 +188,13 @@ impl Budget {
         &self,
         redis: &Redis,
         activity: &str,
-        gen: i64,
-        sub_stocks: u32,
+        gen: Gen,
     ) -> anyhow::Result<bool> {
         let mut pipe = redis::pipe();
-        for i in 0..sub_stocks {
+        for i in 0..gen.sub_stocks {
             // drain.lua on a drained sub-stock changes nothing and answers 0 only when it
             // is still there under the identity it was drained in.
-            pipe.add_command(evalsha(
-                &self.drain,
-                &[&redis.sub_stock_key(activity, gen, i)],
-            ));
+            pipe.add_command(evalsha(&self.drain, &[&gen.stock_key(redis, activity, i)]));
         }
         let answers: Vec<Vec<i64>> = query_scripted(redis, &pipe, &self.scripts()).await?;
         Ok(answers.iter().all(|a| a.first() == Some(&0)))

@@ -29,10 +29,7 @@ impl Budget {
             let mut stocks = self.candidates(activity, gen).into_iter().cycle();
             for chunk in group.chunks(TAKE_CHUNK) {
                 let Some(i) = stocks.next() else { break };
-                let mut cmd = evalsha(
-                    &self.take_many,
-                    &[&redis.sub_stock_key(activity, gen.gen, i)],
-                );
+                let mut cmd = evalsha(&self.take_many, &[&gen.stock_key(redis, activity, i)]);
                 for &(_, amount) in chunk {
                     cmd.arg(amount);
                 }
@@ -71,6 +68,7 @@ impl Budget {
                         k,
                         Taken {
                             gen: gen.gen,
+                            placement: gen.placement,
                             parts: vec![(i, amount)],
                         },
                     ));
@@ -197,7 +195,7 @@ impl Budget {
     ) -> anyhow::Result<Walk> {
         let mut seen_some = Vec::new();
         for i in self.candidates(activity, gen) {
-            let key = redis.sub_stock_key(activity, gen.gen, i);
+            let key = gen.stock_key(redis, activity, i);
             let read_at = Instant::now();
             let (state, taken, avail) = self.take_one(redis, &key, amount, "all").await?;
             let state = StockState::seen(state, activity, gen.gen, i);
@@ -210,6 +208,7 @@ impl Budget {
                 }
                 return Ok(Walk::Taken(Taken {
                     gen: gen.gen,
+                    placement: gen.placement,
                     parts: vec![(i, taken)],
                 }));
             }
@@ -225,11 +224,12 @@ impl Budget {
         // Second pass: gather the award from several thin sub-stocks.
         let mut got = Taken {
             gen: gen.gen,
+            placement: gen.placement,
             parts: Vec::new(),
         };
         let mut need = amount;
         for &i in &seen_some {
-            let key = redis.sub_stock_key(activity, gen.gen, i);
+            let key = gen.stock_key(redis, activity, i);
             let read_at = Instant::now();
             let (state, taken, avail) = self.take_one(redis, &key, need, "upto").await?;
             let state = StockState::seen(state, activity, gen.gen, i);
@@ -280,7 +280,7 @@ impl Budget {
         for (i, cents) in &taken.parts {
             let mut cmd = evalsha(
                 &self.give_back,
-                &[&redis.sub_stock_key(activity, taken.gen, *i)],
+                &[&redis.sub_stock_key(activity, taken.gen, *i, taken.placement)],
             );
             // A fresh id per part: a call sent again gives the cents back once.
             cmd.arg(*cents).arg(rand::random::<u64>());

@@ -166,6 +166,12 @@ pub struct KeySettings {
 pub struct IssueSettings {
     /// N: each activity's budget is split over this many Redis keys.
     pub sub_stocks: u32,
+    /// New budget generations place sub-stock i in partition `i mod partitions` (their
+    /// number rounded up to a multiple of the partitions), so that on a Redis Cluster
+    /// one store call takes an award's money and stores its token. Instances of
+    /// releases before this setting read such a generation as lost: turn it on once
+    /// none runs.
+    pub sub_stocks_in_partitions: bool,
     pub batch_max: usize,
     /// How long a sub-stock seen empty is skipped before it is tried again.
     pub exhausted_recheck_ms: u64,
@@ -195,9 +201,22 @@ pub struct IssueSettings {
     /// Budget in doubt after a Redis loss is released only after this long, so clients
     /// had time to sync the tokens they hold.
     pub in_doubt_grace_ms: u64,
-    /// On a single Redis node, plain cash awards are taken and stored by one script call
-    /// (`issue::Issuer::issue_direct`); false sends every award through the steps.
+    /// Plain cash awards are taken and stored by one script call
+    /// (`issue::Issuer::issue_direct`; on a cluster only with
+    /// `sub_stocks_in_partitions`); false sends every award through the steps.
     pub one_step: bool,
+}
+
+impl IssueSettings {
+    /// Sub-stocks of a new budget generation: `sub_stocks`, rounded up to a multiple of
+    /// `partitions` when they are placed in the partitions (every partition gets one).
+    pub fn stocks_per_generation(&self, partitions: u32) -> u32 {
+        if self.sub_stocks_in_partitions {
+            self.sub_stocks.div_ceil(partitions.max(1)) * partitions.max(1)
+        } else {
+            self.sub_stocks
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -330,6 +349,12 @@ impl Settings {
         }
         if self.issue.sub_stocks == 0 || self.issue.sub_stocks > 1024 {
             return Err(invalid("issue.sub_stocks", "must be 1..=1024"));
+        }
+        if self.issue.stocks_per_generation(self.redis.partitions) > 1024 {
+            return Err(invalid(
+                "issue.sub_stocks_in_partitions",
+                "places a sub-stock in every partition: needs redis.partitions <= 1024",
+            ));
         }
         if self.issue.batch_max == 0 || self.issue.batch_max > 10_000 {
             return Err(invalid("issue.batch_max", "must be 1..=10000"));

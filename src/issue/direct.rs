@@ -1,5 +1,8 @@
-//! The one-step issue path of a single Redis node (`issue.one_step`): plain cash awards
-//! minted first, then taken and stored by one store.lua call per chunk.
+//! The one-step issue path (`issue.one_step`): plain cash awards minted first, then taken
+//! and stored by one store.lua call per chunk. On a single Redis node any call takes from
+//! any sub-stock; on a cluster only an activity whose live generation is placed in the
+//! partitions (`issue.sub_stocks_in_partitions`) goes this way, each call taking from a
+//! sub-stock in its own partition's slot.
 
 use std::collections::{HashMap, HashSet};
 
@@ -21,9 +24,10 @@ struct Spendable {
 const DIRECT: &str = "only awards of an activity with a spendable sub-stock go direct";
 
 impl Issuer {
-    /// On a single node, plain cash awards (no coupon, no guard kept in Redis) of an
-    /// activity with a live generation go in one step: minted first, then taken and
-    /// stored by one script call per [`crate::tokens::STORE_CHUNK`] tokens
+    /// Plain cash awards (no coupon, no guard kept in Redis) of an activity with a live
+    /// generation (on a cluster, one placed in the partitions) go in one step: minted
+    /// first, then taken and stored by one script call per
+    /// [`crate::tokens::STORE_CHUNK`] tokens (on a cluster, per partition)
     /// ([`Tokens::take_and_store`]), whose store doubles as the idempotency check: a
     /// token already held under the out_trade_no takes nothing and is answered as a
     /// replay or a conflict. Awards whose sub-stock did not cover them, or could not be
@@ -34,9 +38,10 @@ impl Issuer {
         awards: &[(usize, ValidAward)],
         out: &mut [Option<Result<Issued>>],
     ) {
-        if !self.one_step || self.redis.is_cluster() {
+        if !self.one_step {
             return;
         }
+        let cluster = self.redis.is_cluster();
         // Per activity: what its awards take from (`None`: no live generation, or no
         // sub-stock of it spendable).
         let mut stocks: HashMap<&str, Option<Spendable>> = HashMap::new();
@@ -47,7 +52,10 @@ impl Issuer {
             }
             let activity = v.activity_id.as_str();
             let spendable = stocks.entry(activity).or_insert_with(|| {
-                let gen = self.budget.live_gen(activity)?;
+                let gen = self
+                    .budget
+                    .live_gen(activity)
+                    .filter(|gen| !cluster || gen.placement.in_partitions())?;
                 let order = self.budget.candidates(activity, gen);
                 (!order.is_empty()).then_some(Spendable {
                     gen,
@@ -81,14 +89,29 @@ impl Issuer {
             }
         };
         let read_at = std::time::Instant::now();
-        // Each call takes from the next of the activity's spendable sub-stocks.
-        let pick = |activity: &str, _gen: i64| {
+        // Each call takes from the next of the activity's spendable sub-stocks it can
+        // reach (on a cluster, those in its partition's slot; none: its awards go the
+        // steps).
+        let redis = &self.redis;
+        let pick = |activity: &str, _gen: i64, partition: u32| {
             let s = stocks
                 .get_mut(activity)
                 .and_then(Option::as_mut)
                 .expect(DIRECT);
+            let gen = s.gen;
+            let reachable = |i: &u32| gen.takes_in(redis, partition, *i);
+            let n = s.order.iter().filter(|i| reachable(i)).count();
+            if n == 0 {
+                return None;
+            }
             s.calls += 1;
-            s.order[(s.calls - 1) % s.order.len()]
+            let index = s
+                .order
+                .iter()
+                .copied()
+                .filter(reachable)
+                .nth((s.calls - 1) % n)?;
+            Some((index, gen.stock_key(redis, activity, index)))
         };
         let stored = self
             .tokens

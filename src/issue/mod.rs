@@ -13,12 +13,14 @@
 //! a token is never minted twice because step 5 refuses a second token for one
 //! out_trade_no, and a loser of that race gives its budget back.
 //!
-//! On a single node, plain cash awards (no coupon, no guard kept in Redis) take a direct
-//! path first: minted with their activity's live generation, then taken and stored by
-//! one script, so steps 2, 3 and 5 are one round trip and one existence check per
-//! award, and a take never exists without its token. What the direct path could not
-//! cover (a sub-stock short or unspendable) goes the steps above. A cluster keeps the
-//! steps: a user's keys and a sub-stock are in different slots.
+//! Plain cash awards (no coupon, no guard kept in Redis) take a direct path first: minted
+//! with their activity's live generation, then taken and stored by one script, so steps
+//! 2, 3 and 5 are one round trip and one existence check per award, and a take never
+//! exists without its token. What the direct path could not cover (a sub-stock short or
+//! unspendable) goes the steps above. On a cluster the direct path needs the
+//! generation's sub-stocks placed in the partitions (`issue.sub_stocks_in_partitions`):
+//! otherwise a user's keys and a sub-stock are in different slots and every award goes
+//! the steps.
 //!
 //! The batch endpoint and the single one run the same code: every step is one
 //! pipelined Redis round trip for the whole batch.
@@ -132,7 +134,8 @@ pub struct Issuer {
     /// How long after its activity ends a greeting answer is still replayed (ms), as
     /// trimmed tokens' markers are (`wallet.retry_grace_secs`).
     pub retry_grace_ms: i64,
-    /// Plain cash awards take the direct path on a single node (`issue.one_step`).
+    /// Plain cash awards take the direct path (`issue.one_step`; on a cluster, for
+    /// generations placed in the partitions).
     pub one_step: bool,
 }
 
@@ -435,7 +438,8 @@ impl Issuer {
         let (redis, db) = (&self.redis, &self.db);
         let mut out: Vec<Option<Result<Issued>>> = (0..awards.len()).map(|_| None).collect();
 
-        // Step 2 to 5 in one, where the direct path applies (one node, plain cash).
+        // Step 2 to 5 in one, where the direct path applies (plain cash; on a cluster,
+        // sub-stocks placed in the partitions).
         self.issue_direct(awards, &mut out).await;
 
         // Step 2: idempotency, one pipelined HGET per award left.

@@ -13,6 +13,7 @@
 //! | `P{p}:settle` | stream | one entry per token to book |
 //! | `P{p}:settled` | zset | `user\|out_trade_no` by settle time, for trimming |
 //! | `P:bud:{activity.gen.i}` | hash | budget sub-stock i of a generation: `avail`, `funded`, `rid`, grant ids (each in its own slot) |
+//! | `P{p}:bud:activity.gen.i` | hash | the same, for a generation placed in the partitions (`issue.sub_stocks_in_partitions`): sub-stock i in partition `i mod partitions`, so one store call on a cluster takes and stores |
 //! | `P{p}:parked` | stream | settlement entries no booking could take, for operators |
 //! | `P{p}:markers` | zset | `user\|out_trade_no` of trimmed tokens by the time their marker may go |
 //! | `P:stats:{activity}` | hash | shared issued counter (`n`, `c`) |
@@ -37,6 +38,30 @@ pub use db::{bucket_of, Db, BUCKETS, MIGRATOR};
 /// The head that defines `run_id()` (the identity of the Redis data) for the scripts
 /// that must tell data written in another Redis life from their own.
 pub const IDENTITY_LUA: &str = include_str!("identity.lua");
+
+/// Where a budget generation's sub-stocks live: each in a slot of its own (`Spread`), or
+/// each in a partition's slot (`InPartitions`), beside the tokens a store call of that
+/// partition writes, so that on a cluster the call can take from it too. Recorded per
+/// generation (`budget_generations.in_partitions`): a generation's keys never move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StockPlacement {
+    #[default]
+    Spread,
+    InPartitions,
+}
+
+impl StockPlacement {
+    pub fn from_in_partitions(in_partitions: bool) -> Self {
+        if in_partitions {
+            Self::InPartitions
+        } else {
+            Self::Spread
+        }
+    }
+    pub fn in_partitions(self) -> bool {
+        self == Self::InPartitions
+    }
+}
 
 /// The identity of the Redis data as `run_id()` of [`IDENTITY_LUA`] gives it, read from
 /// the text of `INFO server replication` (taken in the same transaction as the data it
@@ -368,8 +393,33 @@ impl Redis {
     pub fn settled_index_key(&self, partition: u32) -> String {
         format!("{}{{{}}}:settled", self.prefix, partition)
     }
-    pub fn sub_stock_key(&self, activity: &str, gen: i64, index: u32) -> String {
-        format!("{}:bud:{{{}.{}.{}}}", self.prefix, activity, gen, index)
+    /// Budget sub-stock `index` of generation `gen` of `activity` (or coupon template),
+    /// where the generation's placement puts it.
+    pub fn sub_stock_key(
+        &self,
+        activity: &str,
+        gen: i64,
+        index: u32,
+        placement: StockPlacement,
+    ) -> String {
+        match placement {
+            StockPlacement::Spread => {
+                format!("{}:bud:{{{}.{}.{}}}", self.prefix, activity, gen, index)
+            }
+            StockPlacement::InPartitions => format!(
+                "{}{{{}}}:bud:{}.{}.{}",
+                self.prefix,
+                self.stock_partition(index),
+                activity,
+                gen,
+                index
+            ),
+        }
+    }
+    /// The partition whose slot holds sub-stock `index` of a generation placed in the
+    /// partitions.
+    pub fn stock_partition(&self, index: u32) -> u32 {
+        index % self.partitions
     }
     pub fn parked_key(&self, partition: u32) -> String {
         format!("{}{{{}}}:parked", self.prefix, partition)

@@ -1,13 +1,14 @@
 //! Storing tokens: store.lua, one call per [`STORE_CHUNK`] tokens (and on a cluster per
-//! partition, whose keys share a slot), all in one pipeline; on a single node the same
-//! calls can also take the tokens' money from budget sub-stocks.
+//! partition, whose keys share a slot), all in one pipeline; the same calls can also
+//! take the tokens' money from budget sub-stocks (on a cluster, only from those placed
+//! in the call's partition).
 
 use std::collections::HashMap;
 
 use super::Tokens;
 use crate::domain::UserId;
 use crate::pb;
-use crate::store::query_scripted;
+use crate::store::{key_slot, query_scripted};
 use crate::tokens::counters::{CountedIn, CounterGroups};
 use crate::tokens::status::{pending_status, stream_line, AwardEntry};
 
@@ -72,9 +73,9 @@ pub struct StockAfter {
     pub avail_cents: i64,
 }
 
-/// A sub-stock of one call: (owner, generation) and its index. Its place in the call's
-/// list, from 1, is its place among the call's sub-stock keys.
-type CallStock<'a> = ((&'a str, i64), u32);
+/// A sub-stock of one call: (owner, generation), its index and its key. Its place in the
+/// call's list, from 1, is its place among the call's sub-stock keys.
+type CallStock<'a> = ((&'a str, i64), u32, String);
 
 impl Tokens {
     /// Stores every token: `None` where the token was stored now, what is already held
@@ -106,40 +107,67 @@ impl Tokens {
     /// Takes each token's money from a budget sub-stock of its generation and stores
     /// it, in one store.lua call per [`STORE_CHUNK`] tokens: a token is stored only when
     /// its sub-stock is spendable and covers it, and its money stays taken only when it
-    /// is stored, atomically with it. `pick` chooses the sub-stock of (owner, generation)
-    /// for each call. Only on a single node, where one call may touch any key.
+    /// is stored, atomically with it. `pick(owner, generation, partition)` chooses the
+    /// sub-stock (its index and key) of each call: on a cluster, where a call holds one
+    /// partition, it must be in that partition's slot, and a token whose owner has none
+    /// there (`None`) is left out ([`TakenAndStored::Short`], nothing done).
     /// Returns what became of each token, in the order given, and every sub-stock
     /// taken from as the call left it.
     pub async fn take_and_store<'a>(
         &self,
         tokens: impl Iterator<Item = (UserId, &'a pb::RedPacketToken, &'a [u8])>,
-        mut pick: impl FnMut(&str, i64) -> u32,
+        mut pick: impl FnMut(&str, i64, u32) -> Option<(u32, String)>,
     ) -> redis::RedisResult<(Vec<TakenAndStored>, Vec<StockAfter>)> {
-        if self.redis.is_cluster() {
-            return Err(redis::RedisError::from((
-                redis::ErrorKind::ClientError,
-                "a token store takes budget only on a single node",
-            )));
-        }
-        let (calls, count) = self.calls(tokens);
+        let redis = &self.redis;
+        let (all_calls, count) = self.calls(tokens);
         let mut pipe = redis::pipe();
-        let mut stocks_of_calls: Vec<Vec<CallStock<'_>>> = Vec::with_capacity(calls.len());
-        for call in &calls {
+        let mut calls: Vec<(Vec<ToStore<'_>>, Vec<CallStock<'_>>)> =
+            Vec::with_capacity(all_calls.len());
+        for call in all_calls {
+            let partition = redis.partition_of(call[0].1);
             let mut stocks: Vec<CallStock<'_>> = Vec::new();
-            for (_, _, token, _) in call {
+            let mut without: Vec<(&str, i64)> = Vec::new();
+            for (_, _, token, _) in &call {
                 let at = (stock_of(token).0, token.budget_gen);
-                if !stocks.iter().any(|(s, _)| *s == at) {
-                    stocks.push((at, pick(at.0, at.1)));
+                if stocks.iter().any(|(s, ..)| *s == at) || without.contains(&at) {
+                    continue;
+                }
+                match pick(at.0, at.1, partition) {
+                    Some((index, key)) => {
+                        if redis.is_cluster()
+                            && key_slot(key.as_bytes())
+                                != key_slot(redis.stream_key(partition).as_bytes())
+                        {
+                            return Err(redis::RedisError::from((
+                                redis::ErrorKind::ClientError,
+                                "a token store takes only from a sub-stock in its partition's slot",
+                            )));
+                        }
+                        stocks.push((at, index, key));
+                    }
+                    None => without.push(at),
                 }
             }
-            pipe.add_command(self.store_cmd(call, &stocks));
-            stocks_of_calls.push(stocks);
+            let call: Vec<ToStore<'_>> = call
+                .into_iter()
+                .filter(|(_, _, token, _)| {
+                    !without.contains(&(stock_of(token).0, token.budget_gen))
+                })
+                .collect();
+            if call.is_empty() {
+                continue;
+            }
+            pipe.add_command(self.store_cmd(&call, &stocks));
+            calls.push((call, stocks));
+        }
+        let mut out = vec![TakenAndStored::Short; count];
+        if calls.is_empty() {
+            return Ok((out, Vec::new()));
         }
         let answers: Vec<Vec<redis::Value>> =
             query_scripted(&self.redis, &pipe, &self.scripts()).await?;
-        let mut out = vec![TakenAndStored::Short; count];
         let mut after = Vec::new();
-        for ((call, stocks), answer) in calls.iter().zip(&stocks_of_calls).zip(answers) {
+        for ((call, stocks), answer) in calls.iter().zip(answers) {
             if answer.len() != call.len() + 2 * stocks.len() {
                 return Err(wrong_answer());
             }
@@ -152,7 +180,7 @@ impl Tokens {
                     held => TakenAndStored::Held(redis::from_redis_value(held)?),
                 };
             }
-            for (((owner, gen), index), pair) in stocks.iter().zip(figures.chunks(2)) {
+            for (((owner, gen), index, _), pair) in stocks.iter().zip(figures.chunks(2)) {
                 after.push(StockAfter {
                     owner: owner.to_string(),
                     gen: *gen,
@@ -217,11 +245,7 @@ impl Tokens {
         let mut keys: Vec<String> =
             Vec::with_capacity(streams.len() + stocks.len() + 2 * tokens.len() + 1);
         keys.extend(streams.iter().map(|p| redis.stream_key(*p)));
-        keys.extend(
-            stocks
-                .iter()
-                .map(|((owner, gen), index)| redis.sub_stock_key(owner, *gen, *index)),
-        );
+        keys.extend(stocks.iter().map(|(_, _, key)| key.clone()));
         for (_, user, ..) in tokens {
             keys.push(redis.tokens_key(*user));
             keys.push(redis.status_key(*user));
@@ -261,7 +285,7 @@ impl Tokens {
             // 0: takes nothing (store.lua refuses that in a call that takes).
             let stock = stocks
                 .iter()
-                .position(|((owner, gen), _)| {
+                .position(|((owner, gen), ..)| {
                     *owner == entry.activity_id && *gen == entry.budget_gen
                 })
                 .map_or(0, |place| place + 1);

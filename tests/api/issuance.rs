@@ -17,7 +17,7 @@ async fn budget_sub_stocks(t: &TestApp, activity: &str) -> Vec<i64> {
     let mut out = Vec::new();
     for i in 0..gen.sub_stocks {
         let v: Option<i64> = redis::cmd("HGET")
-            .arg(t.app.redis.sub_stock_key(activity, gen.gen, i))
+            .arg(gen.stock_key(&t.app.redis, activity, i))
             .arg("avail")
             .query_async(&mut conn)
             .await
@@ -881,6 +881,100 @@ async fn awards_on_one_node_take_and_store_in_one_step() {
     t.stop().await;
 }
 
+/// What each sub-stock of the live generation gave out so far: `funded - avail` (a grant
+/// raises both; a take lowers `avail`, a give-back raises it).
+async fn spent_by_sub_stock(t: &TestApp, activity: &str) -> Vec<i64> {
+    let gen = t.app.budget.live_gen(activity).expect("a live generation");
+    let mut conn = t.app.redis.conn();
+    let mut out = Vec::new();
+    for i in 0..gen.sub_stocks {
+        let (funded, avail): (Option<i64>, Option<i64>) = redis::cmd("HMGET")
+            .arg(gen.stock_key(&t.app.redis, activity, i))
+            .arg("funded")
+            .arg("avail")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        out.push(funded.unwrap_or(0) - avail.unwrap_or(0));
+    }
+    out
+}
+
+/// With `issue.sub_stocks_in_partitions`, sub-stock i of a new generation lives in
+/// partition `i mod partitions` (their number rounded up to a multiple of the
+/// partitions), and plain cash awards take and store in one call per partition, on a
+/// cluster too: every cent of the awards to one partition's users comes out of that
+/// partition's sub-stocks (a take of the steps picks any sub-stock: 10 takes of 64
+/// awards would all land there once in a million), and the budget adds up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn awards_take_from_the_sub_stocks_of_their_partition() {
+    use redpacket_wallet::store::StockPlacement;
+    let t = spawn_app_with(Options {
+        env: vec![
+            ("RPW_ISSUE__SUB_STOCKS".into(), "6".into()),
+            ("RPW_ISSUE__SUB_STOCKS_IN_PARTITIONS".into(), "true".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    t.open_activity("cny2027", 1_000_000, 500).await;
+    let gen = t.app.budget.live_gen("cny2027").unwrap();
+    assert_eq!(gen.placement, StockPlacement::InPartitions);
+    assert_eq!(
+        gen.sub_stocks, 8,
+        "6 rounded up to a multiple of the 4 partitions"
+    );
+    let placed: i64 = t
+        .sql_i64("SELECT COUNT(*) FROM budget_generations WHERE activity_id = 'cny2027' AND state = 'live' AND in_partitions")
+        .await;
+    assert_eq!(placed, 1, "the placement is recorded with the generation");
+    // The first award asks for a grant; the refill that runs with the cache refresh
+    // funds the other sub-stocks.
+    assert_eq!(t.post("/v1/awards", CALLER, &award(1, 1, 5)).await.0, 201);
+    let mut funded = false;
+    for _ in 0..100 {
+        let mut conn = t.app.redis.conn();
+        let mut all = true;
+        for i in 0..gen.sub_stocks {
+            let f: Option<i64> = redis::cmd("HGET")
+                .arg(gen.stock_key(&t.app.redis, "cny2027", i))
+                .arg("funded")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            all &= f.unwrap_or(0) > 0;
+        }
+        if all {
+            funded = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(funded, "every sub-stock was granted money");
+
+    let before = spent_by_sub_stock(&t, "cny2027").await;
+    let users = users_in(2, 100, 640);
+    let issued = issue_all(&t, users.iter().map(|u| award(*u, 1, 7)).collect()).await;
+    assert!(issued.iter().all(|r| r["replayed"] == false));
+    let after = spent_by_sub_stock(&t, "cny2027").await;
+    let spent: Vec<i64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    assert_eq!(spent.iter().sum::<i64>(), 640 * 7, "{spent:?}");
+    if t.app.redis.is_cluster() {
+        for (i, cents) in spent.iter().enumerate() {
+            if t.app.redis.stock_partition(i as u32) != 2 {
+                assert_eq!(
+                    *cents, 0,
+                    "sub-stock {i} is in another partition: {spent:?}"
+                );
+            }
+        }
+    }
+    let totals = t.app.tokens.issued_totals("cny2027").await.unwrap();
+    assert_eq!((totals.count, totals.cents), (641, 5 + 640 * 7));
+    assert_eq!(t.budget_figures("cny2027").await.taken_cents, 5 + 640 * 7);
+    t.stop().await;
+}
+
 /// Minted tokens as [`redpacket_wallet::tokens::Tokens::take_and_store`] takes them.
 fn to_store(
     minted: &[redpacket_wallet::token::SignedAward],
@@ -926,23 +1020,26 @@ async fn on_one_node() -> Option<TestApp> {
     Some(t)
 }
 
-/// Makes `stock` a spendable sub-stock of this Redis (its identity) holding `avail`.
+/// Makes `stock` a spendable sub-stock of the Redis holding it (that node's identity,
+/// read in a script in the stock's slot) holding `avail`.
 async fn fund(conn: &mut redpacket_wallet::store::RedisConn, stock: &str, avail: i64) {
-    let info: String = redis::cmd("INFO")
-        .arg("server")
-        .arg("replication")
-        .query_async(conn)
-        .await
-        .unwrap();
-    let _: () = redis::cmd("HSET")
+    let script = format!(
+        "{}\nredis.call('HSET', KEYS[1], 'rid', run_id(), 'avail', ARGV[1])",
+        redpacket_wallet::store::IDENTITY_LUA
+    );
+    let _: () = redis::cmd("EVAL")
+        .arg(script)
+        .arg(1)
         .arg(stock)
-        .arg("rid")
-        .arg(redpacket_wallet::store::identity_of(&info))
-        .arg("avail")
         .arg(avail)
         .query_async(conn)
         .await
         .unwrap();
+}
+
+/// The first `n` users of `partition` (of the test apps' 4), from `from` on.
+fn users_in(partition: i64, from: i64, n: usize) -> Vec<i64> {
+    (from..).filter(|u| u % 4 == partition).take(n).collect()
 }
 
 /// What the token hash holds now under a minted token's out_trade_no.
@@ -968,12 +1065,22 @@ async fn avail_of(conn: &mut redpacket_wallet::store::RedisConn, stock: &str) ->
 
 /// A store that takes its tokens' money stores a token only when its sub-stock is
 /// spendable and covers it, and takes only for what it stored: a token short of money
-/// or held already leaves no trace (no status, no stream line, no count, no take).
+/// or held already leaves no trace (no status, no stream line, no count, no take). The
+/// sub-stock is placed in the users' partition, so this runs on a cluster too; there a
+/// sub-stock in another slot is refused before anything is sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_takes_stores_only_what_its_sub_stock_covers() {
+    use redpacket_wallet::store::StockPlacement;
     use redpacket_wallet::tokens::TakenAndStored;
     let t = spawn_app().await;
     let redis = &t.app.redis;
+    // Partition 1 of the test apps' 4, and sub-stock 1 placed there.
+    let users = users_in(1, 1, 7);
+    let stock = redis.sub_stock_key("direct", 3, 1, StockPlacement::InPartitions);
+    let placed = |_: &str, _: i64, partition: u32| {
+        assert_eq!(partition, 1);
+        Some((1, stock.clone()))
+    };
     let draft = |user: i64, rain: i64| pb::RedPacketToken {
         app_id: 1,
         rain_id: rain,
@@ -985,34 +1092,34 @@ async fn a_store_that_takes_stores_only_what_its_sub_stock_covers() {
             3,
         )
     };
-    let users: Vec<i64> = (1..=4).collect();
     let minted = redpacket_wallet::token::mint_all(
         &t.app.keys.current(),
-        users.iter().map(|u| draft(*u, 1)).collect(),
+        users[..4].iter().map(|u| draft(*u, 1)).collect(),
     )
     .unwrap();
     let items = || to_store(&minted);
+    let mut conn = redis.conn();
+    fund(&mut conn, &stock, 25).await;
     if redis.is_cluster() {
-        // A cluster keeps a user's keys and a sub-stock in different slots.
+        // A sub-stock in a slot of its own: refused, nothing written or taken.
+        let spread = redis.sub_stock_key("direct", 3, 1, StockPlacement::Spread);
+        fund(&mut conn, &spread, 25).await;
         assert!(t
             .app
             .tokens
-            .take_and_store(items(), |_, _| 0)
+            .take_and_store(items(), |_, _, _| Some((1, spread.clone())))
             .await
             .is_err());
-        t.stop().await;
-        return;
+        assert_eq!(avail_of(&mut conn, &spread).await, 25);
+        assert_eq!(held_now(&t, &minted[0]).await, None);
     }
-    let mut conn = redis.conn();
-    let stock = redis.sub_stock_key("direct", 3, 0);
-    fund(&mut conn, &stock, 25).await;
 
     let (outcomes, after) = t
         .app
         .tokens
-        .take_and_store(items(), |activity, gen| {
+        .take_and_store(items(), |activity, gen, partition| {
             assert_eq!((activity, gen), ("direct", 3));
-            0
+            placed(activity, gen, partition)
         })
         .await
         .unwrap();
@@ -1061,12 +1168,7 @@ async fn a_store_that_takes_stores_only_what_its_sub_stock_covers() {
     assert_eq!(lines, 2, "one stream line per stored token");
 
     // Again: the stored two are held (nothing taken), the others still short.
-    let (outcomes, after) = t
-        .app
-        .tokens
-        .take_and_store(items(), |_, _| 0)
-        .await
-        .unwrap();
+    let (outcomes, after) = t.app.tokens.take_and_store(items(), placed).await.unwrap();
     for (i, (o, a)) in outcomes.iter().zip(&minted).enumerate() {
         if stored.contains(&i) {
             assert_eq!(*o, TakenAndStored::Held(a.bytes.clone()));
@@ -1079,22 +1181,22 @@ async fn a_store_that_takes_stores_only_what_its_sub_stock_covers() {
     assert_eq!((totals.count, totals.cents), (2, 20));
 
     // A token worth nothing fails the whole call before anything is written.
-    let mut zero = draft(8, 3);
+    let mut zero = draft(users[4], 3);
     zero.amount_cents = 0;
     let worthless = redpacket_wallet::token::mint_all(&t.app.keys.current(), vec![zero]).unwrap();
     assert!(t
         .app
         .tokens
-        .take_and_store(to_store(&worthless), |_, _| 0)
+        .take_and_store(to_store(&worthless), placed)
         .await
         .is_err());
     assert_eq!(avail_of(&mut conn, &stock).await, 5);
-    let user = redpacket_wallet::domain::UserId::parse(8).unwrap();
+    let user = redpacket_wallet::domain::UserId::parse(users[4]).unwrap();
     assert!(t.app.tokens.pending_of(user).await.unwrap().is_empty());
 
     // A drained sub-stock, then one of another Redis identity: nothing stored or taken.
     let fresh =
-        redpacket_wallet::token::mint_all(&t.app.keys.current(), vec![draft(9, 2)]).unwrap();
+        redpacket_wallet::token::mint_all(&t.app.keys.current(), vec![draft(users[5], 2)]).unwrap();
     let one = || to_store(&fresh);
     for (field, value, code) in [("closed", "1", 1), ("rid", "elsewhere:else", 2)] {
         if field == "rid" {
@@ -1114,10 +1216,10 @@ async fn a_store_that_takes_stores_only_what_its_sub_stock_covers() {
             .query_async(&mut conn)
             .await
             .unwrap();
-        let (outcomes, _) = t.app.tokens.take_and_store(one(), |_, _| 0).await.unwrap();
+        let (outcomes, _) = t.app.tokens.take_and_store(one(), placed).await.unwrap();
         assert_eq!(outcomes, vec![TakenAndStored::Unspendable(code)]);
         assert_eq!(avail_of(&mut conn, &stock).await, 100);
-        let user = redpacket_wallet::domain::UserId::parse(9).unwrap();
+        let user = redpacket_wallet::domain::UserId::parse(users[5]).unwrap();
         assert!(t.app.tokens.pending_of(user).await.unwrap().is_empty());
     }
     t.stop().await;
@@ -1136,7 +1238,7 @@ async fn the_one_step_store_never_pays_more_than_its_sub_stock_held() {
     };
     let redis = &t.app.redis;
     let mut conn = redis.conn();
-    let stock = redis.sub_stock_key("model", 1, 0);
+    let stock = redis.sub_stock_key("model", 1, 0, Default::default());
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
     let mut earlier: Vec<redpacket_wallet::token::SignedAward> = Vec::new();
     let (mut stored_count, mut stored_cents) = (0i64, 0i64);
@@ -1166,7 +1268,7 @@ async fn the_one_step_store_never_pays_more_than_its_sub_stock_held() {
         let (outcomes, _) = t
             .app
             .tokens
-            .take_and_store(to_store(&batch), |_, _| 0)
+            .take_and_store(to_store(&batch), |_, _, _| Some((0, stock.clone())))
             .await
             .unwrap();
         let mut paid = 0;
@@ -1219,7 +1321,7 @@ async fn a_one_step_store_failing_half_way_has_taken_its_money() {
     };
     let redis = &t.app.redis;
     let mut conn = redis.conn();
-    let stock = redis.sub_stock_key("halfway", 1, 0);
+    let stock = redis.sub_stock_key("halfway", 1, 0, Default::default());
     fund(&mut conn, &stock, 100).await;
     let draft = cash_draft(5, "halfway", "5_halfway_rain_1_cash_live".into(), 30, 1);
     let minted = redpacket_wallet::token::mint_all(&t.app.keys.current(), vec![draft]).unwrap();
@@ -1233,7 +1335,7 @@ async fn a_one_step_store_failing_half_way_has_taken_its_money() {
     assert!(t
         .app
         .tokens
-        .take_and_store(to_store(&minted), |_, _| 0)
+        .take_and_store(to_store(&minted), |_, _, _| Some((0, stock.clone())))
         .await
         .is_err());
     assert_eq!(

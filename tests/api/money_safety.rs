@@ -603,6 +603,48 @@ async fn changing_the_sub_stock_count_moves_budget_and_never_creates_it() {
     t.stop().await;
 }
 
+/// A restart that places the sub-stocks in the partitions (or spreads them again) moves
+/// the budget into the new layout, as a changed count does; it never creates any, and
+/// the generation each layout was live in keeps its own keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placing_the_sub_stocks_in_the_partitions_moves_budget_and_never_creates_it() {
+    use redpacket_wallet::store::StockPlacement;
+    let mut t = spawn_app().await;
+    t.open_activity("cny2027", 2_400, 100).await;
+    let (_, results) = issue_to_clients(&t, "cny2027", &[(1, 1, 100), (2, 1, 100)]).await;
+    assert!(results.iter().all(|r| r["error"].is_null()));
+    let spread = t.app.budget.live_gen("cny2027").unwrap();
+    assert_eq!(spread.placement, StockPlacement::Spread);
+
+    t.restart(&[("RPW_ISSUE__SUB_STOCKS_IN_PARTITIONS", "true")])
+        .await;
+    let placed = t.app.budget.live_gen("cny2027").unwrap();
+    assert!(placed.gen > spread.gen, "a new generation");
+    assert_eq!(placed.placement, StockPlacement::InPartitions);
+    let view = activity(&t, "cny2027").await;
+    assert_eq!(view["budget_remaining_cents"], 2_200, "{view}");
+    let awards: Vec<(i64, i64, i64)> = (0..8).map(|i| (100 + i, 2, 100)).collect();
+    let (_, results) = issue_to_clients(&t, "cny2027", &awards).await;
+    assert!(results.iter().all(|r| r["error"].is_null()));
+
+    // Spread again: the placed generation is drained from its own keys.
+    t.restart(&[("RPW_ISSUE__SUB_STOCKS_IN_PARTITIONS", "false")])
+        .await;
+    let again = t.app.budget.live_gen("cny2027").unwrap();
+    assert!(again.gen > placed.gen);
+    assert_eq!(again.placement, StockPlacement::Spread);
+    let view = activity(&t, "cny2027").await;
+    assert_eq!(view["budget_remaining_cents"], 1_400, "{view}");
+    let awards: Vec<(i64, i64, i64)> = (0..24).map(|i| (200 + i, 3, 100)).collect();
+    let (_, results) = issue_to_clients(&t, "cny2027", &awards).await;
+    let ok = results.iter().filter(|r| r["error"].is_null()).count();
+    assert_eq!(ok, 14, "the 1,400 left and not a cent more");
+    let view = activity(&t, "cny2027").await;
+    assert_eq!(view["issued_cents"], 2_400, "{view}");
+    assert_eq!(view["budget_remaining_cents"], 0, "{view}");
+    t.stop().await;
+}
+
 /// Item 6: the worker and the cron sweep draw from one token bucket, so with
 /// `settle.max_tps = 200` the ledger books about 200 tokens a second, not bursts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -91,10 +91,16 @@ enum Fault {
     MysqlKill,
     /// SIGSTOP of MariaDB for a few seconds.
     MysqlStall,
-    /// Every instance restarted with another `issue.sub_stocks`.
+    /// Every instance restarted with another sub-stock layout: 16 sub-stocks each in a
+    /// slot of its own, or 24 (rounded up to the partitions) placed in the partitions.
     Relayout,
     /// The same award twenty times at once; the same withdrawal request five times.
     DuplicateStorm,
+}
+
+/// The relayout fault's two layouts: 16 sub-stocks spread, 24 placed in the partitions.
+fn placed(sub_stocks: u32) -> bool {
+    sub_stocks == 24
 }
 
 struct Scenario {
@@ -151,7 +157,7 @@ const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: "relayout",
-        what: "restart with a changed issue.sub_stocks",
+        what: "restart with a changed issue.sub_stocks and sub_stocks_in_partitions",
         instances: 1,
         crashing_worker: false,
         faults: &[(Fault::Relayout, 2)],
@@ -814,6 +820,10 @@ impl Run<'_> {
             ("RPW_CRON__LOCK_TTL_MS", "10000".into()),
             ("RPW_ISSUE__CACHE_REFRESH_MS", "300".into()),
             ("RPW_ISSUE__SUB_STOCKS", sub_stocks.to_string()),
+            (
+                "RPW_ISSUE__SUB_STOCKS_IN_PARTITIONS",
+                placed(sub_stocks).to_string(),
+            ),
             ("RPW_ISSUE__IN_FLIGHT_GRACE_MS", "2000".into()),
             ("RPW_ISSUE__IN_DOUBT_GRACE_MS", "0".into()),
             ("RPW_HTTP__REQUEST_TIMEOUT_MS", "6000".into()),
@@ -1159,6 +1169,9 @@ impl Run<'_> {
                     for (k, v) in p.env.iter_mut() {
                         if k == "RPW_ISSUE__SUB_STOCKS" {
                             *v = sub_stocks.to_string();
+                        }
+                        if k == "RPW_ISSUE__SUB_STOCKS_IN_PARTITIONS" {
+                            *v = placed(*sub_stocks).to_string();
                         }
                     }
                     p.start(&self.bin)?;
