@@ -8,9 +8,10 @@
 -- a call names its sub-stock and a positive amount (the script refuses the call before
 -- it writes anything otherwise).
 -- On a cluster a call holds one partition's tokens (every key in its slot) and takes
--- nothing; on a single node one call may hold several partitions' tokens (a batch of
--- single awards is spread over many partitions, and a call per partition would cost a
--- script run per award) and take from any sub-stock.
+-- only from sub-stocks placed in that partition (`issue.sub_stocks_in_partitions`); on a
+-- single node one call may hold several partitions' tokens (a batch of single awards is
+-- spread over many partitions, and a call per partition would cost a script run per
+-- award) and take from any sub-stock.
 -- Arguments are compact: the caller writes each token's status value and stream line
 -- whole, and sums the counters of the call per counter group, so the script parses
 -- nothing and concatenates nothing per token.
