@@ -139,7 +139,11 @@ impl App {
         let budget = Arc::new(Budget::new(
             BudgetSettings {
                 sub_stocks: issue.stocks_per_generation(redis.partitions()),
-                placement: StockPlacement::from_in_partitions(issue.sub_stocks_in_partitions),
+                placement: if issue.sub_stocks_in_partitions {
+                    StockPlacement::InPartitions(redis.partitions())
+                } else {
+                    StockPlacement::Spread
+                },
                 recheck: Duration::from_millis(issue.exhausted_recheck_ms),
                 grant_slices: issue.grant_slices,
                 in_flight_grace: Duration::from_millis(issue.in_flight_grace_ms),

@@ -8,7 +8,7 @@ impl Budget {
     /// ready yet.
     pub async fn refresh_live(&self, redis: &Redis, db: &Db) -> anyhow::Result<()> {
         let rows = sqlx::query(
-            "SELECT activity_id, gen, sub_stocks, ready, in_partitions FROM budget_generations WHERE state = 'live'",
+            "SELECT activity_id, gen, sub_stocks, ready, stock_partitions FROM budget_generations WHERE state = 'live'",
         )
         .fetch_all(db.main())
         .await?;
@@ -41,7 +41,7 @@ impl Budget {
         activity: &str,
     ) -> anyhow::Result<Option<Gen>> {
         let row = sqlx::query(
-            "SELECT gen, sub_stocks, ready, in_partitions FROM budget_generations WHERE activity_id = ? AND state = 'live'",
+            "SELECT gen, sub_stocks, ready, stock_partitions FROM budget_generations WHERE activity_id = ? AND state = 'live'",
         )
         .bind(activity)
         .fetch_optional(db.main())
@@ -87,10 +87,10 @@ impl Budget {
         tx: &mut Transaction<'_, MySql>,
         activity: &str,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query("INSERT INTO budget_generations (activity_id, gen, sub_stocks, in_partitions, state) VALUES (?, 1, ?, ?, 'live')")
+        sqlx::query("INSERT INTO budget_generations (activity_id, gen, sub_stocks, stock_partitions, state) VALUES (?, 1, ?, ?, 'live')")
             .bind(activity)
             .bind(self.settings.sub_stocks as i32)
-            .bind(self.settings.placement.in_partitions())
+            .bind(self.settings.placement.to_record())
             .execute(&mut **tx)
             .await?;
         Ok(())
@@ -151,11 +151,11 @@ impl Budget {
             .bind(gen)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("INSERT INTO budget_generations (activity_id, gen, sub_stocks, in_partitions, state) VALUES (?, ?, ?, ?, 'live')")
+        sqlx::query("INSERT INTO budget_generations (activity_id, gen, sub_stocks, stock_partitions, state) VALUES (?, ?, ?, ?, 'live')")
             .bind(activity)
             .bind(gen + 1)
             .bind(self.settings.sub_stocks as i32)
-            .bind(self.settings.placement.in_partitions())
+            .bind(self.settings.placement.to_record())
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
@@ -175,15 +175,15 @@ impl Budget {
         db: &Db,
         activity: &str,
     ) -> anyhow::Result<i64> {
-        let closing: Vec<(i64, i32, bool)> = sqlx::query_as(
-            "SELECT gen, sub_stocks, in_partitions FROM budget_generations WHERE activity_id = ? AND state = 'closing' ORDER BY gen",
+        let closing: Vec<(i64, i32, i32)> = sqlx::query_as(
+            "SELECT gen, sub_stocks, stock_partitions FROM budget_generations WHERE activity_id = ? AND state = 'closing' ORDER BY gen",
         )
         .bind(activity)
         .fetch_all(db.main())
         .await?;
         let mut returned_all = 0;
-        for (gen, sub_stocks, in_partitions) in closing {
-            let layout = Gen::of_row(gen, sub_stocks, in_partitions);
+        for (gen, sub_stocks, stock_partitions) in closing {
+            let layout = Gen::of_row(gen, sub_stocks, stock_partitions);
             let mut pipe = redis::pipe();
             for i in 0..layout.sub_stocks {
                 pipe.add_command(evalsha(
@@ -337,7 +337,7 @@ impl Budget {
             activity,
             from = gen.sub_stocks,
             to = self.settings.sub_stocks,
-            in_partitions = self.settings.placement.in_partitions(),
+            stock_partitions = self.settings.placement.to_record(),
             drained_cents = drained,
             "budget moved to a new sub-stock layout"
         );

@@ -59,11 +59,11 @@ pub struct Gen {
 
 impl Gen {
     /// A generation as `budget_generations` records it.
-    pub fn of_row(gen: i64, sub_stocks: i32, in_partitions: bool) -> Self {
+    pub fn of_row(gen: i64, sub_stocks: i32, stock_partitions: i32) -> Self {
         Self {
             gen,
             sub_stocks: sub_stocks.max(1) as u32,
-            placement: StockPlacement::from_in_partitions(in_partitions),
+            placement: StockPlacement::recorded(stock_partitions),
         }
     }
 
@@ -76,8 +76,7 @@ impl Gen {
     /// cluster only those placed in that partition (none for a spread generation); on one
     /// node every one.
     pub fn takes_in(&self, redis: &Redis, partition: u32, index: u32) -> bool {
-        !redis.is_cluster()
-            || (self.placement.in_partitions() && redis.stock_partition(index) == partition)
+        !redis.is_cluster() || self.placement.partition_of(index) == Some(partition)
     }
 }
 

@@ -40,15 +40,15 @@ impl Budget {
         let Some((budget, granted, in_doubt)) = row else {
             return Ok(BudgetFigures::default());
         };
-        let live: Option<(i64, i32, bool)> = sqlx::query_as(
-            "SELECT gen, sub_stocks, in_partitions FROM budget_generations WHERE activity_id = ? AND state = 'live'",
+        let live: Option<(i64, i32, i32)> = sqlx::query_as(
+            "SELECT gen, sub_stocks, stock_partitions FROM budget_generations WHERE activity_id = ? AND state = 'live'",
         )
         .bind(activity)
         .fetch_optional(db.main())
         .await?;
         let mut available = 0_i64;
-        if let Some((gen, sub_stocks, in_partitions)) = live {
-            let gen = Gen::of_row(gen, sub_stocks, in_partitions);
+        if let Some((gen, sub_stocks, stock_partitions)) = live {
+            let gen = Gen::of_row(gen, sub_stocks, stock_partitions);
             let mut pipe = redis::pipe();
             for i in 0..gen.sub_stocks {
                 pipe.cmd("HGET")
@@ -111,9 +111,9 @@ impl Budget {
             out.drained_cents += self.close_live(redis, db, activity, None).await?;
         }
         let grace_ms = self.settings.in_flight_grace.as_millis() as i64;
-        type Closed = (i64, i64, i64, bool, i32, bool);
+        type Closed = (i64, i64, i64, bool, i32, i32);
         let closed: Vec<Closed> = sqlx::query_as(
-            "SELECT gen, granted_cents, returned_cents, closed_at <= CURRENT_TIMESTAMP(3) - INTERVAL ? MICROSECOND, sub_stocks, in_partitions FROM budget_generations WHERE activity_id = ? AND state = 'closed' ORDER BY gen",
+            "SELECT gen, granted_cents, returned_cents, closed_at <= CURRENT_TIMESTAMP(3) - INTERVAL ? MICROSECOND, sub_stocks, stock_partitions FROM budget_generations WHERE activity_id = ? AND state = 'closed' ORDER BY gen",
         )
         .bind(grace_ms * 1000)
         .bind(activity)
@@ -124,7 +124,7 @@ impl Budget {
         }
         let counters = self.tokens.counters(activity).await?.gens;
         let booked = self.ledger.totals_by_gen(activity).await?;
-        for (gen, granted, returned, settled_enough, sub_stocks, in_partitions) in closed {
+        for (gen, granted, returned, settled_enough, sub_stocks, stock_partitions) in closed {
             if !settled_enough {
                 out.settling_generations += 1;
                 continue;
@@ -133,7 +133,11 @@ impl Budget {
             // one the generation was drained in: its drained sub-stocks must still be
             // there, under the same identity. Otherwise the generation is in doubt.
             if !self
-                .drained_intact(redis, activity, Gen::of_row(gen, sub_stocks, in_partitions))
+                .drained_intact(
+                    redis,
+                    activity,
+                    Gen::of_row(gen, sub_stocks, stock_partitions),
+                )
                 .await?
             {
                 self.mark_in_doubt(db, activity, gen).await?;

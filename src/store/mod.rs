@@ -13,7 +13,7 @@
 //! | `P{p}:settle` | stream | one entry per token to book |
 //! | `P{p}:settled` | zset | `user\|out_trade_no` by settle time, for trimming |
 //! | `P:bud:{activity.gen.i}` | hash | budget sub-stock i of a generation: `avail`, `funded`, `rid`, grant ids (each in its own slot) |
-//! | `P{p}:bud:activity.gen.i` | hash | the same, for a generation placed in the partitions (`issue.sub_stocks_in_partitions`): sub-stock i in partition `i mod partitions`, so one store call on a cluster takes and stores |
+//! | `P{p}:bud:activity.gen.i` | hash | the same, for a generation placed in the partitions (`issue.sub_stocks_in_partitions`): sub-stock i in partition `i mod n`, n the partitions when it opened (`budget_generations.stock_partitions`), so one store call on a cluster takes and stores |
 //! | `P{p}:parked` | stream | settlement entries no booking could take, for operators |
 //! | `P{p}:markers` | zset | `user\|out_trade_no` of trimmed tokens by the time their marker may go |
 //! | `P:stats:{activity}` | hash | shared issued counter (`n`, `c`) |
@@ -40,26 +40,43 @@ pub use db::{bucket_of, Db, BUCKETS, MIGRATOR};
 pub const IDENTITY_LUA: &str = include_str!("identity.lua");
 
 /// Where a budget generation's sub-stocks live: each in a slot of its own (`Spread`), or
-/// each in a partition's slot (`InPartitions`), beside the tokens a store call of that
+/// sub-stock i in the slot of partition `i mod n` of the `n` partitions there were when
+/// the generation opened (`InPartitions(n)`), beside the tokens a store call of that
 /// partition writes, so that on a cluster the call can take from it too. Recorded per
-/// generation (`budget_generations.in_partitions`): a generation's keys never move.
+/// generation (`budget_generations.stock_partitions`: 0 for spread, else `n`), so a
+/// generation's keys never move, not even with `redis.partitions`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum StockPlacement {
     #[default]
     Spread,
-    InPartitions,
+    InPartitions(u32),
 }
 
 impl StockPlacement {
-    pub fn from_in_partitions(in_partitions: bool) -> Self {
-        if in_partitions {
-            Self::InPartitions
-        } else {
-            Self::Spread
+    /// The placement `budget_generations.stock_partitions` records.
+    pub fn recorded(stock_partitions: i32) -> Self {
+        match u32::try_from(stock_partitions) {
+            Ok(n) if n > 0 => Self::InPartitions(n),
+            _ => Self::Spread,
+        }
+    }
+    /// What `budget_generations.stock_partitions` records for this placement.
+    pub fn to_record(self) -> i32 {
+        match self {
+            Self::Spread => 0,
+            Self::InPartitions(n) => i32::try_from(n).unwrap_or(i32::MAX),
         }
     }
     pub fn in_partitions(self) -> bool {
-        self == Self::InPartitions
+        self != Self::Spread
+    }
+    /// The partition whose slot holds sub-stock `index` (`None`: spread, a slot of its
+    /// own).
+    pub fn partition_of(self, index: u32) -> Option<u32> {
+        match self {
+            Self::Spread => None,
+            Self::InPartitions(n) => Some(index % n.max(1)),
+        }
     }
 }
 
@@ -402,24 +419,13 @@ impl Redis {
         index: u32,
         placement: StockPlacement,
     ) -> String {
-        match placement {
-            StockPlacement::Spread => {
-                format!("{}:bud:{{{}.{}.{}}}", self.prefix, activity, gen, index)
-            }
-            StockPlacement::InPartitions => format!(
+        match placement.partition_of(index) {
+            None => format!("{}:bud:{{{}.{}.{}}}", self.prefix, activity, gen, index),
+            Some(partition) => format!(
                 "{}{{{}}}:bud:{}.{}.{}",
-                self.prefix,
-                self.stock_partition(index),
-                activity,
-                gen,
-                index
+                self.prefix, partition, activity, gen, index
             ),
         }
-    }
-    /// The partition whose slot holds sub-stock `index` of a generation placed in the
-    /// partitions.
-    pub fn stock_partition(&self, index: u32) -> u32 {
-        index % self.partitions
     }
     pub fn parked_key(&self, partition: u32) -> String {
         format!("{}{{{}}}:parked", self.prefix, partition)

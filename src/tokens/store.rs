@@ -109,8 +109,9 @@ impl Tokens {
     /// its sub-stock is spendable and covers it, and its money stays taken only when it
     /// is stored, atomically with it. `pick(owner, generation, partition)` chooses the
     /// sub-stock (its index and key) of each call: on a cluster, where a call holds one
-    /// partition, it must be in that partition's slot, and a token whose owner has none
-    /// there (`None`) is left out ([`TakenAndStored::Short`], nothing done).
+    /// partition, it must be in that partition's slot. A token whose owner has none there
+    /// (`None`, or a sub-stock in another slot) is left out: nothing is sent for it, and
+    /// it is answered [`TakenAndStored::Short`], for the steps.
     /// Returns what became of each token, in the order given, and every sub-stock
     /// taken from as the call left it.
     pub async fn take_and_store<'a>(
@@ -133,18 +134,19 @@ impl Tokens {
                     continue;
                 }
                 match pick(at.0, at.1, partition) {
-                    Some((index, key)) => {
+                    Some((_, key))
                         if redis.is_cluster()
                             && key_slot(key.as_bytes())
-                                != key_slot(redis.stream_key(partition).as_bytes())
-                        {
-                            return Err(redis::RedisError::from((
-                                redis::ErrorKind::ClientError,
-                                "a token store takes only from a sub-stock in its partition's slot",
-                            )));
-                        }
-                        stocks.push((at, index, key));
+                                != key_slot(redis.stream_key(partition).as_bytes()) =>
+                    {
+                        tracing::error!(
+                            sub_stock = key,
+                            partition,
+                            "a store call was given a sub-stock in another slot; its awards go the steps"
+                        );
+                        without.push(at);
                     }
+                    Some((index, key)) => stocks.push((at, index, key)),
                     None => without.push(at),
                 }
             }

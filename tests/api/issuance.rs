@@ -919,13 +919,13 @@ async fn awards_take_from_the_sub_stocks_of_their_partition() {
     .await;
     t.open_activity("cny2027", 1_000_000, 500).await;
     let gen = t.app.budget.live_gen("cny2027").unwrap();
-    assert_eq!(gen.placement, StockPlacement::InPartitions);
+    assert_eq!(gen.placement, StockPlacement::InPartitions(4));
     assert_eq!(
         gen.sub_stocks, 8,
         "6 rounded up to a multiple of the 4 partitions"
     );
     let placed: i64 = t
-        .sql_i64("SELECT COUNT(*) FROM budget_generations WHERE activity_id = 'cny2027' AND state = 'live' AND in_partitions")
+        .sql_i64("SELECT COUNT(*) FROM budget_generations WHERE activity_id = 'cny2027' AND state = 'live' AND stock_partitions = 4")
         .await;
     assert_eq!(placed, 1, "the placement is recorded with the generation");
     // The first award asks for a grant; the refill that runs with the cache refresh
@@ -961,7 +961,7 @@ async fn awards_take_from_the_sub_stocks_of_their_partition() {
     assert_eq!(spent.iter().sum::<i64>(), 640 * 7, "{spent:?}");
     if t.app.redis.is_cluster() {
         for (i, cents) in spent.iter().enumerate() {
-            if t.app.redis.stock_partition(i as u32) != 2 {
+            if gen.placement.partition_of(i as u32) != Some(2) {
                 assert_eq!(
                     *cents, 0,
                     "sub-stock {i} is in another partition: {spent:?}"
@@ -1009,8 +1009,8 @@ fn cash_draft(
     }
 }
 
-/// A test app on a single Redis node; `None` (stopped) on a cluster, where a store cannot
-/// take budget.
+/// A test app on a single Redis node; `None` (stopped) on a cluster, for the tests whose
+/// one sub-stock is taken from by store calls of every partition.
 async fn on_one_node() -> Option<TestApp> {
     let t = spawn_app().await;
     if t.app.redis.is_cluster() {
@@ -1067,7 +1067,8 @@ async fn avail_of(conn: &mut redpacket_wallet::store::RedisConn, stock: &str) ->
 /// spendable and covers it, and takes only for what it stored: a token short of money
 /// or held already leaves no trace (no status, no stream line, no count, no take). The
 /// sub-stock is placed in the users' partition, so this runs on a cluster too; there a
-/// sub-stock in another slot is refused before anything is sent.
+/// sub-stock in another slot is refused before anything is sent (the awards go the
+/// steps).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_takes_stores_only_what_its_sub_stock_covers() {
     use redpacket_wallet::store::StockPlacement;
@@ -1076,7 +1077,7 @@ async fn a_store_that_takes_stores_only_what_its_sub_stock_covers() {
     let redis = &t.app.redis;
     // Partition 1 of the test apps' 4, and sub-stock 1 placed there.
     let users = users_in(1, 1, 7);
-    let stock = redis.sub_stock_key("direct", 3, 1, StockPlacement::InPartitions);
+    let stock = redis.sub_stock_key("direct", 3, 1, StockPlacement::InPartitions(4));
     let placed = |_: &str, _: i64, partition: u32| {
         assert_eq!(partition, 1);
         Some((1, stock.clone()))
@@ -1101,17 +1102,21 @@ async fn a_store_that_takes_stores_only_what_its_sub_stock_covers() {
     let mut conn = redis.conn();
     fund(&mut conn, &stock, 25).await;
     if redis.is_cluster() {
-        // A sub-stock in a slot of its own: refused, nothing written or taken.
+        // A sub-stock in a slot of its own: left out, nothing written or taken.
         let spread = redis.sub_stock_key("direct", 3, 1, StockPlacement::Spread);
         fund(&mut conn, &spread, 25).await;
-        assert!(t
+        let (outcomes, after) = t
             .app
             .tokens
             .take_and_store(items(), |_, _, _| Some((1, spread.clone())))
             .await
-            .is_err());
+            .unwrap();
+        assert_eq!(outcomes, vec![TakenAndStored::Short; 4]);
+        assert!(after.is_empty());
         assert_eq!(avail_of(&mut conn, &spread).await, 25);
-        assert_eq!(held_now(&t, &minted[0]).await, None);
+        for a in &minted {
+            assert_eq!(held_now(&t, a).await, None);
+        }
     }
 
     let (outcomes, after) = t
@@ -1222,6 +1227,81 @@ async fn a_store_that_takes_stores_only_what_its_sub_stock_covers() {
         let user = redpacket_wallet::domain::UserId::parse(users[5]).unwrap();
         assert!(t.app.tokens.pending_of(user).await.unwrap().is_empty());
     }
+    t.stop().await;
+}
+
+/// A call whose owners do not all have a sub-stock it can reach (here a second activity,
+/// `None`; on a cluster, an owner with no sub-stock in the call's partition) stores and
+/// takes for the others only: the tokens of the owner left out are answered short and
+/// leave no trace, and each token's answer stays its own however the call was cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_leaves_out_the_tokens_of_an_owner_without_a_reachable_sub_stock() {
+    use redpacket_wallet::store::StockPlacement;
+    use redpacket_wallet::tokens::TakenAndStored;
+    let t = spawn_app().await;
+    let redis = &t.app.redis;
+    let stock = redis.sub_stock_key("reach", 1, 3, StockPlacement::InPartitions(4));
+    let mut conn = redis.conn();
+    fund(&mut conn, &stock, 1_000).await;
+    // Interleaved: even places for "reach" (funded), odd for "unreached".
+    let users = users_in(3, 1, 6);
+    let drafts: Vec<pb::RedPacketToken> = users
+        .iter()
+        .enumerate()
+        .map(|(i, u)| {
+            let activity = if i % 2 == 0 { "reach" } else { "unreached" };
+            cash_draft(
+                *u,
+                activity,
+                format!("{u}_{activity}_rain_1_cash_live"),
+                10 + i as i64,
+                1,
+            )
+        })
+        .collect();
+    let minted = redpacket_wallet::token::mint_all(&t.app.keys.current(), drafts).unwrap();
+    let (outcomes, after) = t
+        .app
+        .tokens
+        .take_and_store(to_store(&minted), |activity, _, partition| {
+            assert_eq!(partition, 3);
+            (activity == "reach").then(|| (3, stock.clone()))
+        })
+        .await
+        .unwrap();
+    for (i, (outcome, a)) in outcomes.iter().zip(&minted).enumerate() {
+        let user = redpacket_wallet::domain::UserId::parse(a.token.user_id).unwrap();
+        let pending = t.app.tokens.pending_of(user).await.unwrap();
+        if i % 2 == 0 {
+            assert_eq!(*outcome, TakenAndStored::Stored, "token {i}");
+            assert_eq!(held_now(&t, a).await.as_deref(), Some(a.bytes.as_slice()));
+            assert_eq!(pending.len(), 1);
+        } else {
+            assert_eq!(*outcome, TakenAndStored::Short, "token {i}");
+            assert_eq!(held_now(&t, a).await, None);
+            assert!(pending.is_empty());
+        }
+    }
+    // 10 + 12 + 14 taken, for the three stored.
+    assert_eq!(after.len(), 1);
+    assert_eq!(
+        (after[0].owner.as_str(), after[0].avail_cents),
+        ("reach", 964)
+    );
+    assert_eq!(avail_of(&mut conn, &stock).await, 964);
+    let totals = t.app.tokens.issued_totals("reach").await.unwrap();
+    assert_eq!((totals.count, totals.cents), (3, 36));
+    let totals = t.app.tokens.issued_totals("unreached").await.unwrap();
+    assert_eq!((totals.count, totals.cents), (0, 0));
+
+    // Nobody reachable: nothing sent at all.
+    let (outcomes, after) = t
+        .app
+        .tokens
+        .take_and_store(to_store(&minted[1..2]), |_, _, _| None)
+        .await
+        .unwrap();
+    assert_eq!((outcomes, after), (vec![TakenAndStored::Short], Vec::new()));
     t.stop().await;
 }
 
