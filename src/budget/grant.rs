@@ -258,8 +258,7 @@ impl Budget {
                     (
                         k,
                         Taken {
-                            gen: gen.gen,
-                            placement: gen.placement,
+                            gen,
                             parts: vec![(stock, amount)],
                         },
                     )

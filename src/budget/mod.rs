@@ -81,11 +81,10 @@ impl Gen {
 }
 
 /// What a take got, per sub-stock of one generation, so it can be given back exactly.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct Taken {
-    pub gen: i64,
-    /// Where the generation's sub-stocks live (to give back to the right keys).
-    pub placement: StockPlacement,
+    /// The generation taken from (its sub-stocks' keys, to give back to).
+    pub gen: Gen,
     pub parts: Vec<(u32, i64)>,
 }
 

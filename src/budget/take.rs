@@ -67,8 +67,7 @@ impl Budget {
                     covered.push((
                         k,
                         Taken {
-                            gen: gen.gen,
-                            placement: gen.placement,
+                            gen,
                             parts: vec![(i, amount)],
                         },
                     ));
@@ -207,8 +206,7 @@ impl Budget {
                     self.mark_exhausted(activity, gen, i, read_at);
                 }
                 return Ok(Walk::Taken(Taken {
-                    gen: gen.gen,
-                    placement: gen.placement,
+                    gen,
                     parts: vec![(i, taken)],
                 }));
             }
@@ -223,8 +221,7 @@ impl Budget {
         }
         // Second pass: gather the award from several thin sub-stocks.
         let mut got = Taken {
-            gen: gen.gen,
-            placement: gen.placement,
+            gen,
             parts: Vec::new(),
         };
         let mut need = amount;
@@ -280,14 +277,14 @@ impl Budget {
         for (i, cents) in &taken.parts {
             let mut cmd = evalsha(
                 &self.give_back,
-                &[&redis.sub_stock_key(activity, taken.gen, *i, taken.placement)],
+                &[&taken.gen.stock_key(redis, activity, *i)],
             );
             // A fresh id per part: a call sent again gives the cents back once.
             cmd.arg(*cents).arg(rand::random::<u64>());
             pipe.add_command(cmd);
         }
         let _: Vec<i64> = query_scripted(redis, &pipe, &self.scripts()).await?;
-        self.forget_exhausted_gen(activity, taken.gen);
+        self.forget_exhausted_gen(activity, taken.gen.gen);
         Ok(())
     }
 }

@@ -573,7 +573,7 @@ impl Issuer {
             .iter()
             .map(|&k| {
                 let mut draft = awards[k].1.draft.clone();
-                draft.budget_gen = taken[&k].gen;
+                draft.budget_gen = taken[&k].gen.gen;
                 if let Some((template, fallback)) = &stocks[&k].coupon {
                     draft.coupon = Some(template.terms_at(draft.issued_at_ms, *fallback));
                 }

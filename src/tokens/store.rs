@@ -126,6 +126,10 @@ impl Tokens {
             Vec::with_capacity(all_calls.len());
         for call in all_calls {
             let partition = redis.partition_of(call[0].1);
+            // On a cluster, the slot every key of the call must be in.
+            let slot = redis
+                .is_cluster()
+                .then(|| key_slot(redis.stream_key(partition).as_bytes()));
             let mut stocks: Vec<CallStock<'_>> = Vec::new();
             let mut without: Vec<(&str, i64)> = Vec::new();
             for (_, _, token, _) in &call {
@@ -134,11 +138,7 @@ impl Tokens {
                     continue;
                 }
                 match pick(at.0, at.1, partition) {
-                    Some((_, key))
-                        if redis.is_cluster()
-                            && key_slot(key.as_bytes())
-                                != key_slot(redis.stream_key(partition).as_bytes()) =>
-                    {
+                    Some((_, key)) if slot.is_some_and(|s| key_slot(key.as_bytes()) != s) => {
                         tracing::error!(
                             sub_stock = key,
                             partition,
