@@ -80,14 +80,33 @@ async fn ledger_awards(t: &TestApp, activity: &str) -> (i64, HashSet<String>) {
 /// clients synced and the ledger booked their awards, nothing of it was unspent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_flush_never_refunds_a_spent_budget() {
+    a_flush_never_refunds_a_spent_budget(false).await;
+}
+
+/// The same with the sub-stocks placed in the partitions
+/// (`issue.sub_stocks_in_partitions`): their keys are found lost as spread ones are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_flush_never_refunds_a_spent_budget_placed_in_the_partitions() {
+    a_flush_never_refunds_a_spent_budget(true).await;
+}
+
+async fn a_flush_never_refunds_a_spent_budget(placed: bool) {
     let redis = PrivateRedis::start();
     let mut t = spawn_app_with(Options {
         redis_url: Some(redis.url()),
-        env: vec![("RPW_ISSUE__IN_DOUBT_GRACE_MS".into(), "0".into())],
+        env: vec![
+            ("RPW_ISSUE__IN_DOUBT_GRACE_MS".into(), "0".into()),
+            (
+                "RPW_ISSUE__SUB_STOCKS_IN_PARTITIONS".into(),
+                placed.to_string(),
+            ),
+        ],
         ..Default::default()
     })
     .await;
     t.open_activity("cny2027", 2_000, 100).await;
+    let placement = t.app.budget.live_gen("cny2027").unwrap().placement;
+    assert_eq!(placement.in_partitions(), placed);
     let first: Vec<(i64, i64, i64)> = (0..20).map(|i| (100 + i, 1, 100)).collect();
     let (held, results) = issue_to_clients(&t, "cny2027", &first).await;
     assert!(results.iter().all(|r| r["error"].is_null()), "{results:?}");
