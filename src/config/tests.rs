@@ -62,6 +62,40 @@ fn a_bad_value_names_its_key() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("mysql.min_connections"), "{err}");
+    // A sub-stock in every partition: more than 1,024 partitions would be more
+    // sub-stocks than `issue.sub_stocks` may ever be.
+    let err = Settings::load_with(
+        None,
+        env(&[
+            ("RPW_REDIS__PARTITIONS", "2048"),
+            ("RPW_ISSUE__SUB_STOCKS_IN_PARTITIONS", "true"),
+        ]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("issue.sub_stocks_in_partitions"), "{err}");
+}
+
+#[test]
+fn sub_stocks_placed_in_the_partitions_are_a_multiple_of_them() {
+    let load = |pairs: &[(&str, &str)]| Settings::load_with(None, env(pairs)).unwrap();
+    let s = load(&[
+        ("RPW_ISSUE__SUB_STOCKS", "6"),
+        ("RPW_REDIS__PARTITIONS", "4"),
+    ]);
+    assert_eq!(s.issue.stocks_per_generation(4), 6, "spread: as configured");
+    let s = load(&[
+        ("RPW_ISSUE__SUB_STOCKS", "6"),
+        ("RPW_REDIS__PARTITIONS", "4"),
+        ("RPW_ISSUE__SUB_STOCKS_IN_PARTITIONS", "true"),
+    ]);
+    assert_eq!(s.issue.stocks_per_generation(4), 8);
+    assert_eq!(s.issue.stocks_per_generation(64), 64);
+    let s = load(&[
+        ("RPW_REDIS__PARTITIONS", "1024"),
+        ("RPW_ISSUE__SUB_STOCKS_IN_PARTITIONS", "true"),
+    ]);
+    assert_eq!(s.issue.stocks_per_generation(1024), 1024);
 }
 
 #[test]
