@@ -25,6 +25,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
@@ -110,6 +111,9 @@ fn app_router(app: Arc<App>) -> Router {
     routes
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(settings.body_limit_bytes))
+        // A body whose Content-Length is over the limit is refused before a byte of it
+        // is read; one without a length is cut off where it passes the limit.
+        .layer(RequestBodyLimitLayer::new(settings.body_limit_bytes))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
             Duration::from_millis(settings.request_timeout_ms),
