@@ -561,10 +561,17 @@ async fn a_high_caller_limit_is_split_per_instance() {
     let requests: Vec<redpacket_wallet::issue::AwardRequest> = (1..=3_000)
         .map(|u| serde_json::from_value(award(u, 1, 1)).unwrap())
         .collect();
+    let started = std::time::Instant::now();
     let results = t.app.issuer.issue("upstream", requests).await;
+    let elapsed = started.elapsed().as_secs_f64();
     let admitted = results.iter().filter(|r| r.is_ok()).count();
-    // This instance's share is 2,500 a second; the bucket refills a little while the
-    // batch is checked, never by hundreds.
-    assert!((2_500..2_600).contains(&admitted), "admitted {admitted}");
+    // This instance's share is 2,500 a second: a full bucket of 2,500, refilled at
+    // 2,500 a second while the batch is checked (a few tens of ms, more on a loaded
+    // machine). The fleet's 5,000 would admit all 3,000.
+    let most = 2_500 + (2_500.0 * elapsed).ceil() as usize;
+    assert!(
+        (2_500..=most.min(2_999)).contains(&admitted),
+        "admitted {admitted} in {elapsed:.3} s"
+    );
     t.stop().await;
 }
