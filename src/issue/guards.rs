@@ -131,6 +131,9 @@ pub struct Guards {
     durable: tokio::sync::mpsc::Sender<(i64, FlagReason, i64)>,
     /// One restore of the flagged set at a time on this instance.
     restoring: tokio::sync::Mutex<()>,
+    /// Held by a refresh of the blacklist from its read to its store, so a refresh that
+    /// read before a change never stores after one that read it.
+    refreshing: tokio::sync::Mutex<()>,
 }
 
 impl Guards {
@@ -165,6 +168,7 @@ impl Guards {
             },
             durable,
             restoring: tokio::sync::Mutex::new(()),
+            refreshing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -192,6 +196,7 @@ impl Guards {
 
     /// Reads the blacklist from MySQL into this instance.
     pub async fn refresh(&self) -> Result<()> {
+        let _one_at_a_time = self.refreshing.lock().await;
         let rows = sqlx::query("SELECT kind, value FROM blacklist")
             .fetch_all(self.db.main())
             .await?;

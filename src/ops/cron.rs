@@ -83,10 +83,11 @@ impl JobLock {
         Ok(ran)
     }
 
-    /// A cron job that runs `work` under this lock, so one instance runs each tick.
+    /// A cron job that runs `work` under this lock, so one instance runs each tick;
+    /// `work` is given the tick (unix seconds) it runs for.
     pub fn job<F, Fut>(&self, name: &'static str, schedule: &str, work: F) -> anyhow::Result<Job>
     where
-        F: Fn() -> Fut + Send + Sync + Clone + 'static,
+        F: Fn(i64) -> Fut + Send + Sync + Clone + 'static,
         Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
     {
         let lock = self.clone();
@@ -95,7 +96,7 @@ impl JobLock {
             let work = work.clone();
             Box::pin(async move {
                 let tick = chrono::Utc::now().timestamp();
-                if let Err(err) = lock.run(name, tick, work).await {
+                if let Err(err) = lock.run(name, tick, || work(tick)).await {
                     tracing::warn!(
                         job = name,
                         error = format!("{err:#}"),
@@ -235,7 +236,7 @@ impl Jobs {
                 continue;
             }
             let me = self.clone();
-            let job = self.lock.job(name, schedule, move || {
+            let job = self.lock.job(name, schedule, move |_tick| {
                 let me = me.clone();
                 async move { me.run(name).await }
             })?;

@@ -396,6 +396,19 @@ impl TestApp {
         )
     }
 
+    /// Sets the `booking_paused` switch and has this instance read it at once.
+    pub async fn pause_booking(&self, on: bool) {
+        let (status, body) = self
+            .put(
+                "/v1/admin/switches/booking_paused",
+                ADMIN,
+                &serde_json::json!({ "on": on }),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        self.app.switches.refresh(&self.app.redis).await.unwrap();
+    }
+
     /// Books everything pending with a fresh worker, until every partition is empty.
     pub async fn drain(&self) -> usize {
         let mut worker = self.worker("drain");

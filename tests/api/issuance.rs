@@ -824,6 +824,12 @@ async fn awards_on_one_node_take_and_store_in_one_step() {
     let mut t = spawn_app_with(Options {
         redis_url: Some(redis.url()),
         worker: false,
+        env: vec![
+            // No background refill or stats flush: the commands counted below are the
+            // awards' own (a refill reads each sub-stock's `avail`).
+            ("RPW_ISSUE__CACHE_REFRESH_MS".into(), "600000".into()),
+            ("RPW_ISSUE__STATS_FLUSH_MS".into(), "600000".into()),
+        ],
         ..Default::default()
     })
     .await;

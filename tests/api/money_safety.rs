@@ -425,7 +425,7 @@ async fn a_repair_after_redis_lost_a_drained_generation_returns_nothing() {
     let t = spawn_app_with(Options {
         redis_url: Some(redis.url()),
         env: vec![
-            ("RPW_ISSUE__IN_FLIGHT_GRACE_MS".into(), "200".into()),
+            ("RPW_ISSUE__IN_FLIGHT_GRACE_MS".into(), "2000".into()),
             ("RPW_ISSUE__IN_DOUBT_GRACE_MS".into(), "0".into()),
         ],
         ..Default::default()
@@ -444,7 +444,8 @@ async fn a_repair_after_redis_lost_a_drained_generation_returns_nothing() {
     assert_eq!(status, 200, "{first}");
     assert_eq!(first["settling_generations"], 1, "{first}");
     redis.flushall().await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Past the in-flight grace: the second repair would settle a leak now.
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
     let (status, second) = t
         .post(
             "/v1/admin/activities/cny2027/repair-leak",

@@ -75,7 +75,9 @@ async fn reconciliation_reports_a_ledger_row_altered_behind_our_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_budget_leak_is_shown_then_repaired_exactly_once() {
     let t = spawn_app_with(Options {
-        env: vec![("RPW_ISSUE__IN_FLIGHT_GRACE_MS".into(), "300".into())],
+        // Long enough that the first repair's own drain and commits, on a loaded
+        // machine, finish inside it.
+        env: vec![("RPW_ISSUE__IN_FLIGHT_GRACE_MS".into(), "3000".into())],
         ..Default::default()
     })
     .await;
@@ -121,7 +123,7 @@ async fn a_budget_leak_is_shown_then_repaired_exactly_once() {
     assert_eq!(first["settling_generations"], 1, "{first}");
     // Issuance goes on from the next generation meanwhile.
     issue_all(&t, vec![award(2, 1, 100)]).await;
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(3_100)).await;
     let second = repair(&t).await;
     assert_eq!(second["repaired_cents"], 333, "{second}");
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
@@ -154,16 +156,13 @@ async fn two_scheduler_instances_run_each_tick_once() {
         let job = app
             .jobs
             .lock
-            .job("probe", "* * * * * *", move || {
+            .job("probe", "* * * * * *", move |tick| {
                 let app: Arc<redpacket_wallet::app::App> = probe.clone();
                 let list = list.clone();
                 async move {
                     let mut conn = app.redis.conn();
                     let _: () = conn
-                        .rpush(
-                            &list,
-                            format!("{}@{}", chrono::Utc::now().timestamp(), app.instance_id),
-                        )
+                        .rpush(&list, format!("{tick}@{}", app.instance_id))
                         .await?;
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     Ok(())
@@ -174,11 +173,20 @@ async fn two_scheduler_instances_run_each_tick_once() {
         scheduler.start().await.unwrap();
         schedulers.push(scheduler);
     }
-    tokio::time::sleep(std::time::Duration::from_millis(4_300)).await;
+    // Three runs or more; a loaded machine may fire the ticks late.
+    let mut conn = t.app.redis.conn();
+    for _ in 0..150 {
+        let runs: usize = conn.llen(&list).await.unwrap();
+        if runs >= 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // A tick more, where the other instance could run one twice.
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
     for mut s in schedulers {
         s.shutdown().await.unwrap();
     }
-    let mut conn = t.app.redis.conn();
     let runs: Vec<String> = conn.lrange(&list, 0, -1).await.unwrap();
     let ticks: Vec<&str> = runs.iter().map(|r| r.split('@').next().unwrap()).collect();
     let unique: HashSet<&&str> = ticks.iter().collect();
@@ -190,12 +198,14 @@ async fn two_scheduler_instances_run_each_tick_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_settle_job_drains_an_ended_activity() {
     let t = spawn_app().await;
-    t.activity_with_window("cny2027", "live", 10_000, 1_000, -60, 2)
+    // Ends in 6 s: time for the scene and the awards on a loaded machine.
+    let ends = std::time::Instant::now() + std::time::Duration::from_secs(6);
+    t.activity_with_window("cny2027", "live", 10_000, 1_000, -60, 6)
         .await;
     t.scene("cny2027", "rain", "cash").await;
     issue_all(&t, (0..10).map(|i| award(1 + i, 1, 10)).collect()).await;
     assert!(t.app.reconciler.mark_drained().await.unwrap().is_empty());
-    tokio::time::sleep(std::time::Duration::from_millis(2_200)).await;
+    tokio::time::sleep_until((ends + std::time::Duration::from_millis(300)).into()).await;
     let booked = redpacket_wallet::settle::settle_all(&t.app.settler, 100)
         .await
         .unwrap();
@@ -220,17 +230,19 @@ async fn over_limit_callers_get_429_with_retry_after() {
     })
     .await;
     t.open_activity("cny2027", 100_000, 1_000).await;
-    let mut limited = 0;
-    let mut ok = 0;
-    for i in 0..20 {
-        let resp = t
-            .client
+    // Twenty at once: inside one second, or two at most, of the fleet's count.
+    let answers = futures::future::join_all((0..20).map(|i| {
+        t.client
             .post(format!("{}/v1/awards", t.url))
             .bearer_auth(CALLER)
             .json(&award(1, i, 1))
             .send()
-            .await
-            .unwrap();
+    }))
+    .await;
+    let mut limited = 0;
+    let mut ok = 0;
+    for resp in answers {
+        let resp = resp.unwrap();
         match resp.status().as_u16() {
             201 => ok += 1,
             429 => {
@@ -248,7 +260,7 @@ async fn over_limit_callers_get_429_with_retry_after() {
         }
     }
     assert!(limited > 0 && ok >= 5, "ok {ok}, limited {limited}");
-    assert!(ok < 20);
+    assert!(ok <= 10, "ok {ok}");
     t.stop().await;
 }
 
@@ -524,16 +536,27 @@ async fn a_low_caller_limit_holds_for_the_whole_fleet() {
             .map(|u| serde_json::from_value(award(u, 1, 1)).unwrap())
             .collect()
     };
-    // Both batches inside one second of the fleet's count.
-    let now = chrono::Utc::now().timestamp_millis();
-    tokio::time::sleep(std::time::Duration::from_millis(
-        (1_050 - now % 1_000) as u64,
-    ))
-    .await;
-    let (a, b) = tokio::join!(
-        t.app.issuer.issue("upstream", batch(1)),
-        other.issuer.issue("upstream", batch(1_001)),
-    );
+    // Both batches inside one second of the fleet's count. A round that a slow moment
+    // spread over two seconds proves nothing and is played again with new users.
+    let mut rounds = 0;
+    let (a, b) = loop {
+        rounds += 1;
+        assert!(rounds <= 5, "no round fell inside one second");
+        let now = chrono::Utc::now().timestamp_millis();
+        tokio::time::sleep(std::time::Duration::from_millis(
+            (1_050 - now % 1_000) as u64,
+        ))
+        .await;
+        let second = redpacket_wallet::store::now_ms() / 1_000;
+        let first = rounds * 10_000;
+        let (a, b) = tokio::join!(
+            t.app.issuer.issue("upstream", batch(first)),
+            other.issuer.issue("upstream", batch(first + 1_000)),
+        );
+        if redpacket_wallet::store::now_ms() / 1_000 == second {
+            break (a, b);
+        }
+    };
     let admitted = a.iter().chain(&b).filter(|r| r.is_ok()).count();
     let limited = a
         .iter()
@@ -558,7 +581,7 @@ async fn a_high_caller_limit_is_split_per_instance() {
     })
     .await;
     t.open_activity("cny2027", 10_000_000, 1_000).await;
-    let requests: Vec<redpacket_wallet::issue::AwardRequest> = (1..=3_000)
+    let requests: Vec<redpacket_wallet::issue::AwardRequest> = (1..=5_000)
         .map(|u| serde_json::from_value(award(u, 1, 1)).unwrap())
         .collect();
     let started = std::time::Instant::now();
@@ -567,10 +590,10 @@ async fn a_high_caller_limit_is_split_per_instance() {
     let admitted = results.iter().filter(|r| r.is_ok()).count();
     // This instance's share is 2,500 a second: a full bucket of 2,500, refilled at
     // 2,500 a second while the batch is checked (a few tens of ms, more on a loaded
-    // machine). The fleet's 5,000 would admit all 3,000.
+    // machine). The fleet's 5,000 would admit all 5,000.
     let most = 2_500 + (2_500.0 * elapsed).ceil() as usize;
     assert!(
-        (2_500..=most.min(2_999)).contains(&admitted),
+        (2_500..=most.min(4_999)).contains(&admitted),
         "admitted {admitted} in {elapsed:.3} s"
     );
     t.stop().await;

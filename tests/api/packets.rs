@@ -220,7 +220,8 @@ async fn ten_shares_against_a_hundred_concurrent_grabbers_make_exactly_ten_winne
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_unclaimed_remainder_goes_back_to_the_sender_exactly_once_across_restarts() {
     let mut t = spawn_app_with(Options {
-        env: vec![("RPW_PACKETS__REFUND_AFTER_SECS".into(), "1".into())],
+        // Long enough for the sends and opens before it on a loaded machine.
+        env: vec![("RPW_PACKETS__REFUND_AFTER_SECS".into(), "5".into())],
         ..Default::default()
     })
     .await;
@@ -234,7 +235,7 @@ async fn the_unclaimed_remainder_goes_back_to_the_sender_exactly_once_across_res
     let share = opened["share"]["amount_cents"].as_i64().unwrap();
     assert_eq!(t.wallet(40).await["balance_cents"], 400);
 
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    until_expired(&t, &id).await;
     assert_eq!(grab(&t, 42, &id).await, "expired");
     let (status, body) = open(&t, 42, &id).await;
     assert_eq!(
@@ -281,6 +282,16 @@ async fn the_unclaimed_remainder_goes_back_to_the_sender_exactly_once_across_res
     t.stop().await;
 }
 
+/// Waits until just past the expiry of packet `id` (the later of several sent).
+async fn until_expired(t: &TestApp, id: &str) {
+    let (status, detail) = t.get(&format!("/v1/packets/{id}"), Some(&t.jwt(1))).await;
+    assert_eq!(status, 200, "{detail}");
+    let wait = detail["expires_at_ms"].as_i64().unwrap() + 100 - redpacket_wallet::store::now_ms();
+    if wait > 0 {
+        tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+    }
+}
+
 /// The current hour, once it is not within 30 s of its end (the test's figures then
 /// fall in it).
 async fn an_hour_to_work_in() -> String {
@@ -307,7 +318,8 @@ async fn packets_report(t: &TestApp, hour: &str) -> redpacket_wallet::ops::recon
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconciliation_covers_packets_shares_debits_and_refunds() {
     let t = spawn_app_with(Options {
-        env: vec![("RPW_PACKETS__REFUND_AFTER_SECS".into(), "1".into())],
+        // Long enough for the sends and opens before it on a loaded machine.
+        env: vec![("RPW_PACKETS__REFUND_AFTER_SECS".into(), "5".into())],
         ..Default::default()
     })
     .await;
@@ -326,7 +338,7 @@ async fn reconciliation_covers_packets_shares_debits_and_refunds() {
         assert_eq!(status, 201, "{opened}");
         shares += opened["share"]["amount_cents"].as_i64().unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    until_expired(&t, &second).await;
     let refunded = t
         .app
         .packets

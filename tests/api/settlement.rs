@@ -569,7 +569,11 @@ async fn mysql_stopped_mid_drain_loses_and_doubles_nothing() {
     .await;
     t.open_activity("cny2027", 100_000_000, 1_000).await;
     let first: Vec<Value> = (0..2_000).map(|i| award(1 + i % 50, i, 3)).collect();
+    // The drain (about five seconds at 400/s) starts once every award is issued, and
+    // MySQL stops in its first second.
+    t.pause_booking(true).await;
     issue_all(&t, first).await;
+    t.pause_booking(false).await;
     tokio::time::sleep(std::time::Duration::from_millis(800)).await;
     mariadb.stop();
     let (booked_before, _) = {

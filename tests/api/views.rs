@@ -366,7 +366,8 @@ async fn views_stay_exact_while_withdrawals_and_the_drain_run() {
         spawn_app_with(Options {
             worker: true,
             env: vec![
-                ("RPW_SETTLE__MAX_TPS".into(), "400".into()),
+                // A drain of about four seconds, for views to catch it in the middle.
+                ("RPW_SETTLE__MAX_TPS".into(), "100".into()),
                 ("RPW_SETTLE__BATCH_SIZE".into(), "20".into()),
             ],
             ..Default::default()
@@ -375,7 +376,10 @@ async fn views_stay_exact_while_withdrawals_and_the_drain_run() {
     );
     t.open_activity("cny2027", 1_000_000, 1_000).await;
     let issued: i64 = (0..400).map(|i| 1 + i % 50).sum();
+    // The drain starts once every award is issued.
+    t.pause_booking(true).await;
     issue_all(&t, (0..400).map(|i| award(15, i, 1 + i % 50)).collect()).await;
+    t.pause_booking(false).await;
 
     let started = Arc::new(AtomicI64::new(0));
     let answered = Arc::new(AtomicI64::new(0));

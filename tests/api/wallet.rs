@@ -41,12 +41,16 @@ async fn views_stay_exact_through_a_live_drain() {
         *expected.entry(a["user_id"].as_i64().unwrap()).or_default() +=
             a["amount_cents"].as_i64().unwrap();
     }
+    // The drain starts once every award is issued.
+    t.pause_booking(true).await;
     issue(&t, &awards).await;
+    t.pause_booking(false).await;
     let jwts: HashMap<i64, String> = (1..=20).map(|u| (u, t.jwt(u))).collect();
     let mut polls = 0;
     let mut mixed = 0;
     let mut done = false;
-    for _ in 0..400 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
         let mut all_booked = true;
         for u in 1..=20 {
             let (status, w) = t.get("/v1/wallet", Some(&jwts[&u])).await;
