@@ -688,3 +688,16 @@ pub fn token_otn(token: &str) -> String {
         .unwrap()
         .out_trade_no
 }
+
+/// The current hour, once it is not within 30 s of its end (the test's figures then
+/// fall in it).
+pub async fn an_hour_to_work_in() -> String {
+    let into_hour = redpacket_wallet::store::now_ms() % 3_600_000;
+    if into_hour > 3_600_000 - 30_000 {
+        tokio::time::sleep(std::time::Duration::from_millis(
+            (3_600_000 - into_hour + 100) as u64,
+        ))
+        .await;
+    }
+    redpacket_wallet::store::hour_of(redpacket_wallet::store::now_ms())
+}

@@ -7,12 +7,9 @@ use serde_json::{json, Value};
 
 use crate::helpers::*;
 
-fn this_hour() -> String {
-    redpacket_wallet::store::hour_of(redpacket_wallet::store::now_ms())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconciliation_reports_a_ledger_row_altered_behind_our_back() {
+    let hour = an_hour_to_work_in().await;
     let t = spawn_app().await;
     t.open_activity("cny2027", 1_000_000, 1_000).await;
     issue_all(&t, (0..20).map(|i| award(1 + i % 3, i, 50)).collect()).await;
@@ -20,7 +17,7 @@ async fn reconciliation_reports_a_ledger_row_altered_behind_our_back() {
     let clean = t
         .app
         .reconciler
-        .reconcile("cny2027", &this_hour(), "manual")
+        .reconcile("cny2027", &hour, "manual")
         .await
         .unwrap();
     assert!(clean.ok, "{clean:?}");
@@ -37,14 +34,14 @@ async fn reconciliation_reports_a_ledger_row_altered_behind_our_back() {
     let report = t
         .app
         .reconciler
-        .reconcile("cny2027", &this_hour(), "manual")
+        .reconcile("cny2027", &hour, "manual")
         .await
         .unwrap();
     assert!(!report.ok);
     assert_eq!(report.activity_id, "cny2027");
     assert_eq!(
         redpacket_wallet::store::hour_of(report.hour_start.timestamp_millis()),
-        this_hour()
+        hour
     );
     assert!(
         report
@@ -74,6 +71,7 @@ async fn reconciliation_reports_a_ledger_row_altered_behind_our_back() {
 /// flight at the drain had their grace, while issuance goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_budget_leak_is_shown_then_repaired_exactly_once() {
+    let hour = an_hour_to_work_in().await;
     let t = spawn_app_with(Options {
         // Long enough that the first repair's own drain and commits, on a loaded
         // machine, finish inside it.
@@ -95,7 +93,7 @@ async fn a_budget_leak_is_shown_then_repaired_exactly_once() {
     let report = t
         .app
         .reconciler
-        .reconcile("cny2027", &this_hour(), "manual")
+        .reconcile("cny2027", &hour, "manual")
         .await
         .unwrap();
     assert_eq!(report.leak_cents, 333);

@@ -292,16 +292,6 @@ async fn until_expired(t: &TestApp, id: &str) {
     }
 }
 
-/// The current hour, once it is not within 30 s of its end (the test's figures then
-/// fall in it).
-async fn an_hour_to_work_in() -> String {
-    let into_hour = redpacket_wallet::store::now_ms() % 3_600_000;
-    if into_hour > 3_600_000 - 30_000 {
-        tokio::time::sleep(Duration::from_millis((3_600_000 - into_hour + 100) as u64)).await;
-    }
-    redpacket_wallet::store::hour_of(redpacket_wallet::store::now_ms())
-}
-
 /// The packets' reconciliation report of `hour`, made now.
 async fn packets_report(t: &TestApp, hour: &str) -> redpacket_wallet::ops::reconcile::Report {
     t.app

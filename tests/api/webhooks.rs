@@ -440,13 +440,13 @@ async fn an_event_waits_in_the_outbox_across_a_restart() {
 /// A reconciliation mismatch is an event too, written with its report.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconciliation_mismatch_is_announced() {
+    let hour = an_hour_to_work_in().await;
     let t = spawn_fast().await;
     let (rx, url) = Receiver::start(0).await;
     subscribe(&t, &url, &["reconciliation.mismatch"]).await;
     t.open_activity("cny2027", 1_000_000, 1_000).await;
     issue_all(&t, (0..5).map(|i| award(1, i, 10)).collect()).await;
     t.drain().await;
-    let hour = redpacket_wallet::store::hour_of(redpacket_wallet::store::now_ms());
     let ok = t
         .app
         .reconciler
