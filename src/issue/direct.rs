@@ -99,18 +99,17 @@ impl Issuer {
                 .and_then(Option::as_mut)
                 .expect(DIRECT);
             let gen = s.gen;
-            let reachable = |i: &u32| gen.takes_in(redis, partition, *i);
-            let n = s.order.iter().filter(|i| reachable(i)).count();
-            if n == 0 {
-                return None;
-            }
-            s.calls += 1;
-            let index = s
+            let reachable: Vec<u32> = s
                 .order
                 .iter()
                 .copied()
-                .filter(reachable)
-                .nth((s.calls - 1) % n)?;
+                .filter(|&i| gen.takes_in(redis, partition, i))
+                .collect();
+            if reachable.is_empty() {
+                return None;
+            }
+            s.calls += 1;
+            let index = reachable[(s.calls - 1) % reachable.len()];
             Some((index, gen.stock_key(redis, activity, index)))
         };
         let stored = self
