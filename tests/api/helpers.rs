@@ -396,7 +396,8 @@ impl TestApp {
         )
     }
 
-    /// Sets the `booking_paused` switch and has this instance read it at once.
+    /// Sets the `booking_paused` switch through the operator API (this instance's
+    /// worker sees it at once).
     pub async fn pause_booking(&self, on: bool) {
         let (status, body) = self
             .put(
@@ -406,7 +407,6 @@ impl TestApp {
             )
             .await;
         assert_eq!(status, 200, "{body}");
-        self.app.switches.refresh(&self.app.redis).await.unwrap();
     }
 
     /// Books everything pending with a fresh worker, until every partition is empty.

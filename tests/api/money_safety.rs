@@ -699,22 +699,10 @@ async fn the_cron_sweep_books_within_the_booking_bound() {
     })
     .await;
     t.open_activity("cny2027", 1_000_000, 100).await;
-    t.put(
-        "/v1/admin/switches/booking_paused",
-        ADMIN,
-        &json!({"on": true}),
-    )
-    .await;
-    t.app.switches.refresh(&t.app.redis).await.unwrap();
+    t.pause_booking(true).await;
     issue_all(&t, (0..3_000).map(|i| award(1 + i, 1, 1)).collect()).await;
-    t.put(
-        "/v1/admin/switches/booking_paused",
-        ADMIN,
-        &json!({"on": false}),
-    )
-    .await;
+    t.pause_booking(false).await;
     let started = Instant::now();
-    t.app.switches.refresh(&t.app.redis).await.unwrap();
     tokio::time::sleep(Duration::from_millis(3_000)).await;
     let booked = t
         .sql_i64("SELECT COUNT(*) FROM ledger_entries WHERE kind = 'award'")

@@ -111,14 +111,7 @@ async fn operators_list_activities_and_read_health_with_the_backlog() {
     assert_eq!(body["activities"].as_array().unwrap().len(), 1);
 
     // A backlog while booking is paused: counted per partition, with its age.
-    let (status, _) = t
-        .put(
-            "/v1/admin/switches/booking_paused",
-            ADMIN,
-            &json!({"on": true}),
-        )
-        .await;
-    assert_eq!(status, 200);
+    t.pause_booking(true).await;
     issue_all(&t, (0..40).map(|i| award(1 + i % 7, i, 10)).collect()).await;
     let (status, h) = t.get("/v1/admin/health", Some(ADMIN)).await;
     assert_eq!(status, 200, "{h}");
@@ -143,12 +136,7 @@ async fn operators_list_activities_and_read_health_with_the_backlog() {
     }
     let before = h["booking"]["booked_tokens"].as_u64().unwrap();
 
-    t.put(
-        "/v1/admin/switches/booking_paused",
-        ADMIN,
-        &json!({"on": false}),
-    )
-    .await;
+    t.pause_booking(false).await;
     assert_eq!(t.drain().await, 40);
     let (_, h) = t.get("/v1/admin/health", Some(ADMIN)).await;
     assert_eq!(h["backlog"]["entries"], 0, "{h}");
