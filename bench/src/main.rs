@@ -130,7 +130,13 @@ async fn run(bench: &Arc<Bench>, args: &Args) -> anyhow::Result<()> {
         cpu::per_item(&before, &procs.snapshot(), rain_batch.awards),
     );
     bench.stage("withdraw: forced settlement during the backlog");
-    let withdrawals = scenarios::withdraw::run(bench).await?;
+    let issued = scenarios::withdraw::issue(bench).await?;
+    let before = procs.snapshot();
+    let withdrawals = scenarios::withdraw::run(bench, issued).await?;
+    cpu_us.insert(
+        "withdraw".to_string(),
+        cpu::per_item(&before, &procs.snapshot(), bench.plan.withdraw_users as u64),
+    );
     bench.stage("view: GET /v1/wallet during the backlog");
     let before = procs.snapshot();
     let view = scenarios::views::run(bench).await?;

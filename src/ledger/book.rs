@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, HashSet};
 
 use sqlx::{MySql, QueryBuilder, Transaction};
 
-use super::{is_duplicate, upsert_accounts, Account, Booked, Ledger, LedgerError};
+use super::{
+    is_duplicate, upsert_accounts, Account, Booked, Ledger, LedgerError, MoveOut, MovedOut,
+};
 use crate::domain::UserId;
 use crate::tokens::{AwardEntry, TRIMMED};
 
@@ -27,38 +29,45 @@ pub(super) fn credits<'a>(
     Ok(credit)
 }
 
-/// The users of `entries` (and `force`), sorted and distinct: the order accounts are
-/// locked in.
-fn users_of(entries: &[AwardEntry], force: Option<UserId>) -> Vec<UserId> {
+/// The users of `entries`, sorted and distinct: the order accounts are locked in.
+fn users_of(entries: &[AwardEntry]) -> Vec<UserId> {
     let mut users: Vec<UserId> = entries.iter().map(|e| e.user).collect();
-    users.extend(force);
     users.sort_unstable();
     users.dedup();
     users
 }
 
+/// One ledger row as [`Ledger::insert_rows`] writes it.
+struct Row<'a> {
+    user: UserId,
+    out_trade_no: &'a str,
+    kind: &'a str,
+    amount_cents: i64,
+    /// An award's activity and scene; `None` for a move of money.
+    source: Option<(&'a str, &'a str)>,
+    at_ms: i64,
+    budget_gen: i64,
+    token: Option<&'a [u8]>,
+}
+
 impl Ledger {
     /// Books `entries` inside `tx`: inserts the ledger rows the ledger does not hold yet
-    /// and credits each account by exactly what was inserted for it. With `force`, that
-    /// user's pending tokens (read after the lock) are booked too: a withdrawal's forced
-    /// settlement. A coupon gets its ledger row (kind `coupon`, one unit of its
-    /// template's stock) and its `coupons` row; no account is touched for it.
+    /// and credits each account by exactly what was inserted for it. A coupon gets its
+    /// ledger row (kind `coupon`, one unit of its template's stock) and its `coupons`
+    /// row; no account is touched for it.
     ///
-    /// Without `force`, the common case (no entry booked yet) takes one statement per
-    /// step ([`Ledger::book_new`]); an entry the ledger already holds sends the batch
-    /// down the locked path, in the same transaction.
+    /// The common case (no entry booked yet) takes one statement per step
+    /// ([`Ledger::book_new`]); an entry the ledger already holds sends the batch down the
+    /// locked path, in the same transaction.
     pub async fn book_in_tx(
         &self,
         tx: &mut Transaction<'_, MySql>,
         entries: &[AwardEntry],
-        force: Option<UserId>,
     ) -> Result<Booked, LedgerError> {
-        if force.is_none() {
-            if let Some(booked) = self.book_new(tx, entries).await? {
-                return Ok(booked);
-            }
+        if let Some(booked) = self.book_new(tx, entries).await? {
+            return Ok(booked);
         }
-        self.book_locked(tx, entries, force).await
+        self.book_locked(tx, entries).await
     }
 
     /// The booking of entries none of which the ledger holds: the bucket check, the
@@ -75,7 +84,7 @@ impl Ledger {
         tx: &mut Transaction<'_, MySql>,
         entries: &[AwardEntry],
     ) -> Result<Option<Booked>, LedgerError> {
-        let users = users_of(entries, None);
+        let users = users_of(entries);
         if users.is_empty() {
             return Ok(Some(Booked::default()));
         }
@@ -88,7 +97,7 @@ impl Ledger {
             .cloned()
             .collect();
         let credit = credits(&newly)?;
-        match self.insert_rows(tx, &newly).await {
+        match self.insert_rows(tx, &newly, None).await {
             Err(LedgerError::Sql(err)) if is_duplicate(&err) => return Ok(None),
             other => other?,
         }
@@ -117,40 +126,31 @@ impl Ledger {
         }))
     }
 
-    /// The booking that locks the accounts first: forced settlement (the forced user's
-    /// pending tokens are only known under the lock) and batches holding an entry the
-    /// ledger already has.
+    /// The booking that locks the accounts first: batches holding an entry the ledger
+    /// already has.
     async fn book_locked(
         &self,
         tx: &mut Transaction<'_, MySql>,
         entries: &[AwardEntry],
-        force: Option<UserId>,
     ) -> Result<Booked, LedgerError> {
         // A coupon's user is locked too: `lock_accounts` checks this shard owns the
         // user's bucket (`own_buckets`), and the coupon moves with the bucket.
-        let users = users_of(entries, force);
+        let users = users_of(entries);
         if users.is_empty() {
             return Ok(Booked::default());
         }
         let (shard, locked) = self.lock_accounts_on(tx, &users).await?;
 
         // After the locks: every earlier booker of these users has committed.
-        let pending = self.tokens.pending_of_users(&users).await?;
-        let mut all: Vec<AwardEntry> = entries.to_vec();
-        let mut in_all: HashSet<String> = all.iter().map(|e| e.out_trade_no.clone()).collect();
-        let mut extras: Vec<AwardEntry> = Vec::new();
-        for candidate in pending {
-            if in_all.contains(&candidate.out_trade_no) {
-                continue;
-            }
-            if Some(candidate.user) == force {
-                in_all.insert(candidate.out_trade_no.clone());
-                all.push(candidate);
-            } else {
-                extras.push(candidate);
-            }
-        }
-        let otns: Vec<&str> = all
+        let given: HashSet<&str> = entries.iter().map(|e| e.out_trade_no.as_str()).collect();
+        let extras: Vec<AwardEntry> = self
+            .tokens
+            .pending_of_users(&users)
+            .await?
+            .into_iter()
+            .filter(|e| !given.contains(e.out_trade_no.as_str()))
+            .collect();
+        let otns: Vec<&str> = entries
             .iter()
             .chain(&extras)
             .map(|e| e.out_trade_no.as_str())
@@ -161,14 +161,14 @@ impl Ledger {
             .filter(|e| known.contains(&e.out_trade_no))
             .collect();
         let mut newly: Vec<AwardEntry> = Vec::new();
-        for e in &all {
+        for e in entries {
             // `insert` also drops a second copy of one token inside the same batch.
             if known.insert(e.out_trade_no.clone()) {
                 newly.push(e.clone());
             }
         }
         let credit = credits(&newly)?;
-        self.insert_rows(tx, &newly).await?;
+        self.insert_rows(tx, &newly, None).await?;
         self.insert_coupons(tx, &newly).await?;
         // Credited, the accounts as they will be committed (every user again).
         let accounts = if credit.is_empty() {
@@ -178,7 +178,7 @@ impl Ledger {
             self.credit_accounts(shard.unwrap_or_default(), tx, &users, &credit)
                 .await?
         };
-        to_mark.extend(all);
+        to_mark.extend_from_slice(entries);
         Ok(Booked {
             newly_booked: newly,
             accounts: accounts.into_values().collect(),
@@ -186,31 +186,123 @@ impl Ledger {
         })
     }
 
+    /// Forced settlement and a move of money out of `user`'s account (a withdrawal, a
+    /// red packet sent), in `tx`: locks the account, books every cash token of the user
+    /// still pending in Redis (read after the lock, when every earlier booker of the user
+    /// has committed; those the ledger holds already are only marked), and moves
+    /// `out.amount` out with its ledger row, if the balance then covers it. Nothing is
+    /// written when it does not.
+    ///
+    /// Four statements: the bucket check, the lock, one insert of the tokens' rows and
+    /// the move's row, one update of the account by the credit and the debit. The pending
+    /// tokens are taken for unbooked at first; if the insert meets one the ledger holds
+    /// (booked by a worker that has not marked it yet), InnoDB undoes the statement, and
+    /// the rows are written again without the tokens the ledger holds.
+    pub async fn settle_and_move_out(
+        &self,
+        tx: &mut Transaction<'_, MySql>,
+        user: UserId,
+        out: &MoveOut<'_>,
+    ) -> Result<MovedOut, LedgerError> {
+        let (_, mut locked) = self.lock_accounts_on(tx, &[user]).await?;
+        let mut account = locked.remove(&user).ok_or(sqlx::Error::RowNotFound)?;
+        // After the lock: every earlier booker of this user has committed.
+        let pending = self.tokens.pending_of_users(&[user]).await?;
+        let mut seen: HashSet<&str> = HashSet::with_capacity(pending.len());
+        let mut newly: Vec<AwardEntry> = pending
+            .iter()
+            .filter(|e| seen.insert(e.out_trade_no.as_str()))
+            .cloned()
+            .collect();
+        let mut first_try = true;
+        let credit = loop {
+            let credit = credits(&newly)?.remove(&user).unwrap_or(0);
+            let covered = account
+                .balance_cents
+                .checked_add(credit)
+                .ok_or(LedgerError::Overflow("balance overflows"))?;
+            // The first try credits every pending token: when even that falls short,
+            // the balance does.
+            if covered < out.amount.get() {
+                return Ok(MovedOut::Insufficient);
+            }
+            match self.insert_rows(tx, &newly, Some((user, out))).await {
+                Err(LedgerError::Sql(err)) if first_try && is_duplicate(&err) => {
+                    let otns: Vec<&str> = newly.iter().map(|e| e.out_trade_no.as_str()).collect();
+                    let known = Self::already_booked(&mut **tx, &otns).await?;
+                    newly.retain(|e| !known.contains(&e.out_trade_no));
+                    first_try = false;
+                }
+                other => break other.map(|()| credit)?,
+            }
+        };
+        account.credit(credit)?;
+        account.move_out(out.amount)?;
+        account.version += 1;
+        sqlx::query(
+            "UPDATE accounts SET balance_cents = ?, total_income_cents = ?, withdrawn_cents = ?, version = ? WHERE user_id = ?",
+        )
+        .bind(account.balance_cents)
+        .bind(account.total_income_cents)
+        .bind(account.withdrawn_cents)
+        .bind(account.version)
+        .bind(user.get())
+        .execute(&mut **tx)
+        .await?;
+        Ok(MovedOut::Done(Booked {
+            newly_booked: newly,
+            accounts: vec![account],
+            to_mark: pending,
+        }))
+    }
+
     /// Inserts the ledger rows of `newly`, with each token's signed bytes as Redis holds
-    /// them. A row the ledger holds already fails the whole statement on the unique
+    /// them, and the row of `moved` (a move out of that user's account) if any, in one
+    /// statement. A row the ledger holds already fails the whole statement on the unique
     /// key, and InnoDB undoes the statement whole.
     async fn insert_rows(
         &self,
         tx: &mut Transaction<'_, MySql>,
         newly: &[AwardEntry],
+        moved: Option<(UserId, &MoveOut<'_>)>,
     ) -> Result<(), LedgerError> {
-        if newly.is_empty() {
+        if newly.is_empty() && moved.is_none() {
             return Ok(());
         }
         let tokens = self.tokens.token_bytes(newly).await?;
         let mut insert = QueryBuilder::<MySql>::new(
             "INSERT INTO ledger_entries (user_id, out_trade_no, kind, amount_cents, activity_id, scene_id, at_ms, budget_gen, token) ",
         );
-        insert.push_values(newly.iter().zip(&tokens), |mut b, (e, token)| {
-            b.push_bind(e.user.get())
-                .push_bind(&e.out_trade_no)
-                .push_bind(if e.coupon { "coupon" } else { "award" })
-                .push_bind(e.amount_cents)
-                .push_bind(&e.activity_id)
-                .push_bind(&e.scene_id)
-                .push_bind(e.at_ms)
-                .push_bind(e.budget_gen)
-                .push_bind(token.as_deref().filter(|t| *t != TRIMMED));
+        let awards = newly.iter().zip(&tokens).map(|(e, token)| Row {
+            user: e.user,
+            out_trade_no: &e.out_trade_no,
+            kind: if e.coupon { "coupon" } else { "award" },
+            amount_cents: e.amount_cents,
+            source: Some((&e.activity_id, &e.scene_id)),
+            at_ms: e.at_ms,
+            budget_gen: e.budget_gen,
+            token: token.as_deref().filter(|t| *t != TRIMMED),
+        });
+        let moved = moved.map(|(user, out)| Row {
+            user,
+            out_trade_no: out.out_trade_no,
+            kind: out.kind,
+            amount_cents: -out.amount.get(),
+            source: None,
+            at_ms: out.at_ms,
+            budget_gen: 0,
+            token: None,
+        });
+        insert.push_values(awards.chain(moved), |mut b, row| {
+            b.push_bind(row.user.get())
+                .push_bind(row.out_trade_no)
+                .push_bind(row.kind)
+                .push_bind(row.amount_cents)
+                .push_bind(row.source.map(|s| s.0))
+                .push_bind(row.source.map(|s| s.1))
+                .push_bind(row.at_ms)
+                .push_bind(row.budget_gen)
+                .push_bind(row.token);
         });
         insert.build().execute(&mut **tx).await?;
         Ok(())
@@ -267,7 +359,7 @@ impl Ledger {
         let mut all = Booked::default();
         for (shard, part) in by_shard {
             let mut tx = self.db.shard(shard).begin().await?;
-            let booked = self.book_in_tx(&mut tx, &part, None).await?;
+            let booked = self.book_in_tx(&mut tx, &part).await?;
             tx.commit().await?;
             all.newly_booked.extend(booked.newly_booked);
             all.accounts.extend(booked.accounts);

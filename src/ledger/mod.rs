@@ -2,7 +2,9 @@
 //!
 //! - [`Ledger::book`] / [`Ledger::book_in_tx`]: awards into the ledger, crediting
 //!   accounts (the worker, the sweep, forced settlement before a withdrawal).
-//! - [`Ledger::debit`] and [`Ledger::reverse`]: a withdrawal and its reversal.
+//! - [`Ledger::settle_and_move_out`]: a withdrawal or a red packet sent, with the
+//!   forced settlement of the user's pending tokens; [`Ledger::reverse`] and
+//!   [`Ledger::move_back`]: money given back.
 //! - [`read`]: what views, reconciliation and the issuing path read back.
 //!
 //! Invariant (no double credit): a token's amount enters a balance only together with
@@ -67,6 +69,34 @@ pub struct Account {
 }
 
 impl Account {
+    /// Credits `cents` of awards to the balance and the income (not the version).
+    fn credit(&mut self, cents: i64) -> Result<(), LedgerError> {
+        let overflow = LedgerError::Overflow("credit overflows a 64-bit balance");
+        self.balance_cents = self.balance_cents.checked_add(cents).ok_or(overflow)?;
+        self.total_income_cents = self
+            .total_income_cents
+            .checked_add(cents)
+            .ok_or(LedgerError::Overflow("income overflows"))?;
+        Ok(())
+    }
+
+    /// Moves `amount` from the balance to the withdrawn total (not the version); never
+    /// below zero.
+    fn move_out(&mut self, amount: Cents) -> Result<(), LedgerError> {
+        self.balance_cents = self
+            .balance_cents
+            .checked_sub(amount.get())
+            .filter(|b| *b >= 0)
+            .ok_or(LedgerError::Overflow(
+                "a debit never makes a balance negative",
+            ))?;
+        self.withdrawn_cents = self
+            .withdrawn_cents
+            .checked_add(amount.get())
+            .ok_or(LedgerError::Overflow("withdrawn total overflows"))?;
+        Ok(())
+    }
+
     /// The snapshot the Redis-only view reads after this account's commit.
     pub fn snapshot(&self) -> Snapshot {
         self.snapshot_lifting(None)
@@ -96,6 +126,27 @@ pub enum ChangeEnd {
     InDoubt,
 }
 
+/// A move of money out of an account (a withdrawal, a red packet sent) and its ledger
+/// row ([`Ledger::settle_and_move_out`]).
+pub struct MoveOut<'a> {
+    pub amount: Cents,
+    /// The row's kind: `withdraw`, `packet_send`.
+    pub kind: &'a str,
+    /// The row's unique key (`wd_{id}`, `ps_{id}`).
+    pub out_trade_no: &'a str,
+    pub at_ms: i64,
+}
+
+/// How [`Ledger::settle_and_move_out`] ended.
+pub enum MovedOut {
+    /// Booked and moved out in the transaction: the account as it will be committed
+    /// (the one of `accounts`) and the tokens to mark with its snapshot.
+    Done(Booked),
+    /// The balance, with every pending token booked, is short of the amount; nothing was
+    /// written.
+    Insufficient,
+}
+
 #[derive(Debug, Default)]
 pub struct Booked {
     /// Entries whose ledger row this transaction inserted.
@@ -103,7 +154,7 @@ pub struct Booked {
     /// The accounts touched, as they will be after commit.
     pub accounts: Vec<Account>,
     /// Every token to mark settled after the commit: the entries given (booked now or
-    /// before), the forced user's pending tokens, and the locked users' other pending
+    /// before), a forced settlement's pending tokens, and the locked users' other pending
     /// tokens the ledger already holds.
     pub to_mark: Vec<AwardEntry>,
 }
@@ -189,7 +240,7 @@ fn is_data_error(err: &sqlx::Error) -> bool {
 }
 
 /// A duplicate key: the row is there already.
-fn is_duplicate(err: &sqlx::Error) -> bool {
+pub(crate) fn is_duplicate(err: &sqlx::Error) -> bool {
     err.as_database_error()
         .and_then(|e| e.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
         .is_some_and(|e| e.number() == 1062)
@@ -487,20 +538,6 @@ impl Ledger {
         rows.iter().map(|r| text(r, 0)).collect()
     }
 
-    /// Debits a withdrawal from a locked account: the balance, the withdrawn total and
-    /// a `withdraw` ledger row (`wd_{id}`). The caller checked the balance under the lock;
-    /// the table's CHECK constraint backs that up.
-    pub async fn debit(
-        tx: &mut Transaction<'_, MySql>,
-        account: &mut Account,
-        amount: Cents,
-        withdrawal_id: &str,
-        at_ms: i64,
-    ) -> Result<(), LedgerError> {
-        let row = format!("wd_{withdrawal_id}");
-        Self::move_out(tx, account, amount, "withdraw", &row, at_ms).await
-    }
-
     /// Gives a failed withdrawal's money back to a locked account, with a `reversal`
     /// ledger row (`rv_{id}`).
     pub async fn reverse(
@@ -514,39 +551,10 @@ impl Ledger {
         Self::move_back(tx, account, amount, "reversal", &row, at_ms).await
     }
 
-    /// Moves `amount` out of a locked account (a withdrawal, a red packet sent): the
-    /// balance falls, the withdrawn total grows, and a ledger row of `kind` under the
-    /// unique `out_trade_no` says so. Never below zero.
-    pub async fn move_out(
-        tx: &mut Transaction<'_, MySql>,
-        account: &mut Account,
-        amount: Cents,
-        kind: &str,
-        out_trade_no: &str,
-        at_ms: i64,
-    ) -> Result<(), LedgerError> {
-        let cents = amount.get();
-        let balance = account
-            .balance_cents
-            .checked_sub(cents)
-            .filter(|b| *b >= 0)
-            .ok_or(LedgerError::Overflow(
-                "a debit never makes a balance negative",
-            ))?;
-        let withdrawn = account
-            .withdrawn_cents
-            .checked_add(cents)
-            .ok_or(LedgerError::Overflow("withdrawn total overflows"))?;
-        write_withdrawal_row(tx, account.user, -cents, kind, out_trade_no, at_ms).await?;
-        account.balance_cents = balance;
-        account.withdrawn_cents = withdrawn;
-        account.version += 1;
-        Ok(())
-    }
-
-    /// Gives back money a [`Ledger::move_out`] took (a failed withdrawal, a red packet's
-    /// unclaimed remainder), with a ledger row of `kind` under the unique `out_trade_no`:
-    /// a second give-back of the same row is refused by the ledger's unique key.
+    /// Gives back money a [`Ledger::settle_and_move_out`] took (a failed withdrawal, a red
+    /// packet's unclaimed remainder), with a ledger row of `kind` under the unique
+    /// `out_trade_no`: a second give-back of the same row is refused by the ledger's
+    /// unique key.
     pub async fn move_back(
         tx: &mut Transaction<'_, MySql>,
         account: &mut Account,

@@ -37,7 +37,7 @@ use crate::config::PacketSettings;
 use crate::domain::{ActivityId, AwardType, Cents, OutTradeNo, RequestId, SceneId, Stage, UserId};
 use crate::error::{Error, Result};
 use crate::keys::Keys;
-use crate::ledger::{Account, ChangeEnd, Ledger, LedgerError};
+use crate::ledger::{is_duplicate, Account, ChangeEnd, Ledger, LedgerError, MoveOut, MovedOut};
 use crate::pb;
 use crate::store::{now_ms, query_scripted, Db, Redis};
 use crate::tokens::{AwardEntry, Tokens, Totals};
@@ -189,6 +189,40 @@ async fn lock_packet(
     row.as_ref().map(packet_of).transpose()
 }
 
+/// The packet `sender` sent under `request_id`, if any.
+async fn find_sent<'e, E: sqlx::Executor<'e, Database = MySql>>(
+    executor: E,
+    sender: UserId,
+    request_id: &RequestId,
+) -> Result<Option<Packet>, sqlx::Error> {
+    let row = sqlx::query(&format!(
+        "SELECT {PACKET_COLUMNS} FROM packets WHERE sender_id = ? AND request_id = ?"
+    ))
+    .bind(sender.get())
+    .bind(request_id.as_str().as_bytes())
+    .fetch_optional(executor)
+    .await?;
+    row.as_ref().map(packet_of).transpose()
+}
+
+/// A repeated send answered with the packet its `request_id` sent before, or a conflict
+/// when it asks for another packet.
+fn same_packet(
+    packet: Packet,
+    request_id: &RequestId,
+    total: Cents,
+    shares: i64,
+    greeting: &str,
+) -> Result<Sent> {
+    if packet.total_cents == total.get() && packet.shares == shares && packet.greeting == greeting {
+        Ok(Sent::Existing(packet))
+    } else {
+        Err(Error::IdempotencyConflict(format!(
+            "request_id `{request_id}` sent another red packet"
+        )))
+    }
+}
+
 /// The token of a share, its bytes for the ledger and Redis.
 struct Minted {
     token: pb::RedPacketToken,
@@ -306,54 +340,35 @@ impl Packets {
         greeting: &str,
     ) -> Result<Result<(Sent, Option<(Account, Vec<AwardEntry>)>)>, LedgerError> {
         let mut tx = self.db.for_user(sender).begin().await?;
-        let booked = self.ledger.book_in_tx(&mut tx, &[], Some(sender)).await?;
-        let mut account = match booked.accounts.iter().find(|a| a.user == sender) {
-            Some(account) => *account,
-            None => self
-                .ledger
-                .lock_accounts(&mut tx, &[sender])
-                .await?
-                .remove(&sender)
-                .ok_or(sqlx::Error::RowNotFound)?,
-        };
-        let existing = sqlx::query(&format!(
-            "SELECT {PACKET_COLUMNS} FROM packets WHERE sender_id = ? AND request_id = ?"
-        ))
-        .bind(sender.get())
-        .bind(request_id.as_str().as_bytes())
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(row) = existing {
-            tx.rollback().await?;
-            let packet = packet_of(&row)?;
-            let same = packet.total_cents == total.get()
-                && packet.shares == shares
-                && packet.greeting == greeting;
-            return Ok(if same {
-                Ok((Sent::Existing(packet), None))
-            } else {
-                Err(Error::IdempotencyConflict(format!(
-                    "request_id `{request_id}` sent another red packet"
-                )))
-            });
-        }
-        if account.balance_cents < total.get() {
-            tx.rollback().await?;
-            return Ok(Err(Error::InsufficientBalance));
-        }
         let id = new_packet_id();
         let now = now_ms();
         let expires = now + (self.settings.refund_after_secs as i64).saturating_mul(1000);
-        Ledger::move_out(
-            &mut tx,
-            &mut account,
-            total,
-            "packet_send",
-            &format!("ps_{id}"),
-            now,
-        )
-        .await?;
-        sqlx::query(
+        let out = MoveOut {
+            amount: total,
+            kind: "packet_send",
+            out_trade_no: &format!("ps_{id}"),
+            at_ms: now,
+        };
+        // As a withdrawal: the sender's pending tokens booked, then the debit, or nothing.
+        let booked = match self
+            .ledger
+            .settle_and_move_out(&mut tx, sender, &out)
+            .await?
+        {
+            MovedOut::Done(booked) => booked,
+            MovedOut::Insufficient => {
+                // A repeat of a packet the balance covered then is answered with it.
+                let existing = find_sent(&mut *tx, sender, request_id).await?;
+                tx.rollback().await?;
+                return Ok(match existing {
+                    Some(packet) => same_packet(packet, request_id, total, shares, greeting)
+                        .map(|sent| (sent, None)),
+                    None => Err(Error::InsufficientBalance),
+                });
+            }
+        };
+        let account = *booked.accounts.first().ok_or(sqlx::Error::RowNotFound)?;
+        let inserted = sqlx::query(
             "INSERT INTO packets (id, sender_id, request_id, total_cents, shares, greeting, status, created_at_ms, expires_at_ms) VALUES (?, ?, ?, ?, ?, ?, 'open', ?, ?)",
         )
         .bind(&id)
@@ -365,7 +380,21 @@ impl Packets {
         .bind(now)
         .bind(expires)
         .execute(&mut *tx)
-        .await?;
+        .await;
+        match inserted {
+            Ok(_) => {}
+            Err(err) if is_duplicate(&err) => {
+                // A twin committed first (its unique key, met under the account lock):
+                // rolling back undoes this attempt's forced booking too.
+                tx.rollback().await?;
+                let packet = find_sent(self.db.for_user(sender), sender, request_id)
+                    .await?
+                    .ok_or(sqlx::Error::RowNotFound)?;
+                return Ok(same_packet(packet, request_id, total, shares, greeting)
+                    .map(|sent| (sent, None)));
+            }
+            Err(err) => return Err(err.into()),
+        }
         tx.commit().await?;
         let packet = Packet {
             packet_id: id,

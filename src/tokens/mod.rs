@@ -319,16 +319,36 @@ impl Tokens {
     }
 
     /// What the token hash holds under each `(user, out_trade_no)`, in one round trip
-    /// (`None`: nothing; [`TRIMMED`]: settled and trimmed).
+    /// of one `HMGET` per user (`None`: nothing; [`TRIMMED`]: settled and trimmed).
     pub async fn held(&self, keys: &[(UserId, &str)]) -> redis::RedisResult<Vec<Option<Vec<u8>>>> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for (user, otn) in keys {
-            pipe.hget(self.redis.tokens_key(*user), *otn);
+        // Each user's positions in `keys`, users in the order they first appear.
+        let mut users: Vec<(UserId, Vec<usize>)> = Vec::new();
+        let mut index: HashMap<UserId, usize> = HashMap::new();
+        for (at, (user, _)) in keys.iter().enumerate() {
+            let slot = *index.entry(*user).or_insert_with(|| {
+                users.push((*user, Vec::new()));
+                users.len() - 1
+            });
+            users[slot].1.push(at);
         }
-        self.redis.query(&pipe).await
+        let mut pipe = redis::pipe();
+        for (user, at) in &users {
+            let fields: Vec<&str> = at.iter().map(|&i| keys[i].1).collect();
+            pipe.cmd("HMGET")
+                .arg(self.redis.tokens_key(*user))
+                .arg(fields);
+        }
+        let replies: Vec<Vec<Option<Vec<u8>>>> = self.redis.query(&pipe).await?;
+        let mut out: Vec<Option<Vec<u8>>> = vec![None; keys.len()];
+        for ((_, at), values) in users.iter().zip(replies) {
+            for (&i, value) in at.iter().zip(values) {
+                out[i] = value;
+            }
+        }
+        Ok(out)
     }
 
     /// The token bytes Redis holds for `entries`, in order (`None`: not held).

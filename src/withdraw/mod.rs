@@ -3,9 +3,10 @@
 //! moves through the ledger.
 //!
 //! Invariants: a balance never goes negative (checked under the account lock, and by
-//! the table's CHECK constraint); a `(user, request_id)` debits at most once (checked
-//! under the account lock, and by a unique key); the user's pending tokens are booked
-//! with the worker's own booking code, so a token raced by both is credited once.
+//! the table's CHECK constraint); a `(user, request_id)` debits at most once (its unique
+//! key, met under the account lock); the user's pending tokens are booked under the
+//! ledger's unique key on `out_trade_no`, as the worker books them, so a token raced by
+//! both is credited once.
 
 mod repo;
 
@@ -16,7 +17,7 @@ use serde::Serialize;
 use crate::domain::{Cents, RequestId, UserId, WithdrawalStatus};
 use crate::error::{Error, Result};
 use crate::events::{self, EventType, NewEvent};
-use crate::ledger::{Account, ChangeEnd, Ledger, LedgerError};
+use crate::ledger::{is_duplicate, Account, ChangeEnd, Ledger, LedgerError, MoveOut, MovedOut};
 use crate::store::{now_ms, Db};
 use crate::tokens::{AwardEntry, Tokens};
 
@@ -121,6 +122,11 @@ impl Withdrawals {
     /// One attempt at the withdrawal transaction. Business outcomes are `Ok(..)`; the
     /// outer `Err` is a database error (the transaction rolled back). On success the
     /// account as committed comes back, for the Redis snapshot, with the tokens to mark.
+    ///
+    /// Seven statements when it goes through: the ledger's four (bucket check, lock, rows,
+    /// account), the withdrawal, its event, the commit. The request id is checked by the
+    /// unique key on `(user_id, request_id)`, under the account lock: a twin that got the
+    /// lock first has committed when this insert meets its row.
     async fn withdraw_tx(
         &self,
         user: UserId,
@@ -128,33 +134,29 @@ impl Withdrawals {
         amount: Cents,
     ) -> Result<Result<(Outcome, Option<Committed>)>, LedgerError> {
         let mut tx = self.db.for_user(user).begin().await?;
-        // Booking locks the account row, then books every token of the user pending in
-        // Redis (read after the lock, so none booked by a concurrent booker is missed).
-        let booked = self.ledger.book_in_tx(&mut tx, &[], Some(user)).await?;
-        let mut account = match booked.accounts.iter().find(|a| a.user == user) {
-            Some(account) => *account,
-            None => self
-                .ledger
-                .lock_accounts(&mut tx, &[user])
-                .await?
-                .remove(&user)
-                .ok_or(sqlx::Error::RowNotFound)?,
-        };
-        // Checked under the account lock: a concurrent twin has committed by now.
-        // Rolling back also undoes this attempt's forced booking; the twin's booking
-        // stands. (The unique key on (user_id, request_id) backs this check up.)
-        if let Some(existing) = repo::find_by_request(&mut *tx, user, request_id).await? {
-            tx.rollback().await?;
-            return Ok(check_same(existing, amount).map(|o| (o, None)));
-        }
-        if account.balance_cents < amount.get() {
-            // Rolling back undoes the forced booking too: an error changes nothing.
-            tx.rollback().await?;
-            return Ok(Err(Error::InsufficientBalance));
-        }
         let id = new_withdrawal_id();
         let at = now_ms();
-        Ledger::debit(&mut tx, &mut account, amount, &id, at).await?;
+        let out = MoveOut {
+            amount,
+            kind: "withdraw",
+            out_trade_no: &format!("wd_{id}"),
+            at_ms: at,
+        };
+        // Books every token of the user pending in Redis (read after the lock, so none
+        // booked by a concurrent booker is missed) and debits, or writes nothing.
+        let booked = match self.ledger.settle_and_move_out(&mut tx, user, &out).await? {
+            MovedOut::Done(booked) => booked,
+            MovedOut::Insufficient => {
+                // A repeat of a withdrawal the balance covered then is answered with it.
+                let existing = repo::find_by_request(&mut *tx, user, request_id).await?;
+                tx.rollback().await?;
+                return Ok(match existing {
+                    Some(existing) => check_same(existing, amount).map(|o| (o, None)),
+                    None => Err(Error::InsufficientBalance),
+                });
+            }
+        };
+        let account = *booked.accounts.first().ok_or(sqlx::Error::RowNotFound)?;
         let created = Withdrawal {
             withdrawal_id: id,
             user_id: user.get(),
@@ -165,7 +167,19 @@ impl Withdrawals {
             balance_cents: account.balance_cents,
             created_at: chrono::DateTime::from_timestamp_millis(at).unwrap_or_default(),
         };
-        repo::insert(&mut *tx, &created).await?;
+        match repo::insert(&mut *tx, &created).await {
+            Ok(()) => {}
+            Err(err) if is_duplicate(&err) => {
+                // A twin committed first: rolling back undoes this attempt's forced
+                // booking too; the twin's booking stands.
+                tx.rollback().await?;
+                let existing = repo::find_by_request(self.db.for_user(user), user, request_id)
+                    .await?
+                    .ok_or(sqlx::Error::RowNotFound)?;
+                return Ok(check_same(existing, amount).map(|o| (o, None)));
+            }
+            Err(err) => return Err(err.into()),
+        }
         // The payout channel's cue to pay, written with the debit or not at all.
         let data = event_data(&created);
         events::record(

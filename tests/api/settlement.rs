@@ -239,6 +239,90 @@ async fn a_withdrawal_racing_the_worker_credits_each_token_once() {
     t.stop().await;
 }
 
+/// A withdrawal over tokens the ledger holds but Redis still calls pending (a worker
+/// committed them and died before marking): it credits only the tokens the ledger does
+/// not hold, checks the balance against what is really there, and a refusal changes
+/// nothing. The same for a red packet sent over such tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withdrawal_over_tokens_booked_but_unmarked_counts_them_once() {
+    let t = spawn_app().await;
+    t.open_activity("cny2027", 1_000_000, 1_000).await;
+    let (user, sender) = (81, 82);
+    issue_all(
+        &t,
+        (0..10)
+            .flat_map(|i| [award(user, i, 10), award(sender, i, 10)])
+            .collect(),
+    )
+    .await;
+    let mut doomed = Worker::new(
+        t.app.settler.clone(),
+        WorkerOptions {
+            consumer: "doomed".into(),
+            batch_size: 500,
+            claim_idle: std::time::Duration::from_secs(3600),
+            stop_after_commit: true,
+        },
+    );
+    for p in 0..t.app.redis.partitions() {
+        doomed.try_execute_batch(p).await.unwrap();
+    }
+    drop(doomed);
+    issue_all(
+        &t,
+        (10..13)
+            .flat_map(|i| [award(user, i, 10), award(sender, i, 10)])
+            .collect(),
+    )
+    .await;
+    // Booked 100 cents each, 30 more pending: 130 to spend, not 230.
+    assert_eq!(ledger_awards(&t).await, (20, 200));
+    let jwt = t.jwt(user);
+    let (status, err) = withdraw(&t, &jwt, "too-much", 200).await;
+    assert_eq!(status, 409, "{err}");
+    assert_eq!(err["error"]["code"], "insufficient_balance");
+    assert_eq!(
+        ledger_awards(&t).await,
+        (20, 200),
+        "a refusal books nothing"
+    );
+    assert_eq!(t.sql_i64("SELECT COUNT(*) FROM withdrawals").await, 0);
+    let (status, body) = withdraw(&t, &jwt, "fits", 120).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["forced_settled_count"], 3);
+    assert_eq!(body["balance_cents"], 10);
+    assert_eq!(balances(&t).await[&user], 10);
+    let w = t.wallet(user).await;
+    assert_eq!(
+        (
+            &w["balance_cents"],
+            &w["pending_count"],
+            &w["withdrawn_cents"],
+            &w["total_income_cents"]
+        ),
+        (&json!(10), &json!(0), &json!(120), &json!(130)),
+        "{w}"
+    );
+    let sender_jwt = t.jwt(sender);
+    let packet = |request: &str, total: i64| json!({"request_id": request, "total_cents": total, "shares": 2, "greeting": "hi"});
+    let (status, err) = t
+        .post("/v1/packets", &sender_jwt, &packet("too-much", 131))
+        .await;
+    assert_eq!(status, 409, "{err}");
+    assert_eq!(err["error"]["code"], "insufficient_balance");
+    let (status, body) = t
+        .post("/v1/packets", &sender_jwt, &packet("fits", 130))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(balances(&t).await[&sender], 0);
+    // Every token once in the ledger; the dead worker's entries book nothing more.
+    t.drain().await;
+    assert_eq!(ledger_awards(&t).await, (26, 260));
+    assert_eq!(balances(&t).await[&user], 10);
+    assert_eq!(balances(&t).await[&sender], 0);
+    t.stop().await;
+}
+
 /// The statement form for MySQL 8 (no `INSERT … RETURNING`: the accounts are read
 /// with a `SELECT … FOR UPDATE` after the insert), run on MariaDB: new batches, a
 /// forced settlement, and a batch holding tokens booked meanwhile book every token once

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redpacket_wallet::domain::{Cents, UserId, WithdrawalStatus};
-use redpacket_wallet::ledger::Ledger;
+use redpacket_wallet::ledger::{MoveOut, MovedOut};
 use redpacket_wallet::tokens::Fence;
 use redpacket_wallet::wallet::{ViewSource, WalletView};
 use serde_json::{json, Value};
@@ -50,20 +50,28 @@ async fn withdraw(t: &TestApp, id: i64, request: &str, cents: i64) -> Value {
 /// what a crash between the commit and the mark leaves. Returns the fence, still up.
 async fn debit_unmarked(t: &TestApp, id: i64, cents: i64, withdrawal: &str) -> Fence {
     let fence = t.app.tokens.fence(user(id)).await.unwrap();
+    debit(t, id, cents, withdrawal).await;
+    fence
+}
+
+/// A withdrawal's transaction, committed, with nothing written to Redis after it: its
+/// forced settlement and its debit of `cents`.
+async fn debit(t: &TestApp, id: i64, cents: i64, withdrawal: &str) {
     let mut tx = t.app.db.for_user(user(id)).begin().await.unwrap();
-    let mut accounts = t
+    let out = MoveOut {
+        amount: Cents::positive(cents, "amount").unwrap(),
+        kind: "withdraw",
+        out_trade_no: &format!("wd_{withdrawal}"),
+        at_ms: 1,
+    };
+    let moved = t
         .app
         .ledger
-        .lock_accounts(&mut tx, &[user(id)])
+        .settle_and_move_out(&mut tx, user(id), &out)
         .await
         .unwrap();
-    let account = accounts.get_mut(&user(id)).unwrap();
-    let amount = Cents::positive(cents, "amount").unwrap();
-    Ledger::debit(&mut tx, account, amount, withdrawal, 1)
-        .await
-        .unwrap();
+    assert!(matches!(moved, MovedOut::Done(_)), "the balance covers it");
     tx.commit().await.unwrap();
-    fence
 }
 
 /// The view reads the identity of the Redis data from INFO in its transaction; the
@@ -566,24 +574,7 @@ async fn a_fence_of_the_earlier_layout_keeps_views_on_mysql() {
     let _: () = redis::AsyncCommands::hset(&mut conn, &acct, "f:old", 1)
         .await
         .unwrap();
-    let mut tx = t.app.db.for_user(user(18)).begin().await.unwrap();
-    let mut accounts = t
-        .app
-        .ledger
-        .lock_accounts(&mut tx, &[user(18)])
-        .await
-        .unwrap();
-    let account = accounts.get_mut(&user(18)).unwrap();
-    Ledger::debit(
-        &mut tx,
-        account,
-        Cents::positive(40, "amount").unwrap(),
-        "old",
-        1,
-    )
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
+    debit(&t, 18, 40, "old").await;
 
     issue_all(&t, vec![award(18, 1, 5)]).await;
     t.drain().await;

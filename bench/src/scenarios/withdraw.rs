@@ -31,7 +31,14 @@ pub struct Withdrawals {
     pub income_cents: BTreeMap<i64, i64>,
 }
 
-pub async fn run(bench: &Arc<Bench>) -> anyhow::Result<Withdrawals> {
+/// The scenario's users, each holding [`PER_USER`] pending tokens, not yet withdrawn.
+pub struct Issued {
+    users: Vec<i64>,
+    income_cents: BTreeMap<i64, i64>,
+}
+
+/// Issues the scenario's tokens: [`PER_USER`] to each of its fresh users.
+pub async fn issue(bench: &Arc<Bench>) -> anyhow::Result<Issued> {
     let first = bench.take_users(bench.plan.withdraw_users);
     let users: Vec<i64> = (first..first + bench.plan.withdraw_users).collect();
     let awards: Vec<pb::AwardRequest> = users
@@ -56,6 +63,18 @@ pub async fn run(bench: &Arc<Bench>) -> anyhow::Result<Withdrawals> {
             }
         }
     }
+    Ok(Issued {
+        users,
+        income_cents,
+    })
+}
+
+/// Each issued user withdraws [`AMOUNT_CENTS`] once, [`CLIENTS`] at a time.
+pub async fn run(bench: &Arc<Bench>, issued: Issued) -> anyhow::Result<Withdrawals> {
+    let Issued {
+        users,
+        income_cents,
+    } = issued;
     let b = bench.clone();
     let queue = Arc::new(users);
     let load = load::run(CLIENTS, Until::Count(queue.len() as u64), move |turn| {
