@@ -193,11 +193,14 @@ impl Ledger {
     /// `out.amount` out with its ledger row, if the balance then covers it. Nothing is
     /// written when it does not.
     ///
-    /// Four statements: the bucket check, the lock, one insert of the tokens' rows and
-    /// the move's row, one update of the account by the credit and the debit. The pending
-    /// tokens are taken for unbooked at first; if the insert meets one the ledger holds
-    /// (booked by a worker that has not marked it yet), InnoDB undoes the statement, and
-    /// the rows are written again without the tokens the ledger holds.
+    /// Four statements in the common case: the bucket check, the lock, one insert of the
+    /// tokens' rows and the move's row, one update of the account by the credit and the
+    /// debit (one more on MySQL 8, whose lock reads the row back with a second
+    /// statement). The pending tokens are taken for unbooked at first; if the insert
+    /// meets one the ledger holds (booked by a worker that has not marked it yet), InnoDB
+    /// undoes the statement, and the rows are written again without the tokens the ledger
+    /// holds (two more statements). The failed insert leaves shared locks on the rows it
+    /// met, to the end of the transaction: those rows are committed and never change.
     pub async fn settle_and_move_out(
         &self,
         tx: &mut Transaction<'_, MySql>,

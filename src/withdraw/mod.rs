@@ -123,8 +123,9 @@ impl Withdrawals {
     /// outer `Err` is a database error (the transaction rolled back). On success the
     /// account as committed comes back, for the Redis snapshot, with the tokens to mark.
     ///
-    /// Seven statements when it goes through: the ledger's four (bucket check, lock, rows,
-    /// account), the withdrawal, its event, the commit. The request id is checked by the
+    /// Eight round trips when it goes through, in the common case: `BEGIN`, the ledger's
+    /// four (bucket check, lock, rows, account; see [`Ledger::settle_and_move_out`]), the
+    /// withdrawal, its event, `COMMIT`. The request id is checked by the
     /// unique key on `(user_id, request_id)`, under the account lock: a twin that got the
     /// lock first has committed when this insert meets its row.
     async fn withdraw_tx(

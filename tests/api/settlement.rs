@@ -281,12 +281,13 @@ async fn a_withdrawal_over_tokens_booked_but_unmarked_counts_them_once() {
     let (status, err) = withdraw(&t, &jwt, "too-much", 200).await;
     assert_eq!(status, 409, "{err}");
     assert_eq!(err["error"]["code"], "insufficient_balance");
-    assert_eq!(
-        ledger_awards(&t).await,
-        (20, 200),
-        "a refusal books nothing"
-    );
+    // A refusal writes nothing: no ledger row, no withdrawal, the account as the worker
+    // left it.
+    let moves = "SELECT COUNT(*) FROM ledger_entries WHERE kind <> 'award'";
+    assert_eq!(ledger_awards(&t).await, (20, 200));
+    assert_eq!(t.sql_i64(moves).await, 0);
     assert_eq!(t.sql_i64("SELECT COUNT(*) FROM withdrawals").await, 0);
+    assert_eq!(balances(&t).await[&user], 100);
     let (status, body) = withdraw(&t, &jwt, "fits", 120).await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["forced_settled_count"], 3);
@@ -303,18 +304,33 @@ async fn a_withdrawal_over_tokens_booked_but_unmarked_counts_them_once() {
         (&json!(10), &json!(0), &json!(120), &json!(130)),
         "{w}"
     );
+
     let sender_jwt = t.jwt(sender);
     let packet = |request: &str, total: i64| json!({"request_id": request, "total_cents": total, "shares": 2, "greeting": "hi"});
     let (status, err) = t
-        .post("/v1/packets", &sender_jwt, &packet("too-much", 131))
+        .post("/v1/packets", &sender_jwt, &packet("big", 131))
         .await;
     assert_eq!(status, 409, "{err}");
     assert_eq!(err["error"]["code"], "insufficient_balance");
-    let (status, body) = t
-        .post("/v1/packets", &sender_jwt, &packet("fits", 130))
+    assert_eq!(ledger_awards(&t).await, (23, 230));
+    assert_eq!(t.sql_i64(moves).await, 1, "the withdrawal's row only");
+    assert_eq!(t.sql_i64("SELECT COUNT(*) FROM packets").await, 0);
+    assert_eq!(balances(&t).await[&sender], 100);
+    // The refused request id is free: with an amount that fits, it sends.
+    let (status, sent) = t
+        .post("/v1/packets", &sender_jwt, &packet("big", 130))
         .await;
-    assert_eq!(status, 201, "{body}");
+    assert_eq!(status, 201, "{sent}");
     assert_eq!(balances(&t).await[&sender], 0);
+    // Its repeat is the same packet, though the balance no longer covers it; another
+    // packet is refused.
+    let (status, again) = t
+        .post("/v1/packets", &sender_jwt, &packet("big", 130))
+        .await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["packet_id"], sent["packet_id"]);
+    let (status, err) = t.post("/v1/packets", &sender_jwt, &packet("more", 2)).await;
+    assert_eq!(status, 409, "{err}");
     // Every token once in the ledger; the dead worker's entries book nothing more.
     t.drain().await;
     assert_eq!(ledger_awards(&t).await, (26, 260));
