@@ -105,13 +105,7 @@ impl Ledger {
         self.insert_coupons(tx, &newly).await?;
         let accounts = self.credit_accounts(shard, tx, &users, &credit).await?;
         // After the account statement: every earlier booker of these users has committed.
-        let extras: Vec<AwardEntry> = self
-            .tokens
-            .pending_of_users(&users)
-            .await?
-            .into_iter()
-            .filter(|e| !seen.contains(e.out_trade_no.as_str()))
-            .collect();
+        let extras = self.pending_besides(&users, &seen).await?;
         let otns: Vec<&str> = extras.iter().map(|e| e.out_trade_no.as_str()).collect();
         let known = Self::already_booked(&mut **tx, &otns).await?;
         let mut to_mark: Vec<AwardEntry> = extras
@@ -143,13 +137,7 @@ impl Ledger {
 
         // After the locks: every earlier booker of these users has committed.
         let given: HashSet<&str> = entries.iter().map(|e| e.out_trade_no.as_str()).collect();
-        let extras: Vec<AwardEntry> = self
-            .tokens
-            .pending_of_users(&users)
-            .await?
-            .into_iter()
-            .filter(|e| !given.contains(e.out_trade_no.as_str()))
-            .collect();
+        let extras = self.pending_besides(&users, &given).await?;
         let otns: Vec<&str> = entries
             .iter()
             .chain(&extras)
@@ -257,6 +245,19 @@ impl Ledger {
             accounts: vec![account],
             to_mark: pending,
         }))
+    }
+
+    /// The cash tokens of `users` pending in Redis, but those named in `besides`.
+    async fn pending_besides(
+        &self,
+        users: &[UserId],
+        besides: &HashSet<&str>,
+    ) -> Result<Vec<AwardEntry>, LedgerError> {
+        let pending = self.tokens.pending_of_users(users).await?;
+        Ok(pending
+            .into_iter()
+            .filter(|e| !besides.contains(e.out_trade_no.as_str()))
+            .collect())
     }
 
     /// Inserts the ledger rows of `newly`, with each token's signed bytes as Redis holds

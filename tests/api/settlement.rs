@@ -248,13 +248,13 @@ async fn a_withdrawal_over_tokens_booked_but_unmarked_counts_them_once() {
     let t = spawn_app().await;
     t.open_activity("cny2027", 1_000_000, 1_000).await;
     let (user, sender) = (81, 82);
-    issue_all(
-        &t,
-        (0..10)
+    // Awards `rounds` of 10 cents to each of the two.
+    let to_both = |rounds: std::ops::Range<i64>| -> Vec<Value> {
+        rounds
             .flat_map(|i| [award(user, i, 10), award(sender, i, 10)])
-            .collect(),
-    )
-    .await;
+            .collect()
+    };
+    issue_all(&t, to_both(0..10)).await;
     let mut doomed = Worker::new(
         t.app.settler.clone(),
         WorkerOptions {
@@ -268,13 +268,7 @@ async fn a_withdrawal_over_tokens_booked_but_unmarked_counts_them_once() {
         doomed.try_execute_batch(p).await.unwrap();
     }
     drop(doomed);
-    issue_all(
-        &t,
-        (10..13)
-            .flat_map(|i| [award(user, i, 10), award(sender, i, 10)])
-            .collect(),
-    )
-    .await;
+    issue_all(&t, to_both(10..13)).await;
     // Booked 100 cents each, 30 more pending: 130 to spend, not 230.
     assert_eq!(ledger_awards(&t).await, (20, 200));
     let jwt = t.jwt(user);
