@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 use sqlx::{MySql, QueryBuilder, Transaction};
 
 use super::{
-    is_duplicate, upsert_accounts, Account, Booked, Ledger, LedgerError, MoveOut, MovedOut,
+    is_duplicate, upsert_accounts, Account, Booked, Ledger, LedgerError, MoveOut, Moved, MovedOut,
 };
 use crate::domain::UserId;
 use crate::tokens::{AwardEntry, TRIMMED};
@@ -198,13 +198,9 @@ impl Ledger {
         let (_, mut locked) = self.lock_accounts_on(tx, &[user]).await?;
         let mut account = locked.remove(&user).ok_or(sqlx::Error::RowNotFound)?;
         // After the lock: every earlier booker of this user has committed.
+        // One user's hash: each out_trade_no once.
         let pending = self.tokens.pending_of_users(&[user]).await?;
-        let mut seen: HashSet<&str> = HashSet::with_capacity(pending.len());
-        let mut newly: Vec<AwardEntry> = pending
-            .iter()
-            .filter(|e| seen.insert(e.out_trade_no.as_str()))
-            .cloned()
-            .collect();
+        let mut newly: Vec<AwardEntry> = pending.clone();
         let mut first_try = true;
         let credit = loop {
             let credit = credits(&newly)?.remove(&user).unwrap_or(0);
@@ -240,9 +236,9 @@ impl Ledger {
         .bind(user.get())
         .execute(&mut **tx)
         .await?;
-        Ok(MovedOut::Done(Booked {
-            newly_booked: newly,
-            accounts: vec![account],
+        Ok(MovedOut::Done(Moved {
+            account,
+            newly_booked: newly.len(),
             to_mark: pending,
         }))
     }

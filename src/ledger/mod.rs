@@ -137,11 +137,21 @@ pub struct MoveOut<'a> {
     pub at_ms: i64,
 }
 
+/// A forced settlement and move out, done in the transaction ([`MovedOut::Done`]).
+#[derive(Debug)]
+pub struct Moved {
+    /// The account as it will be committed.
+    pub account: Account,
+    /// How many pending tokens this transaction booked (the others were in the ledger).
+    pub newly_booked: usize,
+    /// The tokens to mark settled with the account's snapshot after the commit.
+    pub to_mark: Vec<AwardEntry>,
+}
+
 /// How [`Ledger::settle_and_move_out`] ended.
 pub enum MovedOut {
-    /// Booked and moved out in the transaction: the account as it will be committed
-    /// (the one of `accounts`) and the tokens to mark with its snapshot.
-    Done(Booked),
+    /// Booked and moved out in the transaction.
+    Done(Moved),
     /// The balance, with every pending token booked, is short of the amount; nothing was
     /// written.
     Insufficient,

@@ -350,12 +350,12 @@ impl Packets {
             at_ms: now,
         };
         // As a withdrawal: the sender's pending tokens booked, then the debit, or nothing.
-        let booked = match self
+        let moved = match self
             .ledger
             .settle_and_move_out(&mut tx, sender, &out)
             .await?
         {
-            MovedOut::Done(booked) => booked,
+            MovedOut::Done(moved) => moved,
             MovedOut::Insufficient => {
                 // A repeat of a packet the balance covered then is answered with it.
                 let existing = find_sent(&mut *tx, sender, request_id).await?;
@@ -367,7 +367,7 @@ impl Packets {
                 });
             }
         };
-        let account = *booked.accounts.first().ok_or(sqlx::Error::RowNotFound)?;
+        let account = moved.account;
         let inserted = sqlx::query(
             "INSERT INTO packets (id, sender_id, request_id, total_cents, shares, greeting, status, created_at_ms, expires_at_ms) VALUES (?, ?, ?, ?, ?, ?, 'open', ?, ?)",
         )
@@ -414,7 +414,7 @@ impl Packets {
         let balance = account.balance_cents;
         Ok(Ok((
             Sent::Created(packet, balance),
-            Some((account, booked.to_mark)),
+            Some((account, moved.to_mark)),
         )))
     }
 

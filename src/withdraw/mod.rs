@@ -145,8 +145,8 @@ impl Withdrawals {
         };
         // Books every token of the user pending in Redis (read after the lock, so none
         // booked by a concurrent booker is missed) and debits, or writes nothing.
-        let booked = match self.ledger.settle_and_move_out(&mut tx, user, &out).await? {
-            MovedOut::Done(booked) => booked,
+        let moved = match self.ledger.settle_and_move_out(&mut tx, user, &out).await? {
+            MovedOut::Done(moved) => moved,
             MovedOut::Insufficient => {
                 // A repeat of a withdrawal the balance covered then is answered with it.
                 let existing = repo::find_by_request(&mut *tx, user, request_id).await?;
@@ -157,14 +157,14 @@ impl Withdrawals {
                 });
             }
         };
-        let account = *booked.accounts.first().ok_or(sqlx::Error::RowNotFound)?;
+        let account = moved.account;
         let created = Withdrawal {
             withdrawal_id: id,
             user_id: user.get(),
             request_id: request_id.to_string(),
             amount_cents: amount.get(),
             status: WithdrawalStatus::Submitted,
-            forced_settled_count: booked.newly_booked.len() as i64,
+            forced_settled_count: moved.newly_booked as i64,
             balance_cents: account.balance_cents,
             created_at: chrono::DateTime::from_timestamp_millis(at).unwrap_or_default(),
         };
@@ -195,7 +195,7 @@ impl Withdrawals {
         tx.commit().await?;
         Ok(Ok((
             Outcome::Created(created),
-            Some((account, booked.to_mark)),
+            Some((account, moved.to_mark)),
         )))
     }
 
