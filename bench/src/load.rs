@@ -88,6 +88,12 @@ impl Call {
 pub struct Latencies(Vec<u64>);
 
 impl Latencies {
+    /// Latencies in microseconds, in any order.
+    pub fn of(mut us: Vec<u64>) -> Self {
+        us.sort_unstable();
+        Self(us)
+    }
+
     /// The `q` quantile in milliseconds (nearest rank); 0 when nothing was timed.
     pub fn ms_at(&self, q: f64) -> f64 {
         if self.0.is_empty() {

@@ -105,6 +105,12 @@ pub struct Withdraw {
     pub pending_per_user: i64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// The first wave: the withdrawals that start together on a server that has not
+    /// withdrawn yet (cold connections and statements).
+    pub first_wave_p50_ms: f64,
+    pub first_wave_max_ms: f64,
+    /// The p99 of the withdrawals after the first wave.
+    pub after_first_wave_p99_ms: f64,
 }
 
 /// `GET /healthz`: the HTTP floor, with the single rain's client and concurrency.
@@ -321,8 +327,11 @@ impl Summary {
                 p99_ms: Some(self.withdraw.p99_ms),
                 targets: vec![Target::new("ms p99", self.withdraw.p99_ms, AtMost(50.0), 2)],
                 note: Some(format!(
-                    "{} pending tokens each",
-                    self.withdraw.pending_per_user
+                    "{} pending tokens each; the first wave p50 {} ms, max {} ms; p99 after it {} ms",
+                    self.withdraw.pending_per_user,
+                    self.withdraw.first_wave_p50_ms,
+                    self.withdraw.first_wave_max_ms,
+                    self.withdraw.after_first_wave_p99_ms
                 )),
                 ..row("withdraw")
             },
