@@ -180,11 +180,10 @@ where
         total.latencies_us.extend(tally.latencies_us);
     }
     let elapsed = started.elapsed();
-    total.latencies_us.sort_unstable();
     Ok(Load {
         ok: total.ok,
         errors: total.errors,
-        latencies: Latencies(total.latencies_us),
+        latencies: Latencies::of(total.latencies_us),
         elapsed,
     })
 }

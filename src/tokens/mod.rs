@@ -324,15 +324,10 @@ impl Tokens {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        // Each user's positions in `keys`, users in the order they first appear.
-        let mut users: Vec<(UserId, Vec<usize>)> = Vec::new();
-        let mut index: HashMap<UserId, usize> = HashMap::new();
+        // Each user's positions in `keys`.
+        let mut users: HashMap<UserId, Vec<usize>> = HashMap::new();
         for (at, (user, _)) in keys.iter().enumerate() {
-            let slot = *index.entry(*user).or_insert_with(|| {
-                users.push((*user, Vec::new()));
-                users.len() - 1
-            });
-            users[slot].1.push(at);
+            users.entry(*user).or_default().push(at);
         }
         let mut pipe = redis::pipe();
         for (user, at) in &users {
